@@ -1,0 +1,97 @@
+# Locates LibTorch and decides whether the CUDA kernels are built.
+#
+# Defines:
+#   NANOBRAGG_WITH_CUDA   ON when the CUDA kernels are compiled
+#   nanobragg::torch      an INTERFACE target to link against
+#
+# LibTorch comes from the torch Python wheel: its cmake prefix is asked from
+# the Python interpreter (Python3_EXECUTABLE, e.g. .venv/bin/python) unless
+# Torch_DIR or CMAKE_PREFIX_PATH already point at it.
+
+function(_nanobragg_torch_prefix out_var)
+  if(Torch_DIR)
+    get_filename_component(_prefix "${Torch_DIR}/../.." ABSOLUTE)
+    set(${out_var} "${_prefix}" PARENT_SCOPE)
+    return()
+  endif()
+  find_package(Python3 COMPONENTS Interpreter REQUIRED)
+  execute_process(
+    COMMAND "${Python3_EXECUTABLE}" -c
+            "import torch.utils; print(torch.utils.cmake_prefix_path)"
+    OUTPUT_VARIABLE _prefix OUTPUT_STRIP_TRAILING_WHITESPACE
+    RESULT_VARIABLE _rc)
+  if(NOT _rc EQUAL 0)
+    message(FATAL_ERROR "nanobragg_ops: cannot import torch with "
+            "${Python3_EXECUTABLE}; install the pinned torch (requirements.txt) "
+            "or pass -DTorch_DIR=<torch>/share/cmake/Torch")
+  endif()
+  set(${out_var} "${_prefix}" PARENT_SCOPE)
+endfunction()
+
+macro(nanobragg_find_torch)
+  _nanobragg_torch_prefix(_torch_cmake_prefix)
+  set(_torch_root "${_torch_cmake_prefix}/../..")
+  get_filename_component(_torch_root "${_torch_root}" ABSOLUTE)
+
+  # Was this torch built with CUDA? Its Caffe2Config then insists on a CUDA
+  # toolkit in find_package(Torch).
+  file(STRINGS "${_torch_cmake_prefix}/Caffe2/Caffe2Config.cmake" _cuda_line
+       REGEX "set\\(CAFFE2_USE_CUDA ON\\)")
+  set(_torch_has_cuda OFF)
+  if(_cuda_line)
+    set(_torch_has_cuda ON)
+  endif()
+
+  include(CheckLanguage)
+  check_language(CUDA)
+  string(TOUPPER "${NANOBRAGG_CUDA}" _want)
+  if(_want STREQUAL "ON")
+    if(NOT _torch_has_cuda OR NOT CMAKE_CUDA_COMPILER)
+      message(FATAL_ERROR "nanobragg_ops: NANOBRAGG_CUDA=ON needs a CUDA build "
+              "of torch (found: ${_torch_has_cuda}) and nvcc (found: "
+              "'${CMAKE_CUDA_COMPILER}')")
+    endif()
+    set(NANOBRAGG_WITH_CUDA ON)
+  elseif(_want STREQUAL "OFF")
+    set(NANOBRAGG_WITH_CUDA OFF)
+  elseif(_want STREQUAL "AUTO")
+    if(_torch_has_cuda AND CMAKE_CUDA_COMPILER)
+      set(NANOBRAGG_WITH_CUDA ON)
+    else()
+      set(NANOBRAGG_WITH_CUDA OFF)
+    endif()
+  else()
+    message(FATAL_ERROR "NANOBRAGG_CUDA must be AUTO, ON or OFF, got '${NANOBRAGG_CUDA}'")
+  endif()
+
+  add_library(nanobragg_torch INTERFACE)
+  add_library(nanobragg::torch ALIAS nanobragg_torch)
+  if(NANOBRAGG_WITH_CUDA OR NOT _torch_has_cuda)
+    if(NANOBRAGG_WITH_CUDA)
+      # torch's CMake ignores CMAKE_CUDA_ARCHITECTURES and, with no GPU to
+      # detect, would pick an arch list that nvcc 13 rejects (compute_50).
+      if(NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST})
+        set(ENV{TORCH_CUDA_ARCH_LIST} "8.0;9.0+PTX")
+      endif()
+      set(TORCH_CUDA_ARCH_LIST "$ENV{TORCH_CUDA_ARCH_LIST}")
+      enable_language(CUDA)
+      set(CMAKE_CUDA_STANDARD 17)
+      set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+    endif()
+    list(APPEND CMAKE_PREFIX_PATH "${_torch_cmake_prefix}")
+    find_package(Torch REQUIRED)
+    target_link_libraries(nanobragg_torch INTERFACE ${TORCH_LIBRARIES})
+  else()
+    # A CPU-only build against a CUDA build of torch, without nvcc: torch's
+    # own package would fail looking for the toolkit, and none of it is
+    # needed, so import just the CPU libraries and headers.
+    find_library(_torch_cpu_lib torch_cpu PATHS "${_torch_root}/lib" NO_DEFAULT_PATH REQUIRED)
+    find_library(_c10_lib c10 PATHS "${_torch_root}/lib" NO_DEFAULT_PATH REQUIRED)
+    target_include_directories(nanobragg_torch SYSTEM INTERFACE
+      "${_torch_root}/include"
+      "${_torch_root}/include/torch/csrc/api/include")
+    target_link_libraries(nanobragg_torch INTERFACE "${_torch_cpu_lib}" "${_c10_lib}")
+    message(STATUS "nanobragg_ops: CPU-only import of torch from ${_torch_root}")
+  endif()
+  set(NANOBRAGG_TORCH_ROOT "${_torch_root}")
+endmacro()

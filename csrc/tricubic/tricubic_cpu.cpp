@@ -1,0 +1,236 @@
+// CPU kernels of nanobragg::tricubic_interp and its backward. The per-point
+// math is tricubic_math.h, the same code the CUDA kernels run.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <tuple>
+
+#include "checks.h"
+#include "common/point_offsets.h"
+#include "tricubic/tricubic_math.h"
+
+namespace nanobragg {
+namespace tricubic {
+namespace {
+
+constexpr const char* kForward = "nanobragg::tricubic_interp";
+constexpr const char* kBackward = "nanobragg::tricubic_interp_backward";
+
+// Points per task of at::parallel_for: ~100 flops and 64 loads each.
+constexpr int64_t kPointGrain = 512;
+
+template <typename T>
+GridView<T> make_grid_view(const at::Tensor& grid, c10::IntArrayRef index_min) {
+  GridView<T> view;
+  view.data = grid.const_data_ptr<T>();
+  for (int d = 0; d < 3; ++d) {
+    view.size[d] = grid.size(d);
+    view.stride[d] = grid.stride(d);
+    view.lo[d] = static_cast<double>(index_min[d]);
+  }
+  return view;
+}
+
+// Strides of hkl without its last dimension, and of the other per-point
+// operands; falls back to contiguous copies only when the point shape has
+// more non-mergeable dimensions than PointOffsets holds.
+template <int N>
+PointOffsets<N> point_offsets_or_contiguous(
+    c10::IntArrayRef point_shape, std::array<at::Tensor*, N> operands) {
+  std::array<c10::IntArrayRef, N> strides;
+  for (int i = 0; i < N; ++i) {
+    strides[i] = operands[i]->strides().slice(0, point_shape.size());
+  }
+  PointOffsets<N> offsets;
+  if (!make_point_offsets<N>(point_shape, strides, offsets)) {
+    for (int i = 0; i < N; ++i) {
+      *operands[i] = operands[i]->contiguous();
+      strides[i] = operands[i]->strides().slice(0, point_shape.size());
+    }
+    TORCH_INTERNAL_ASSERT(make_point_offsets<N>(point_shape, strides, offsets));
+  }
+  return offsets;
+}
+
+c10::IntArrayRef point_shape_of(const at::Tensor& hkl) {
+  return hkl.sizes().slice(0, hkl.dim() - 1);
+}
+
+// How many partial grids the grid gradient is accumulated in. A function of
+// the problem size only, never of the thread count, so the summation order,
+// and the result to the last bit, does not depend on how many threads run.
+// Bounded so that zeroing and reducing the partials costs at most an eighth
+// of the scatter (8 node updates per grid element) and at most 256 MiB.
+int64_t grid_grad_lane_count(int64_t num_points, int64_t grid_numel,
+                             int64_t element_bytes) {
+  constexpr int64_t kMaxLanes = 16;
+  constexpr int64_t kMinPointsPerLane = 4096;
+  constexpr int64_t kPartialBudgetBytes = int64_t(256) << 20;
+  if (grid_numel == 0) {
+    return 1;
+  }
+  int64_t lanes = std::min(kMaxLanes, num_points / kMinPointsPerLane);
+  lanes = std::min(lanes, 8 * num_points / grid_numel);
+  lanes = std::min(lanes, kPartialBudgetBytes / (grid_numel * element_bytes));
+  return std::max<int64_t>(lanes, 1);
+}
+
+template <typename T>
+void grid_grad_kernel(const at::Tensor& grad_output, const at::Tensor& hkl_in,
+                      c10::IntArrayRef index_min, OutOfRange mode,
+                      at::Tensor& grad_grid) {
+  at::Tensor hkl = hkl_in;
+  at::Tensor grad = grad_output;
+  const auto point_shape = point_shape_of(hkl);
+  const int64_t n = c10::multiply_integers(point_shape);
+  const auto offsets = point_offsets_or_contiguous<2>(point_shape, {&hkl, &grad});
+  const int64_t g_numel = grad_grid.numel();
+  int64_t size[3];
+  double lo[3];
+  for (int d = 0; d < 3; ++d) {
+    size[d] = grad_grid.size(d);
+    lo[d] = static_cast<double>(index_min[d]);
+  }
+  const T* hkl_data = hkl.const_data_ptr<T>();
+  const T* grad_data = grad.const_data_ptr<T>();
+  const int64_t hkl_last = hkl.stride(-1);
+
+  const int64_t lanes = grid_grad_lane_count(n, g_numel, sizeof(T));
+  at::Tensor partials;
+  if (lanes > 1) {
+    partials = at::zeros({lanes - 1, g_numel}, grad_grid.options());
+  }
+  T* out = grad_grid.mutable_data_ptr<T>();
+  T* partial_data = lanes > 1 ? partials.mutable_data_ptr<T>() : nullptr;
+
+  // Each lane owns a contiguous range of points and its own partial grid.
+  at::parallel_for(0, lanes, 1, [&](int64_t lane_begin, int64_t lane_end) {
+    for (int64_t lane = lane_begin; lane < lane_end; ++lane) {
+      T* dest = lane == 0 ? out : partial_data + (lane - 1) * g_numel;
+      auto add = [dest](int64_t i, T v) { dest[i] += v; };
+      const int64_t begin = n * lane / lanes;
+      const int64_t end = n * (lane + 1) / lanes;
+      for (int64_t p = begin; p < end; ++p) {
+        int64_t off[2];
+        offsets.get(p, off);
+        const T* x = hkl_data + off[0];
+        tricubic_grid_grad_scatter<T>(size, lo, x[0], x[hkl_last],
+                                      x[2 * hkl_last], mode, grad_data[off[1]],
+                                      add);
+      }
+    }
+  });
+  if (lanes > 1) {
+    // Fixed order lane 0, 1, 2, ... for every node.
+    at::parallel_for(0, g_numel, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        T sum = out[i];
+        for (int64_t lane = 1; lane < lanes; ++lane) {
+          sum += partial_data[(lane - 1) * g_numel + i];
+        }
+        out[i] = sum;
+      }
+    });
+  }
+}
+
+template <typename T>
+void hkl_grad_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
+                     const at::Tensor& hkl_in, c10::IntArrayRef index_min,
+                     OutOfRange mode, at::Tensor& grad_hkl) {
+  at::Tensor hkl = hkl_in;
+  at::Tensor grad = grad_output;
+  const auto point_shape = point_shape_of(hkl);
+  const int64_t n = c10::multiply_integers(point_shape);
+  const auto offsets = point_offsets_or_contiguous<2>(point_shape, {&hkl, &grad});
+  const GridView<T> view = make_grid_view<T>(grid, index_min);
+  const T* hkl_data = hkl.const_data_ptr<T>();
+  const T* grad_data = grad.const_data_ptr<T>();
+  const int64_t hkl_last = hkl.stride(-1);
+  T* out = grad_hkl.mutable_data_ptr<T>();  // contiguous [..., 3]
+
+  at::parallel_for(0, n, kPointGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      int64_t off[2];
+      offsets.get(p, off);
+      const T* x = hkl_data + off[0];
+      tricubic_hkl_grad<T>(view, x[0], x[hkl_last], x[2 * hkl_last], mode,
+                           grad_data[off[1]], out + 3 * p);
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor tricubic_interp_cpu(const at::Tensor& grid, const at::Tensor& hkl_in,
+                               c10::IntArrayRef index_min, double default_value,
+                               c10::string_view out_of_range) {
+  const OutOfRange mode =
+      checks::check_tricubic_args(kForward, grid, hkl_in, index_min, out_of_range);
+  at::Tensor hkl = hkl_in;
+  const auto point_shape = point_shape_of(hkl).vec();
+  at::Tensor out = at::empty(point_shape, grid.options());
+  const int64_t n = out.numel();
+  if (n == 0) {
+    return out;
+  }
+  const auto offsets = point_offsets_or_contiguous<1>(point_shape, {&hkl});
+  AT_DISPATCH_FLOATING_TYPES(grid.scalar_type(), "tricubic_interp_cpu", [&] {
+    const GridView<scalar_t> view = make_grid_view<scalar_t>(grid, index_min);
+    const scalar_t* hkl_data = hkl.const_data_ptr<scalar_t>();
+    const int64_t hkl_last = hkl.stride(-1);
+    const scalar_t fill = static_cast<scalar_t>(default_value);
+    scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, kPointGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        int64_t off[1];
+        offsets.get(p, off);
+        const scalar_t* x = hkl_data + off[0];
+        out_data[p] = tricubic_value<scalar_t>(view, x[0], x[hkl_last],
+                                               x[2 * hkl_last], mode, fill);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> tricubic_interp_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& grid,
+    const at::Tensor& hkl, c10::IntArrayRef index_min,
+    c10::string_view out_of_range, std::array<bool, 2> output_mask) {
+  const OutOfRange mode =
+      checks::check_tricubic_args(kBackward, grid, hkl, index_min, out_of_range);
+  checks::check_tricubic_grad_output(kBackward, grad_output, grid, hkl);
+  at::Tensor grad_grid = output_mask[0]
+                             ? at::zeros(grid.sizes(), grid.options())
+                             : at::empty({0}, grid.options());
+  at::Tensor grad_hkl = output_mask[1] ? at::empty(hkl.sizes(), hkl.options())
+                                       : at::empty({0}, hkl.options());
+  if (hkl.numel() == 0) {
+    return {grad_grid, grad_hkl};
+  }
+  AT_DISPATCH_FLOATING_TYPES(grid.scalar_type(), "tricubic_interp_backward_cpu", [&] {
+    if (output_mask[0]) {
+      grid_grad_kernel<scalar_t>(grad_output, hkl, index_min, mode, grad_grid);
+    }
+    if (output_mask[1]) {
+      hkl_grad_kernel<scalar_t>(grad_output, grid, hkl, index_min, mode, grad_hkl);
+    }
+  });
+  return {grad_grid, grad_hkl};
+}
+
+}  // namespace tricubic
+}  // namespace nanobragg
+
+TORCH_LIBRARY_IMPL(nanobragg, CPU, m) {
+  m.impl("tricubic_interp", TORCH_FN(nanobragg::tricubic::tricubic_interp_cpu));
+  m.impl("tricubic_interp_backward",
+         TORCH_FN(nanobragg::tricubic::tricubic_interp_backward_cpu));
+}

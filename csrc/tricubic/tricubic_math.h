@@ -1,0 +1,286 @@
+// Per-point math of nanobragg::tricubic_interp, shared by the CPU and CUDA
+// kernels (the way ATen's GridSampler.h serves both backends). Only c10
+// macros and <cmath>: no tensors, no allocation, no dispatch.
+//
+// Contract: shared/SPEC.md section 1. With n = floor(x) and u = x - n on each
+// axis, the stencil is the 4 nodes n-1..n+2 and the value is
+//   F = sum_abc w_a(u_h) w_b(u_k) w_c(u_l) grid[n_h-1+a, n_k-1+b, n_l-1+c]
+// with the Lagrange weights on consecutive integers, the closed form of
+// nanoBragg's polin3 (21 polint calls).
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/unroll.h"
+
+namespace nanobragg {
+namespace tricubic {
+
+enum class OutOfRange : int32_t { Default = 0, Nearest = 1 };
+
+// Lagrange weights of nodes n-1, n, n+1, n+2 at u = x - n.
+template <typename T>
+C10_HOST_DEVICE inline void lagrange_weights(T u, T w[4]) {
+  const T up1 = u + T(1);
+  const T um1 = u - T(1);
+  const T um2 = u - T(2);
+  w[0] = -u * um1 * um2 * T(1.0 / 6.0);
+  w[1] = up1 * um1 * um2 * T(0.5);
+  w[2] = -up1 * u * um2 * T(0.5);
+  w[3] = up1 * u * um1 * T(1.0 / 6.0);
+}
+
+// dw/du.
+template <typename T>
+C10_HOST_DEVICE inline void lagrange_weight_derivs(T u, T dw[4]) {
+  const T u2 = T(3) * u * u;
+  dw[0] = -(u2 - T(6) * u + T(2)) * T(1.0 / 6.0);
+  dw[1] = (u2 - T(4) * u - T(1)) * T(0.5);
+  dw[2] = -(u2 - T(2) * u - T(2)) * T(0.5);
+  dw[3] = (u2 - T(1)) * T(1.0 / 6.0);
+}
+
+// d2w/du2 (for the double backward).
+template <typename T>
+C10_HOST_DEVICE inline void lagrange_weight_second_derivs(T u, T d2w[4]) {
+  d2w[0] = T(1) - u;
+  d2w[1] = T(3) * u - T(2);
+  d2w[2] = T(1) - T(3) * u;
+  d2w[3] = u;
+}
+
+// Range tests run in double on the coordinate and on index_min before any
+// integer conversion, so NaN/Inf, huge coordinates and index_min near the
+// int64 limits can never turn into an in-bounds index by overflow. `lo` is
+// index_min of the axis, `size` the grid extent along it.
+//
+// Interpolation stencil: true when nodes n-1..n+2 are all inside the grid;
+// then `first` is the grid index of node n-1 and `u` the fractional offset.
+template <typename T>
+C10_HOST_DEVICE inline bool locate_stencil(T x, double lo, int64_t size,
+                                           int64_t& first, T& u) {
+  const double xd = static_cast<double>(x);
+  const double n = ::floor(xd);
+  const double offset = n - 1.0 - lo;
+  // Written so that NaN fails it.
+  if (!(offset >= 0.0 && offset + 3.0 <= static_cast<double>(size) - 1.0)) {
+    return false;
+  }
+  first = static_cast<int64_t>(offset);
+  u = static_cast<T>(xd - n);
+  return true;
+}
+
+// nanoBragg's nearest node, ceil(x - 0.5) (1.5 -> 1, -0.5 -> -1); true when
+// that node is inside the grid, and then `index` is its grid index.
+template <typename T>
+C10_HOST_DEVICE inline bool locate_nearest(T x, double lo, int64_t size,
+                                           int64_t& index) {
+  const double m = ::ceil(static_cast<double>(x) - 0.5);
+  const double offset = m - lo;
+  if (!(offset >= 0.0 && offset <= static_cast<double>(size) - 1.0)) {
+    return false;
+  }
+  index = static_cast<int64_t>(offset);
+  return true;
+}
+
+// A read-only strided view of the [Nh, Nk, Nl] grid and its index origin.
+template <typename T>
+struct GridView {
+  const T* data;
+  int64_t size[3];
+  int64_t stride[3];
+  double lo[3];  // index_min as double
+};
+
+// Where one point falls: a full stencil, one nearest node, or nothing.
+enum class PointKind : int32_t { Stencil, Nearest, Default };
+
+template <typename T>
+struct PointStencil {
+  PointKind kind;
+  int64_t first[3];  // Stencil: node n-1 per axis; Nearest: the node
+  T u[3];            // Stencil: fractional offsets
+};
+
+template <typename T>
+C10_HOST_DEVICE inline PointStencil<T> classify_point(const int64_t size[3],
+                                                      const double lo[3],
+                                                      T h, T k, T l,
+                                                      OutOfRange mode) {
+  PointStencil<T> p;
+  const T x[3] = {h, k, l};
+  bool inside = true;
+  for (int d = 0; d < 3; ++d) {
+    p.u[d] = T(0);
+    p.first[d] = 0;
+  }
+  for (int d = 0; d < 3 && inside; ++d) {
+    inside = locate_stencil(x[d], lo[d], size[d], p.first[d], p.u[d]);
+  }
+  if (inside) {
+    p.kind = PointKind::Stencil;
+    return p;
+  }
+  if (mode == OutOfRange::Nearest) {
+    bool found = true;
+    for (int d = 0; d < 3 && found; ++d) {
+      found = locate_nearest(x[d], lo[d], size[d], p.first[d]);
+    }
+    if (found) {
+      p.kind = PointKind::Nearest;
+      return p;
+    }
+  }
+  p.kind = PointKind::Default;
+  return p;
+}
+
+template <typename T>
+C10_HOST_DEVICE inline int64_t node_offset(const int64_t stride[3],
+                                           const int64_t first[3]) {
+  return first[0] * stride[0] + first[1] * stride[1] + first[2] * stride[2];
+}
+
+// sum_abc wh[a] wk[b] wl[c] g[a,b,c] over the 4x4x4 block at `g`:
+// contract l (16 rows of 4), then k, then h.
+template <typename T>
+C10_HOST_DEVICE inline T contract_stencil(const T* g, const int64_t stride[3],
+                                          const T wh[4], const T wk[4],
+                                          const T wl[4]) {
+  T value = T(0);
+NANOBRAGG_UNROLL
+  for (int a = 0; a < 4; ++a) {
+    T plane = T(0);
+NANOBRAGG_UNROLL
+    for (int b = 0; b < 4; ++b) {
+      const T* row = g + a * stride[0] + b * stride[1];
+      const T s = wl[0] * row[0] + wl[1] * row[stride[2]] +
+                  wl[2] * row[2 * stride[2]] + wl[3] * row[3 * stride[2]];
+      plane += wk[b] * s;
+    }
+    value += wh[a] * plane;
+  }
+  return value;
+}
+
+// Gradient of the contraction with respect to (u_h, u_k, u_l) in one pass.
+template <typename T>
+C10_HOST_DEVICE inline void contract_stencil_grad(const T* g,
+                                                  const int64_t stride[3],
+                                                  const T wh[4], const T wk[4],
+                                                  const T wl[4], const T dwh[4],
+                                                  const T dwk[4], const T dwl[4],
+                                                  T grad[3]) {
+  T gh = T(0), gk = T(0), gl = T(0);
+NANOBRAGG_UNROLL
+  for (int a = 0; a < 4; ++a) {
+    T plane = T(0), plane_dk = T(0), plane_dl = T(0);
+NANOBRAGG_UNROLL
+    for (int b = 0; b < 4; ++b) {
+      const T* row = g + a * stride[0] + b * stride[1];
+      const T r0 = row[0], r1 = row[stride[2]], r2 = row[2 * stride[2]],
+              r3 = row[3 * stride[2]];
+      const T s = wl[0] * r0 + wl[1] * r1 + wl[2] * r2 + wl[3] * r3;
+      const T ds = dwl[0] * r0 + dwl[1] * r1 + dwl[2] * r2 + dwl[3] * r3;
+      plane += wk[b] * s;
+      plane_dk += dwk[b] * s;
+      plane_dl += wk[b] * ds;
+    }
+    gh += dwh[a] * plane;
+    gk += wh[a] * plane_dk;
+    gl += wh[a] * plane_dl;
+  }
+  grad[0] = gh;
+  grad[1] = gk;
+  grad[2] = gl;
+}
+
+// Forward value of one point.
+template <typename T>
+C10_HOST_DEVICE inline T tricubic_value(const GridView<T>& grid, T h, T k, T l,
+                                        OutOfRange mode, T default_value) {
+  const PointStencil<T> p = classify_point(grid.size, grid.lo, h, k, l, mode);
+  if (p.kind == PointKind::Default) {
+    return default_value;
+  }
+  const T* base = grid.data + node_offset<T>(grid.stride, p.first);
+  if (p.kind == PointKind::Nearest) {
+    return *base;
+  }
+  T wh[4], wk[4], wl[4];
+  lagrange_weights(p.u[0], wh);
+  lagrange_weights(p.u[1], wk);
+  lagrange_weights(p.u[2], wl);
+  return contract_stencil(base, grid.stride, wh, wk, wl);
+}
+
+// dF/d(h,k,l) of one point, scaled by the incoming gradient.
+template <typename T>
+C10_HOST_DEVICE inline void tricubic_hkl_grad(const GridView<T>& grid, T h,
+                                              T k, T l, OutOfRange mode,
+                                              T grad_out, T grad_hkl[3]) {
+  grad_hkl[0] = grad_hkl[1] = grad_hkl[2] = T(0);
+  const PointStencil<T> p = classify_point(grid.size, grid.lo, h, k, l, mode);
+  if (p.kind != PointKind::Stencil) {
+    return;  // nearest and default values do not move with hkl
+  }
+  T wh[4], wk[4], wl[4], dwh[4], dwk[4], dwl[4];
+  lagrange_weights(p.u[0], wh);
+  lagrange_weights(p.u[1], wk);
+  lagrange_weights(p.u[2], wl);
+  lagrange_weight_derivs(p.u[0], dwh);
+  lagrange_weight_derivs(p.u[1], dwk);
+  lagrange_weight_derivs(p.u[2], dwl);
+  T g[3];
+  contract_stencil_grad(grid.data + node_offset<T>(grid.stride, p.first),
+                        grid.stride, wh, wk, wl, dwh, dwk, dwl, g);
+  for (int d = 0; d < 3; ++d) {
+    grad_hkl[d] = grad_out * g[d];
+  }
+}
+
+// Scatters grad_out * w_a w_b w_c of one point into a contiguous grid-shaped
+// gradient through `add(offset, value)`: plain += on CPU (race-free by
+// construction there), an atomic or aggregated add on CUDA.
+template <typename T, typename AddFn>
+C10_HOST_DEVICE inline void tricubic_grid_grad_scatter(const int64_t size[3],
+                                                       const double lo[3], T h,
+                                                       T k, T l,
+                                                       OutOfRange mode,
+                                                       T grad_out, AddFn& add) {
+  const PointStencil<T> p = classify_point(size, lo, h, k, l, mode);
+  if (p.kind == PointKind::Default) {
+    return;
+  }
+  const int64_t stride[3] = {size[1] * size[2], size[2], 1};
+  const int64_t base = node_offset<T>(stride, p.first);
+  if (p.kind == PointKind::Nearest) {
+    add(base, grad_out);
+    return;
+  }
+  T wh[4], wk[4], wl[4];
+  lagrange_weights(p.u[0], wh);
+  lagrange_weights(p.u[1], wk);
+  lagrange_weights(p.u[2], wl);
+NANOBRAGG_UNROLL
+  for (int a = 0; a < 4; ++a) {
+    const T ga = grad_out * wh[a];
+NANOBRAGG_UNROLL
+    for (int b = 0; b < 4; ++b) {
+      const T gab = ga * wk[b];
+      const int64_t row = base + a * stride[0] + b * stride[1];
+NANOBRAGG_UNROLL
+      for (int c = 0; c < 4; ++c) {
+        add(row + c, gab * wl[c]);
+      }
+    }
+  }
+}
+
+}  // namespace tricubic
+}  // namespace nanobragg

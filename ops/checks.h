@@ -1,0 +1,43 @@
+// Argument validation shared by every backend (CPU, CUDA, Meta), so that a bad
+// call fails the same way, with one message style, wherever it is dispatched:
+//   "nanobragg::<op>: argument '<name>' <what was expected>, got <what came>".
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/string_view.h>
+
+#include <string>
+
+#include "tricubic/tricubic_math.h"
+
+namespace nanobragg {
+namespace checks {
+
+// "[2, 3]" style, for messages. Symbolic so that the Meta kernels can check
+// shapes under torch.compile's dynamic shapes too.
+std::string shape_string(c10::SymIntArrayRef shape);
+
+// float32 or float64 (the dtypes with kernels).
+void check_floating(const char* op, const char* arg, const at::Tensor& t);
+void check_same_dtype(const char* op, const char* arg, const at::Tensor& t,
+                      const char* ref_arg, const at::Tensor& ref);
+void check_same_device(const char* op, const char* arg, const at::Tensor& t,
+                       const char* ref_arg, const at::Tensor& ref);
+
+tricubic::OutOfRange parse_out_of_range(const char* op,
+                                        c10::string_view out_of_range);
+
+// Everything SPEC section 1 asks of the forward's arguments.
+tricubic::OutOfRange check_tricubic_args(const char* op, const at::Tensor& grid,
+                                         const at::Tensor& hkl,
+                                         c10::IntArrayRef index_min,
+                                         c10::string_view out_of_range);
+
+// The incoming gradient of the backward: shape hkl.shape[:-1], grid's dtype
+// and device.
+void check_tricubic_grad_output(const char* op, const at::Tensor& grad_output,
+                                const at::Tensor& grid, const at::Tensor& hkl);
+
+}  // namespace checks
+}  // namespace nanobragg

@@ -1,0 +1,50 @@
+// Meta kernels: shapes, dtypes and argument checks only, with symbolic sizes,
+// so FakeTensor, torch.compile and torch.export can trace the operators
+// (dynamic shapes included) without running them.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <array>
+#include <tuple>
+
+#include "checks.h"
+
+namespace nanobragg {
+namespace {
+
+at::Tensor tricubic_interp_meta(const at::Tensor& grid, const at::Tensor& hkl,
+                                c10::IntArrayRef index_min,
+                                double /*default_value*/,
+                                c10::string_view out_of_range) {
+  checks::check_tricubic_args("nanobragg::tricubic_interp", grid, hkl,
+                              index_min, out_of_range);
+  return at::empty_symint(hkl.sym_sizes().slice(0, hkl.dim() - 1),
+                          grid.options());
+}
+
+std::tuple<at::Tensor, at::Tensor> tricubic_interp_backward_meta(
+    const at::Tensor& grad_output, const at::Tensor& grid,
+    const at::Tensor& hkl, c10::IntArrayRef index_min,
+    c10::string_view out_of_range, std::array<bool, 2> output_mask) {
+  constexpr const char* op = "nanobragg::tricubic_interp_backward";
+  checks::check_tricubic_args(op, grid, hkl, index_min, out_of_range);
+  checks::check_tricubic_grad_output(op, grad_output, grid, hkl);
+  // Contiguous, as the CPU and CUDA kernels return them.
+  at::Tensor grad_grid = output_mask[0]
+                             ? at::empty_symint(grid.sym_sizes(), grid.options())
+                             : at::empty({0}, grid.options());
+  at::Tensor grad_hkl = output_mask[1]
+                            ? at::empty_symint(hkl.sym_sizes(), hkl.options())
+                            : at::empty({0}, hkl.options());
+  return {grad_grid, grad_hkl};
+}
+
+}  // namespace
+}  // namespace nanobragg
+
+TORCH_LIBRARY_IMPL(nanobragg, Meta, m) {
+  m.impl("tricubic_interp", TORCH_FN(nanobragg::tricubic_interp_meta));
+  m.impl("tricubic_interp_backward",
+         TORCH_FN(nanobragg::tricubic_interp_backward_meta));
+}

@@ -1,0 +1,227 @@
+// tricubic_interp gradients: analytic (backward op, Autograd kernel) against
+// central finite differences of the forward, in float64.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <gtest/gtest.h>
+#include <torch/autograd.h>
+
+#include "nanobragg_ops/ops.h"
+#include "test_utils.h"
+
+namespace nanobragg_test {
+namespace {
+
+constexpr const char* kOp = "nanobragg::tricubic_interp_backward";
+const std::array<int64_t, 3> kIndexMin = {3, -5, 0};
+
+using BackwardOp = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::IntArrayRef,
+    c10::string_view, std::array<bool, 2>);
+
+std::tuple<at::Tensor, at::Tensor> backward_op(const at::Tensor& grad,
+                                               const at::Tensor& grid,
+                                               const at::Tensor& hkl,
+                                               const std::string& mode,
+                                               std::array<bool, 2> mask) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow(kOp, "")
+                             .typed<BackwardOp>();
+  return op.call(grad, grid, hkl, kIndexMin, mode, mask);
+}
+
+class TricubicBackward : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    NANOBRAGG_SKIP_UNLESS_DEVICE(GetParam(), kOp);
+    at::manual_seed(77);
+  }
+  at::TensorOptions opts(at::ScalarType dtype = at::kDouble) const {
+    return at::TensorOptions().dtype(dtype).device(GetParam());
+  }
+  at::Tensor random_grid(at::IntArrayRef shape, at::ScalarType dtype = at::kDouble) const {
+    return (at::rand(shape, at::kDouble) * 9 + 1).to(opts(dtype));
+  }
+  // Points whose coordinates keep >= `margin` away from integers, so a
+  // finite-difference step never moves the stencil. `outside` of them sit
+  // beyond the grid's upper end on h.
+  at::Tensor points_off_integers(int64_t n, const at::Tensor& grid, int64_t outside,
+                                 double margin = 0.1) const {
+    at::Tensor base = at::empty({n, 3}, at::kDouble);
+    for (int d = 0; d < 3; ++d) {
+      // integer part chosen so that the stencil fits: n-1 >= lo, n+2 <= hi
+      at::Tensor ints = at::randint(kIndexMin[d] + 1, kIndexMin[d] + grid.size(d) - 2, {n}, at::kDouble);
+      at::Tensor frac = at::rand({n}, at::kDouble) * (1 - 2 * margin) + margin;
+      base.select(1, d).copy_(ints + frac);
+    }
+    base.slice(0, 0, outside).select(1, 0).add_(static_cast<double>(grid.size(0)) + 0.5);
+    return base.to(opts());
+  }
+};
+
+// d(sum_i c_i F_i)/d grid by central differences, one node at a time.
+at::Tensor fd_grid_grad(const at::Tensor& grid, const at::Tensor& hkl,
+                        const at::Tensor& c, const std::string& mode) {
+  at::Tensor g = grid.clone();
+  at::Tensor flat = g.view({-1});
+  at::Tensor out = at::zeros_like(flat);
+  const double eps = 1e-3;  // F is linear in grid: the step size is free
+  for (int64_t i = 0; i < flat.numel(); ++i) {
+    const double v = flat[i].item<double>();
+    flat[i] = v + eps;
+    const double up = (nanobragg_ops::tricubic_interp(g, hkl, kIndexMin, 0.0, mode) * c).sum().item<double>();
+    flat[i] = v - eps;
+    const double down = (nanobragg_ops::tricubic_interp(g, hkl, kIndexMin, 0.0, mode) * c).sum().item<double>();
+    flat[i] = v;
+    out[i] = (up - down) / (2 * eps);
+  }
+  return out.view(grid.sizes());
+}
+
+// d(sum_i c_i F_i)/d hkl: F_i depends only on point i.
+at::Tensor fd_hkl_grad(const at::Tensor& grid, const at::Tensor& hkl,
+                       const at::Tensor& c, const std::string& mode) {
+  const double eps = 1e-6;
+  at::Tensor out = at::zeros_like(hkl);
+  for (int d = 0; d < 3; ++d) {
+    at::Tensor step = at::zeros_like(hkl);
+    step.select(-1, d).fill_(eps);
+    at::Tensor up = nanobragg_ops::tricubic_interp(grid, hkl + step, kIndexMin, 0.0, mode);
+    at::Tensor down = nanobragg_ops::tricubic_interp(grid, hkl - step, kIndexMin, 0.0, mode);
+    out.select(-1, d).copy_(c * (up - down) / (2 * eps));
+  }
+  return out;
+}
+
+TEST_P(TricubicBackward, GridGradientMatchesFiniteDifferences) {
+  at::Tensor grid = random_grid({7, 8, 6});
+  at::Tensor hkl = points_off_integers(60, grid, 10);
+  // Include nearest-mode points and points exactly on nodes.
+  hkl[10][0] = 5.0;
+  hkl[11][1] = -3.0;
+  at::Tensor c = at::randn({60}, opts());
+  for (const std::string mode : {"default", "nearest"}) {
+    at::Tensor g = grid.clone().requires_grad_(true);
+    at::Tensor out = nanobragg_ops::tricubic_interp(g, hkl, kIndexMin, 0.0, mode);
+    const auto grads = torch::autograd::grad({out}, {g}, {c});
+    const at::Tensor fd = fd_grid_grad(grid, hkl, c, mode);
+    EXPECT_LE(max_rel_error(to_vector(grads[0]), to_vector(fd), 1.0), 1e-9) << mode;
+    EXPECT_GT(fd.abs().sum().item<double>(), 1.0);  // not vacuous
+  }
+}
+
+TEST_P(TricubicBackward, HklGradientMatchesFiniteDifferences) {
+  at::Tensor grid = random_grid({7, 8, 6});
+  at::Tensor hkl = points_off_integers(200, grid, 20);
+  at::Tensor c = at::randn({200}, opts());
+  for (const std::string mode : {"default", "nearest"}) {
+    at::Tensor h = hkl.clone().requires_grad_(true);
+    at::Tensor out = nanobragg_ops::tricubic_interp(grid, h, kIndexMin, 0.0, mode);
+    const auto grads = torch::autograd::grad({out}, {h}, {c});
+    const at::Tensor fd = fd_hkl_grad(grid, hkl, c, mode);
+    EXPECT_LE(max_rel_error(to_vector(grads[0]), to_vector(fd), 1.0), 1e-7) << mode;
+    // Out-of-range points (nearest or default) do not move with hkl.
+    EXPECT_EQ(grads[0].slice(0, 0, 20).abs().max().item<double>(), 0.0);
+    EXPECT_GT(grads[0].abs().sum().item<double>(), 1.0);
+  }
+}
+
+TEST_P(TricubicBackward, NearestScattersIntoOneNodeAndDefaultNowhere) {
+  at::Tensor grid = random_grid({5, 5, 5});
+  // h outside: (8.6 -> nearest h = 9 is outside too -> default),
+  //            (7.2 -> h = 7, index 4: inside, nearest).
+  at::Tensor hkl = at::tensor({8.6, -3.0, 2.0, 7.2, -2.6, 1.4}, at::kDouble).view({2, 3}).to(opts());
+  at::Tensor grad = at::tensor({1.5, 2.5}, at::kDouble).to(opts());
+  auto [gg, gh] = backward_op(grad, grid, hkl, "nearest", {true, true});
+  at::Tensor expected = at::zeros({5, 5, 5}, at::kDouble);
+  expected[4][2][1] = 2.5;  // (7, -3, 1) - (3, -5, 0)
+  EXPECT_TRUE(at::equal(gg.cpu(), expected));
+  EXPECT_EQ(gh.abs().max().item<double>(), 0.0);
+  auto [gd, ghd] = backward_op(grad, grid, hkl, "default", {true, true});
+  EXPECT_EQ(gd.abs().max().item<double>(), 0.0);
+}
+
+TEST_P(TricubicBackward, OutputMaskAndShapes) {
+  at::Tensor grid = random_grid({7, 8, 6});
+  at::Tensor hkl = points_off_integers(30, grid, 3).view({5, 6, 3});
+  at::Tensor grad = at::randn({5, 6}, opts());
+  auto [g1, h1] = backward_op(grad, grid, hkl, "default", {true, false});
+  EXPECT_EQ(g1.sizes(), grid.sizes());
+  EXPECT_EQ(h1.sizes(), at::IntArrayRef({0}));  // not asked for
+  auto [g2, h2] = backward_op(grad, grid, hkl, "default", {false, true});
+  EXPECT_EQ(g2.sizes(), at::IntArrayRef({0}));
+  EXPECT_EQ(h2.sizes(), hkl.sizes());
+  auto [g3, h3] = backward_op(grad, grid, hkl, "default", {true, true});
+  EXPECT_TRUE(at::equal(g1, g3));
+  EXPECT_TRUE(at::equal(h2, h3));
+}
+
+TEST_P(TricubicBackward, StridedInputsAndExpandedGradient) {
+  at::Tensor grid_base = random_grid({8, 9, 10});
+  at::Tensor grid = grid_base.transpose(0, 2);  // [10, 9, 8], non-contiguous
+  at::Tensor pts = points_off_integers(400, grid, 40);
+  at::Tensor wide = at::zeros({400, 5}, opts());
+  wide.slice(1, 0, 5, 2).copy_(pts);
+  at::Tensor hkl = wide.slice(1, 0, 5, 2);
+  ASSERT_FALSE(hkl.is_contiguous());
+  // out.sum().backward() hands the kernel an expanded (stride 0) gradient.
+  at::Tensor g = grid.detach().requires_grad_(true);
+  at::Tensor h = hkl.detach().requires_grad_(true);
+  nanobragg_ops::tricubic_interp(g, h, kIndexMin).sum().backward();
+  at::Tensor gc = grid.contiguous().requires_grad_(true);
+  at::Tensor hc = pts.clone().requires_grad_(true);
+  nanobragg_ops::tricubic_interp(gc, hc, kIndexMin).backward(at::ones({400}, opts()));
+  EXPECT_LE(max_rel_error(to_vector(g.grad()), to_vector(gc.grad())), 1e-13);
+  EXPECT_LE(max_rel_error(to_vector(h.grad()), to_vector(hc.grad())), 1e-13);
+}
+
+TEST_P(TricubicBackward, EmptyPoints) {
+  at::Tensor grid = random_grid({7, 8, 6});
+  at::Tensor hkl = at::empty({0, 3}, opts());
+  auto [gg, gh] = backward_op(at::empty({0}, opts()), grid, hkl, "default", {true, true});
+  EXPECT_EQ(gg.sizes(), grid.sizes());
+  EXPECT_EQ(gg.abs().sum().item<double>(), 0.0);
+  EXPECT_EQ(gh.sizes(), hkl.sizes());
+}
+
+TEST_P(TricubicBackward, BitwiseIdenticalWithOneAndTwoThreads) {
+  // Enough points on a small grid that the grid gradient is accumulated in
+  // several partial grids (see grid_grad_lane_count in tricubic_cpu.cpp).
+  for (auto dtype : {at::kFloat, at::kDouble}) {
+    at::Tensor grid = random_grid({16, 16, 16}, dtype);
+    at::Tensor hkl = (at::rand({60000, 3}, at::kDouble) * 14 + at::tensor({2.0, -4.0, 1.0}, at::kDouble)).to(opts(dtype));
+    at::Tensor grad = at::randn({60000}, opts(dtype));
+    const int saved = at::get_num_threads();
+    at::set_num_threads(1);
+    auto [g1, h1] = backward_op(grad, grid, hkl, "nearest", {true, true});
+    at::set_num_threads(2);
+    auto [g2, h2] = backward_op(grad, grid, hkl, "nearest", {true, true});
+    at::set_num_threads(saved);
+    EXPECT_TRUE(bitwise_equal(g1, g2)) << dtype;
+    EXPECT_TRUE(bitwise_equal(h1, h2)) << dtype;
+    // And the partial-grid reduction agrees with a float64 sum.
+    auto [g64, h64] = backward_op(grad.to(at::kDouble), grid.to(at::kDouble),
+                                  hkl.to(at::kDouble), "nearest", {true, false});
+    EXPECT_LE(max_rel_error(to_vector(g1), to_vector(g64), 1.0),
+              dtype == at::kFloat ? 1e-3 : 1e-12);
+  }
+}
+
+TEST_P(TricubicBackward, DoubleBackwardSaysNotImplemented) {
+  at::Tensor grid = random_grid({7, 8, 6}).requires_grad_(true);
+  at::Tensor hkl = points_off_integers(10, grid.detach(), 0).requires_grad_(true);
+  at::Tensor out = nanobragg_ops::tricubic_interp(grid, hkl, kIndexMin);
+  auto grads = torch::autograd::grad({out.sum()}, {hkl}, {}, true, true);
+  try {
+    torch::autograd::grad({grads[0].sum()}, {hkl});
+    FAIL() << "expected an error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("not implemented"), std::string::npos) << e.what();
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Devices, TricubicBackward,
+                         ::testing::ValuesIn(test_devices()),
+                         device_test_name);
+
+}  // namespace
+}  // namespace nanobragg_test
