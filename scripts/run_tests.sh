@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Every test: GoogleTest (through CTest), then pytest. Sets up first (see
+# scripts/setup.sh); exits non-zero when any test fails.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+"$ROOT/scripts/setup.sh"
+BUILD_DIR="${BUILD_DIR:-build}"
+
+status=0
+echo "== GoogleTest (ctest) =="
+ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$(nproc)" || status=1
+echo "== pytest =="
+"$ROOT/.venv/bin/python" -m pytest tests/python -q -rs || status=1
+exit "$status"

@@ -1,0 +1,139 @@
+"""tricubic_interp from Python: gradcheck, opcheck, TorchScript, torch.compile."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import nanobragg_ops
+
+INDEX_MIN = (-3, 1, 2)
+OP = torch.ops.nanobragg.tricubic_interp.default
+BACKWARD_OP = torch.ops.nanobragg.tricubic_interp_backward.default
+
+
+def make_inputs(device, dtype=torch.float64, n=40, outside=8, seed=0):
+    """A grid and points whose coordinates stay >= 0.1 away from integers (the
+    derivative jumps there); the first `outside` points leave the grid."""
+    gen = torch.Generator().manual_seed(seed)
+    grid = torch.rand(7, 8, 9, generator=gen, dtype=torch.float64) * 9 + 1
+    cols = []
+    for d, size in enumerate(grid.shape):
+        ints = torch.randint(INDEX_MIN[d] + 1, INDEX_MIN[d] + size - 2, (n,), generator=gen)
+        frac = torch.rand(n, generator=gen, dtype=torch.float64) * 0.8 + 0.1
+        cols.append(ints + frac)
+    hkl = torch.stack(cols, dim=-1)
+    hkl[:outside, 0] += grid.shape[0] + 0.5
+    return grid.to(device, dtype), hkl.to(device, dtype)
+
+
+def test_op_is_registered():
+    assert nanobragg_ops.tricubic_interp.__doc__
+    for key in ("CPU", "Meta", "Autograd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("nanobragg::tricubic_interp", key)
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(
+            "nanobragg::tricubic_interp_backward", key
+        )
+
+
+@pytest.mark.parametrize("mode", ["default", "nearest"])
+def test_gradcheck(device, mode):
+    grid, hkl = make_inputs(device)
+    grid.requires_grad_(True)
+    hkl.requires_grad_(True)
+
+    def f(g, h):
+        return nanobragg_ops.tricubic_interp(g, h, INDEX_MIN, -1.0, mode)
+
+    assert torch.autograd.gradcheck(f, (grid, hkl), eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["default", "nearest"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(device, mode, dtype, requires_grad):
+    grid, hkl = make_inputs(device, dtype)
+    grid.requires_grad_(requires_grad)
+    hkl.requires_grad_(requires_grad)
+    torch.library.opcheck(OP, (grid, hkl, list(INDEX_MIN), 0.5, mode))
+
+
+@pytest.mark.parametrize("mask", [[True, True], [True, False], [False, True]])
+def test_opcheck_backward(device, mask):
+    grid, hkl = make_inputs(device)
+    grad = torch.randn(hkl.shape[:-1], dtype=grid.dtype, device=device)
+    torch.library.opcheck(BACKWARD_OP, (grad, grid, hkl, list(INDEX_MIN), "nearest", mask))
+
+
+def test_wrapper_matches_torch_ops(device):
+    grid, hkl = make_inputs(device)
+    a = nanobragg_ops.tricubic_interp(grid, hkl, INDEX_MIN, 2.0, "nearest")
+    b = torch.ops.nanobragg.tricubic_interp(grid, hkl, list(INDEX_MIN), 2.0, "nearest")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_torchscript_values_and_gradients(device):
+    def f(grid: torch.Tensor, hkl: torch.Tensor) -> torch.Tensor:
+        return torch.ops.nanobragg.tricubic_interp(grid, hkl, [-3, 1, 2], 0.0, "nearest")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # jit is deprecated in 2.11
+        scripted = torch.jit.script(f)
+    grid, hkl = make_inputs(device)
+    g1, h1 = grid.clone().requires_grad_(), hkl.clone().requires_grad_()
+    g2, h2 = grid.clone().requires_grad_(), hkl.clone().requires_grad_()
+    out_eager = f(g1, h1)
+    out_script = scripted(g2, h2)
+    torch.testing.assert_close(out_script, out_eager, rtol=0, atol=0)
+    weights = torch.linspace(-1, 1, out_eager.numel(), dtype=grid.dtype, device=device)
+    (out_eager * weights).sum().backward()
+    (out_script * weights).sum().backward()
+    torch.testing.assert_close(g2.grad, g1.grad, rtol=0, atol=0)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=0, atol=0)
+    assert h1.grad.abs().sum() > 0
+
+
+def test_torch_compile_fullgraph_matches_eager(device):
+    torch._dynamo.reset()
+
+    def loss(grid, hkl, scale):
+        values = nanobragg_ops.tricubic_interp(grid, hkl * scale, INDEX_MIN, 0.0, "default")
+        return (values**2).sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    grid, hkl = make_inputs(device, torch.float32)
+    scale = torch.tensor(1.0, device=device)
+    g1, s1 = grid.clone().requires_grad_(), scale.clone().requires_grad_()
+    g2, s2 = grid.clone().requires_grad_(), scale.clone().requires_grad_()
+    eager = loss(g1, hkl, s1)
+    comp = compiled(g2, hkl, s2)
+    torch.testing.assert_close(comp, eager)
+    eager.backward()
+    comp.backward()
+    torch.testing.assert_close(g2.grad, g1.grad)
+    torch.testing.assert_close(s2.grad, s1.grad)
+    assert g1.grad.abs().sum() > 0
+
+
+def test_errors_name_the_operator_and_argument():
+    grid, hkl = make_inputs("cpu")
+    with pytest.raises(RuntimeError, match=r"nanobragg::tricubic_interp: argument 'hkl'.*\[40, 2\]"):
+        nanobragg_ops.tricubic_interp(grid, hkl[:, :2], INDEX_MIN)
+    with pytest.raises(RuntimeError, match=r"nanobragg::tricubic_interp: argument 'grid'.*float32 or float64"):
+        nanobragg_ops.tricubic_interp(grid.long(), hkl, INDEX_MIN)
+    with pytest.raises(RuntimeError, match=r"argument 'hkl' must have the dtype of 'grid'"):
+        nanobragg_ops.tricubic_interp(grid, hkl.float(), INDEX_MIN)
+    with pytest.raises(RuntimeError, match=r"argument 'out_of_range'.*\"sideways\""):
+        nanobragg_ops.tricubic_interp(grid, hkl, INDEX_MIN, out_of_range="sideways")
+    with pytest.raises(RuntimeError, match=r"argument 'index_min' must have 3 entries"):
+        nanobragg_ops.tricubic_interp(grid, hkl, (0, 0))
+
+
+def test_double_backward_says_not_implemented():
+    grid, hkl = make_inputs("cpu")
+    hkl.requires_grad_(True)
+    (g,) = torch.autograd.grad(nanobragg_ops.tricubic_interp(grid, hkl, INDEX_MIN).sum(), hkl, create_graph=True)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        g.sum().backward()

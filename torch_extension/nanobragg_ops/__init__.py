@@ -1,0 +1,85 @@
+"""Fused, differentiable building blocks of nanoBragg's diffraction simulation.
+
+Importing this package loads the compiled operator library into PyTorch
+(``torch.ops.load_library``), after which the operators are available both as
+the functions below and as ``torch.ops.nanobragg.<name>`` (usable from eager
+code, ``torch.jit.script`` and ``torch.compile``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+__all__ = ["tricubic_interp", "library_path"]
+__version__ = "0.1.0"
+
+_LIBRARY_NAME = "libnanobragg_ops.so"
+
+
+def _candidate_paths() -> list[Path]:
+    here = Path(__file__).resolve().parent
+    candidates = []
+    env = os.environ.get("NANOBRAGG_OPS_LIBRARY")
+    if env:
+        candidates.append(Path(env))
+    candidates.append(here / "lib" / _LIBRARY_NAME)  # an installed wheel
+    # An editable install inside the source tree: the CMake build directory.
+    candidates.append(here.parent.parent / "build" / "lib" / _LIBRARY_NAME)
+    return candidates
+
+
+def _load() -> Path:
+    candidates = _candidate_paths()
+    for path in candidates:
+        if path.is_file():
+            torch.ops.load_library(str(path))
+            return path
+    tried = "\n  ".join(str(p) for p in candidates)
+    raise ImportError(
+        f"nanobragg_ops: cannot find {_LIBRARY_NAME}; build it first "
+        f"(scripts/run_tests.sh or cmake --build build), or point "
+        f"NANOBRAGG_OPS_LIBRARY at it. Tried:\n  {tried}"
+    )
+
+
+library_path: Path = _load()
+
+
+def tricubic_interp(
+    grid: torch.Tensor,
+    hkl: torch.Tensor,
+    index_min: Sequence[int],
+    default_value: float = 0.0,
+    out_of_range: str = "default",
+) -> torch.Tensor:
+    """Tricubic (4-point Lagrange) interpolation of a structure-factor grid.
+
+    The closed form of nanoBragg's ``polin3``: with ``n = floor(x)`` and
+    ``u = x - n`` on each axis, the value is the sum over the 4x4x4 nodes
+    ``n-1 .. n+2`` of ``w_a(u_h) w_b(u_k) w_c(u_l) * grid[...]``.
+
+    Args:
+        grid: ``[Nh, Nk, Nl]`` float32/float64 structure factors;
+            ``grid[i, j, k]`` is the value at Miller index
+            ``(h_min + i, k_min + j, l_min + k)``.
+        hkl: ``[..., 3]`` fractional Miller indices (h, k, l last), same
+            dtype and device as ``grid``; any leading shape and strides.
+        index_min: ``(h_min, k_min, l_min)``, the Miller index of ``grid[0, 0, 0]``.
+        default_value: the value of points whose stencil leaves the grid.
+        out_of_range: what such points get, decided per point:
+            ``"default"``: ``default_value``;
+            ``"nearest"``: the grid value at the nearest node, rounded as
+            nanoBragg does (``ceil(x - 0.5)``), or ``default_value`` if that
+            node is outside the grid too.
+
+    Returns:
+        ``hkl.shape[:-1]``, dtype of ``grid``. Differentiable with respect to
+        ``grid`` and ``hkl`` (exact analytic first derivatives).
+    """
+    return torch.ops.nanobragg.tricubic_interp.default(
+        grid, hkl, list(index_min), float(default_value), out_of_range
+    )
