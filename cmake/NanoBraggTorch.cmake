@@ -10,7 +10,7 @@
 
 function(_nanobragg_torch_prefix out_var)
   if(Torch_DIR)
-    get_filename_component(_prefix "${Torch_DIR}/../.." ABSOLUTE)
+    get_filename_component(_prefix "${Torch_DIR}/.." ABSOLUTE)  # share/cmake
     set(${out_var} "${_prefix}" PARENT_SCOPE)
     return()
   endif()
