@@ -12,4 +12,16 @@ at::Tensor tricubic_interp(const at::Tensor& grid, const at::Tensor& hkl,
       grid, hkl, index_min, default_value, out_of_range);
 }
 
+at::Tensor detector_absorption(const at::Tensor& intensity,
+                               const at::Tensor& pixel_coords,
+                               const at::Tensor& odet,
+                               const at::Tensor& thickness,
+                               const at::Tensor& attenuation_length,
+                               int64_t thicksteps, bool oversample_thick,
+                               bool per_layer) {
+  return nanobragg::dispatch::detector_absorption().call(
+      intensity, pixel_coords, odet, thickness, attenuation_length, thicksteps,
+      oversample_thick, per_layer);
+}
+
 }  // namespace nanobragg_ops

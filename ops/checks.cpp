@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cmath>
 #include <sstream>
 
 namespace nanobragg {
@@ -80,6 +82,115 @@ void check_tricubic_grad_output(const char* op, const at::Tensor& grad_output,
   TORCH_CHECK(grad_output.sym_sizes() == points, op,
               ": argument 'grad_output' must have shape hkl.shape[:-1] = ",
               shape_string(points), ", got ", shape_string(grad_output.sym_sizes()));
+}
+
+namespace {
+
+// Broadcasts two shapes the way torch does, with a message naming the op.
+c10::SymDimVector broadcast_shapes(const char* op, c10::SymIntArrayRef a,
+                                   const char* a_name, c10::SymIntArrayRef b,
+                                   const char* b_name) {
+  const size_t n = std::max(a.size(), b.size());
+  c10::SymDimVector out(n);
+  for (size_t i = 0; i < n; ++i) {
+    const bool has_a = i + a.size() >= n, has_b = i + b.size() >= n;
+    const c10::SymInt sa = has_a ? a[i + a.size() - n] : c10::SymInt(1);
+    const c10::SymInt sb = has_b ? b[i + b.size() - n] : c10::SymInt(1);
+    TORCH_CHECK(sa == sb || sa == 1 || sb == 1, op, ": the pixel shapes of ",
+                a_name, " ", shape_string(a), " and ", b_name, " ",
+                shape_string(b), " do not broadcast");
+    out[i] = sa == 1 ? sb : sa;
+  }
+  return out;
+}
+
+}  // namespace
+
+AbsorptionLayout check_absorption_args(const char* op, const at::Tensor& intensity,
+                                       const at::Tensor& pixel_coords,
+                                       const at::Tensor& odet,
+                                       const at::Tensor& thickness,
+                                       const at::Tensor& attenuation_length,
+                                       int64_t thicksteps, bool per_layer) {
+  check_floating(op, "intensity", intensity);
+  check_floating(op, "pixel_coords", pixel_coords);
+  check_floating(op, "odet", odet);
+  check_floating(op, "thickness", thickness);
+  check_floating(op, "attenuation_length", attenuation_length);
+  check_same_dtype(op, "pixel_coords", pixel_coords, "intensity", intensity);
+  check_same_dtype(op, "odet", odet, "intensity", intensity);
+  check_same_dtype(op, "thickness", thickness, "intensity", intensity);
+  check_same_dtype(op, "attenuation_length", attenuation_length, "intensity", intensity);
+  check_same_device(op, "pixel_coords", pixel_coords, "intensity", intensity);
+  check_same_device(op, "odet", odet, "intensity", intensity);
+  check_same_device(op, "thickness", thickness, "intensity", intensity);
+  check_same_device(op, "attenuation_length", attenuation_length, "intensity", intensity);
+  TORCH_CHECK(thicksteps >= 1, op,
+              ": argument 'thicksteps' must be at least 1, got ", thicksteps);
+  TORCH_CHECK(odet.dim() == 1 && odet.sym_size(0) == 3, op,
+              ": argument 'odet' must have shape [3], got ",
+              shape_string(odet.sym_sizes()));
+  TORCH_CHECK(thickness.dim() == 0, op,
+              ": argument 'thickness' must be a 0-dim tensor, got shape ",
+              shape_string(thickness.sym_sizes()));
+  TORCH_CHECK(attenuation_length.dim() == 0, op,
+              ": argument 'attenuation_length' must be a 0-dim tensor, got "
+              "shape ",
+              shape_string(attenuation_length.sym_sizes()));
+  const int64_t min_coords_dim = per_layer ? 2 : 1;
+  TORCH_CHECK(pixel_coords.dim() >= min_coords_dim && pixel_coords.sym_size(-1) == 3,
+              op, ": argument 'pixel_coords' must have shape ",
+              per_layer ? "[L or 1, ..., 3]" : "[..., 3]", " (x, y, z last), got ",
+              shape_string(pixel_coords.sym_sizes()));
+  AbsorptionLayout layout;
+  layout.layers = thicksteps;
+  c10::SymIntArrayRef intensity_pixels = intensity.sym_sizes();
+  c10::SymIntArrayRef coords_pixels =
+      pixel_coords.sym_sizes().slice(0, pixel_coords.dim() - 1);
+  if (per_layer) {
+    TORCH_CHECK(intensity.dim() >= 1, op,
+                ": argument 'intensity' must have a leading layer dimension "
+                "(of size L or 1) when per_layer=True, got a 0-dim tensor");
+    const c10::SymInt li = intensity.sym_size(0), lp = pixel_coords.sym_size(0);
+    TORCH_CHECK(li == thicksteps || li == 1, op,
+                ": argument 'intensity' has a layer dimension (dim 0) of size ",
+                li, "; with per_layer=True it must be thicksteps = ",
+                thicksteps, " or 1");
+    TORCH_CHECK(lp == thicksteps || lp == 1, op,
+                ": argument 'pixel_coords' has a layer dimension (dim 0) of "
+                "size ",
+                lp, "; with per_layer=True it must be thicksteps = ",
+                thicksteps, " or 1");
+    layout.intensity_per_layer = li != 1;
+    layout.coords_per_layer = lp != 1;
+    intensity_pixels = intensity_pixels.slice(1);
+    coords_pixels = coords_pixels.slice(1);
+  }
+  layout.pixel_shape = broadcast_shapes(op, intensity_pixels, "'intensity'",
+                                        coords_pixels, "'pixel_coords'");
+  return layout;
+}
+
+void check_absorption_values(const char* op, double thickness,
+                             double attenuation_length) {
+  TORCH_CHECK(thickness >= 0.0 && !std::isinf(thickness), op,
+              ": argument 'thickness' must be finite and >= 0, got ", thickness);
+  TORCH_CHECK(attenuation_length > 0.0, op,
+              ": argument 'attenuation_length' must be > 0 (inf allowed: no "
+              "absorption), got ",
+              attenuation_length);
+}
+
+void check_absorption_grad_output(const char* op, const at::Tensor& grad_output,
+                                  const at::Tensor& intensity,
+                                  const AbsorptionLayout& layout) {
+  check_floating(op, "grad_output", grad_output);
+  check_same_dtype(op, "grad_output", grad_output, "intensity", intensity);
+  check_same_device(op, "grad_output", grad_output, "intensity", intensity);
+  TORCH_CHECK(grad_output.sym_sizes() == c10::SymIntArrayRef(layout.pixel_shape),
+              op, ": argument 'grad_output' must have the output's shape ",
+              shape_string(layout.pixel_shape), ", got ",
+              shape_string(grad_output.sym_sizes()));
 }
 
 }  // namespace checks

@@ -5,7 +5,9 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
+#include <c10/core/SymIntArrayRef.h>
 #include <c10/util/string_view.h>
+#include <ATen/core/DimVector.h>
 
 #include <string>
 
@@ -38,6 +40,33 @@ tricubic::OutOfRange check_tricubic_args(const char* op, const at::Tensor& grid,
 // and device.
 void check_tricubic_grad_output(const char* op, const at::Tensor& grad_output,
                                 const at::Tensor& grid, const at::Tensor& hkl);
+
+// How detector_absorption's inputs line up (SPEC section 2).
+struct AbsorptionLayout {
+  int64_t layers = 1;                // L = thicksteps
+  c10::SymDimVector pixel_shape;     // P, the output shape
+  // A leading layer dimension of size L (per layer) rather than 1 (shared);
+  // always false when per_layer=false.
+  bool intensity_per_layer = false;
+  bool coords_per_layer = false;
+};
+
+// Every check of SPEC section 2 that needs no tensor data (dtypes, devices,
+// shapes, broadcasting, thicksteps); the values of thickness and
+// attenuation_length are checked by check_absorption_values.
+AbsorptionLayout check_absorption_args(const char* op, const at::Tensor& intensity,
+                                       const at::Tensor& pixel_coords,
+                                       const at::Tensor& odet,
+                                       const at::Tensor& thickness,
+                                       const at::Tensor& attenuation_length,
+                                       int64_t thicksteps, bool per_layer);
+
+void check_absorption_values(const char* op, double thickness,
+                             double attenuation_length);
+
+void check_absorption_grad_output(const char* op, const at::Tensor& grad_output,
+                                  const at::Tensor& intensity,
+                                  const AbsorptionLayout& layout);
 
 }  // namespace checks
 }  // namespace nanobragg

@@ -39,5 +39,32 @@ tricubic_interp_backward() {
   return handle;
 }
 
+using DetectorAbsorptionSig = at::Tensor(const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, int64_t, bool, bool);
+using DetectorAbsorptionBackwardSig =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool,
+        bool, std::array<bool, 5>);
+
+inline const c10::TypedOperatorHandle<DetectorAbsorptionSig>&
+detector_absorption() {
+  static const auto handle =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("nanobragg::detector_absorption", "")
+          .typed<DetectorAbsorptionSig>();
+  return handle;
+}
+
+inline const c10::TypedOperatorHandle<DetectorAbsorptionBackwardSig>&
+detector_absorption_backward() {
+  static const auto handle =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("nanobragg::detector_absorption_backward", "")
+          .typed<DetectorAbsorptionBackwardSig>();
+  return handle;
+}
+
 }  // namespace dispatch
 }  // namespace nanobragg

@@ -40,6 +40,45 @@ std::tuple<at::Tensor, at::Tensor> tricubic_interp_backward_meta(
   return {grad_grid, grad_hkl};
 }
 
+at::Tensor detector_absorption_meta(const at::Tensor& intensity,
+                                    const at::Tensor& pixel_coords,
+                                    const at::Tensor& odet,
+                                    const at::Tensor& thickness,
+                                    const at::Tensor& attenuation_length,
+                                    int64_t thicksteps, bool /*oversample_thick*/,
+                                    bool per_layer) {
+  const auto layout = checks::check_absorption_args(
+      "nanobragg::detector_absorption", intensity, pixel_coords, odet,
+      thickness, attenuation_length, thicksteps, per_layer);
+  return at::empty_symint(layout.pixel_shape, intensity.options());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+detector_absorption_backward_meta(const at::Tensor& grad_output,
+                                  const at::Tensor& intensity,
+                                  const at::Tensor& pixel_coords,
+                                  const at::Tensor& odet,
+                                  const at::Tensor& thickness,
+                                  const at::Tensor& attenuation_length,
+                                  int64_t thicksteps, bool /*oversample_thick*/,
+                                  bool per_layer, std::array<bool, 5> output_mask) {
+  constexpr const char* op = "nanobragg::detector_absorption_backward";
+  const auto layout = checks::check_absorption_args(
+      op, intensity, pixel_coords, odet, thickness, attenuation_length,
+      thicksteps, per_layer);
+  checks::check_absorption_grad_output(op, grad_output, intensity, layout);
+  // Each gradient has its input's shape, contiguous, as the kernels return.
+  const at::Tensor* inputs[5] = {&intensity, &pixel_coords, &odet, &thickness,
+                                 &attenuation_length};
+  at::Tensor grads[5];
+  for (int i = 0; i < 5; ++i) {
+    grads[i] = output_mask[i]
+                   ? at::empty_symint(inputs[i]->sym_sizes(), inputs[i]->options())
+                   : at::empty({0}, inputs[i]->options());
+  }
+  return {grads[0], grads[1], grads[2], grads[3], grads[4]};
+}
+
 }  // namespace
 }  // namespace nanobragg
 
@@ -47,4 +86,7 @@ TORCH_LIBRARY_IMPL(nanobragg, Meta, m) {
   m.impl("tricubic_interp", TORCH_FN(nanobragg::tricubic_interp_meta));
   m.impl("tricubic_interp_backward",
          TORCH_FN(nanobragg::tricubic_interp_backward_meta));
+  m.impl("detector_absorption", TORCH_FN(nanobragg::detector_absorption_meta));
+  m.impl("detector_absorption_backward",
+         TORCH_FN(nanobragg::detector_absorption_backward_meta));
 }

@@ -19,4 +19,21 @@ TORCH_LIBRARY(nanobragg, m) {
       "int[3] index_min, str out_of_range, bool[2] output_mask) "
       "-> (Tensor grad_grid, Tensor grad_hkl)",
       {at::Tag::pt2_compliant_tag});
+
+  // SPEC section 2.
+  m.def(
+      "detector_absorption(Tensor intensity, Tensor pixel_coords, Tensor odet, "
+      "Tensor thickness, Tensor attenuation_length, int thicksteps, "
+      "bool oversample_thick, bool per_layer=False) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // Its first derivatives; output_mask selects (intensity, pixel_coords,
+  // odet, thickness, attenuation_length), shape-[0] tensors for the rest.
+  m.def(
+      "detector_absorption_backward(Tensor grad_output, Tensor intensity, "
+      "Tensor pixel_coords, Tensor odet, Tensor thickness, "
+      "Tensor attenuation_length, int thicksteps, bool oversample_thick, "
+      "bool per_layer, bool[5] output_mask) -> (Tensor grad_intensity, "
+      "Tensor grad_pixel_coords, Tensor grad_odet, Tensor grad_thickness, "
+      "Tensor grad_attenuation_length)",
+      {at::Tag::pt2_compliant_tag});
 }

@@ -26,4 +26,28 @@ at::Tensor tricubic_interp(const at::Tensor& grid, const at::Tensor& hkl,
                            double default_value = 0.0,
                            c10::string_view out_of_range = "default");
 
+// Capture fraction of a sensor of finite thickness split into L = thicksteps
+// layers, as nanoBragg's -detector_thick/-detector_abs/-thicksteps/
+// -oversample_thick. Per pixel and layer t, with the parallax
+// rho_t = odet . p_t / |p_t| (|rho_t| clamped to >= 1e-10), dz = thickness / L
+// and mu = 1 / attenuation_length:
+//   c_t = exp(-t dz mu / rho_t) - exp(-(t+1) dz mu / rho_t)
+//   out = sum_t c_t I_t (oversample_thick) or c_{L-1} * mean_t I_t.
+//   intensity:    pixel intensities; pixel_coords: [..., 3] pixel positions
+//                 relative to the sample (any length unit, the same as
+//                 thickness and attenuation_length).
+//   per_layer:    false: one intensity and position for all layers (they
+//                 broadcast to the pixel shape P); true: dimension 0 of both
+//                 is the layer dimension, of size L or 1.
+//   odet:         [3] detector normal; thickness, attenuation_length: 0-dim.
+// Returns P, intensity's dtype. Differentiable in intensity, pixel_coords,
+// odet, thickness and attenuation_length.
+at::Tensor detector_absorption(const at::Tensor& intensity,
+                               const at::Tensor& pixel_coords,
+                               const at::Tensor& odet,
+                               const at::Tensor& thickness,
+                               const at::Tensor& attenuation_length,
+                               int64_t thicksteps, bool oversample_thick,
+                               bool per_layer = false);
+
 }  // namespace nanobragg_ops

@@ -1,0 +1,237 @@
+// Per-pixel math of nanobragg::detector_absorption, shared by the CPU and
+// CUDA kernels. Only c10 macros and <cmath>.
+//
+// Contract: shared/SPEC.md section 2. Per pixel and layer t = 0..L-1:
+//   rho_t = dot(odet, p_t / max(|p_t|, 1e-10)), then |rho_t| >= 1e-10 kept
+//   a_t   = dz * mu / rho_t  with dz = thickness / L, mu = 1 / attenuation_length
+//   c_t   = exp(-t a_t) - exp(-(t+1) a_t)       capture fraction of layer t
+//   oversample_thick: out = sum_t c_t I_t;  else out = c_{L-1} * mean_t I_t
+// Intensity and position either vary per layer (a leading layer dimension of
+// size L) or are shared by all layers (size 1); the kernels pass a layer
+// stride of 0 for a shared one.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace nanobragg {
+namespace absorption {
+
+// Smallest |p| and |rho| the references allow (both clamp at 1e-10).
+constexpr double kMinLength = 1e-10;
+constexpr double kMinParallax = 1e-10;
+
+template <typename T>
+C10_HOST_DEVICE inline T parallax(const T odet[3], const T* p,
+                                  int64_t comp_stride) {
+  const T px = p[0], py = p[comp_stride], pz = p[2 * comp_stride];
+  const T norm = std::sqrt(px * px + py * py + pz * pz);
+  const T inv = T(1) / (norm > T(kMinLength) ? norm : T(kMinLength));
+  const T rho = (odet[0] * px + odet[1] * py + odet[2] * pz) * inv;
+  if (std::abs(rho) < T(kMinParallax)) {
+    return rho < T(0) ? -T(kMinParallax) : T(kMinParallax);  // sign(0) = +1
+  }
+  return rho;
+}
+
+// Back-propagates g_rho = dL/drho through parallax(): adds dL/dp to grad_p
+// (when non-null) and dL/dodet to grad_odet. Zero where rho was clamped.
+template <typename T>
+C10_HOST_DEVICE inline void parallax_backward(const T odet[3], const T* p,
+                                              int64_t comp_stride, T g_rho,
+                                              T* grad_p, int64_t grad_stride,
+                                              T grad_odet[3]) {
+  const T px = p[0], py = p[comp_stride], pz = p[2 * comp_stride];
+  const T norm = std::sqrt(px * px + py * py + pz * pz);
+  const bool normal = norm > T(kMinLength);
+  const T inv = T(1) / (normal ? norm : T(kMinLength));
+  const T rho = (odet[0] * px + odet[1] * py + odet[2] * pz) * inv;
+  if (std::abs(rho) < T(kMinParallax)) {
+    return;
+  }
+  const T g = g_rho * inv;
+  grad_odet[0] += g * px;
+  grad_odet[1] += g * py;
+  grad_odet[2] += g * pz;
+  if (grad_p != nullptr) {
+    // d(o.p/|p|)/dp = (o - rho p/|p|) / |p|; with |p| clamped, o / 1e-10.
+    const T r = normal ? rho * inv : T(0);
+    grad_p[0] += g * (odet[0] - r * px);
+    grad_p[grad_stride] += g * (odet[1] - r * py);
+    grad_p[2 * grad_stride] += g * (odet[2] - r * pz);
+  }
+}
+
+// c_t(a) = exp(-t a) (1 - exp(-a)), without the cancellation of the plain
+// difference when a is small.
+template <typename T>
+C10_HOST_DEVICE inline T layer_capture(T a, int64_t t) {
+  return std::exp(-T(t) * a) * -std::expm1(-a);
+}
+
+// dc_t/da = -t exp(-t a) + (t+1) exp(-(t+1) a) = exp(-t a) (1 + (t+1) expm1(-a)).
+template <typename T>
+C10_HOST_DEVICE inline T layer_capture_da(T a, int64_t t) {
+  return std::exp(-T(t) * a) * (T(1) + T(t + 1) * std::expm1(-a));
+}
+
+// sum_t c_t(a) over L layers telescopes to 1 - exp(-L a).
+template <typename T>
+C10_HOST_DEVICE inline T total_capture(T a, int64_t layers) {
+  return -std::expm1(-T(layers) * a);
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T total_capture_da(T a, int64_t layers) {
+  return T(layers) * std::exp(-T(layers) * a);
+}
+
+// Scalars of one call.
+template <typename T>
+struct AbsorptionParams {
+  T odet[3];
+  T step;            // s = dz * mu = thickness / (L * attenuation_length)
+  int64_t layers;    // L = thicksteps
+  bool thick;        // thickness > 0; else out = mean_t I_t
+  bool oversample;   // oversample_thick
+};
+
+// One pixel's intensities (layer stride 0 when shared by every layer) and
+// positions (likewise; comp_stride between x, y, z).
+template <typename T>
+struct PixelData {
+  const T* intensity;
+  int64_t intensity_layer_stride;
+  int64_t intensity_layers;  // 1 or L
+  const T* coords;
+  int64_t coords_layer_stride;
+  int64_t coords_layers;     // 1 or L
+  int64_t comp_stride;
+};
+
+template <typename T>
+C10_HOST_DEVICE inline T mean_intensity(const PixelData<T>& px) {
+  T sum = T(0);
+  for (int64_t t = 0; t < px.intensity_layers; ++t) {
+    sum += px.intensity[t * px.intensity_layer_stride];
+  }
+  return sum / T(px.intensity_layers);
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T absorbed_pixel(const AbsorptionParams<T>& prm,
+                                        const PixelData<T>& px) {
+  if (!prm.thick) {
+    return mean_intensity(px);
+  }
+  const int64_t L = prm.layers;
+  if (!prm.oversample) {
+    const T rho = parallax(prm.odet, px.coords + (px.coords_layers == 1 ? 0 : (L - 1) * px.coords_layer_stride),
+                           px.comp_stride);
+    return layer_capture(prm.step / rho, L - 1) * mean_intensity(px);
+  }
+  if (px.coords_layers == 1) {
+    const T a = prm.step / parallax(prm.odet, px.coords, px.comp_stride);
+    if (px.intensity_layers == 1) {
+      return px.intensity[0] * total_capture(a, L);  // one exp per pixel
+    }
+    T sum = T(0);
+    for (int64_t t = 0; t < L; ++t) {
+      sum += layer_capture(a, t) * px.intensity[t * px.intensity_layer_stride];
+    }
+    return sum;
+  }
+  T sum = T(0);
+  for (int64_t t = 0; t < L; ++t) {
+    const T a = prm.step / parallax(prm.odet, px.coords + t * px.coords_layer_stride, px.comp_stride);
+    sum += layer_capture(a, t) *
+           px.intensity[px.intensity_layers == 1 ? 0 : t * px.intensity_layer_stride];
+  }
+  return sum;
+}
+
+// Where one pixel's gradients go. grad_intensity / grad_coords are laid out
+// like PixelData (layer stride 0 = shared: contributions of all layers add
+// up); either may be null when not asked for. d_step and grad_odet are
+// accumulated: the caller reduces them over pixels.
+template <typename T>
+struct PixelGrads {
+  T* intensity;
+  int64_t intensity_layer_stride;
+  T* coords;
+  int64_t coords_layer_stride;
+  int64_t comp_stride;
+  T d_step;      // dL/ds
+  T odet[3];     // dL/dodet
+};
+
+// Adds the gradient of g * absorbed_pixel(prm, px) to `out`. Entries of
+// out.intensity / out.coords must start at zero for this pixel.
+template <typename T>
+C10_HOST_DEVICE inline void absorbed_pixel_backward(const AbsorptionParams<T>& prm,
+                                                    const PixelData<T>& px, T g,
+                                                    PixelGrads<T>& out) {
+  const int64_t L = prm.layers;
+  const int64_t LI = px.intensity_layers;
+  auto add_intensity = [&](int64_t t, T v) {
+    if (out.intensity != nullptr) {
+      out.intensity[LI == 1 ? 0 : t * out.intensity_layer_stride] += v;
+    }
+  };
+  // dL/drho of one layer's position -> dL/dp of that layer, dL/dodet.
+  auto add_rho = [&](int64_t layer_of_coords, T g_rho) {
+    const T* p = px.coords + layer_of_coords * px.coords_layer_stride;
+    T* gp = out.coords == nullptr ? nullptr : out.coords + layer_of_coords * out.coords_layer_stride;
+    parallax_backward(prm.odet, p, px.comp_stride, g_rho, gp, out.comp_stride, out.odet);
+  };
+  if (!prm.thick) {
+    for (int64_t t = 0; t < LI; ++t) {
+      add_intensity(t, g / T(LI));
+    }
+    return;
+  }
+  if (!prm.oversample) {
+    const int64_t pl = px.coords_layers == 1 ? 0 : L - 1;
+    const T rho = parallax(prm.odet, px.coords + pl * px.coords_layer_stride, px.comp_stride);
+    const T a = prm.step / rho;
+    const T c = layer_capture(a, L - 1);
+    for (int64_t t = 0; t < LI; ++t) {
+      add_intensity(t, g * c / T(LI));
+    }
+    const T d_a = g * mean_intensity(px) * layer_capture_da(a, L - 1);
+    out.d_step += d_a / rho;
+    add_rho(pl, -d_a * a / rho);
+    return;
+  }
+  if (px.coords_layers == 1) {
+    const T rho = parallax(prm.odet, px.coords, px.comp_stride);
+    const T a = prm.step / rho;
+    T d_a = T(0);
+    if (LI == 1) {
+      add_intensity(0, g * total_capture(a, L));
+      d_a = g * px.intensity[0] * total_capture_da(a, L);
+    } else {
+      for (int64_t t = 0; t < L; ++t) {
+        add_intensity(t, g * layer_capture(a, t));
+        d_a += g * px.intensity[t * px.intensity_layer_stride] * layer_capture_da(a, t);
+      }
+    }
+    out.d_step += d_a / rho;
+    add_rho(0, -d_a * a / rho);
+    return;
+  }
+  for (int64_t t = 0; t < L; ++t) {
+    const T rho = parallax(prm.odet, px.coords + t * px.coords_layer_stride, px.comp_stride);
+    const T a = prm.step / rho;
+    const T I = px.intensity[LI == 1 ? 0 : t * px.intensity_layer_stride];
+    add_intensity(t, g * layer_capture(a, t));
+    const T d_a = g * I * layer_capture_da(a, t);
+    out.d_step += d_a / rho;
+    add_rho(t, -d_a * a / rho);
+  }
+}
+
+}  // namespace absorption
+}  // namespace nanobragg

@@ -1,0 +1,117 @@
+// detector_absorption's bad arguments (SPEC section 2): each a c10::Error
+// naming the operator and the argument.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <functional>
+#include <limits>
+
+#include "nanobragg_ops/ops.h"
+
+namespace nanobragg_test {
+namespace {
+
+void expect_error(const std::function<void()>& call, std::initializer_list<const char*> parts) {
+  try {
+    call();
+    ADD_FAILURE() << "no error was raised";
+  } catch (const c10::Error& e) {
+    const std::string msg = e.what_without_backtrace();
+    EXPECT_NE(msg.find("nanobragg::detector_absorption"), std::string::npos) << msg;
+    for (const char* part : parts) {
+      EXPECT_NE(msg.find(part), std::string::npos) << "message lacks '" << part << "': " << msg;
+    }
+  }
+}
+
+struct Args {
+  at::Tensor I = at::rand({3, 4}, at::kDouble);
+  at::Tensor P = at::rand({3, 4, 3}, at::kDouble) + at::tensor({0.0, 0.0, 1.0}, at::kDouble);
+  at::Tensor o = at::tensor({0.0, 0.0, 1.0}, at::kDouble);
+  at::Tensor T = at::scalar_tensor(3e-4, at::kDouble);
+  at::Tensor A = at::scalar_tensor(2e-4, at::kDouble);
+  int64_t L = 3;
+  bool oversample = true;
+  bool per_layer = false;
+  at::Tensor call() const {
+    return nanobragg_ops::detector_absorption(I, P, o, T, A, L, oversample, per_layer);
+  }
+};
+
+TEST(AbsorptionErrors, Thicksteps) {
+  for (int64_t L : {0, -2}) {
+    Args a;
+    a.L = L;
+    expect_error([&] { a.call(); }, {"'thicksteps'", "at least 1"});
+  }
+}
+
+TEST(AbsorptionErrors, ThicknessAndAttenuationValues) {
+  Args a;
+  a.T = at::scalar_tensor(-1e-4, at::kDouble);
+  expect_error([&] { a.call(); }, {"'thickness'", ">= 0"});
+  a.T = at::scalar_tensor(std::numeric_limits<double>::quiet_NaN(), at::kDouble);
+  expect_error([&] { a.call(); }, {"'thickness'"});
+  Args b;
+  for (double att : {0.0, -2.0, std::numeric_limits<double>::quiet_NaN()}) {
+    b.A = at::scalar_tensor(att, at::kDouble);
+    expect_error([&] { b.call(); }, {"'attenuation_length'", "> 0"});
+  }
+}
+
+TEST(AbsorptionErrors, LayerDimension) {
+  Args a;
+  a.per_layer = true;
+  a.I = at::rand({2, 3, 4}, at::kDouble);  // neither L = 3 nor 1
+  a.P = a.P.unsqueeze(0);
+  expect_error([&] { a.call(); }, {"'intensity'", "layer dimension", "thicksteps = 3"});
+  Args b;
+  b.per_layer = true;
+  b.I = b.I.unsqueeze(0);
+  b.P = at::rand({5, 3, 4, 3}, at::kDouble);
+  expect_error([&] { b.call(); }, {"'pixel_coords'", "layer dimension"});
+  Args c;
+  c.per_layer = true;
+  c.I = at::scalar_tensor(1.0, at::kDouble);
+  c.P = c.P.unsqueeze(0);
+  expect_error([&] { c.call(); }, {"'intensity'", "leading layer dimension"});
+}
+
+TEST(AbsorptionErrors, ShapesThatDoNotBroadcast) {
+  Args a;
+  a.I = at::rand({3, 5}, at::kDouble);
+  expect_error([&] { a.call(); }, {"do not broadcast", "[3, 5]", "[3, 4]"});
+}
+
+TEST(AbsorptionErrors, ShapesOfOdetThicknessAttenuationAndCoords) {
+  Args a;
+  a.o = at::tensor({0.0, 1.0}, at::kDouble);
+  expect_error([&] { a.call(); }, {"'odet'", "[3]"});
+  Args b;
+  b.T = at::full({1}, 3e-4, at::kDouble);
+  expect_error([&] { b.call(); }, {"'thickness'", "0-dim"});
+  Args c;
+  c.A = at::full({1}, 2e-4, at::kDouble);
+  expect_error([&] { c.call(); }, {"'attenuation_length'", "0-dim"});
+  Args d;
+  d.P = at::rand({3, 4, 2}, at::kDouble);
+  expect_error([&] { d.call(); }, {"'pixel_coords'", "[..., 3]"});
+}
+
+TEST(AbsorptionErrors, DtypesAndDevices) {
+  Args a;
+  a.I = a.I.to(at::kInt);
+  expect_error([&] { a.call(); }, {"'intensity'", "float32 or float64"});
+  Args b;
+  b.P = b.P.to(at::kFloat);
+  expect_error([&] { b.call(); }, {"'pixel_coords'", "dtype of 'intensity'"});
+  Args c;
+  c.T = c.T.to(at::kFloat);
+  expect_error([&] { c.call(); }, {"'thickness'", "dtype of 'intensity'"});
+  Args d;
+  d.o = d.o.to(at::kMeta);
+  expect_error([&] { d.call(); }, {"'odet'", "device of 'intensity'"});
+}
+
+}  // namespace
+}  // namespace nanobragg_test
