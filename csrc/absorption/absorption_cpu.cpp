@@ -4,7 +4,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -32,22 +31,6 @@ constexpr int64_t kPixelGrain = 1024;
 constexpr int64_t kReduceBlock = 4096;
 
 template <typename T>
-AbsorptionParams<T> make_params(const at::Tensor& odet, double thickness,
-                                double attenuation_length, int64_t layers,
-                                bool oversample) {
-  AbsorptionParams<T> prm;
-  const at::Tensor o = odet.to(at::kDouble);
-  for (int d = 0; d < 3; ++d) {
-    prm.odet[d] = static_cast<T>(o[d].item<double>());
-  }
-  prm.step = static_cast<T>(thickness / (static_cast<double>(layers) * attenuation_length));
-  prm.layers = layers;
-  prm.thick = thickness > 0.0;
-  prm.oversample = oversample;
-  return prm;
-}
-
-template <typename T>
 PixelData<T> pixel_data(const ExpandedInputs& in, const T* intensity,
                         const T* coords, const int64_t (&off)[3]) {
   return PixelData<T>{intensity + off[0], in.intensity.stride(0), in.intensity_layers,
@@ -67,9 +50,7 @@ at::Tensor detector_absorption_cpu(const at::Tensor& intensity,
   const auto layout = checks::check_absorption_args(
       kForward, intensity, pixel_coords, odet, thickness, attenuation_length,
       thicksteps, per_layer);
-  const double thick = thickness.item<double>();
-  const double att = attenuation_length.item<double>();
-  checks::check_absorption_values(kForward, thick, att);
+  const HostScalars scalars = read_scalars(kForward, odet, thickness, attenuation_length);
   ExpandedInputs in = expand_inputs(intensity, pixel_coords, layout, per_layer);
   at::Tensor out = at::empty(in.pixel_shape, intensity.options());
   if (in.num_pixels == 0) {
@@ -77,7 +58,7 @@ at::Tensor detector_absorption_cpu(const at::Tensor& intensity,
   }
   const auto offsets = in.pixel_offsets(out);  // out's own offsets unused
   AT_DISPATCH_FLOATING_TYPES(intensity.scalar_type(), "detector_absorption_cpu", [&] {
-    const auto prm = make_params<scalar_t>(odet, thick, att, thicksteps, oversample_thick);
+    const auto prm = make_params<scalar_t>(scalars, thicksteps, oversample_thick);
     const scalar_t* I = in.intensity.const_data_ptr<scalar_t>();
     const scalar_t* P = in.coords.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
@@ -105,11 +86,8 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output,
       kBackward, intensity, pixel_coords, odet, thickness, attenuation_length,
       thicksteps, per_layer);
   checks::check_absorption_grad_output(kBackward, grad_output, intensity, layout);
-  const double thick = thickness.item<double>();
-  const double att = attenuation_length.item<double>();
-  checks::check_absorption_values(kBackward, thick, att);
+  const HostScalars scalars = read_scalars(kBackward, odet, thickness, attenuation_length);
   ExpandedInputs in = expand_inputs(intensity, pixel_coords, layout, per_layer);
-  const bool want_scalars = output_mask[2] || output_mask[3] || output_mask[4];
 
   // Gradients of the expanded inputs: one slot per pixel (and per layer when
   // the input has a layer dimension), so no two pixels write the same slot.
@@ -126,7 +104,7 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output,
   if (n > 0) {
     const auto offsets = in.pixel_offsets(grad_output);
     AT_DISPATCH_FLOATING_TYPES(intensity.scalar_type(), "detector_absorption_backward_cpu", [&] {
-      const auto prm = make_params<scalar_t>(odet, thick, att, thicksteps, oversample_thick);
+      const auto prm = make_params<scalar_t>(scalars, thicksteps, oversample_thick);
       const scalar_t* I = in.intensity.const_data_ptr<scalar_t>();
       const scalar_t* P = in.coords.const_data_ptr<scalar_t>();
       const scalar_t* g = grad_output.const_data_ptr<scalar_t>();
@@ -166,25 +144,8 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output,
                                              : at::empty({0}, opts);
   at::Tensor grad_coords = output_mask[1] ? in.reduce_to_coords(grad_coords_full)
                                           : at::empty({0}, opts);
-  at::Tensor grad_odet = at::empty({0}, opts);
-  at::Tensor grad_thickness = at::empty({0}, opts);
-  at::Tensor grad_att = at::empty({0}, opts);
-  if (want_scalars) {
-    // s = thickness / (L * attenuation_length): ds/dT = 1 / (L att),
-    // ds/datt = -T / (L att^2) (both 0 for att = inf).
-    const double L = static_cast<double>(thicksteps);
-    if (output_mask[2]) {
-      at::Tensor o = at::empty({3}, at::TensorOptions().dtype(at::kDouble));
-      std::copy(total.begin() + 1, total.end(), o.mutable_data_ptr<double>());
-      grad_odet = o.to(opts);
-    }
-    if (output_mask[3]) {
-      grad_thickness = at::scalar_tensor(total[0] / (L * att), opts);
-    }
-    if (output_mask[4]) {
-      grad_att = at::scalar_tensor(-total[0] * thick / (L * att * att), opts);
-    }
-  }
+  auto [grad_odet, grad_thickness, grad_att] =
+      scalar_grads(total, scalars, thicksteps, output_mask, opts);
   return {grad_intensity, grad_coords, grad_odet, grad_thickness, grad_att};
 }
 

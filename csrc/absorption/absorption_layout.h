@@ -7,10 +7,15 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
 #include <array>
 #include <vector>
 
 #include "checks.h"
+#include "absorption/absorption_math.h"
 #include "common/point_offsets.h"
 
 namespace nanobragg {
@@ -92,6 +97,61 @@ inline ExpandedInputs expand_inputs(const at::Tensor& intensity,
   in.intensity = I.expand(i_shape);
   in.coords = C.expand(c_shape);
   return in;
+}
+
+// odet, thickness and attenuation_length as host doubles, in one transfer
+// (one device synchronisation on CUDA), with the value checks of SPEC
+// section 2 that need them.
+struct HostScalars {
+  double odet[3];
+  double thickness;
+  double attenuation_length;
+};
+
+inline HostScalars read_scalars(const char* op, const at::Tensor& odet,
+                                const at::Tensor& thickness,
+                                const at::Tensor& attenuation_length) {
+  const at::Tensor all =
+      at::cat({odet.reshape({3}), thickness.reshape({1}), attenuation_length.reshape({1})})
+          .to(at::kCPU, at::kDouble)
+          .contiguous();
+  const double* v = all.const_data_ptr<double>();
+  HostScalars s{{v[0], v[1], v[2]}, v[3], v[4]};
+  checks::check_absorption_values(op, s.thickness, s.attenuation_length);
+  return s;
+}
+
+template <typename T>
+AbsorptionParams<T> make_params(const HostScalars& s, int64_t layers, bool oversample) {
+  AbsorptionParams<T> prm;
+  for (int d = 0; d < 3; ++d) {
+    prm.odet[d] = static_cast<T>(s.odet[d]);
+  }
+  prm.step = static_cast<T>(s.thickness / (static_cast<double>(layers) * s.attenuation_length));
+  prm.layers = layers;
+  prm.thick = s.thickness > 0.0;
+  prm.oversample = oversample;
+  return prm;
+}
+
+// The gradients of odet, thickness and attenuation_length from the pixel
+// sums (dL/ds, dL/dodet): s = thickness / (L * attenuation_length), so
+// ds/dT = 1 / (L att) and ds/datt = -T / (L att^2), both 0 for att = inf.
+// Gradients not asked for are shape-[0] tensors.
+inline std::array<at::Tensor, 3> scalar_grads(const std::array<double, 4>& total,
+                                              const HostScalars& s, int64_t layers,
+                                              const std::array<bool, 5>& mask,
+                                              const at::TensorOptions& opts) {
+  const double L = static_cast<double>(layers);
+  const double att = s.attenuation_length;
+  std::array<double, 5> values = {total[1], total[2], total[3], total[0] / (L * att),
+                                  -total[0] * s.thickness / (L * att * att)};
+  at::Tensor host = at::empty({5}, at::TensorOptions().dtype(at::kDouble));
+  std::copy(values.begin(), values.end(), host.mutable_data_ptr<double>());
+  host = host.to(opts);
+  return {mask[2] ? host.slice(0, 0, 3).clone() : at::empty({0}, opts),
+          mask[3] ? host[3].clone() : at::empty({0}, opts),
+          mask[4] ? host[4].clone() : at::empty({0}, opts)};
 }
 
 }  // namespace absorption
