@@ -30,14 +30,6 @@ constexpr int64_t kPixelGrain = 1024;
 // odet). Fixed, so the summation order never depends on the thread count.
 constexpr int64_t kReduceBlock = 4096;
 
-template <typename T>
-PixelData<T> pixel_data(const ExpandedInputs& in, const T* intensity,
-                        const T* coords, const int64_t (&off)[3]) {
-  return PixelData<T>{intensity + off[0], in.intensity.stride(0), in.intensity_layers,
-                      coords + off[1],    in.coords.stride(0),    in.coords_layers,
-                      in.coords.stride(-1)};
-}
-
 }  // namespace
 
 at::Tensor detector_absorption_cpu(const at::Tensor& intensity,
@@ -59,14 +51,13 @@ at::Tensor detector_absorption_cpu(const at::Tensor& intensity,
   const auto offsets = in.pixel_offsets(out);  // out's own offsets unused
   AT_DISPATCH_FLOATING_TYPES(intensity.scalar_type(), "detector_absorption_cpu", [&] {
     const auto prm = make_params<scalar_t>(scalars, thicksteps, oversample_thick);
-    const scalar_t* I = in.intensity.const_data_ptr<scalar_t>();
-    const scalar_t* P = in.coords.const_data_ptr<scalar_t>();
+    const auto source = in.source<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, in.num_pixels, kPixelGrain, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         int64_t off[3];
         offsets.get(p, off);
-        o[p] = absorbed_pixel(prm, pixel_data<scalar_t>(in, I, P, off));
+        o[p] = absorbed_pixel(prm, source.at(off[0], off[1]));
       }
     });
   });
@@ -105,8 +96,7 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output,
     const auto offsets = in.pixel_offsets(grad_output);
     AT_DISPATCH_FLOATING_TYPES(intensity.scalar_type(), "detector_absorption_backward_cpu", [&] {
       const auto prm = make_params<scalar_t>(scalars, thicksteps, oversample_thick);
-      const scalar_t* I = in.intensity.const_data_ptr<scalar_t>();
-      const scalar_t* P = in.coords.const_data_ptr<scalar_t>();
+      const auto source = in.source<scalar_t>();
       const scalar_t* g = grad_output.const_data_ptr<scalar_t>();
       scalar_t* gI = output_mask[0] ? grad_intensity_full.mutable_data_ptr<scalar_t>() : nullptr;
       scalar_t* gP = output_mask[1] ? grad_coords_full.mutable_data_ptr<scalar_t>() : nullptr;
@@ -121,7 +111,7 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output,
             PixelGrads<scalar_t> out{gI == nullptr ? nullptr : gI + p, n,
                                      gP == nullptr ? nullptr : gP + 3 * p, 3 * n, 1,
                                      scalar_t(0), {scalar_t(0), scalar_t(0), scalar_t(0)}};
-            absorbed_pixel_backward(prm, pixel_data<scalar_t>(in, I, P, off), g[off[2]], out);
+            absorbed_pixel_backward(prm, source.at(off[0], off[1]), g[off[2]], out);
             acc[0] += static_cast<double>(out.d_step);
             for (int d = 0; d < 3; ++d) {
               acc[1 + d] += static_cast<double>(out.odet[d]);

@@ -51,6 +51,13 @@ struct ExpandedInputs {
     return offsets;
   }
 
+  template <typename T>
+  PixelSource<T> source() const {
+    return PixelSource<T>{intensity.const_data_ptr<T>(), intensity.stride(0), intensity_layers,
+                          coords.const_data_ptr<T>(),    coords.stride(0),    coords_layers,
+                          coords.stride(-1)};
+  }
+
   at::Tensor reduce_to_intensity(const at::Tensor& grad_full) const {
     return grad_full.sum_to_size(intensity_target).reshape(intensity_shape);
   }

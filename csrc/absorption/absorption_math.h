@@ -111,6 +111,25 @@ struct PixelData {
   int64_t comp_stride;
 };
 
+// The expanded inputs of a call: PixelData of a pixel from its offsets in
+// intensity and pixel_coords (at layer 0).
+template <typename T>
+struct PixelSource {
+  const T* intensity;
+  int64_t intensity_layer_stride;
+  int64_t intensity_layers;
+  const T* coords;
+  int64_t coords_layer_stride;
+  int64_t coords_layers;
+  int64_t comp_stride;
+
+  C10_HOST_DEVICE PixelData<T> at(int64_t intensity_offset, int64_t coords_offset) const {
+    return PixelData<T>{intensity + intensity_offset, intensity_layer_stride, intensity_layers,
+                        coords + coords_offset,       coords_layer_stride,    coords_layers,
+                        comp_stride};
+  }
+};
+
 template <typename T>
 C10_HOST_DEVICE inline T mean_intensity(const PixelData<T>& px) {
   T sum = T(0);

@@ -282,5 +282,110 @@ NANOBRAGG_UNROLL
   }
 }
 
+// ---------------------------------------------------------------------------
+// The deterministic grid gradient (CUDA under
+// torch.use_deterministic_algorithms): points are stably sorted by a key, and
+// each node gathers the taps that land on it in a fixed order. Shared here so
+// that the CPU tests check it too.
+
+// Grid extents and index origin, without the data.
+struct GridShape {
+  int64_t size[3];
+  double lo[3];
+};
+
+C10_HOST_DEVICE inline int64_t linear_node(const int64_t size[3], const int64_t i[3]) {
+  return (i[0] * size[1] + i[1]) * size[2] + i[2];
+}
+
+// Keys: 2 * (node of n-1) for a stencil point, 2 * node + 1 for a nearest
+// point, 2 * grid size for a point that contributes nothing (sorts last).
+C10_HOST_DEVICE inline int64_t stencil_key(const int64_t size[3], const int64_t first[3]) {
+  return 2 * linear_node(size, first);
+}
+C10_HOST_DEVICE inline int64_t nearest_key(int64_t node) { return 2 * node + 1; }
+
+template <typename T>
+C10_HOST_DEVICE inline int64_t point_sort_key(const GridShape& shape, T h, T k, T l,
+                                              OutOfRange mode) {
+  const PointStencil<T> p = classify_point(shape.size, shape.lo, h, k, l, mode);
+  if (p.kind == PointKind::Stencil) {
+    return stencil_key(shape.size, p.first);
+  }
+  if (p.kind == PointKind::Nearest) {
+    return nearest_key(linear_node(shape.size, p.first));
+  }
+  return 2 * shape.size[0] * shape.size[1] * shape.size[2];
+}
+
+// Whether a stencil can start at node `first` (all 4x4x4 nodes inside).
+C10_HOST_DEVICE inline bool stencil_start_valid(const int64_t size[3], const int64_t first[3]) {
+  for (int d = 0; d < 3; ++d) {
+    if (first[d] < 0 || first[d] + 3 > size[d] - 1) {
+      return false;
+    }
+  }
+  return true;
+}
+
+C10_HOST_DEVICE inline int64_t lower_bound_key(const int64_t* sorted, int64_t n, int64_t key) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (sorted[mid] < key) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// What the gather needs of point i: its coordinates and incoming gradient.
+template <typename T>
+struct PointSample {
+  T h, k, l, grad;
+};
+
+// dL/dgrid at one node: the sum, in the order (a, b, c) then sorted point
+// order, of grad * w_a w_b w_c over every point whose stencil puts tap (a, b,
+// c) on this node, then grad of every nearest point on it. `point(i)` gives
+// PointSample i (original order); sorted_keys/order come from a stable sort
+// of point_sort_key.
+template <typename T, typename PointFn>
+C10_HOST_DEVICE inline T gather_node_grad(const GridShape& shape, int64_t node,
+                                          const int64_t* sorted_keys,
+                                          const int64_t* order, int64_t n,
+                                          OutOfRange mode, const PointFn& point) {
+  const int64_t idx[3] = {node / (shape.size[1] * shape.size[2]),
+                          (node / shape.size[2]) % shape.size[1], node % shape.size[2]};
+  T total = T(0);
+  for (int a = 0; a < 4; ++a) {
+    for (int b = 0; b < 4; ++b) {
+      for (int c = 0; c < 4; ++c) {
+        const int64_t first[3] = {idx[0] - a, idx[1] - b, idx[2] - c};
+        if (!stencil_start_valid(shape.size, first)) {
+          continue;
+        }
+        const int64_t key = stencil_key(shape.size, first);
+        for (int64_t i = lower_bound_key(sorted_keys, n, key); i < n && sorted_keys[i] == key; ++i) {
+          const PointSample<T> s = point(order[i]);
+          const PointStencil<T> p = classify_point(shape.size, shape.lo, s.h, s.k, s.l, mode);
+          T wh[4], wk[4], wl[4];
+          lagrange_weights(p.u[0], wh);
+          lagrange_weights(p.u[1], wk);
+          lagrange_weights(p.u[2], wl);
+          total += s.grad * wh[a] * wk[b] * wl[c];
+        }
+      }
+    }
+  }
+  const int64_t key = nearest_key(node);
+  for (int64_t i = lower_bound_key(sorted_keys, n, key); i < n && sorted_keys[i] == key; ++i) {
+    total += point(order[i]).grad;
+  }
+  return total;
+}
+
 }  // namespace tricubic
 }  // namespace nanobragg

@@ -1,0 +1,180 @@
+// CUDA kernels of nanobragg::detector_absorption and its backward. The
+// per-pixel math is absorption_math.h, the code the CPU kernels run.
+// One thread per pixel; every pixel writes only its own gradient slots, and
+// the scalar gradients (odet, thickness, attenuation length) are reduced per
+// block in a fixed tree, then over blocks by at::sum: deterministic.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAException.h>
+#include <torch/library.h>
+
+#include <array>
+#include <tuple>
+
+#include "absorption/absorption_layout.h"
+#include "absorption/absorption_math.h"
+#include "checks.h"
+#include "common/point_offsets.h"
+
+namespace nanobragg {
+namespace absorption {
+namespace {
+
+constexpr const char* kForward = "nanobragg::detector_absorption";
+constexpr const char* kBackward = "nanobragg::detector_absorption_backward";
+constexpr int kThreads = 256;
+
+int64_t blocks_for(int64_t n) {
+  const int64_t max_blocks = int64_t(1) << 16;  // also bounds the partials buffer
+  const int64_t b = (n + kThreads - 1) / kThreads;
+  return b < 1 ? 1 : (b > max_blocks ? max_blocks : b);
+}
+
+template <typename T>
+__global__ void forward_kernel(AbsorptionParams<T> prm, PixelSource<T> source,
+                               PointOffsets<3> offsets, int64_t n, T* __restrict__ out) {
+  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n;
+       p += int64_t(blockDim.x) * gridDim.x) {
+    int64_t off[3];
+    offsets.get(p, off);
+    out[p] = absorbed_pixel(prm, source.at(off[0], off[1]));
+  }
+}
+
+template <typename T>
+__global__ void backward_kernel(AbsorptionParams<T> prm, PixelSource<T> source,
+                                const T* __restrict__ grad, PointOffsets<3> offsets,
+                                int64_t n, T* grad_intensity, T* grad_coords,
+                                double* __restrict__ partials) {
+  double acc[4] = {0.0, 0.0, 0.0, 0.0};
+  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n;
+       p += int64_t(blockDim.x) * gridDim.x) {
+    int64_t off[3];
+    offsets.get(p, off);
+    // The full gradients are contiguous: [layers, *P] and [layers, *P, 3].
+    PixelGrads<T> out{grad_intensity == nullptr ? nullptr : grad_intensity + p, n,
+                      grad_coords == nullptr ? nullptr : grad_coords + 3 * p, 3 * n, 1,
+                      T(0), {T(0), T(0), T(0)}};
+    absorbed_pixel_backward(prm, source.at(off[0], off[1]), grad[off[2]], out);
+    acc[0] += static_cast<double>(out.d_step);
+    for (int d = 0; d < 3; ++d) {
+      acc[1 + d] += static_cast<double>(out.odet[d]);
+    }
+  }
+  __shared__ double shared[4][kThreads];
+  for (int k = 0; k < 4; ++k) {
+    shared[k][threadIdx.x] = acc[k];
+  }
+  __syncthreads();
+  for (int half = kThreads / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) {
+      for (int k = 0; k < 4; ++k) {
+        shared[k][threadIdx.x] += shared[k][threadIdx.x + half];
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    for (int k = 0; k < 4; ++k) {
+      partials[4 * blockIdx.x + k] = shared[k][0];
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor detector_absorption_cuda(const at::Tensor& intensity,
+                                    const at::Tensor& pixel_coords,
+                                    const at::Tensor& odet,
+                                    const at::Tensor& thickness,
+                                    const at::Tensor& attenuation_length,
+                                    int64_t thicksteps, bool oversample_thick,
+                                    bool per_layer) {
+  const auto layout = checks::check_absorption_args(
+      kForward, intensity, pixel_coords, odet, thickness, attenuation_length,
+      thicksteps, per_layer);
+  const c10::cuda::CUDAGuard guard(intensity.device());
+  const HostScalars scalars = read_scalars(kForward, odet, thickness, attenuation_length);
+  ExpandedInputs in = expand_inputs(intensity, pixel_coords, layout, per_layer);
+  at::Tensor out = at::empty(in.pixel_shape, intensity.options());
+  const int64_t n = in.num_pixels;
+  if (n == 0) {
+    return out;
+  }
+  const auto offsets = in.pixel_offsets(out);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(intensity.scalar_type(), "detector_absorption_cuda", [&] {
+    forward_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+        make_params<scalar_t>(scalars, thicksteps, oversample_thick),
+        in.source<scalar_t>(), offsets, n, out.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+detector_absorption_backward_cuda(const at::Tensor& grad_output,
+                                  const at::Tensor& intensity,
+                                  const at::Tensor& pixel_coords,
+                                  const at::Tensor& odet,
+                                  const at::Tensor& thickness,
+                                  const at::Tensor& attenuation_length,
+                                  int64_t thicksteps, bool oversample_thick,
+                                  bool per_layer, std::array<bool, 5> output_mask) {
+  const auto layout = checks::check_absorption_args(
+      kBackward, intensity, pixel_coords, odet, thickness, attenuation_length,
+      thicksteps, per_layer);
+  checks::check_absorption_grad_output(kBackward, grad_output, intensity, layout);
+  const c10::cuda::CUDAGuard guard(intensity.device());
+  const HostScalars scalars = read_scalars(kBackward, odet, thickness, attenuation_length);
+  ExpandedInputs in = expand_inputs(intensity, pixel_coords, layout, per_layer);
+  const auto opts = intensity.options();
+  at::Tensor grad_intensity_full, grad_coords_full;
+  if (output_mask[0]) {
+    grad_intensity_full = at::zeros(in.intensity.sizes(), opts);
+  }
+  if (output_mask[1]) {
+    grad_coords_full = at::zeros(in.coords.sizes(), opts);
+  }
+  const int64_t n = in.num_pixels;
+  std::array<double, 4> total = {0, 0, 0, 0};
+  if (n > 0) {
+    const int64_t blocks = blocks_for(n);
+    at::Tensor partials = at::empty({blocks, 4}, opts.dtype(at::kDouble));
+    const auto offsets = in.pixel_offsets(grad_output);
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES(intensity.scalar_type(), "detector_absorption_backward_cuda", [&] {
+      backward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+          make_params<scalar_t>(scalars, thicksteps, oversample_thick),
+          in.source<scalar_t>(), grad_output.const_data_ptr<scalar_t>(), offsets, n,
+          output_mask[0] ? grad_intensity_full.mutable_data_ptr<scalar_t>() : nullptr,
+          output_mask[1] ? grad_coords_full.mutable_data_ptr<scalar_t>() : nullptr,
+          partials.mutable_data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    const at::Tensor sums = partials.sum(0).cpu();
+    const double* s = sums.const_data_ptr<double>();
+    total = {s[0], s[1], s[2], s[3]};
+  }
+  at::Tensor grad_intensity = output_mask[0] ? in.reduce_to_intensity(grad_intensity_full)
+                                             : at::empty({0}, opts);
+  at::Tensor grad_coords = output_mask[1] ? in.reduce_to_coords(grad_coords_full)
+                                          : at::empty({0}, opts);
+  auto [grad_odet, grad_thickness, grad_att] =
+      scalar_grads(total, scalars, thicksteps, output_mask, opts);
+  return {grad_intensity, grad_coords, grad_odet, grad_thickness, grad_att};
+}
+
+}  // namespace absorption
+}  // namespace nanobragg
+
+TORCH_LIBRARY_IMPL(nanobragg, CUDA, m) {
+  m.impl("detector_absorption",
+         TORCH_FN(nanobragg::absorption::detector_absorption_cuda));
+  m.impl("detector_absorption_backward",
+         TORCH_FN(nanobragg::absorption::detector_absorption_backward_cuda));
+}

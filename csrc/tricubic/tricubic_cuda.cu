@@ -1,0 +1,270 @@
+// CUDA kernels of nanobragg::tricubic_interp and its backward. The per-point
+// math is tricubic_math.h, the code the CPU kernels run (and the CPU tests
+// check).
+//
+// Grid gradient: by default each in-range point adds its 64 weighted taps
+// with atomicAdd (order of additions, and so the last bits, vary between
+// runs). Under torch.use_deterministic_algorithms(True) it takes a gather
+// path instead: points are stably sorted by the node their stencil starts at,
+// and one thread per grid node sums, in a fixed order, the taps of the points
+// of the 64 stencils that cover it. That path holds O(points) sort keys.
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sort.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAException.h>
+#include <torch/library.h>
+
+#include <array>
+#include <tuple>
+
+#include "checks.h"
+#include "common/point_offsets.h"
+#include "tricubic/tricubic_math.h"
+
+namespace nanobragg {
+namespace tricubic {
+namespace {
+
+constexpr const char* kForward = "nanobragg::tricubic_interp";
+constexpr const char* kBackward = "nanobragg::tricubic_interp_backward";
+constexpr int kThreads = 256;
+
+int64_t blocks_for(int64_t n) {
+  // Grid-stride loops cover the rest; 64-bit indices throughout.
+  const int64_t max_blocks = int64_t(1) << 20;
+  const int64_t b = (n + kThreads - 1) / kThreads;
+  return b < 1 ? 1 : (b > max_blocks ? max_blocks : b);
+}
+
+template <typename T>
+GridView<T> make_grid_view(const at::Tensor& grid, c10::IntArrayRef index_min) {
+  GridView<T> view;
+  view.data = grid.const_data_ptr<T>();
+  for (int d = 0; d < 3; ++d) {
+    view.size[d] = grid.size(d);
+    view.stride[d] = grid.stride(d);
+    view.lo[d] = static_cast<double>(index_min[d]);
+  }
+  return view;
+}
+
+template <int N>
+PointOffsets<N> point_offsets_or_contiguous(c10::IntArrayRef point_shape,
+                                            std::array<at::Tensor*, N> operands) {
+  std::array<c10::IntArrayRef, N> strides;
+  for (int i = 0; i < N; ++i) {
+    strides[i] = operands[i]->strides().slice(0, point_shape.size());
+  }
+  PointOffsets<N> offsets;
+  if (!make_point_offsets<N>(point_shape, strides, offsets)) {
+    for (int i = 0; i < N; ++i) {
+      *operands[i] = operands[i]->contiguous();
+      strides[i] = operands[i]->strides().slice(0, point_shape.size());
+    }
+    TORCH_INTERNAL_ASSERT(make_point_offsets<N>(point_shape, strides, offsets));
+  }
+  return offsets;
+}
+
+template <typename T>
+__global__ void forward_kernel(GridView<T> grid, const T* __restrict__ hkl,
+                               int64_t hkl_last, PointOffsets<1> offsets,
+                               int64_t n, OutOfRange mode, T fill,
+                               T* __restrict__ out) {
+  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n;
+       p += int64_t(blockDim.x) * gridDim.x) {
+    int64_t off[1];
+    offsets.get(p, off);
+    const T* x = hkl + off[0];
+    out[p] = tricubic_value<T>(grid, x[0], x[hkl_last], x[2 * hkl_last], mode, fill);
+  }
+}
+
+template <typename T>
+__global__ void hkl_grad_kernel(GridView<T> grid, const T* __restrict__ hkl,
+                                int64_t hkl_last, const T* __restrict__ grad,
+                                PointOffsets<2> offsets, int64_t n,
+                                OutOfRange mode, T* __restrict__ grad_hkl) {
+  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n;
+       p += int64_t(blockDim.x) * gridDim.x) {
+    int64_t off[2];
+    offsets.get(p, off);
+    const T* x = hkl + off[0];
+    tricubic_hkl_grad<T>(grid, x[0], x[hkl_last], x[2 * hkl_last], mode,
+                         grad[off[1]], grad_hkl + 3 * p);
+  }
+}
+
+template <typename T>
+struct AtomicAdd {
+  T* dest;
+  __device__ void operator()(int64_t i, T v) const { atomicAdd(dest + i, v); }
+};
+
+template <typename T>
+__global__ void grid_grad_atomic_kernel(GridShape shape, const T* __restrict__ hkl,
+                                        int64_t hkl_last, const T* __restrict__ grad,
+                                        PointOffsets<2> offsets, int64_t n,
+                                        OutOfRange mode, T* grad_grid) {
+  AtomicAdd<T> add{grad_grid};
+  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n;
+       p += int64_t(blockDim.x) * gridDim.x) {
+    int64_t off[2];
+    offsets.get(p, off);
+    const T* x = hkl + off[0];
+    tricubic_grid_grad_scatter<T>(shape.size, shape.lo, x[0], x[hkl_last],
+                                  x[2 * hkl_last], mode, grad[off[1]], add);
+  }
+}
+
+// Deterministic path, step 1: the sort key of each point.
+template <typename T>
+__global__ void sort_key_kernel(GridShape shape, const T* __restrict__ hkl,
+                                int64_t hkl_last, PointOffsets<2> offsets,
+                                int64_t n, OutOfRange mode, int64_t* keys) {
+  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n;
+       p += int64_t(blockDim.x) * gridDim.x) {
+    int64_t off[2];
+    offsets.get(p, off);
+    const T* x = hkl + off[0];
+    keys[p] = point_sort_key<T>(shape, x[0], x[hkl_last], x[2 * hkl_last], mode);
+  }
+}
+
+// Reads point i's coordinates and gradient for gather_node_grad.
+template <typename T>
+struct StridedPoints {
+  const T* hkl;
+  int64_t hkl_last;
+  const T* grad;
+  PointOffsets<2> offsets;
+  __device__ PointSample<T> operator()(int64_t i) const {
+    int64_t off[2];
+    offsets.get(i, off);
+    const T* x = hkl + off[0];
+    return {x[0], x[hkl_last], x[2 * hkl_last], grad[off[1]]};
+  }
+};
+
+// Deterministic path, step 2: one thread per grid node.
+template <typename T>
+__global__ void grid_grad_gather_kernel(GridShape shape, StridedPoints<T> points, int64_t n,
+                                        const int64_t* __restrict__ sorted_keys,
+                                        const int64_t* __restrict__ order,
+                                        OutOfRange mode, T* __restrict__ grad_grid) {
+  const int64_t g_numel = shape.size[0] * shape.size[1] * shape.size[2];
+  for (int64_t node = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; node < g_numel;
+       node += int64_t(blockDim.x) * gridDim.x) {
+    grad_grid[node] = gather_node_grad<T>(shape, node, sorted_keys, order, n, mode, points);
+  }
+}
+
+c10::IntArrayRef point_shape_of(const at::Tensor& hkl) {
+  return hkl.sizes().slice(0, hkl.dim() - 1);
+}
+
+GridShape make_grid_shape(const at::Tensor& grid, c10::IntArrayRef index_min) {
+  GridShape shape;
+  for (int d = 0; d < 3; ++d) {
+    shape.size[d] = grid.size(d);
+    shape.lo[d] = static_cast<double>(index_min[d]);
+  }
+  return shape;
+}
+
+}  // namespace
+
+at::Tensor tricubic_interp_cuda(const at::Tensor& grid, const at::Tensor& hkl_in,
+                                c10::IntArrayRef index_min, double default_value,
+                                c10::string_view out_of_range) {
+  const OutOfRange mode =
+      checks::check_tricubic_args(kForward, grid, hkl_in, index_min, out_of_range);
+  const c10::cuda::CUDAGuard guard(grid.device());
+  at::Tensor hkl = hkl_in;
+  const auto point_shape = point_shape_of(hkl).vec();
+  at::Tensor out = at::empty(point_shape, grid.options());
+  const int64_t n = out.numel();
+  if (n == 0) {
+    return out;
+  }
+  const auto offsets = point_offsets_or_contiguous<1>(point_shape, {&hkl});
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(grid.scalar_type(), "tricubic_interp_cuda", [&] {
+    forward_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+        make_grid_view<scalar_t>(grid, index_min), hkl.const_data_ptr<scalar_t>(),
+        hkl.stride(-1), offsets, n, mode, static_cast<scalar_t>(default_value),
+        out.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> tricubic_interp_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& grid,
+    const at::Tensor& hkl_in, c10::IntArrayRef index_min,
+    c10::string_view out_of_range, std::array<bool, 2> output_mask) {
+  const OutOfRange mode =
+      checks::check_tricubic_args(kBackward, grid, hkl_in, index_min, out_of_range);
+  checks::check_tricubic_grad_output(kBackward, grad_output, grid, hkl_in);
+  const c10::cuda::CUDAGuard guard(grid.device());
+  at::Tensor grad_grid = output_mask[0] ? at::zeros(grid.sizes(), grid.options())
+                                        : at::empty({0}, grid.options());
+  at::Tensor grad_hkl = output_mask[1] ? at::empty(hkl_in.sizes(), hkl_in.options())
+                                       : at::empty({0}, hkl_in.options());
+  if (hkl_in.numel() == 0) {
+    return {grad_grid, grad_hkl};
+  }
+  at::Tensor hkl = hkl_in;
+  at::Tensor grad = grad_output;
+  const auto point_shape = point_shape_of(hkl);
+  const int64_t n = c10::multiply_integers(point_shape);
+  const auto offsets = point_offsets_or_contiguous<2>(point_shape, {&hkl, &grad});
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const GridShape shape = make_grid_shape(grid, index_min);
+  AT_DISPATCH_FLOATING_TYPES(grid.scalar_type(), "tricubic_interp_backward_cuda", [&] {
+    const scalar_t* x = hkl.const_data_ptr<scalar_t>();
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    const int64_t last = hkl.stride(-1);
+    if (output_mask[1]) {
+      hkl_grad_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+          make_grid_view<scalar_t>(grid, index_min), x, last, g, offsets, n, mode,
+          grad_hkl.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (output_mask[0] && grid.numel() > 0) {
+      scalar_t* out = grad_grid.mutable_data_ptr<scalar_t>();
+      if (!at::globalContext().deterministicAlgorithms()) {
+        grid_grad_atomic_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+            shape, x, last, g, offsets, n, mode, out);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      } else {
+        at::Tensor keys = at::empty({n}, grid.options().dtype(at::kLong));
+        sort_key_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+            shape, x, last, offsets, n, mode, keys.mutable_data_ptr<int64_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        // A stable sort keeps equal keys in point order: a fixed sum order.
+        auto [sorted, order] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+        const int64_t g_numel = grid.numel();
+        grid_grad_gather_kernel<scalar_t><<<blocks_for(g_numel), kThreads, 0, stream>>>(
+            shape, StridedPoints<scalar_t>{x, last, g, offsets}, n,
+            sorted.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(), mode, out);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
+  });
+  return {grad_grid, grad_hkl};
+}
+
+}  // namespace tricubic
+}  // namespace nanobragg
+
+TORCH_LIBRARY_IMPL(nanobragg, CUDA, m) {
+  m.impl("tricubic_interp", TORCH_FN(nanobragg::tricubic::tricubic_interp_cuda));
+  m.impl("tricubic_interp_backward",
+         TORCH_FN(nanobragg::tricubic::tricubic_interp_backward_cuda));
+}
