@@ -82,13 +82,8 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output,
 
   // Gradients of the expanded inputs: one slot per pixel (and per layer when
   // the input has a layer dimension), so no two pixels write the same slot.
-  at::Tensor grad_intensity_full, grad_coords_full;
-  if (output_mask[0]) {
-    grad_intensity_full = at::zeros(in.intensity.sizes(), intensity.options());
-  }
-  if (output_mask[1]) {
-    grad_coords_full = at::zeros(in.coords.sizes(), pixel_coords.options());
-  }
+  const auto opts = intensity.options();
+  FullGrads full = allocate_full_grads(in, output_mask, opts);
   const int64_t n = in.num_pixels;
   const int64_t blocks = (n + kReduceBlock - 1) / kReduceBlock;
   std::vector<std::array<double, 4>> partial(static_cast<size_t>(blocks), {0, 0, 0, 0});
@@ -98,8 +93,8 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output,
       const auto prm = make_params<scalar_t>(scalars, thicksteps, oversample_thick);
       const auto source = in.source<scalar_t>();
       const scalar_t* g = grad_output.const_data_ptr<scalar_t>();
-      scalar_t* gI = output_mask[0] ? grad_intensity_full.mutable_data_ptr<scalar_t>() : nullptr;
-      scalar_t* gP = output_mask[1] ? grad_coords_full.mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* gI = full.intensity_ptr<scalar_t>();
+      scalar_t* gP = full.coords_ptr<scalar_t>();
       at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
         for (int64_t b = block_begin; b < block_end; ++b) {
           std::array<double, 4> acc = {0, 0, 0, 0};
@@ -107,10 +102,7 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output,
           for (int64_t p = b * kReduceBlock; p < end; ++p) {
             int64_t off[3];
             offsets.get(p, off);
-            // The full gradients are contiguous: [layers, *P] and [layers, *P, 3].
-            PixelGrads<scalar_t> out{gI == nullptr ? nullptr : gI + p, n,
-                                     gP == nullptr ? nullptr : gP + 3 * p, 3 * n, 1,
-                                     scalar_t(0), {scalar_t(0), scalar_t(0), scalar_t(0)}};
+            PixelGrads<scalar_t> out = pixel_grads_at(gI, gP, p, n);
             absorbed_pixel_backward(prm, source.at(off[0], off[1]), g[off[2]], out);
             acc[0] += static_cast<double>(out.d_step);
             for (int d = 0; d < 3; ++d) {
@@ -129,14 +121,7 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output,
     }
   }
 
-  const auto opts = intensity.options();
-  at::Tensor grad_intensity = output_mask[0] ? in.reduce_to_intensity(grad_intensity_full)
-                                             : at::empty({0}, opts);
-  at::Tensor grad_coords = output_mask[1] ? in.reduce_to_coords(grad_coords_full)
-                                          : at::empty({0}, opts);
-  auto [grad_odet, grad_thickness, grad_att] =
-      scalar_grads(total, scalars, thicksteps, output_mask, opts);
-  return {grad_intensity, grad_coords, grad_odet, grad_thickness, grad_att};
+  return finish_backward(in, full, total, scalars, thicksteps, output_mask, opts);
 }
 
 }  // namespace absorption

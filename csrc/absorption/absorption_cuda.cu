@@ -55,10 +55,7 @@ __global__ void backward_kernel(AbsorptionParams<T> prm, PixelSource<T> source,
        p += int64_t(blockDim.x) * gridDim.x) {
     int64_t off[3];
     offsets.get(p, off);
-    // The full gradients are contiguous: [layers, *P] and [layers, *P, 3].
-    PixelGrads<T> out{grad_intensity == nullptr ? nullptr : grad_intensity + p, n,
-                      grad_coords == nullptr ? nullptr : grad_coords + 3 * p, 3 * n, 1,
-                      T(0), {T(0), T(0), T(0)}};
+    PixelGrads<T> out = pixel_grads_at(grad_intensity, grad_coords, p, n);
     absorbed_pixel_backward(prm, source.at(off[0], off[1]), grad[off[2]], out);
     acc[0] += static_cast<double>(out.d_step);
     for (int d = 0; d < 3; ++d) {
@@ -133,13 +130,7 @@ detector_absorption_backward_cuda(const at::Tensor& grad_output,
   const HostScalars scalars = read_scalars(kBackward, odet, thickness, attenuation_length);
   ExpandedInputs in = expand_inputs(intensity, pixel_coords, layout, per_layer);
   const auto opts = intensity.options();
-  at::Tensor grad_intensity_full, grad_coords_full;
-  if (output_mask[0]) {
-    grad_intensity_full = at::zeros(in.intensity.sizes(), opts);
-  }
-  if (output_mask[1]) {
-    grad_coords_full = at::zeros(in.coords.sizes(), opts);
-  }
+  FullGrads full = allocate_full_grads(in, output_mask, opts);
   const int64_t n = in.num_pixels;
   std::array<double, 4> total = {0, 0, 0, 0};
   if (n > 0) {
@@ -151,8 +142,8 @@ detector_absorption_backward_cuda(const at::Tensor& grad_output,
       backward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
           make_params<scalar_t>(scalars, thicksteps, oversample_thick),
           in.source<scalar_t>(), grad_output.const_data_ptr<scalar_t>(), offsets, n,
-          output_mask[0] ? grad_intensity_full.mutable_data_ptr<scalar_t>() : nullptr,
-          output_mask[1] ? grad_coords_full.mutable_data_ptr<scalar_t>() : nullptr,
+          full.intensity_ptr<scalar_t>(),
+          full.coords_ptr<scalar_t>(),
           partials.mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -160,13 +151,7 @@ detector_absorption_backward_cuda(const at::Tensor& grad_output,
     const double* s = sums.const_data_ptr<double>();
     total = {s[0], s[1], s[2], s[3]};
   }
-  at::Tensor grad_intensity = output_mask[0] ? in.reduce_to_intensity(grad_intensity_full)
-                                             : at::empty({0}, opts);
-  at::Tensor grad_coords = output_mask[1] ? in.reduce_to_coords(grad_coords_full)
-                                          : at::empty({0}, opts);
-  auto [grad_odet, grad_thickness, grad_att] =
-      scalar_grads(total, scalars, thicksteps, output_mask, opts);
-  return {grad_intensity, grad_coords, grad_odet, grad_thickness, grad_att};
+  return finish_backward(in, full, total, scalars, thicksteps, output_mask, opts);
 }
 
 }  // namespace absorption

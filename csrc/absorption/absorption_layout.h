@@ -9,9 +9,11 @@
 
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <array>
+#include <tuple>
 #include <vector>
 
 #include "checks.h"
@@ -159,6 +161,40 @@ inline std::array<at::Tensor, 3> scalar_grads(const std::array<double, 4>& total
   return {mask[2] ? host.slice(0, 0, 3).clone() : at::empty({0}, opts),
           mask[3] ? host[3].clone() : at::empty({0}, opts),
           mask[4] ? host[4].clone() : at::empty({0}, opts)};
+}
+
+// The backward's gradient buffers for the expanded inputs, one slot per pixel
+// (and layer, when the input has a layer dimension) so that no two pixels
+// write the same slot; undefined when not asked for.
+struct FullGrads {
+  at::Tensor intensity;  // [intensity_layers, *P]
+  at::Tensor coords;     // [coords_layers, *P, 3]
+
+  template <typename T>
+  T* intensity_ptr() { return intensity.defined() ? intensity.mutable_data_ptr<T>() : nullptr; }
+  template <typename T>
+  T* coords_ptr() { return coords.defined() ? coords.mutable_data_ptr<T>() : nullptr; }
+};
+
+inline FullGrads allocate_full_grads(const ExpandedInputs& in, const std::array<bool, 5>& mask,
+                                     const at::TensorOptions& opts) {
+  FullGrads g;
+  if (mask[0]) g.intensity = at::zeros(in.intensity.sizes(), opts);
+  if (mask[1]) g.coords = at::zeros(in.coords.sizes(), opts);
+  return g;
+}
+
+// The five gradients of the backward op, in schema order, from the filled
+// buffers and the pixel sums (dL/ds, dL/dodet).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_backward(
+    const ExpandedInputs& in, const FullGrads& full, const std::array<double, 4>& total,
+    const HostScalars& scalars, int64_t layers, const std::array<bool, 5>& mask,
+    const at::TensorOptions& opts) {
+  at::Tensor grad_intensity =
+      mask[0] ? in.reduce_to_intensity(full.intensity) : at::empty({0}, opts);
+  at::Tensor grad_coords = mask[1] ? in.reduce_to_coords(full.coords) : at::empty({0}, opts);
+  auto [grad_odet, grad_thickness, grad_att] = scalar_grads(total, scalars, layers, mask, opts);
+  return {grad_intensity, grad_coords, grad_odet, grad_thickness, grad_att};
 }
 
 }  // namespace absorption

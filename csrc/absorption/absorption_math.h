@@ -186,6 +186,16 @@ struct PixelGrads {
   T odet[3];     // dL/dodet
 };
 
+// Pixel p's slots in contiguous full-shape gradients [layers, *P] and
+// [layers, *P, 3] of n pixels (either base may be null: not asked for).
+template <typename T>
+C10_HOST_DEVICE inline PixelGrads<T> pixel_grads_at(T* grad_intensity, T* grad_coords,
+                                                    int64_t p, int64_t n) {
+  return PixelGrads<T>{grad_intensity == nullptr ? nullptr : grad_intensity + p, n,
+                       grad_coords == nullptr ? nullptr : grad_coords + 3 * p, 3 * n, 1,
+                       T(0), {T(0), T(0), T(0)}};
+}
+
 // Adds the gradient of g * absorbed_pixel(prm, px) to `out`. Entries of
 // out.intensity / out.coords must start at zero for this pixel.
 template <typename T>

@@ -13,6 +13,7 @@
 
 #include "checks.h"
 #include "common/point_offsets.h"
+#include "tricubic/tricubic_layout.h"
 #include "tricubic/tricubic_math.h"
 
 namespace nanobragg {
@@ -24,43 +25,6 @@ constexpr const char* kBackward = "nanobragg::tricubic_interp_backward";
 
 // Points per task of at::parallel_for: ~100 flops and 64 loads each.
 constexpr int64_t kPointGrain = 512;
-
-template <typename T>
-GridView<T> make_grid_view(const at::Tensor& grid, c10::IntArrayRef index_min) {
-  GridView<T> view;
-  view.data = grid.const_data_ptr<T>();
-  for (int d = 0; d < 3; ++d) {
-    view.size[d] = grid.size(d);
-    view.stride[d] = grid.stride(d);
-    view.lo[d] = static_cast<double>(index_min[d]);
-  }
-  return view;
-}
-
-// Strides of hkl without its last dimension, and of the other per-point
-// operands; falls back to contiguous copies only when the point shape has
-// more non-mergeable dimensions than PointOffsets holds.
-template <int N>
-PointOffsets<N> point_offsets_or_contiguous(
-    c10::IntArrayRef point_shape, std::array<at::Tensor*, N> operands) {
-  std::array<c10::IntArrayRef, N> strides;
-  for (int i = 0; i < N; ++i) {
-    strides[i] = operands[i]->strides().slice(0, point_shape.size());
-  }
-  PointOffsets<N> offsets;
-  if (!make_point_offsets<N>(point_shape, strides, offsets)) {
-    for (int i = 0; i < N; ++i) {
-      *operands[i] = operands[i]->contiguous();
-      strides[i] = operands[i]->strides().slice(0, point_shape.size());
-    }
-    TORCH_INTERNAL_ASSERT(make_point_offsets<N>(point_shape, strides, offsets));
-  }
-  return offsets;
-}
-
-c10::IntArrayRef point_shape_of(const at::Tensor& hkl) {
-  return hkl.sizes().slice(0, hkl.dim() - 1);
-}
 
 // How many partial grids the grid gradient is accumulated in. A function of
 // the problem size only, never of the thread count, so the summation order,
@@ -91,12 +55,7 @@ void grid_grad_kernel(const at::Tensor& grad_output, const at::Tensor& hkl_in,
   const int64_t n = c10::multiply_integers(point_shape);
   const auto offsets = point_offsets_or_contiguous<2>(point_shape, {&hkl, &grad});
   const int64_t g_numel = grad_grid.numel();
-  int64_t size[3];
-  double lo[3];
-  for (int d = 0; d < 3; ++d) {
-    size[d] = grad_grid.size(d);
-    lo[d] = static_cast<double>(index_min[d]);
-  }
+  const GridShape shape = make_grid_shape(grad_grid.sizes(), index_min);
   const T* hkl_data = hkl.const_data_ptr<T>();
   const T* grad_data = grad.const_data_ptr<T>();
   const int64_t hkl_last = hkl.stride(-1);
@@ -120,7 +79,7 @@ void grid_grad_kernel(const at::Tensor& grad_output, const at::Tensor& hkl_in,
         int64_t off[2];
         offsets.get(p, off);
         const T* x = hkl_data + off[0];
-        tricubic_grid_grad_scatter<T>(size, lo, x[0], x[hkl_last],
+        tricubic_grid_grad_scatter<T>(shape.size, shape.lo, x[0], x[hkl_last],
                                       x[2 * hkl_last], mode, grad_data[off[1]],
                                       add);
       }

@@ -24,6 +24,7 @@
 
 #include "checks.h"
 #include "common/point_offsets.h"
+#include "tricubic/tricubic_layout.h"
 #include "tricubic/tricubic_math.h"
 
 namespace nanobragg {
@@ -39,36 +40,6 @@ int64_t blocks_for(int64_t n) {
   const int64_t max_blocks = int64_t(1) << 20;
   const int64_t b = (n + kThreads - 1) / kThreads;
   return b < 1 ? 1 : (b > max_blocks ? max_blocks : b);
-}
-
-template <typename T>
-GridView<T> make_grid_view(const at::Tensor& grid, c10::IntArrayRef index_min) {
-  GridView<T> view;
-  view.data = grid.const_data_ptr<T>();
-  for (int d = 0; d < 3; ++d) {
-    view.size[d] = grid.size(d);
-    view.stride[d] = grid.stride(d);
-    view.lo[d] = static_cast<double>(index_min[d]);
-  }
-  return view;
-}
-
-template <int N>
-PointOffsets<N> point_offsets_or_contiguous(c10::IntArrayRef point_shape,
-                                            std::array<at::Tensor*, N> operands) {
-  std::array<c10::IntArrayRef, N> strides;
-  for (int i = 0; i < N; ++i) {
-    strides[i] = operands[i]->strides().slice(0, point_shape.size());
-  }
-  PointOffsets<N> offsets;
-  if (!make_point_offsets<N>(point_shape, strides, offsets)) {
-    for (int i = 0; i < N; ++i) {
-      *operands[i] = operands[i]->contiguous();
-      strides[i] = operands[i]->strides().slice(0, point_shape.size());
-    }
-    TORCH_INTERNAL_ASSERT(make_point_offsets<N>(point_shape, strides, offsets));
-  }
-  return offsets;
 }
 
 template <typename T>
@@ -164,19 +135,6 @@ __global__ void grid_grad_gather_kernel(GridShape shape, StridedPoints<T> points
   }
 }
 
-c10::IntArrayRef point_shape_of(const at::Tensor& hkl) {
-  return hkl.sizes().slice(0, hkl.dim() - 1);
-}
-
-GridShape make_grid_shape(const at::Tensor& grid, c10::IntArrayRef index_min) {
-  GridShape shape;
-  for (int d = 0; d < 3; ++d) {
-    shape.size[d] = grid.size(d);
-    shape.lo[d] = static_cast<double>(index_min[d]);
-  }
-  return shape;
-}
-
 }  // namespace
 
 at::Tensor tricubic_interp_cuda(const at::Tensor& grid, const at::Tensor& hkl_in,
@@ -225,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor> tricubic_interp_backward_cuda(
   const int64_t n = c10::multiply_integers(point_shape);
   const auto offsets = point_offsets_or_contiguous<2>(point_shape, {&hkl, &grad});
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const GridShape shape = make_grid_shape(grid, index_min);
+  const GridShape shape = make_grid_shape(grid.sizes(), index_min);
   AT_DISPATCH_FLOATING_TYPES(grid.scalar_type(), "tricubic_interp_backward_cuda", [&] {
     const scalar_t* x = hkl.const_data_ptr<scalar_t>();
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
