@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "nanobragg_ops/ops.h"
+#include "test_utils.h"
 
 namespace nanobragg_test {
 namespace {
@@ -25,6 +26,7 @@ void expect_error(const std::function<void()>& call, std::initializer_list<const
 }
 
 struct Args {
+  // Built on the CPU, moved to the device under test by call().
   at::Tensor I = at::rand({3, 4}, at::kDouble);
   at::Tensor P = at::rand({3, 4, 3}, at::kDouble) + at::tensor({0.0, 0.0, 1.0}, at::kDouble);
   at::Tensor o = at::tensor({0.0, 0.0, 1.0}, at::kDouble);
@@ -33,85 +35,105 @@ struct Args {
   int64_t L = 3;
   bool oversample = true;
   bool per_layer = false;
+  std::string device = "cpu";
   at::Tensor call() const {
-    return nanobragg_ops::detector_absorption(I, P, o, T, A, L, oversample, per_layer);
+    auto on = [&](const at::Tensor& t) { return t.is_meta() ? t : t.to(device); };
+    return nanobragg_ops::detector_absorption(on(I), on(P), on(o), on(T), on(A), L, oversample,
+                                              per_layer);
   }
 };
 
-TEST(AbsorptionErrors, Thicksteps) {
-  for (int64_t L : {0, -2}) {
+// Every case runs on each device: the CUDA kernels validate through the same
+// checks as the CPU ones.
+class AbsorptionErrors : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    NANOBRAGG_SKIP_UNLESS_DEVICE(GetParam(), "nanobragg::detector_absorption");
+  }
+  Args args() const {
     Args a;
+    a.device = GetParam();
+    return a;
+  }
+};
+
+TEST_P(AbsorptionErrors, Thicksteps) {
+  for (int64_t L : {0, -2}) {
+    Args a = args();
     a.L = L;
     expect_error([&] { a.call(); }, {"'thicksteps'", "at least 1"});
   }
 }
 
-TEST(AbsorptionErrors, ThicknessAndAttenuationValues) {
-  Args a;
+TEST_P(AbsorptionErrors, ThicknessAndAttenuationValues) {
+  Args a = args();
   a.T = at::scalar_tensor(-1e-4, at::kDouble);
   expect_error([&] { a.call(); }, {"'thickness'", ">= 0"});
   a.T = at::scalar_tensor(std::numeric_limits<double>::quiet_NaN(), at::kDouble);
   expect_error([&] { a.call(); }, {"'thickness'"});
-  Args b;
+  Args b = args();
   for (double att : {0.0, -2.0, std::numeric_limits<double>::quiet_NaN()}) {
     b.A = at::scalar_tensor(att, at::kDouble);
     expect_error([&] { b.call(); }, {"'attenuation_length'", "> 0"});
   }
 }
 
-TEST(AbsorptionErrors, LayerDimension) {
-  Args a;
+TEST_P(AbsorptionErrors, LayerDimension) {
+  Args a = args();
   a.per_layer = true;
   a.I = at::rand({2, 3, 4}, at::kDouble);  // neither L = 3 nor 1
   a.P = a.P.unsqueeze(0);
   expect_error([&] { a.call(); }, {"'intensity'", "layer dimension", "thicksteps = 3"});
-  Args b;
+  Args b = args();
   b.per_layer = true;
   b.I = b.I.unsqueeze(0);
   b.P = at::rand({5, 3, 4, 3}, at::kDouble);
   expect_error([&] { b.call(); }, {"'pixel_coords'", "layer dimension"});
-  Args c;
+  Args c = args();
   c.per_layer = true;
   c.I = at::scalar_tensor(1.0, at::kDouble);
   c.P = c.P.unsqueeze(0);
   expect_error([&] { c.call(); }, {"'intensity'", "leading layer dimension"});
 }
 
-TEST(AbsorptionErrors, ShapesThatDoNotBroadcast) {
-  Args a;
+TEST_P(AbsorptionErrors, ShapesThatDoNotBroadcast) {
+  Args a = args();
   a.I = at::rand({3, 5}, at::kDouble);
   expect_error([&] { a.call(); }, {"do not broadcast", "[3, 5]", "[3, 4]"});
 }
 
-TEST(AbsorptionErrors, ShapesOfOdetThicknessAttenuationAndCoords) {
-  Args a;
+TEST_P(AbsorptionErrors, ShapesOfOdetThicknessAttenuationAndCoords) {
+  Args a = args();
   a.o = at::tensor({0.0, 1.0}, at::kDouble);
   expect_error([&] { a.call(); }, {"'odet'", "[3]"});
-  Args b;
+  Args b = args();
   b.T = at::full({1}, 3e-4, at::kDouble);
   expect_error([&] { b.call(); }, {"'thickness'", "0-dim"});
-  Args c;
+  Args c = args();
   c.A = at::full({1}, 2e-4, at::kDouble);
   expect_error([&] { c.call(); }, {"'attenuation_length'", "0-dim"});
-  Args d;
+  Args d = args();
   d.P = at::rand({3, 4, 2}, at::kDouble);
   expect_error([&] { d.call(); }, {"'pixel_coords'", "[..., 3]"});
 }
 
-TEST(AbsorptionErrors, DtypesAndDevices) {
-  Args a;
+TEST_P(AbsorptionErrors, DtypesAndDevices) {
+  Args a = args();
   a.I = a.I.to(at::kInt);
   expect_error([&] { a.call(); }, {"'intensity'", "float32 or float64"});
-  Args b;
+  Args b = args();
   b.P = b.P.to(at::kFloat);
   expect_error([&] { b.call(); }, {"'pixel_coords'", "dtype of 'intensity'"});
-  Args c;
+  Args c = args();
   c.T = c.T.to(at::kFloat);
   expect_error([&] { c.call(); }, {"'thickness'", "dtype of 'intensity'"});
-  Args d;
+  Args d = args();
   d.o = d.o.to(at::kMeta);
   expect_error([&] { d.call(); }, {"'odet'", "device of 'intensity'"});
 }
+
+INSTANTIATE_TEST_SUITE_P(Devices, AbsorptionErrors, ::testing::ValuesIn(test_devices()),
+                         device_test_name);
 
 }  // namespace
 }  // namespace nanobragg_test

@@ -421,9 +421,9 @@ ERROR_CASES = {
 
 
 @pytest.mark.parametrize("case", list(ERROR_CASES))
-def test_errors_name_the_operator_and_argument(case):
+def test_errors_name_the_operator_and_argument(absorption_device, case):
     changes, message = ERROR_CASES[case]
-    inputs = make_inputs()
+    inputs = make_inputs(absorption_device)
     args = dict(
         intensity=inputs[0], pixel_coords=inputs[1], odet=inputs[2], thickness=inputs[3],
         attenuation_length=inputs[4], thicksteps=3, oversample_thick=True, per_layer=False,
@@ -433,8 +433,8 @@ def test_errors_name_the_operator_and_argument(case):
         OP(*args.values())
 
 
-def test_double_backward_says_not_implemented():
-    intensity, pixels, odet, thickness, attenuation = make_inputs()
+def test_double_backward_says_not_implemented(absorption_device):
+    intensity, pixels, odet, thickness, attenuation = make_inputs(absorption_device)
     pixels.requires_grad_(True)
     out = OP(intensity, pixels, odet, thickness, attenuation, 3, True, False)
     (g,) = torch.autograd.grad(out.sum(), pixels, create_graph=True)

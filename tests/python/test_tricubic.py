@@ -117,8 +117,8 @@ def test_torch_compile_fullgraph_matches_eager(device):
     assert g1.grad.abs().sum() > 0
 
 
-def test_errors_name_the_operator_and_argument():
-    grid, hkl = make_inputs("cpu")
+def test_errors_name_the_operator_and_argument(device):
+    grid, hkl = make_inputs(device)
     with pytest.raises(RuntimeError, match=r"nanobragg::tricubic_interp: argument 'hkl'.*\[40, 2\]"):
         nanobragg_ops.tricubic_interp(grid, hkl[:, :2], INDEX_MIN)
     with pytest.raises(RuntimeError, match=r"nanobragg::tricubic_interp: argument 'grid'.*float32 or float64"):
@@ -131,8 +131,8 @@ def test_errors_name_the_operator_and_argument():
         nanobragg_ops.tricubic_interp(grid, hkl, (0, 0))
 
 
-def test_double_backward_says_not_implemented():
-    grid, hkl = make_inputs("cpu")
+def test_double_backward_says_not_implemented(device):
+    grid, hkl = make_inputs(device)
     hkl.requires_grad_(True)
     (g,) = torch.autograd.grad(nanobragg_ops.tricubic_interp(grid, hkl, INDEX_MIN).sum(), hkl, create_graph=True)
     with pytest.raises(RuntimeError, match="not implemented"):
