@@ -1,0 +1,246 @@
+#include "workloads.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+
+namespace nanobragg_bench {
+namespace {
+
+// Rotation about a unit axis by angle (radians), [3, 3] double.
+at::Tensor rotation(std::array<double, 3> axis, double angle) {
+  const double n = std::sqrt(axis[0] * axis[0] + axis[1] * axis[1] + axis[2] * axis[2]);
+  const double x = axis[0] / n, y = axis[1] / n, z = axis[2] / n;
+  const double c = std::cos(angle), s = std::sin(angle), t = 1 - c;
+  return at::tensor({t * x * x + c, t * x * y - s * z, t * x * z + s * y,
+                     t * x * y + s * z, t * y * y + c, t * y * z - s * x,
+                     t * x * z - s * y, t * y * z + s * x, t * z * z + c},
+                    at::kDouble)
+      .view({3, 3});
+}
+
+// Pixel centres of a size x size detector, 0.1 mm pixels, at 100 mm along
+// the beam (+z), in metres.
+at::Tensor detector_pixels(int64_t size) {
+  const double pixel = 1e-4, distance = 0.1;
+  at::Tensor c = (at::arange(size, at::kDouble) - (size - 1) / 2.0) * pixel;
+  at::Tensor y = c.view({size, 1}).expand({size, size});
+  at::Tensor x = c.view({1, size}).expand({size, size});
+  return at::stack({x, y, at::full({size, size}, distance, at::kDouble)}, -1);
+}
+
+}  // namespace
+
+TricubicInputs make_tricubic_inputs(int64_t size, int64_t per_pixel,
+                                    const at::TensorOptions& opts) {
+  at::manual_seed(7);
+  TricubicInputs in;
+  in.index_min = {-32, -32, -32};
+  // Structure factors: a Wilson-like fall-off with random amplitudes.
+  at::Tensor idx = at::arange(-32, 32, at::kDouble);
+  at::Tensor r2 = idx.view({64, 1, 1}).pow(2) + idx.view({1, 64, 1}).pow(2) + idx.view({1, 1, 64}).pow(2);
+  at::Tensor grid = 100 * at::exp(-r2 / 800) * (0.5 + at::rand({64, 64, 64}, at::kDouble));
+
+  const double wavelength = 1.0, cell = 50.0;  // A
+  at::Tensor p = detector_pixels(size).view({-1, 3});
+  at::Tensor s = p / p.norm(2, -1, true);
+  at::Tensor q = (s - at::tensor({0.0, 0.0, 1.0}, at::kDouble)) / wavelength;  // [P, 3], 1/A
+  at::Tensor U = rotation({0.3, -0.5, 0.8}, 0.7);
+  std::vector<at::Tensor> domains;
+  for (int64_t d = 0; d < per_pixel; ++d) {
+    at::Tensor mosaic = d == 0 ? at::eye(3, at::kDouble)
+                               : rotation({std::cos(d * 1.3), std::sin(d * 2.1), 0.4}, 0.005 * d);
+    domains.push_back(cell * at::matmul(q, at::matmul(mosaic, U).t()));
+  }
+  // Pixel-major order: the lookups of one pixel are neighbours in memory.
+  at::Tensor hkl = at::stack(domains, 1).reshape({-1, 3});
+  in.grid = grid.to(opts);
+  in.hkl = hkl.to(opts);
+  in.grid_sample_input = in.grid.view({1, 1, 64, 64, 64});
+  // grid_sample's last coordinate indexes the last (l) dimension.
+  at::Tensor norm = 2 * (hkl - at::tensor({-32.0, -32.0, -32.0}, at::kDouble)) / 63.0 - 1;
+  in.grid_sample_coords = norm.flip(-1).contiguous().view({1, -1, 1, 1, 3}).to(opts);
+  return in;
+}
+
+AbsorptionInputs make_absorption_inputs(int64_t size, const at::TensorOptions& opts) {
+  at::manual_seed(11);
+  AbsorptionInputs in;
+  in.intensity = (at::rand({size, size}, at::kDouble) * 1000).to(opts);
+  in.pixel_coords = detector_pixels(size).to(opts);
+  at::Tensor odet = at::tensor({0.02, -0.01, 1.0}, at::kDouble);
+  in.odet = (odet / odet.norm()).to(opts);
+  in.thickness = at::scalar_tensor(450e-6, opts);
+  in.attenuation_length = at::scalar_tensor(234e-6, opts);
+  return in;
+}
+
+// ---------------------------------------------------------------------------
+// scalar_reference
+
+namespace {
+
+double polint(const double xa[4], const double ya[4], double x) {
+  const double x0 = (x - xa[1]) * (x - xa[2]) * (x - xa[3]) * ya[0] /
+                    ((xa[0] - xa[1]) * (xa[0] - xa[2]) * (xa[0] - xa[3]));
+  const double x1 = (x - xa[0]) * (x - xa[2]) * (x - xa[3]) * ya[1] /
+                    ((xa[1] - xa[0]) * (xa[1] - xa[2]) * (xa[1] - xa[3]));
+  const double x2 = (x - xa[0]) * (x - xa[1]) * (x - xa[3]) * ya[2] /
+                    ((xa[2] - xa[0]) * (xa[2] - xa[1]) * (xa[2] - xa[3]));
+  const double x3 = (x - xa[0]) * (x - xa[1]) * (x - xa[2]) * ya[3] /
+                    ((xa[3] - xa[0]) * (xa[3] - xa[1]) * (xa[3] - xa[2]));
+  return x0 + x1 + x2 + x3;
+}
+
+double polin3(const double ha[4], const double ka[4], const double la[4],
+              const double sub[4][4][4], double h, double k, double l) {
+  double planes[4];
+  for (int a = 0; a < 4; ++a) {
+    double rows[4];
+    for (int b = 0; b < 4; ++b) {
+      rows[b] = polint(la, sub[a][b], l);
+    }
+    planes[a] = polint(ka, rows, k);
+  }
+  return polint(ha, planes, h);
+}
+
+template <typename T>
+void tricubic_scalar_loop(const TricubicInputs& in, at::Tensor& out) {
+  const at::Tensor g = in.grid.contiguous();
+  const at::Tensor x = in.hkl.contiguous();
+  const T* grid = g.const_data_ptr<T>();
+  const T* hkl = x.const_data_ptr<T>();
+  T* o = out.mutable_data_ptr<T>();
+  const int64_t nh = g.size(0), nk = g.size(1), nl = g.size(2);
+  const int64_t hmin = in.index_min[0], kmin = in.index_min[1], lmin = in.index_min[2];
+  at::parallel_for(0, x.size(0), 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const double h = hkl[3 * i], k = hkl[3 * i + 1], l = hkl[3 * i + 2];
+      const int64_t h0 = static_cast<int64_t>(std::floor(h));
+      const int64_t k0 = static_cast<int64_t>(std::floor(k));
+      const int64_t l0 = static_cast<int64_t>(std::floor(l));
+      if (h0 - 1 < hmin || h0 + 2 > hmin + nh - 1 || k0 - 1 < kmin || k0 + 2 > kmin + nk - 1 ||
+          l0 - 1 < lmin || l0 + 2 > lmin + nl - 1) {
+        o[i] = T(0);
+        continue;
+      }
+      double ha[4], ka[4], la[4], sub[4][4][4];
+      for (int a = 0; a < 4; ++a) {
+        ha[a] = double(h0 - 1 + a);
+        ka[a] = double(k0 - 1 + a);
+        la[a] = double(l0 - 1 + a);
+      }
+      for (int a = 0; a < 4; ++a)
+        for (int b = 0; b < 4; ++b)
+          for (int c = 0; c < 4; ++c)
+            sub[a][b][c] = grid[((h0 - 1 + a - hmin) * nk + (k0 - 1 + b - kmin)) * nl + (l0 - 1 + c - lmin)];
+      o[i] = static_cast<T>(polin3(ha, ka, la, sub, h, k, l));
+    }
+  });
+}
+
+template <typename T>
+void absorption_scalar_loop(const AbsorptionInputs& in, at::Tensor& out) {
+  const at::Tensor I = in.intensity.contiguous();
+  const at::Tensor P = in.pixel_coords.contiguous();
+  const at::Tensor od = in.odet.to(at::kDouble).contiguous();
+  const double o[3] = {od[0].item<double>(), od[1].item<double>(), od[2].item<double>()};
+  const double mu = 1.0 / in.attenuation_length.item<double>();
+  const double dz = in.thickness.item<double>() / double(in.thicksteps);
+  const T* intensity = I.const_data_ptr<T>();
+  const T* pos = P.const_data_ptr<T>();
+  T* result = out.mutable_data_ptr<T>();
+  const int64_t L = in.thicksteps;
+  const bool oversample = in.oversample_thick;
+  at::parallel_for(0, I.numel(), 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const double x = pos[3 * i], y = pos[3 * i + 1], z = pos[3 * i + 2];
+      const double r = std::sqrt(x * x + y * y + z * z);
+      const double parallax = (o[0] * x + o[1] * y + o[2] * z) / r;
+      double capture = 0.0;
+      for (int64_t t = 0; t < L; ++t) {
+        const double c = std::exp(-t * dz * mu / parallax) - std::exp(-(t + 1) * dz * mu / parallax);
+        capture = oversample ? capture + c : c;
+      }
+      result[i] = static_cast<T>(intensity[i] * capture);
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor tricubic_scalar_reference(const TricubicInputs& in) {
+  at::Tensor out = at::empty({in.hkl.size(0)}, in.grid.options());
+  AT_DISPATCH_FLOATING_TYPES(in.grid.scalar_type(), "tricubic_scalar_reference",
+                             [&] { tricubic_scalar_loop<scalar_t>(in, out); });
+  return out;
+}
+
+at::Tensor absorption_scalar_reference(const AbsorptionInputs& in) {
+  at::Tensor out = at::empty_like(in.intensity);
+  AT_DISPATCH_FLOATING_TYPES(in.intensity.scalar_type(), "absorption_scalar_reference",
+                             [&] { absorption_scalar_loop<scalar_t>(in, out); });
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// aten_composite
+
+namespace {
+
+// The 4 Lagrange weights of nodes n-1..n+2 at u, as a [N, 4] tensor.
+at::Tensor lagrange_weights(const at::Tensor& u) {
+  return at::stack({-u * (u - 1) * (u - 2) / 6, (u + 1) * (u - 1) * (u - 2) / 2,
+                    -(u + 1) * u * (u - 2) / 2, (u + 1) * u * (u - 1) / 6},
+                   -1);
+}
+
+}  // namespace
+
+at::Tensor tricubic_aten_composite(const at::Tensor& grid, const at::Tensor& hkl,
+                                   const std::array<int64_t, 3>& index_min) {
+  const at::Tensor n = at::floor(hkl.detach());
+  const at::Tensor u = hkl - n;
+  const at::Tensor offsets = at::arange(-1, 3, hkl.options().dtype(at::kLong));
+  at::Tensor inside = at::ones({hkl.size(0)}, hkl.options().dtype(at::kBool));
+  std::array<at::Tensor, 3> idx;
+  for (int d = 0; d < 3; ++d) {
+    const at::Tensor first = n.select(1, d).to(at::kLong) - index_min[d];
+    inside = inside & (first - 1 >= 0) & (first + 2 <= grid.size(d) - 1);
+    idx[d] = (first.unsqueeze(1) + offsets).clamp(0, grid.size(d) - 1);  // [N, 4]
+  }
+  // [N, 4, 4, 4] neighbourhood by advanced indexing.
+  const at::Tensor sub = grid.index({idx[0].view({-1, 4, 1, 1}), idx[1].view({-1, 1, 4, 1}),
+                                     idx[2].view({-1, 1, 1, 4})});
+  const at::Tensor wh = lagrange_weights(u.select(1, 0));
+  const at::Tensor wk = lagrange_weights(u.select(1, 1));
+  const at::Tensor wl = lagrange_weights(u.select(1, 2));
+  const at::Tensor value = at::einsum("na,nb,nc,nabc->n", {wh, wk, wl, sub});
+  return at::where(inside, value, at::zeros_like(value));
+}
+
+at::Tensor absorption_aten_composite(const at::Tensor& intensity, const at::Tensor& pixel_coords,
+                                     const at::Tensor& odet, const at::Tensor& thickness,
+                                     const at::Tensor& attenuation_length, int64_t thicksteps,
+                                     bool oversample_thick) {
+  const at::Tensor dist = pixel_coords.norm(2, -1, true).clamp_min(1e-10);
+  at::Tensor parallax = (pixel_coords / dist * odet).sum(-1);
+  parallax = at::where(parallax.abs() < 1e-10,
+                       at::where(parallax < 0, at::full_like(parallax, -1e-10),
+                                 at::full_like(parallax, 1e-10)),
+                       parallax);
+  const at::Tensor dz = thickness / thicksteps;
+  const at::Tensor mu = 1 / attenuation_length;
+  const at::Tensor t = at::arange(thicksteps, intensity.options()).view({-1, 1, 1});
+  const at::Tensor capture =
+      at::exp(-t * dz * mu / parallax) - at::exp(-(t + 1) * dz * mu / parallax);  // [L, S, F]
+  return oversample_thick ? intensity * capture.sum(0) : intensity * capture[thicksteps - 1];
+}
+
+at::Tensor grid_sample_trilinear(const at::Tensor& input, const at::Tensor& coords) {
+  return at::grid_sampler(input, coords, /*interpolation_mode=*/0, /*padding_mode=*/0,
+                          /*align_corners=*/true);
+}
+
+}  // namespace nanobragg_bench

@@ -1,0 +1,61 @@
+// What the bench driver times: realistic inputs and the three baselines that
+// the fused operators are measured against (SPEC section 4).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <cstdint>
+
+namespace nanobragg_bench {
+
+// An HKL grid of structure factors and Miller indices from a real detector
+// geometry: a 50 A cubic cell in a general orientation, 1 A X-rays, a
+// size x size detector of 0.1 mm pixels at 100 mm, and `per_pixel` lookups
+// per pixel (mosaic domains: small random rotations of the crystal).
+struct TricubicInputs {
+  at::Tensor grid;                 // [64, 64, 64], h, k, l in [-32, 31]
+  at::Tensor hkl;                  // [size * size * per_pixel, 3]
+  std::array<int64_t, 3> index_min;
+  at::Tensor grid_sample_input;    // grid as [1, 1, Nh, Nk, Nl]
+  at::Tensor grid_sample_coords;   // hkl normalised to [-1, 1], [1, N, 1, 1, 3]
+};
+
+TricubicInputs make_tricubic_inputs(int64_t size, int64_t per_pixel,
+                                    const at::TensorOptions& opts);
+
+// A size x size image on the same detector, pixel positions in metres,
+// a 450 um sensor with a 234 um attenuation length, 5 layers.
+struct AbsorptionInputs {
+  at::Tensor intensity;            // [size, size]
+  at::Tensor pixel_coords;         // [size, size, 3]
+  at::Tensor odet;                 // [3], slightly tilted
+  at::Tensor thickness, attenuation_length;  // 0-dim
+  int64_t thicksteps = 5;
+  bool oversample_thick = true;
+};
+
+AbsorptionInputs make_absorption_inputs(int64_t size, const at::TensorOptions& opts);
+
+// scalar_reference: a straightforward per-point loop in the style of
+// nanoBragg (polin3's 21 polint calls; the absorption loop over layers),
+// parallel over points with at::parallel_for as nanoBragg is with OpenMP.
+at::Tensor tricubic_scalar_reference(const TricubicInputs& in);
+at::Tensor absorption_scalar_reference(const AbsorptionInputs& in);
+
+// aten_composite: the PyTorch port's vectorised formulation with ATen ops
+// (a gathered [N, 4, 4, 4] neighbourhood and Lagrange weights as tensors;
+// absorption as [L, S, F] broadcast capture fractions); autograd gives its
+// backward.
+at::Tensor tricubic_aten_composite(const at::Tensor& grid, const at::Tensor& hkl,
+                                   const std::array<int64_t, 3>& index_min);
+at::Tensor absorption_aten_composite(const at::Tensor& intensity, const at::Tensor& pixel_coords,
+                                     const at::Tensor& odet, const at::Tensor& thickness,
+                                     const at::Tensor& attenuation_length, int64_t thicksteps,
+                                     bool oversample_thick);
+
+// grid_sample_trilinear: at::grid_sampler in 3-D trilinear mode at the same
+// points (8 taps to our 64), a built-in reference for a gather-bound op.
+at::Tensor grid_sample_trilinear(const at::Tensor& input, const at::Tensor& coords);
+
+}  // namespace nanobragg_bench
