@@ -4,7 +4,7 @@
 //   nanobragg_bench [--ops tricubic_interp detector_absorption] [--sizes 256 512]
 //                   [--points-per-pixel 1] [--repeats 200] [--device cpu|cuda]
 //                   [--dtype float32|float64] [--outdir reports/perf]
-//                   [--max-seconds-per-case 20]
+//                   [--max-seconds-per-case 10]
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/detail/CUDAHooksInterface.h>
@@ -44,7 +44,7 @@ struct Options {
   std::string device = "cpu";
   std::string dtype = "float32";
   std::string outdir = "reports/perf";
-  double max_seconds = 20.0;  // per case: fewer repeats for slow baselines
+  double max_seconds = 10.0;  // per case: fewer repeats for slow baselines
 };
 
 [[noreturn]] void usage(const std::string& why) {

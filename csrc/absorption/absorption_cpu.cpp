@@ -10,11 +10,13 @@
 #include <algorithm>
 #include <array>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "absorption/absorption_layout.h"
 #include "absorption/absorption_math.h"
 #include "checks.h"
+#include "common/cpu_dispatch.h"
 #include "common/point_offsets.h"
 
 namespace nanobragg {
@@ -53,12 +55,41 @@ at::Tensor detector_absorption_cpu(const at::Tensor& intensity,
     const auto prm = make_params<scalar_t>(scalars, thicksteps, oversample_thick);
     const auto source = in.source<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, in.num_pixels, kPixelGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        int64_t off[3];
-        offsets.get(p, off);
-        o[p] = absorbed_pixel(prm, source.at(off[0], off[1]));
+    // The common case (one intensity and position for all layers, contiguous
+    // [P] and [P, 3]) as a loop with unit strides that the compiler
+    // vectorises; everything else through the general per-pixel function.
+    const bool contiguous_shared =
+        prm.thick && in.intensity_layers == 1 && in.coords_layers == 1 && offsets.ndim == 1 &&
+        offsets.strides[0][0] == 1 && offsets.strides[1][0] == 3 && source.comp_stride == 1;
+    if (contiguous_shared) {
+      const scalar_t* I = source.intensity;
+      const scalar_t* C = source.coords;
+      auto loop = [&](auto oversample) {
+        at::parallel_for(0, in.num_pixels, kPixelGrain, [&](int64_t begin, int64_t end) {
+          cpu::for_each_index(
+              [&](int64_t p) NANOBRAGG_LAMBDA_INLINE {
+                const scalar_t* c = C + 3 * p;
+                const scalar_t a = prm.step / parallax(prm.odet, c[0], c[1], c[2]);
+                o[p] = I[p] * shared_position_capture(a, prm.layers, decltype(oversample)::value);
+              },
+              begin, end);
+        });
+      };
+      if (prm.oversample) {
+        loop(std::true_type{});
+      } else {
+        loop(std::false_type{});
       }
+      return;
+    }
+    at::parallel_for(0, in.num_pixels, kPixelGrain, [&](int64_t begin, int64_t end) {
+      cpu::for_each_index(
+          [&](int64_t p) NANOBRAGG_LAMBDA_INLINE {
+            int64_t off[3];
+            offsets.get(p, off);
+            o[p] = absorbed_pixel(prm, source.at(off[0], off[1]));
+          },
+          begin, end);
     });
   });
   return out;
@@ -99,16 +130,18 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output,
         for (int64_t b = block_begin; b < block_end; ++b) {
           std::array<double, 4> acc = {0, 0, 0, 0};
           const int64_t end = std::min(n, (b + 1) * kReduceBlock);
-          for (int64_t p = b * kReduceBlock; p < end; ++p) {
-            int64_t off[3];
-            offsets.get(p, off);
-            PixelGrads<scalar_t> out = pixel_grads_at(gI, gP, p, n);
-            absorbed_pixel_backward(prm, source.at(off[0], off[1]), g[off[2]], out);
-            acc[0] += static_cast<double>(out.d_step);
-            for (int d = 0; d < 3; ++d) {
-              acc[1 + d] += static_cast<double>(out.odet[d]);
-            }
-          }
+          cpu::for_each_index(
+              [&](int64_t p) NANOBRAGG_LAMBDA_INLINE {
+                int64_t off[3];
+                offsets.get(p, off);
+                PixelGrads<scalar_t> out = pixel_grads_at(gI, gP, p, n);
+                absorbed_pixel_backward(prm, source.at(off[0], off[1]), g[off[2]], out);
+                acc[0] += static_cast<double>(out.d_step);
+                for (int d = 0; d < 3; ++d) {
+                  acc[1 + d] += static_cast<double>(out.odet[d]);
+                }
+              },
+              b * kReduceBlock, end);
           partial[static_cast<size_t>(b)] = acc;
         }
       });

@@ -13,8 +13,11 @@
 
 #include <c10/macros/Macros.h>
 
+#include "common/macros.h"
+
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace nanobragg {
 namespace absorption {
@@ -23,23 +26,117 @@ namespace absorption {
 constexpr double kMinLength = 1e-10;
 constexpr double kMinParallax = 1e-10;
 
+// ---------------------------------------------------------------------------
+// exp and expm1. The device uses CUDA's. On the host, libm's are out-of-line
+// calls that cost more than the rest of a pixel and stop loops from
+// vectorising, so these are inline and branch-free, in double (for float
+// too): range reduction x = k ln2 + r, |r| <= ln2/2, and degree-13 Taylor
+// polynomials (truncation below 1e-17 relative); expm1 uses its own series
+// near 0, where exp(x) - 1 would cancel. Overflow gives inf, underflow 0,
+// NaN stays NaN.
+
+namespace detail {
+
+// 2^k for k in [-1022, 1023], from the exponent bits. (32-bit k: AVX2 has
+// packed double <-> int32 conversions but none for int64.)
+NANOBRAGG_INLINE double pow2i(int32_t k) {
+  const uint64_t bits = static_cast<uint64_t>(static_cast<uint32_t>(k + 1023)) << 52;
+  double out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+
+// sum_{n=0..13} r^n / n!, Horner.
+NANOBRAGG_INLINE double exp_series(double r) {
+  double p = 1.0 / 6227020800.0;  // 1/13!
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  return p * r + 1.0;
+}
+
+NANOBRAGG_INLINE double host_exp(double x) {
+  const double xc = x < -746.0 ? -746.0 : (x > 710.0 ? 710.0 : x);  // NaN passes
+  // Round to nearest through the 1.5 * 2^52 trick (|x / ln2| < 2^51).
+  const double shift = 6755399441055744.0;
+  double k = (xc * 1.4426950408889634 + shift) - shift;
+  k = k == k ? k : 0.0;  // NaN: any k, the polynomial carries the NaN
+  const double r = (xc - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10;
+  const int32_t ki = static_cast<int32_t>(k);
+  const int32_t k1 = ki >> 1;  // two factors keep each 2^k in range
+  return exp_series(r) * pow2i(k1) * pow2i(ki - k1);
+}
+
+NANOBRAGG_INLINE double host_expm1(double x) {
+  // x + x^2/2! + ... + x^14/14! for |x| < ln2/2.
+  double p = 1.0 / 87178291200.0;  // 1/14!
+  p = p * x + 1.0 / 6227020800.0;
+  p = p * x + 1.0 / 479001600.0;
+  p = p * x + 1.0 / 39916800.0;
+  p = p * x + 1.0 / 3628800.0;
+  p = p * x + 1.0 / 362880.0;
+  p = p * x + 1.0 / 40320.0;
+  p = p * x + 1.0 / 5040.0;
+  p = p * x + 1.0 / 720.0;
+  p = p * x + 1.0 / 120.0;
+  p = p * x + 1.0 / 24.0;
+  p = p * x + 1.0 / 6.0;
+  p = p * x + 0.5;
+  const double small = (p * x + 1.0) * x;
+  const double large = host_exp(x) - 1.0;
+  return std::abs(x) < 0.34657359027997264 ? small : large;
+}
+
+}  // namespace detail
+
 template <typename T>
-C10_HOST_DEVICE inline T parallax(const T odet[3], const T* p,
-                                  int64_t comp_stride) {
-  const T px = p[0], py = p[comp_stride], pz = p[2 * comp_stride];
+NANOBRAGG_INLINE T exp_(T x) {
+#if defined(__CUDA_ARCH__)
+  return ::exp(x);
+#else
+  return static_cast<T>(detail::host_exp(static_cast<double>(x)));
+#endif
+}
+
+template <typename T>
+NANOBRAGG_INLINE T expm1_(T x) {
+#if defined(__CUDA_ARCH__)
+  return ::expm1(x);
+#else
+  return static_cast<T>(detail::host_expm1(static_cast<double>(x)));
+#endif
+}
+
+// ---------------------------------------------------------------------------
+
+// Parallax of the pixel at (px, py, pz); branch-free so pixel loops vectorise.
+template <typename T>
+NANOBRAGG_INLINE T parallax(const T odet[3], T px, T py, T pz) {
   const T norm = std::sqrt(px * px + py * py + pz * pz);
   const T inv = T(1) / (norm > T(kMinLength) ? norm : T(kMinLength));
   const T rho = (odet[0] * px + odet[1] * py + odet[2] * pz) * inv;
-  if (std::abs(rho) < T(kMinParallax)) {
-    return rho < T(0) ? -T(kMinParallax) : T(kMinParallax);  // sign(0) = +1
-  }
-  return rho;
+  const T clamped = rho < T(0) ? -T(kMinParallax) : T(kMinParallax);  // sign(0) = +1
+  return std::abs(rho) < T(kMinParallax) ? clamped : rho;
+}
+
+template <typename T>
+NANOBRAGG_INLINE T parallax(const T odet[3], const T* p, int64_t comp_stride) {
+  return parallax(odet, p[0], p[comp_stride], p[2 * comp_stride]);
 }
 
 // Back-propagates g_rho = dL/drho through parallax(): adds dL/dp to grad_p
 // (when non-null) and dL/dodet to grad_odet. Zero where rho was clamped.
 template <typename T>
-C10_HOST_DEVICE inline void parallax_backward(const T odet[3], const T* p,
+NANOBRAGG_INLINE void parallax_backward(const T odet[3], const T* p,
                                               int64_t comp_stride, T g_rho,
                                               T* grad_p, int64_t grad_stride,
                                               T grad_odet[3]) {
@@ -67,25 +164,32 @@ C10_HOST_DEVICE inline void parallax_backward(const T odet[3], const T* p,
 // c_t(a) = exp(-t a) (1 - exp(-a)), without the cancellation of the plain
 // difference when a is small.
 template <typename T>
-C10_HOST_DEVICE inline T layer_capture(T a, int64_t t) {
-  return std::exp(-T(t) * a) * -std::expm1(-a);
+NANOBRAGG_INLINE T layer_capture(T a, int64_t t) {
+  return exp_(-T(t) * a) * -expm1_(-a);
 }
 
 // dc_t/da = -t exp(-t a) + (t+1) exp(-(t+1) a) = exp(-t a) (1 + (t+1) expm1(-a)).
 template <typename T>
-C10_HOST_DEVICE inline T layer_capture_da(T a, int64_t t) {
-  return std::exp(-T(t) * a) * (T(1) + T(t + 1) * std::expm1(-a));
+NANOBRAGG_INLINE T layer_capture_da(T a, int64_t t) {
+  return exp_(-T(t) * a) * (T(1) + T(t + 1) * expm1_(-a));
 }
 
 // sum_t c_t(a) over L layers telescopes to 1 - exp(-L a).
 template <typename T>
-C10_HOST_DEVICE inline T total_capture(T a, int64_t layers) {
-  return -std::expm1(-T(layers) * a);
+NANOBRAGG_INLINE T total_capture(T a, int64_t layers) {
+  return -expm1_(-T(layers) * a);
 }
 
 template <typename T>
-C10_HOST_DEVICE inline T total_capture_da(T a, int64_t layers) {
-  return T(layers) * std::exp(-T(layers) * a);
+NANOBRAGG_INLINE T total_capture_da(T a, int64_t layers) {
+  return T(layers) * exp_(-T(layers) * a);
+}
+
+// Capture fraction of a pixel whose position serves every layer: all layers
+// (the telescoped sum) or the last one.
+template <typename T>
+NANOBRAGG_INLINE T shared_position_capture(T a, int64_t layers, bool oversample) {
+  return oversample ? total_capture(a, layers) : layer_capture(a, layers - 1);
 }
 
 // Scalars of one call.
@@ -123,7 +227,7 @@ struct PixelSource {
   int64_t coords_layers;
   int64_t comp_stride;
 
-  C10_HOST_DEVICE PixelData<T> at(int64_t intensity_offset, int64_t coords_offset) const {
+  NANOBRAGG_INLINE PixelData<T> at(int64_t intensity_offset, int64_t coords_offset) const {
     return PixelData<T>{intensity + intensity_offset, intensity_layer_stride, intensity_layers,
                         coords + coords_offset,       coords_layer_stride,    coords_layers,
                         comp_stride};
@@ -131,7 +235,7 @@ struct PixelSource {
 };
 
 template <typename T>
-C10_HOST_DEVICE inline T mean_intensity(const PixelData<T>& px) {
+NANOBRAGG_INLINE T mean_intensity(const PixelData<T>& px) {
   T sum = T(0);
   for (int64_t t = 0; t < px.intensity_layers; ++t) {
     sum += px.intensity[t * px.intensity_layer_stride];
@@ -140,7 +244,7 @@ C10_HOST_DEVICE inline T mean_intensity(const PixelData<T>& px) {
 }
 
 template <typename T>
-C10_HOST_DEVICE inline T absorbed_pixel(const AbsorptionParams<T>& prm,
+NANOBRAGG_INLINE T absorbed_pixel(const AbsorptionParams<T>& prm,
                                         const PixelData<T>& px) {
   if (!prm.thick) {
     return mean_intensity(px);
@@ -189,7 +293,7 @@ struct PixelGrads {
 // Pixel p's slots in contiguous full-shape gradients [layers, *P] and
 // [layers, *P, 3] of n pixels (either base may be null: not asked for).
 template <typename T>
-C10_HOST_DEVICE inline PixelGrads<T> pixel_grads_at(T* grad_intensity, T* grad_coords,
+NANOBRAGG_INLINE PixelGrads<T> pixel_grads_at(T* grad_intensity, T* grad_coords,
                                                     int64_t p, int64_t n) {
   return PixelGrads<T>{grad_intensity == nullptr ? nullptr : grad_intensity + p, n,
                        grad_coords == nullptr ? nullptr : grad_coords + 3 * p, 3 * n, 1,
@@ -199,7 +303,7 @@ C10_HOST_DEVICE inline PixelGrads<T> pixel_grads_at(T* grad_intensity, T* grad_c
 // Adds the gradient of g * absorbed_pixel(prm, px) to `out`. Entries of
 // out.intensity / out.coords must start at zero for this pixel.
 template <typename T>
-C10_HOST_DEVICE inline void absorbed_pixel_backward(const AbsorptionParams<T>& prm,
+NANOBRAGG_INLINE void absorbed_pixel_backward(const AbsorptionParams<T>& prm,
                                                     const PixelData<T>& px, T g,
                                                     PixelGrads<T>& out) {
   const int64_t L = prm.layers;

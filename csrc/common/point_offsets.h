@@ -24,7 +24,7 @@ struct PointOffsets {
   int64_t strides[NumOperands][kMaxPointDims] = {};
 
   // Offsets (in elements) of point `index` (row-major over the point shape).
-  C10_HOST_DEVICE inline void get(int64_t index,
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void get(int64_t index,
                                   int64_t (&offsets)[NumOperands]) const {
     for (int op = 0; op < NumOperands; ++op) {
       offsets[op] = 0;

@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "common/cpu_dispatch.h"
 #include "common/point_offsets.h"
 #include "tricubic/tricubic_layout.h"
 #include "tricubic/tricubic_math.h"
@@ -75,14 +76,15 @@ void grid_grad_kernel(const at::Tensor& grad_output, const at::Tensor& hkl_in,
       auto add = [dest](int64_t i, T v) { dest[i] += v; };
       const int64_t begin = n * lane / lanes;
       const int64_t end = n * (lane + 1) / lanes;
-      for (int64_t p = begin; p < end; ++p) {
-        int64_t off[2];
-        offsets.get(p, off);
-        const T* x = hkl_data + off[0];
-        tricubic_grid_grad_scatter<T>(shape.size, shape.lo, x[0], x[hkl_last],
-                                      x[2 * hkl_last], mode, grad_data[off[1]],
-                                      add);
-      }
+      cpu::for_each_index(
+          [&](int64_t p) NANOBRAGG_LAMBDA_INLINE {
+            int64_t off[2];
+            offsets.get(p, off);
+            const T* x = hkl_data + off[0];
+            tricubic_grid_grad_scatter<T>(shape.size, shape.lo, x[0], x[hkl_last],
+                                          x[2 * hkl_last], mode, grad_data[off[1]], add);
+          },
+          begin, end);
     }
   });
   if (lanes > 1) {
@@ -114,14 +116,18 @@ void hkl_grad_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
   const int64_t hkl_last = hkl.stride(-1);
   T* out = grad_hkl.mutable_data_ptr<T>();  // contiguous [..., 3]
 
-  at::parallel_for(0, n, kPointGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      int64_t off[2];
-      offsets.get(p, off);
-      const T* x = hkl_data + off[0];
-      tricubic_hkl_grad<T>(view, x[0], x[hkl_last], x[2 * hkl_last], mode,
-                           grad_data[off[1]], out + 3 * p);
-    }
+  with_unit_l_stride(view.stride[2] == 1, [&](auto unit_l) {
+    at::parallel_for(0, n, kPointGrain, [&](int64_t begin, int64_t end) {
+      cpu::for_each_index(
+          [&](int64_t p) NANOBRAGG_LAMBDA_INLINE {
+            int64_t off[2];
+            offsets.get(p, off);
+            const T* x = hkl_data + off[0];
+            tricubic_hkl_grad<T, decltype(unit_l)::value>(
+                view, x[0], x[hkl_last], x[2 * hkl_last], mode, grad_data[off[1]], out + 3 * p);
+          },
+          begin, end);
+    });
   });
 }
 
@@ -146,14 +152,18 @@ at::Tensor tricubic_interp_cpu(const at::Tensor& grid, const at::Tensor& hkl_in,
     const int64_t hkl_last = hkl.stride(-1);
     const scalar_t fill = static_cast<scalar_t>(default_value);
     scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n, kPointGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        int64_t off[1];
-        offsets.get(p, off);
-        const scalar_t* x = hkl_data + off[0];
-        out_data[p] = tricubic_value<scalar_t>(view, x[0], x[hkl_last],
-                                               x[2 * hkl_last], mode, fill);
-      }
+    with_unit_l_stride(view.stride[2] == 1, [&](auto unit_l) {
+      at::parallel_for(0, n, kPointGrain, [&](int64_t begin, int64_t end) {
+        cpu::for_each_index(
+            [&](int64_t p) NANOBRAGG_LAMBDA_INLINE {
+              int64_t off[1];
+              offsets.get(p, off);
+              const scalar_t* x = hkl_data + off[0];
+              out_data[p] = tricubic_value<scalar_t, decltype(unit_l)::value>(
+                  view, x[0], x[hkl_last], x[2 * hkl_last], mode, fill);
+            },
+            begin, end);
+      });
     });
   });
   return out;

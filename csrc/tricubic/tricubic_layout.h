@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include <array>
+#include <type_traits>
 
 #include "common/point_offsets.h"
 #include "tricubic/tricubic_math.h"
@@ -60,6 +61,17 @@ PointOffsets<N> point_offsets_or_contiguous(c10::IntArrayRef point_shape,
     TORCH_INTERNAL_ASSERT(make_point_offsets<N>(point_shape, strides, offsets));
   }
   return offsets;
+}
+
+// Calls fn(std::true_type) for grids whose l axis is contiguous (the
+// contraction then uses a compile-time unit stride), else fn(std::false_type).
+template <typename Fn>
+void with_unit_l_stride(bool unit, const Fn& fn) {
+  if (unit) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
 }
 
 }  // namespace tricubic

@@ -14,7 +14,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "common/unroll.h"
+#include "common/macros.h"
 
 namespace nanobragg {
 namespace tricubic {
@@ -23,7 +23,7 @@ enum class OutOfRange : int32_t { Default = 0, Nearest = 1 };
 
 // Lagrange weights of nodes n-1, n, n+1, n+2 at u = x - n.
 template <typename T>
-C10_HOST_DEVICE inline void lagrange_weights(T u, T w[4]) {
+NANOBRAGG_INLINE void lagrange_weights(T u, T w[4]) {
   const T up1 = u + T(1);
   const T um1 = u - T(1);
   const T um2 = u - T(2);
@@ -35,7 +35,7 @@ C10_HOST_DEVICE inline void lagrange_weights(T u, T w[4]) {
 
 // dw/du.
 template <typename T>
-C10_HOST_DEVICE inline void lagrange_weight_derivs(T u, T dw[4]) {
+NANOBRAGG_INLINE void lagrange_weight_derivs(T u, T dw[4]) {
   const T u2 = T(3) * u * u;
   dw[0] = -(u2 - T(6) * u + T(2)) * T(1.0 / 6.0);
   dw[1] = (u2 - T(4) * u - T(1)) * T(0.5);
@@ -45,7 +45,7 @@ C10_HOST_DEVICE inline void lagrange_weight_derivs(T u, T dw[4]) {
 
 // d2w/du2 (for the double backward).
 template <typename T>
-C10_HOST_DEVICE inline void lagrange_weight_second_derivs(T u, T d2w[4]) {
+NANOBRAGG_INLINE void lagrange_weight_second_derivs(T u, T d2w[4]) {
   d2w[0] = T(1) - u;
   d2w[1] = T(3) * u - T(2);
   d2w[2] = T(1) - T(3) * u;
@@ -60,7 +60,7 @@ C10_HOST_DEVICE inline void lagrange_weight_second_derivs(T u, T d2w[4]) {
 // Interpolation stencil: true when nodes n-1..n+2 are all inside the grid;
 // then `first` is the grid index of node n-1 and `u` the fractional offset.
 template <typename T>
-C10_HOST_DEVICE inline bool locate_stencil(T x, double lo, int64_t size,
+NANOBRAGG_INLINE bool locate_stencil(T x, double lo, int64_t size,
                                            int64_t& first, T& u) {
   const double xd = static_cast<double>(x);
   const double n = ::floor(xd);
@@ -77,7 +77,7 @@ C10_HOST_DEVICE inline bool locate_stencil(T x, double lo, int64_t size,
 // nanoBragg's nearest node, ceil(x - 0.5) (1.5 -> 1, -0.5 -> -1); true when
 // that node is inside the grid, and then `index` is its grid index.
 template <typename T>
-C10_HOST_DEVICE inline bool locate_nearest(T x, double lo, int64_t size,
+NANOBRAGG_INLINE bool locate_nearest(T x, double lo, int64_t size,
                                            int64_t& index) {
   const double m = ::ceil(static_cast<double>(x) - 0.5);
   const double offset = m - lo;
@@ -108,7 +108,7 @@ struct PointStencil {
 };
 
 template <typename T>
-C10_HOST_DEVICE inline PointStencil<T> classify_point(const int64_t size[3],
+NANOBRAGG_INLINE PointStencil<T> classify_point(const int64_t size[3],
                                                       const double lo[3],
                                                       T h, T k, T l,
                                                       OutOfRange mode) {
@@ -141,68 +141,81 @@ C10_HOST_DEVICE inline PointStencil<T> classify_point(const int64_t size[3],
 }
 
 template <typename T>
-C10_HOST_DEVICE inline int64_t node_offset(const int64_t stride[3],
+NANOBRAGG_INLINE int64_t node_offset(const int64_t stride[3],
                                            const int64_t first[3]) {
   return first[0] * stride[0] + first[1] * stride[1] + first[2] * stride[2];
 }
 
-// sum_abc wh[a] wk[b] wl[c] g[a,b,c] over the 4x4x4 block at `g`:
-// contract l (16 rows of 4), then k, then h.
-template <typename T>
-C10_HOST_DEVICE inline T contract_stencil(const T* g, const int64_t stride[3],
-                                          const T wh[4], const T wk[4],
-                                          const T wl[4]) {
-  T value = T(0);
-NANOBRAGG_UNROLL
-  for (int a = 0; a < 4; ++a) {
-    T plane = T(0);
-NANOBRAGG_UNROLL
-    for (int b = 0; b < 4; ++b) {
-      const T* row = g + a * stride[0] + b * stride[1];
-      const T s = wl[0] * row[0] + wl[1] * row[stride[2]] +
-                  wl[2] * row[2 * stride[2]] + wl[3] * row[3 * stride[2]];
-      plane += wk[b] * s;
-    }
-    value += wh[a] * plane;
-  }
-  return value;
+// Stride of the l axis: a compile-time 1 for grids with contiguous rows (the
+// common case, where the 4 taps of a row are one vector load), else runtime.
+template <bool kUnitL>
+NANOBRAGG_INLINE int64_t l_stride(const int64_t stride[3]) {
+  return kUnitL ? 1 : stride[2];
 }
 
-// Gradient of the contraction with respect to (u_h, u_k, u_l) in one pass.
-template <typename T>
-C10_HOST_DEVICE inline void contract_stencil_grad(const T* g,
+// sum_abc wh[a] wk[b] wl[c] g[a,b,c] over the 4x4x4 block at `g`: the 16
+// rows are summed with weights wh[a] wk[b] into one 4-vector along l (16
+// multiplies and 64 FMAs), which is then dotted with wl.
+template <typename T, bool kUnitL = false>
+NANOBRAGG_INLINE T contract_stencil(const T* g, const int64_t stride[3],
+                                          const T wh[4], const T wk[4],
+                                          const T wl[4]) {
+  const int64_t sl = l_stride<kUnitL>(stride);
+  T acc[4] = {T(0), T(0), T(0), T(0)};
+  NANOBRAGG_UNROLL
+  for (int a = 0; a < 4; ++a) {
+    NANOBRAGG_UNROLL
+    for (int b = 0; b < 4; ++b) {
+      const T w = wh[a] * wk[b];
+      const T* row = g + a * stride[0] + b * stride[1];
+      NANOBRAGG_UNROLL
+      for (int c = 0; c < 4; ++c) {
+        acc[c] += w * row[c * sl];
+      }
+    }
+  }
+  return wl[0] * acc[0] + wl[1] * acc[1] + wl[2] * acc[2] + wl[3] * acc[3];
+}
+
+// Gradient of the contraction with respect to (u_h, u_k, u_l) in one pass:
+// three row accumulators (weights w'_h w_k, w_h w'_k, w_h w_k), then dots
+// with wl, wl and w'_l.
+template <typename T, bool kUnitL = false>
+NANOBRAGG_INLINE void contract_stencil_grad(const T* g,
                                                   const int64_t stride[3],
                                                   const T wh[4], const T wk[4],
                                                   const T wl[4], const T dwh[4],
                                                   const T dwk[4], const T dwl[4],
                                                   T grad[3]) {
-  T gh = T(0), gk = T(0), gl = T(0);
-NANOBRAGG_UNROLL
+  const int64_t sl = l_stride<kUnitL>(stride);
+  T acc[4] = {T(0), T(0), T(0), T(0)};
+  T acc_h[4] = {T(0), T(0), T(0), T(0)};
+  T acc_k[4] = {T(0), T(0), T(0), T(0)};
+  NANOBRAGG_UNROLL
   for (int a = 0; a < 4; ++a) {
-    T plane = T(0), plane_dk = T(0), plane_dl = T(0);
-NANOBRAGG_UNROLL
+    NANOBRAGG_UNROLL
     for (int b = 0; b < 4; ++b) {
+      const T w = wh[a] * wk[b];
+      const T w_h = dwh[a] * wk[b];
+      const T w_k = wh[a] * dwk[b];
       const T* row = g + a * stride[0] + b * stride[1];
-      const T r0 = row[0], r1 = row[stride[2]], r2 = row[2 * stride[2]],
-              r3 = row[3 * stride[2]];
-      const T s = wl[0] * r0 + wl[1] * r1 + wl[2] * r2 + wl[3] * r3;
-      const T ds = dwl[0] * r0 + dwl[1] * r1 + dwl[2] * r2 + dwl[3] * r3;
-      plane += wk[b] * s;
-      plane_dk += dwk[b] * s;
-      plane_dl += wk[b] * ds;
+      NANOBRAGG_UNROLL
+      for (int c = 0; c < 4; ++c) {
+        const T v = row[c * sl];
+        acc[c] += w * v;
+        acc_h[c] += w_h * v;
+        acc_k[c] += w_k * v;
+      }
     }
-    gh += dwh[a] * plane;
-    gk += wh[a] * plane_dk;
-    gl += wh[a] * plane_dl;
   }
-  grad[0] = gh;
-  grad[1] = gk;
-  grad[2] = gl;
+  grad[0] = wl[0] * acc_h[0] + wl[1] * acc_h[1] + wl[2] * acc_h[2] + wl[3] * acc_h[3];
+  grad[1] = wl[0] * acc_k[0] + wl[1] * acc_k[1] + wl[2] * acc_k[2] + wl[3] * acc_k[3];
+  grad[2] = dwl[0] * acc[0] + dwl[1] * acc[1] + dwl[2] * acc[2] + dwl[3] * acc[3];
 }
 
 // Forward value of one point.
-template <typename T>
-C10_HOST_DEVICE inline T tricubic_value(const GridView<T>& grid, T h, T k, T l,
+template <typename T, bool kUnitL = false>
+NANOBRAGG_INLINE T tricubic_value(const GridView<T>& grid, T h, T k, T l,
                                         OutOfRange mode, T default_value) {
   const PointStencil<T> p = classify_point(grid.size, grid.lo, h, k, l, mode);
   if (p.kind == PointKind::Default) {
@@ -216,12 +229,12 @@ C10_HOST_DEVICE inline T tricubic_value(const GridView<T>& grid, T h, T k, T l,
   lagrange_weights(p.u[0], wh);
   lagrange_weights(p.u[1], wk);
   lagrange_weights(p.u[2], wl);
-  return contract_stencil(base, grid.stride, wh, wk, wl);
+  return contract_stencil<T, kUnitL>(base, grid.stride, wh, wk, wl);
 }
 
 // dF/d(h,k,l) of one point, scaled by the incoming gradient.
-template <typename T>
-C10_HOST_DEVICE inline void tricubic_hkl_grad(const GridView<T>& grid, T h,
+template <typename T, bool kUnitL = false>
+NANOBRAGG_INLINE void tricubic_hkl_grad(const GridView<T>& grid, T h,
                                               T k, T l, OutOfRange mode,
                                               T grad_out, T grad_hkl[3]) {
   grad_hkl[0] = grad_hkl[1] = grad_hkl[2] = T(0);
@@ -237,7 +250,7 @@ C10_HOST_DEVICE inline void tricubic_hkl_grad(const GridView<T>& grid, T h,
   lagrange_weight_derivs(p.u[1], dwk);
   lagrange_weight_derivs(p.u[2], dwl);
   T g[3];
-  contract_stencil_grad(grid.data + node_offset<T>(grid.stride, p.first),
+  contract_stencil_grad<T, kUnitL>(grid.data + node_offset<T>(grid.stride, p.first),
                         grid.stride, wh, wk, wl, dwh, dwk, dwl, g);
   for (int d = 0; d < 3; ++d) {
     grad_hkl[d] = grad_out * g[d];
@@ -248,7 +261,7 @@ C10_HOST_DEVICE inline void tricubic_hkl_grad(const GridView<T>& grid, T h,
 // gradient through `add(offset, value)`: plain += on CPU (race-free by
 // construction there), an atomic or aggregated add on CUDA.
 template <typename T, typename AddFn>
-C10_HOST_DEVICE inline void tricubic_grid_grad_scatter(const int64_t size[3],
+NANOBRAGG_INLINE void tricubic_grid_grad_scatter(const int64_t size[3],
                                                        const double lo[3], T h,
                                                        T k, T l,
                                                        OutOfRange mode,
@@ -294,19 +307,19 @@ struct GridShape {
   double lo[3];
 };
 
-C10_HOST_DEVICE inline int64_t linear_node(const int64_t size[3], const int64_t i[3]) {
+NANOBRAGG_INLINE int64_t linear_node(const int64_t size[3], const int64_t i[3]) {
   return (i[0] * size[1] + i[1]) * size[2] + i[2];
 }
 
 // Keys: 2 * (node of n-1) for a stencil point, 2 * node + 1 for a nearest
 // point, 2 * grid size for a point that contributes nothing (sorts last).
-C10_HOST_DEVICE inline int64_t stencil_key(const int64_t size[3], const int64_t first[3]) {
+NANOBRAGG_INLINE int64_t stencil_key(const int64_t size[3], const int64_t first[3]) {
   return 2 * linear_node(size, first);
 }
-C10_HOST_DEVICE inline int64_t nearest_key(int64_t node) { return 2 * node + 1; }
+NANOBRAGG_INLINE int64_t nearest_key(int64_t node) { return 2 * node + 1; }
 
 template <typename T>
-C10_HOST_DEVICE inline int64_t point_sort_key(const GridShape& shape, T h, T k, T l,
+NANOBRAGG_INLINE int64_t point_sort_key(const GridShape& shape, T h, T k, T l,
                                               OutOfRange mode) {
   const PointStencil<T> p = classify_point(shape.size, shape.lo, h, k, l, mode);
   if (p.kind == PointKind::Stencil) {
@@ -319,7 +332,7 @@ C10_HOST_DEVICE inline int64_t point_sort_key(const GridShape& shape, T h, T k, 
 }
 
 // Whether a stencil can start at node `first` (all 4x4x4 nodes inside).
-C10_HOST_DEVICE inline bool stencil_start_valid(const int64_t size[3], const int64_t first[3]) {
+NANOBRAGG_INLINE bool stencil_start_valid(const int64_t size[3], const int64_t first[3]) {
   for (int d = 0; d < 3; ++d) {
     if (first[d] < 0 || first[d] + 3 > size[d] - 1) {
       return false;
@@ -328,7 +341,7 @@ C10_HOST_DEVICE inline bool stencil_start_valid(const int64_t size[3], const int
   return true;
 }
 
-C10_HOST_DEVICE inline int64_t lower_bound_key(const int64_t* sorted, int64_t n, int64_t key) {
+NANOBRAGG_INLINE int64_t lower_bound_key(const int64_t* sorted, int64_t n, int64_t key) {
   int64_t lo = 0, hi = n;
   while (lo < hi) {
     const int64_t mid = lo + (hi - lo) / 2;
@@ -353,7 +366,7 @@ struct PointSample {
 // PointSample i (original order); sorted_keys/order come from a stable sort
 // of point_sort_key.
 template <typename T, typename PointFn>
-C10_HOST_DEVICE inline T gather_node_grad(const GridShape& shape, int64_t node,
+NANOBRAGG_INLINE T gather_node_grad(const GridShape& shape, int64_t node,
                                           const int64_t* sorted_keys,
                                           const int64_t* order, int64_t n,
                                           OutOfRange mode, const PointFn& point) {
