@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "absorption/absorption_cpu_avx2.h"
 #include "absorption/absorption_layout.h"
 #include "absorption/absorption_math.h"
 #include "checks.h"
@@ -31,6 +32,60 @@ constexpr int64_t kPixelGrain = 1024;
 // Pixels per block of the scalar reductions (thickness, attenuation length,
 // odet). Fixed, so the summation order never depends on the thread count.
 constexpr int64_t kReduceBlock = 4096;
+
+// The common case, with its own loops: one intensity and position for all
+// layers, contiguous [P] and [P, 3] (pixel strides 1 and 3).
+template <typename T>
+bool contiguous_shared(const ExpandedInputs& in, const PointOffsets<3>& offsets,
+                       const AbsorptionParams<T>& prm) {
+  return prm.thick && in.intensity_layers == 1 && in.coords_layers == 1 && offsets.ndim == 1 &&
+         offsets.strides[0][0] == 1 && offsets.strides[1][0] == 3 && in.coords.stride(-1) == 1;
+}
+
+// Pixels [begin, end) of the common case.
+template <typename T>
+void shared_forward_range(const AbsorptionParams<T>& prm, const T* I, const T* C, T* out,
+                          int64_t begin, int64_t end) {
+#if NANOBRAGG_HAVE_AVX2_KERNELS
+  if (cpu::use_avx2()) {
+    avx2::shared_forward(prm, I, C, out, begin, end);
+    return;
+  }
+#endif
+  for (int64_t p = begin; p < end; ++p) {
+    const T* c = C + 3 * p;
+    out[p] = shared_pixel_value(prm.odet[0], prm.odet[1], prm.odet[2], prm.step, prm.layers,
+                                prm.oversample, I[p], c[0], c[1], c[2]);
+  }
+}
+
+// Gradients of pixels [begin, end) of the common case; adds the block's
+// dL/ds and dL/dodet to acc.
+template <typename T>
+void shared_backward_block(const AbsorptionParams<T>& prm, const PixelSource<T>& source,
+                           const T* g, T* gI, T* gP, int64_t begin, int64_t end,
+                           std::array<double, 4>& acc) {
+  const T* I = source.intensity;
+  const T* C = source.coords;
+#if NANOBRAGG_HAVE_AVX2_KERNELS
+  if (cpu::use_avx2()) {
+    avx2::shared_backward(prm, I, C, g, gI, gP, begin, end, acc.data());
+    return;
+  }
+#endif
+  for (int64_t p = begin; p < end; ++p) {
+    const T* c = C + 3 * p;
+    T grad_I, gp[3], d_step, go[3];
+    shared_pixel_grad(prm.odet[0], prm.odet[1], prm.odet[2], prm.step, prm.layers, prm.oversample,
+                      I[p], c[0], c[1], c[2], g[p], grad_I, gp, d_step, go);
+    if (gI != nullptr) gI[p] = grad_I;
+    if (gP != nullptr) {
+      for (int d = 0; d < 3; ++d) gP[3 * p + d] = gp[d];
+    }
+    acc[0] += static_cast<double>(d_step);
+    for (int d = 0; d < 3; ++d) acc[1 + d] += static_cast<double>(go[d]);
+  }
+}
 
 }  // namespace
 
@@ -55,31 +110,12 @@ at::Tensor detector_absorption_cpu(const at::Tensor& intensity,
     const auto prm = make_params<scalar_t>(scalars, thicksteps, oversample_thick);
     const auto source = in.source<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    // The common case (one intensity and position for all layers, contiguous
-    // [P] and [P, 3]) as a loop with unit strides that the compiler
-    // vectorises; everything else through the general per-pixel function.
-    const bool contiguous_shared =
-        prm.thick && in.intensity_layers == 1 && in.coords_layers == 1 && offsets.ndim == 1 &&
-        offsets.strides[0][0] == 1 && offsets.strides[1][0] == 3 && source.comp_stride == 1;
-    if (contiguous_shared) {
+    if (contiguous_shared(in, offsets, prm)) {
       const scalar_t* I = source.intensity;
       const scalar_t* C = source.coords;
-      auto loop = [&](auto oversample) {
-        at::parallel_for(0, in.num_pixels, kPixelGrain, [&](int64_t begin, int64_t end) {
-          cpu::for_each_index(
-              [&](int64_t p) NANOBRAGG_LAMBDA_INLINE {
-                const scalar_t* c = C + 3 * p;
-                const scalar_t a = prm.step / parallax(prm.odet, c[0], c[1], c[2]);
-                o[p] = I[p] * shared_position_capture(a, prm.layers, decltype(oversample)::value);
-              },
-              begin, end);
-        });
-      };
-      if (prm.oversample) {
-        loop(std::true_type{});
-      } else {
-        loop(std::false_type{});
-      }
+      at::parallel_for(0, in.num_pixels, kPixelGrain, [&](int64_t begin, int64_t end) {
+        shared_forward_range(prm, I, C, o, begin, end);
+      });
       return;
     }
     at::parallel_for(0, in.num_pixels, kPixelGrain, [&](int64_t begin, int64_t end) {
@@ -114,12 +150,16 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output,
   // Gradients of the expanded inputs: one slot per pixel (and per layer when
   // the input has a layer dimension), so no two pixels write the same slot.
   const auto opts = intensity.options();
-  FullGrads full = allocate_full_grads(in, output_mask, opts);
   const int64_t n = in.num_pixels;
+  const auto offsets = in.pixel_offsets(grad_output);
+  // The common case writes every slot once: no zeroing needed.
+  const bool fast = n > 0 &&
+                    contiguous_shared(in, offsets, make_params<double>(scalars, thicksteps, oversample_thick)) &&
+                    offsets.strides[2][0] == 1;
+  FullGrads full = allocate_full_grads(in, output_mask, opts, /*zeroed=*/!fast);
   const int64_t blocks = (n + kReduceBlock - 1) / kReduceBlock;
   std::vector<std::array<double, 4>> partial(static_cast<size_t>(blocks), {0, 0, 0, 0});
   if (n > 0) {
-    const auto offsets = in.pixel_offsets(grad_output);
     AT_DISPATCH_FLOATING_TYPES(intensity.scalar_type(), "detector_absorption_backward_cpu", [&] {
       const auto prm = make_params<scalar_t>(scalars, thicksteps, oversample_thick);
       const auto source = in.source<scalar_t>();
@@ -130,6 +170,11 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output,
         for (int64_t b = block_begin; b < block_end; ++b) {
           std::array<double, 4> acc = {0, 0, 0, 0};
           const int64_t end = std::min(n, (b + 1) * kReduceBlock);
+          if (fast) {
+            shared_backward_block(prm, source, g, gI, gP, b * kReduceBlock, end, acc);
+            partial[static_cast<size_t>(b)] = acc;
+            continue;
+          }
           cpu::for_each_index(
               [&](int64_t p) NANOBRAGG_LAMBDA_INLINE {
                 int64_t off[3];

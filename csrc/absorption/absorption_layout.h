@@ -176,11 +176,15 @@ struct FullGrads {
   T* coords_ptr() { return coords.defined() ? coords.mutable_data_ptr<T>() : nullptr; }
 };
 
+// zeroed=false when the kernel writes every slot (rather than adding to it).
 inline FullGrads allocate_full_grads(const ExpandedInputs& in, const std::array<bool, 5>& mask,
-                                     const at::TensorOptions& opts) {
+                                     const at::TensorOptions& opts, bool zeroed = true) {
+  auto make = [&](at::IntArrayRef shape) {
+    return zeroed ? at::zeros(shape, opts) : at::empty(shape, opts);
+  };
   FullGrads g;
-  if (mask[0]) g.intensity = at::zeros(in.intensity.sizes(), opts);
-  if (mask[1]) g.coords = at::zeros(in.coords.sizes(), opts);
+  if (mask[0]) g.intensity = make(in.intensity.sizes());
+  if (mask[1]) g.coords = make(in.coords.sizes());
   return g;
 }
 

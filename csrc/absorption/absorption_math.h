@@ -116,48 +116,82 @@ NANOBRAGG_INLINE T expm1_(T x) {
 #endif
 }
 
+// Elementwise primitives of the formulas below. T is a scalar here; the
+// AVX2 CPU path (absorption_cpu_avx2.cpp) specialises them for
+// at::vec::Vectorized, so that the same formulas run 8 (float) or 4 (double)
+// pixels at a time. Hence the style: no branches, comparisons only as
+// select_ conditions, constants as T(...).
+template <typename T>
+NANOBRAGG_INLINE T sqrt_(T x) {
+  return std::sqrt(x);
+}
+template <typename T>
+NANOBRAGG_INLINE T abs_(T x) {
+  return std::abs(x);
+}
+template <typename T>
+NANOBRAGG_INLINE T max_(T a, T b) {
+  return a > b ? a : b;
+}
+template <typename C, typename T>
+NANOBRAGG_INLINE T select_(C condition, T if_true, T if_false) {
+  return condition ? if_true : if_false;
+}
+
 // ---------------------------------------------------------------------------
 
-// Parallax of the pixel at (px, py, pz); branch-free so pixel loops vectorise.
+// Parallax of the pixel at (px, py, pz): rho = odet . p / max(|p|, 1e-10),
+// with |rho| < 1e-10 replaced by sign(rho) 1e-10 (sign(0) = +1).
 template <typename T>
-NANOBRAGG_INLINE T parallax(const T odet[3], T px, T py, T pz) {
-  const T norm = std::sqrt(px * px + py * py + pz * pz);
-  const T inv = T(1) / (norm > T(kMinLength) ? norm : T(kMinLength));
-  const T rho = (odet[0] * px + odet[1] * py + odet[2] * pz) * inv;
-  const T clamped = rho < T(0) ? -T(kMinParallax) : T(kMinParallax);  // sign(0) = +1
-  return std::abs(rho) < T(kMinParallax) ? clamped : rho;
+NANOBRAGG_INLINE T parallax(T ox, T oy, T oz, T px, T py, T pz) {
+  const T norm = sqrt_(px * px + py * py + pz * pz);
+  const T inv = T(1) / max_(norm, T(kMinLength));
+  const T rho = (ox * px + oy * py + oz * pz) * inv;
+  const T clamped = select_(rho < T(0), T(-kMinParallax), T(kMinParallax));
+  return select_(abs_(rho) < T(kMinParallax), clamped, rho);
 }
 
 template <typename T>
 NANOBRAGG_INLINE T parallax(const T odet[3], const T* p, int64_t comp_stride) {
-  return parallax(odet, p[0], p[comp_stride], p[2 * comp_stride]);
+  return parallax(odet[0], odet[1], odet[2], p[0], p[comp_stride], p[2 * comp_stride]);
 }
 
-// Back-propagates g_rho = dL/drho through parallax(): adds dL/dp to grad_p
-// (when non-null) and dL/dodet to grad_odet. Zero where rho was clamped.
+// The gradient of parallax(): given g_rho = dL/drho, dL/dp = g (o - r p) and
+// dL/dodet = g p with g = g_rho / max(|p|, 1e-10) and r = rho / |p| (0 where
+// |p| is clamped); both zero where rho was clamped.
+template <typename T>
+NANOBRAGG_INLINE void parallax_grad(T ox, T oy, T oz, T px, T py, T pz, T g_rho,
+                                    T grad_p[3], T grad_odet[3]) {
+  const T norm = sqrt_(px * px + py * py + pz * pz);
+  const T inv = T(1) / max_(norm, T(kMinLength));
+  const T rho = (ox * px + oy * py + oz * pz) * inv;
+  const T g = select_(abs_(rho) < T(kMinParallax), T(0), g_rho * inv);
+  const T r = select_(norm > T(kMinLength), rho * inv, T(0));
+  grad_odet[0] = g * px;
+  grad_odet[1] = g * py;
+  grad_odet[2] = g * pz;
+  grad_p[0] = g * (ox - r * px);
+  grad_p[1] = g * (oy - r * py);
+  grad_p[2] = g * (oz - r * pz);
+}
+
+// Adds parallax_grad() of the pixel at p to grad_p (when non-null) and
+// grad_odet.
 template <typename T>
 NANOBRAGG_INLINE void parallax_backward(const T odet[3], const T* p,
-                                              int64_t comp_stride, T g_rho,
-                                              T* grad_p, int64_t grad_stride,
-                                              T grad_odet[3]) {
-  const T px = p[0], py = p[comp_stride], pz = p[2 * comp_stride];
-  const T norm = std::sqrt(px * px + py * py + pz * pz);
-  const bool normal = norm > T(kMinLength);
-  const T inv = T(1) / (normal ? norm : T(kMinLength));
-  const T rho = (odet[0] * px + odet[1] * py + odet[2] * pz) * inv;
-  if (std::abs(rho) < T(kMinParallax)) {
-    return;
+                                        int64_t comp_stride, T g_rho,
+                                        T* grad_p, int64_t grad_stride,
+                                        T grad_odet[3]) {
+  T gp[3], go[3];
+  parallax_grad(odet[0], odet[1], odet[2], p[0], p[comp_stride], p[2 * comp_stride], g_rho,
+                gp, go);
+  for (int d = 0; d < 3; ++d) {
+    grad_odet[d] += go[d];
   }
-  const T g = g_rho * inv;
-  grad_odet[0] += g * px;
-  grad_odet[1] += g * py;
-  grad_odet[2] += g * pz;
   if (grad_p != nullptr) {
-    // d(o.p/|p|)/dp = (o - rho p/|p|) / |p|; with |p| clamped, o / 1e-10.
-    const T r = normal ? rho * inv : T(0);
-    grad_p[0] += g * (odet[0] - r * px);
-    grad_p[grad_stride] += g * (odet[1] - r * py);
-    grad_p[2 * grad_stride] += g * (odet[2] - r * pz);
+    for (int d = 0; d < 3; ++d) {
+      grad_p[d * grad_stride] += gp[d];
+    }
   }
 }
 
@@ -165,31 +199,58 @@ NANOBRAGG_INLINE void parallax_backward(const T odet[3], const T* p,
 // difference when a is small.
 template <typename T>
 NANOBRAGG_INLINE T layer_capture(T a, int64_t t) {
-  return exp_(-T(t) * a) * -expm1_(-a);
+  return exp_(T(-static_cast<double>(t)) * a) * (T(0) - expm1_(T(0) - a));
 }
 
 // dc_t/da = -t exp(-t a) + (t+1) exp(-(t+1) a) = exp(-t a) (1 + (t+1) expm1(-a)).
 template <typename T>
 NANOBRAGG_INLINE T layer_capture_da(T a, int64_t t) {
-  return exp_(-T(t) * a) * (T(1) + T(t + 1) * expm1_(-a));
+  return exp_(T(-static_cast<double>(t)) * a) *
+         (T(1) + T(static_cast<double>(t + 1)) * expm1_(T(0) - a));
 }
 
 // sum_t c_t(a) over L layers telescopes to 1 - exp(-L a).
 template <typename T>
 NANOBRAGG_INLINE T total_capture(T a, int64_t layers) {
-  return -expm1_(-T(layers) * a);
+  return T(0) - expm1_(T(-static_cast<double>(layers)) * a);
 }
 
 template <typename T>
 NANOBRAGG_INLINE T total_capture_da(T a, int64_t layers) {
-  return T(layers) * exp_(-T(layers) * a);
+  return T(static_cast<double>(layers)) * exp_(T(-static_cast<double>(layers)) * a);
 }
 
 // Capture fraction of a pixel whose position serves every layer: all layers
-// (the telescoped sum) or the last one.
+// (the telescoped sum) or the last one; and its derivative in a.
 template <typename T>
 NANOBRAGG_INLINE T shared_position_capture(T a, int64_t layers, bool oversample) {
   return oversample ? total_capture(a, layers) : layer_capture(a, layers - 1);
+}
+template <typename T>
+NANOBRAGG_INLINE T shared_position_capture_da(T a, int64_t layers, bool oversample) {
+  return oversample ? total_capture_da(a, layers) : layer_capture_da(a, layers - 1);
+}
+
+// The whole computation for a pixel whose intensity and position serve every
+// layer (per_layer=false): out = I * capture(a), a = s / rho.
+template <typename T>
+NANOBRAGG_INLINE T shared_pixel_value(T ox, T oy, T oz, T step, int64_t layers, bool oversample,
+                                      T I, T px, T py, T pz) {
+  const T a = step / parallax(ox, oy, oz, px, py, pz);
+  return I * shared_position_capture(a, layers, oversample);
+}
+
+// Its gradients: dL/dI, dL/dp, and the contributions to dL/ds and dL/dodet.
+template <typename T>
+NANOBRAGG_INLINE void shared_pixel_grad(T ox, T oy, T oz, T step, int64_t layers,
+                                        bool oversample, T I, T px, T py, T pz, T g,
+                                        T& grad_I, T grad_p[3], T& d_step, T grad_odet[3]) {
+  const T rho = parallax(ox, oy, oz, px, py, pz);
+  const T a = step / rho;
+  grad_I = g * shared_position_capture(a, layers, oversample);
+  const T d_a = g * I * shared_position_capture_da(a, layers, oversample);
+  d_step = d_a / rho;
+  parallax_grad(ox, oy, oz, px, py, pz, T(0) - d_a * a / rho, grad_p, grad_odet);
 }
 
 // Scalars of one call.

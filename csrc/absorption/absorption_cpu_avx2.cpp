@@ -1,0 +1,185 @@
+// AVX2 kernels of the common absorption case; see absorption_cpu_avx2.h.
+// This file is compiled with -mavx2 -mfma and CPU_CAPABILITY_AVX2, so that
+// at::vec::Vectorized is the AVX2 one (as in ATen's own kernels).
+#include "absorption/absorption_cpu_avx2.h"
+
+#include <ATen/cpu/vec/vec.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+
+namespace nanobragg {
+namespace absorption {
+
+// The primitives of absorption_math.h for vectors.
+#define NANOBRAGG_VEC_PRIMITIVES(T)                                                      \
+  template <>                                                                            \
+  NANOBRAGG_INLINE at::vec::Vectorized<T> sqrt_(at::vec::Vectorized<T> x) {              \
+    return x.sqrt();                                                                     \
+  }                                                                                      \
+  template <>                                                                            \
+  NANOBRAGG_INLINE at::vec::Vectorized<T> abs_(at::vec::Vectorized<T> x) {               \
+    return x.abs();                                                                      \
+  }                                                                                      \
+  template <>                                                                            \
+  NANOBRAGG_INLINE at::vec::Vectorized<T> max_(at::vec::Vectorized<T> a,                 \
+                                               at::vec::Vectorized<T> b) {               \
+    return at::vec::maximum(a, b);                                                       \
+  }                                                                                      \
+  template <>                                                                            \
+  NANOBRAGG_INLINE at::vec::Vectorized<T> select_(                                       \
+      at::vec::Vectorized<T> condition, at::vec::Vectorized<T> if_true,                  \
+      at::vec::Vectorized<T> if_false) {                                                 \
+    return at::vec::Vectorized<T>::blendv(if_false, if_true, condition);                 \
+  }                                                                                      \
+  template <>                                                                            \
+  NANOBRAGG_INLINE at::vec::Vectorized<T> exp_(at::vec::Vectorized<T> x) {               \
+    return x.exp();                                                                      \
+  }                                                                                      \
+  template <>                                                                            \
+  NANOBRAGG_INLINE at::vec::Vectorized<T> expm1_(at::vec::Vectorized<T> x) {             \
+    return x.expm1();                                                                    \
+  }
+
+NANOBRAGG_VEC_PRIMITIVES(float)
+NANOBRAGG_VEC_PRIMITIVES(double)
+#undef NANOBRAGG_VEC_PRIMITIVES
+
+namespace avx2 {
+namespace {
+
+// Lane buffers of one step: W pixels, de-interleaved; a partial last step is
+// padded with a harmless pixel (on the axis, zero intensity and gradient).
+template <typename T>
+struct Lanes {
+  using V = at::vec::Vectorized<T>;
+  static constexpr int64_t W = V::size();
+  T x[W], y[W], z[W], value[W], grad[W];
+
+  int64_t load(const T* intensity, const T* coords, const T* g, int64_t p, int64_t end) {
+    const int64_t n = std::min(W, end - p);
+    for (int64_t j = 0; j < W; ++j) {
+      const bool in = j < n;
+      x[j] = in ? coords[3 * (p + j)] : T(0);
+      y[j] = in ? coords[3 * (p + j) + 1] : T(0);
+      z[j] = in ? coords[3 * (p + j) + 2] : T(1);
+      value[j] = in ? intensity[p + j] : T(0);
+      grad[j] = (in && g != nullptr) ? g[p + j] : T(0);
+    }
+    return n;
+  }
+};
+
+// x, y, z of W consecutive pixels of a contiguous [P, 3] array, by AVX2
+// gathers (a full step; partial steps go through Lanes).
+inline void load_xyz(const float* c, at::vec::Vectorized<float> xyz[3]) {
+  const __m256i idx = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
+  for (int d = 0; d < 3; ++d) {
+    // The masked form with a zero source: GCC 12 warns on the unmasked one.
+    xyz[d] = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), c + d, idx,
+                                      _mm256_castsi256_ps(_mm256_set1_epi32(-1)), 4);
+  }
+}
+inline void load_xyz(const double* c, at::vec::Vectorized<double> xyz[3]) {
+  const __m128i idx = _mm_setr_epi32(0, 3, 6, 9);
+  for (int d = 0; d < 3; ++d) {
+    xyz[d] = _mm256_mask_i32gather_pd(_mm256_setzero_pd(), c + d, idx,
+                                      _mm256_castsi256_pd(_mm256_set1_epi64x(-1)), 8);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void shared_forward(const AbsorptionParams<T>& prm, const T* intensity, const T* coords, T* out,
+                    int64_t begin, int64_t end) {
+  using V = at::vec::Vectorized<T>;
+  const V ox(prm.odet[0]), oy(prm.odet[1]), oz(prm.odet[2]), step(prm.step);
+  constexpr int64_t W = Lanes<T>::W;
+  int64_t p = begin;
+  for (; p + W <= end; p += W) {
+    V xyz[3];
+    load_xyz(coords + 3 * p, xyz);
+    shared_pixel_value<V>(ox, oy, oz, step, prm.layers, prm.oversample, V::loadu(intensity + p),
+                          xyz[0], xyz[1], xyz[2])
+        .store(out + p);
+  }
+  Lanes<T> lanes;
+  for (; p < end; p += W) {
+    const int64_t n = lanes.load(intensity, coords, nullptr, p, end);
+    const V v = shared_pixel_value<V>(ox, oy, oz, step, prm.layers, prm.oversample,
+                                      V::loadu(lanes.value), V::loadu(lanes.x),
+                                      V::loadu(lanes.y), V::loadu(lanes.z));
+    v.store(out + p, n);
+  }
+}
+
+template <typename T>
+void shared_backward(const AbsorptionParams<T>& prm, const T* intensity, const T* coords,
+                     const T* grad, T* grad_intensity, T* grad_coords, int64_t begin,
+                     int64_t end, double sums[4]) {
+  using V = at::vec::Vectorized<T>;
+  constexpr int64_t W = Lanes<T>::W;
+  const V ox(prm.odet[0]), oy(prm.odet[1]), oz(prm.odet[2]), step(prm.step);
+  V acc[4] = {V(T(0)), V(T(0)), V(T(0)), V(T(0))};
+  Lanes<T> lanes;
+  T gp_lanes[3][W];
+  for (int64_t p = begin; p < end; p += W) {
+    const bool full = p + W <= end;
+    const int64_t n = full ? W : lanes.load(intensity, coords, grad, p, end);
+    V xyz[3], value, g;
+    if (full) {
+      load_xyz(coords + 3 * p, xyz);
+      value = V::loadu(intensity + p);
+      g = V::loadu(grad + p);
+    } else {
+      xyz[0] = V::loadu(lanes.x);
+      xyz[1] = V::loadu(lanes.y);
+      xyz[2] = V::loadu(lanes.z);
+      value = V::loadu(lanes.value);
+      g = V::loadu(lanes.grad);
+    }
+    V grad_I, gp[3], d_step, go[3];
+    shared_pixel_grad<V>(ox, oy, oz, step, prm.layers, prm.oversample, value, xyz[0], xyz[1],
+                         xyz[2], g, grad_I, gp, d_step, go);
+    if (grad_intensity != nullptr) {
+      grad_I.store(grad_intensity + p, n);
+    }
+    if (grad_coords != nullptr) {
+      for (int d = 0; d < 3; ++d) {
+        gp[d].store(gp_lanes[d]);
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        for (int d = 0; d < 3; ++d) {
+          grad_coords[3 * (p + j) + d] = gp_lanes[d][j];
+        }
+      }
+    }
+    acc[0] = acc[0] + d_step;
+    for (int d = 0; d < 3; ++d) {
+      acc[1 + d] = acc[1 + d] + go[d];
+    }
+  }
+  T lane_sums[W];
+  for (int k = 0; k < 4; ++k) {
+    acc[k].store(lane_sums);
+    for (int64_t j = 0; j < W; ++j) {  // fixed lane order
+      sums[k] += static_cast<double>(lane_sums[j]);
+    }
+  }
+}
+
+template void shared_forward<float>(const AbsorptionParams<float>&, const float*, const float*,
+                                    float*, int64_t, int64_t);
+template void shared_forward<double>(const AbsorptionParams<double>&, const double*,
+                                     const double*, double*, int64_t, int64_t);
+template void shared_backward<float>(const AbsorptionParams<float>&, const float*, const float*,
+                                     const float*, float*, float*, int64_t, int64_t, double[4]);
+template void shared_backward<double>(const AbsorptionParams<double>&, const double*,
+                                      const double*, const double*, double*, double*, int64_t,
+                                      int64_t, double[4]);
+
+}  // namespace avx2
+}  // namespace absorption
+}  // namespace nanobragg
