@@ -73,13 +73,17 @@ struct Lanes {
 
 // x, y, z of W consecutive pixels of a contiguous [P, 3] array, by AVX2
 // gathers (a full step; partial steps go through Lanes).
+// float: three contiguous loads, two blends and a lane permute per component
+// (cheaper than gathers).
 inline void load_xyz(const float* c, at::vec::Vectorized<float> xyz[3]) {
-  const __m256i idx = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
-  for (int d = 0; d < 3; ++d) {
-    // The masked form with a zero source: GCC 12 warns on the unmasked one.
-    xyz[d] = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), c + d, idx,
-                                      _mm256_castsi256_ps(_mm256_set1_epi32(-1)), 4);
-  }
+  const __m256 v0 = _mm256_loadu_ps(c), v1 = _mm256_loadu_ps(c + 8), v2 = _mm256_loadu_ps(c + 16);
+  // x_j sits in v0 at 0, 3, 6; v1 at 1, 4, 7; v2 at 2, 5 (and y, z shifted by one).
+  const __m256 x = _mm256_blend_ps(_mm256_blend_ps(v0, v1, 0x92), v2, 0x24);
+  const __m256 y = _mm256_blend_ps(_mm256_blend_ps(v0, v1, 0x24), v2, 0x49);
+  const __m256 z = _mm256_blend_ps(_mm256_blend_ps(v0, v1, 0x49), v2, 0x92);
+  xyz[0] = _mm256_permutevar8x32_ps(x, _mm256_setr_epi32(0, 3, 6, 1, 4, 7, 2, 5));
+  xyz[1] = _mm256_permutevar8x32_ps(y, _mm256_setr_epi32(1, 4, 7, 2, 5, 0, 3, 6));
+  xyz[2] = _mm256_permutevar8x32_ps(z, _mm256_setr_epi32(2, 5, 0, 3, 6, 1, 4, 7));
 }
 inline void load_xyz(const double* c, at::vec::Vectorized<double> xyz[3]) {
   const __m128i idx = _mm_setr_epi32(0, 3, 6, 9);

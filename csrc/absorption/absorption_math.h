@@ -236,7 +236,12 @@ NANOBRAGG_INLINE T shared_position_capture_da(T a, int64_t layers, bool oversamp
 template <typename T>
 NANOBRAGG_INLINE T shared_pixel_value(T ox, T oy, T oz, T step, int64_t layers, bool oversample,
                                       T I, T px, T py, T pz) {
-  const T a = step / parallax(ox, oy, oz, px, py, pz);
+  // a = step / rho with rho = dot / |p|, in one division: a = step |p| / dot;
+  // |rho| < 1e-10 is |dot| < 1e-10 |p| (|p| clamped as in parallax()).
+  const T norm = max_(sqrt_(px * px + py * py + pz * pz), T(kMinLength));
+  const T dot = ox * px + oy * py + oz * pz;
+  const T clamped_a = step * select_(dot < T(0), T(-1.0 / kMinParallax), T(1.0 / kMinParallax));
+  const T a = select_(abs_(dot) < T(kMinParallax) * norm, clamped_a, step * norm / dot);
   return I * shared_position_capture(a, layers, oversample);
 }
 
