@@ -115,3 +115,34 @@ INSTANTIATE_TEST_SUITE_P(Devices, TricubicErrors, ::testing::ValuesIn(test_devic
 
 }  // namespace
 }  // namespace nanobragg_test
+
+namespace nanobragg_test {
+namespace {
+
+// The CUDA kernels are compiled whenever the build has nvcc and a CUDA torch
+// (as CI does), even where no GPU can run them; they must reach the
+// dispatcher then.
+TEST(Registration, CudaKernelsAreRegisteredWhenBuilt) {
+#ifdef NANOBRAGG_WITH_CUDA
+  for (const char* op : {"nanobragg::tricubic_interp", "nanobragg::tricubic_interp_backward",
+                         "nanobragg::detector_absorption",
+                         "nanobragg::detector_absorption_backward"}) {
+    EXPECT_TRUE(op_has_kernel(op, c10::DispatchKey::CUDA)) << op;
+  }
+#else
+  GTEST_SKIP() << "a CPU-only build: no CUDA kernels to register";
+#endif
+}
+
+TEST(Registration, EveryOpHasCpuMetaAndAutogradKernels) {
+  for (const char* op : {"nanobragg::tricubic_interp", "nanobragg::tricubic_interp_backward",
+                         "nanobragg::detector_absorption",
+                         "nanobragg::detector_absorption_backward"}) {
+    for (auto key : {c10::DispatchKey::CPU, c10::DispatchKey::Meta, c10::DispatchKey::Autograd}) {
+      EXPECT_TRUE(op_has_kernel(op, key)) << op << " " << key;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace nanobragg_test
