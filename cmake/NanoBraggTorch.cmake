@@ -74,6 +74,7 @@ macro(nanobragg_find_torch)
         set(ENV{TORCH_CUDA_ARCH_LIST} "8.0;9.0+PTX")
       endif()
       set(TORCH_CUDA_ARCH_LIST "$ENV{TORCH_CUDA_ARCH_LIST}")
+      set(CMAKE_CUDA_ARCHITECTURES OFF)  # torch adds -gencode itself
       enable_language(CUDA)
       set(CMAKE_CUDA_STANDARD 17)
       set(CMAKE_CUDA_STANDARD_REQUIRED ON)
@@ -94,4 +95,9 @@ macro(nanobragg_find_torch)
     message(STATUS "nanobragg_ops: CPU-only import of torch from ${_torch_root}")
   endif()
   set(NANOBRAGG_TORCH_ROOT "${_torch_root}")
+  if(NOT Torch_VERSION)  # the CPU-only import did not run torch's package
+    file(STRINGS "${_torch_cmake_prefix}/Torch/TorchConfigVersion.cmake" _v
+         REGEX "set\\(PACKAGE_VERSION \"[^\"]+\"\\)")
+    string(REGEX REPLACE ".*\"([^\"]+)\".*" "\\1" Torch_VERSION "${_v}")
+  endif()
 endmacro()

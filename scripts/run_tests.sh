@@ -10,6 +10,8 @@ BUILD_DIR="${BUILD_DIR:-build}"
 status=0
 echo "== GoogleTest (ctest) =="
 ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$(nproc)" || status=1
+echo "== examples against the installed package =="
+"$ROOT/scripts/build_examples.sh" || status=1
 echo "== pytest =="
 "$ROOT/.venv/bin/python" -m pytest tests/python -q -rs || status=1
 exit "$status"

@@ -32,11 +32,34 @@ def _candidate_paths() -> list[Path]:
     return candidates
 
 
+def _check_torch_version(path: Path) -> None:
+    # LibTorch has no stable C++ ABI: a library built against another torch
+    # fails to load with a bare "undefined symbol", or worse, loads and
+    # misbehaves. The build writes the version it used beside the library.
+    stamp = path.parent / "libnanobragg_ops.torch_version"
+    if not stamp.is_file():
+        return
+    built = stamp.read_text().strip()
+    running = torch.__version__.split("+")[0]
+    if built != running:
+        raise ImportError(
+            f"nanobragg_ops: {path} was built against torch {built}, but this is torch "
+            f"{torch.__version__}; rebuild it against this torch (pip install ./torch_extension, "
+            f"or scripts/setup.sh)"
+        )
+
+
 def _load() -> Path:
     candidates = _candidate_paths()
     for path in candidates:
         if path.is_file():
-            torch.ops.load_library(str(path))
+            _check_torch_version(path)
+            try:
+                torch.ops.load_library(str(path))
+            except OSError as e:
+                raise ImportError(
+                    f"nanobragg_ops: cannot load {path} into torch {torch.__version__}: {e}"
+                ) from e
             return path
     tried = "\n  ".join(str(p) for p in candidates)
     raise ImportError(
