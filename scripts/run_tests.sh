@@ -12,6 +12,8 @@ echo "== GoogleTest (ctest) =="
 ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$(nproc)" || status=1
 echo "== examples against the installed package =="
 "$ROOT/scripts/build_examples.sh" || status=1
+echo "== the pip route: a wheel in a fresh venv =="
+"$ROOT/scripts/build_wheel.sh" || status=1
 echo "== pytest =="
 "$ROOT/.venv/bin/python" -m pytest tests/python -q -rs || status=1
 exit "$status"

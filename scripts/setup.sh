@@ -37,8 +37,12 @@ want="$(sha256sum requirements.txt torch_extension/pyproject.toml | sha256sum | 
 if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
   log "installing requirements.txt into .venv (torch is about 4.7 GB the first time)"
   "$VENV/bin/python" -m pip install -q -r requirements.txt
-  # 3. The Python package, editable: it loads the library from build/lib.
-  "$VENV/bin/python" -m pip install -q -e torch_extension
+  # 3. The Python package from the source tree (a .pth entry): it loads the
+  # library from build/lib. (`pip install ./torch_extension` would build a
+  # second copy of the library; scripts/build_wheel.sh tests that route.)
+  "$VENV/bin/python" -m pip uninstall -q -y nanobragg_ops >/dev/null 2>&1 || true
+  site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  echo "$ROOT/torch_extension" >"$site/nanobragg_ops_source_tree.pth"
   echo "$want" >"$stamp"
 fi
 

@@ -92,3 +92,30 @@ def test_import_refuses_a_library_built_for_another_torch(tmp_path, monkeypatch)
     )
     assert out.returncode != 0
     assert "built against torch 1.0.0" in out.stderr and torch.__version__ in out.stderr
+
+
+def test_pip_installed_wheel_in_a_fresh_venv(tmp_path):
+    # build/pip-venv: a fresh venv with only the wheel of ./torch_extension
+    # installed (scripts/build_wheel.sh, run by the test command); run from
+    # outside the repository so that nothing of the source tree is on the path.
+    python = ROOT / "build" / "pip-venv" / "bin" / "python"
+    assert python.is_file(), "build/pip-venv is missing: run scripts/build_wheel.sh"
+    code = (
+        "import torch, nanobragg_ops\n"
+        "assert 'pip-venv' in str(nanobragg_ops.library_path), nanobragg_ops.library_path\n"
+        "g = torch.arange(216.0).view(6, 6, 6)\n"
+        "h = torch.tensor([[2.5, 2.0, 2.25]], requires_grad=True)\n"
+        "F = nanobragg_ops.tricubic_interp(g, h, (0, 0, 0))\n"
+        "F.sum().backward()\n"
+        "I = nanobragg_ops.detector_absorption(torch.ones(1), torch.tensor([[0.0, 0.0, 1.0]]),\n"
+        "    torch.tensor([0.0, 0.0, 1.0]), 1.0, 2.0, 3, True)\n"
+        "print(F.item(), h.grad.tolist(), I.item())\n"
+    )
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    I = float(out.stdout.split()[-1])
+    # A linear grid (value = 36 h + 6 k + l) is interpolated exactly, with
+    # gradient (36, 6, 1); capture of 1 - exp(-1/2) at normal incidence.
+    assert float(out.stdout.split()[0]) == pytest.approx(36 * 2.5 + 6 * 2.0 + 2.25, rel=1e-6)
+    assert "[[36.0" in out.stdout and I == pytest.approx(1 - 2.718281828459045 ** -0.5, rel=1e-6)
