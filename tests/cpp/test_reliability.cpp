@@ -1,0 +1,114 @@
+// Reliability: concurrent callers, and float32 numerics at the edges
+// (grazing parallax, the grid border, tiny absorption).
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <torch/autograd.h>
+
+#include <thread>
+#include <vector>
+
+#include "absorption_reference.h"
+#include "nanobragg_ops/ops.h"
+#include "test_utils.h"
+
+namespace nanobragg_test {
+namespace {
+
+// Forward and both gradients of tricubic and absorption for fixed inputs.
+std::vector<at::Tensor> run_both(const at::Tensor& grid, const at::Tensor& hkl,
+                                 const at::Tensor& pixels, const at::Tensor& intensity) {
+  at::Tensor g = grid.detach().requires_grad_(true);
+  at::Tensor h = hkl.detach().requires_grad_(true);
+  at::Tensor F = nanobragg_ops::tricubic_interp(g, h, {-6, -6, -6}, 0.0, "nearest");
+  at::Tensor I = intensity.detach().requires_grad_(true);
+  at::Tensor P = pixels.detach().requires_grad_(true);
+  at::Tensor T = at::scalar_tensor(3e-4, at::kDouble).requires_grad_(true);
+  at::Tensor A = at::scalar_tensor(2e-4, at::kDouble);
+  at::Tensor odet = at::tensor({0.1, 0.0, 1.0}, at::kDouble);
+  at::Tensor out = nanobragg_ops::detector_absorption(I * F.detach(), P, odet, T, A, 3, true);
+  auto grads = torch::autograd::grad({F.sum(), out.sum()}, {g, h, I, P, T});
+  std::vector<at::Tensor> all = {F.detach(), out.detach()};
+  all.insert(all.end(), grads.begin(), grads.end());
+  return all;
+}
+
+TEST(Reliability, ConcurrentCallersGetTheSerialResults) {
+  at::manual_seed(9);
+  const at::Tensor grid = at::rand({12, 12, 12}, at::kDouble);
+  const at::Tensor hkl = at::rand({20000, 3}, at::kDouble) * 14 - 7;
+  at::Tensor pixels = at::rand({20000, 3}, at::kDouble) * 0.1 - 0.05;
+  pixels.select(1, 2).fill_(0.1);
+  const at::Tensor intensity = at::rand({20000}, at::kDouble);
+  const auto serial = run_both(grid, hkl, pixels, intensity);
+
+  constexpr int kThreads = 4, kRounds = 5;
+  std::vector<std::vector<std::vector<at::Tensor>>> results(kThreads);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int r = 0; r < kRounds; ++r) results[t].push_back(run_both(grid, hkl, pixels, intensity));
+    });
+  }
+  for (auto& th : threads) th.join();
+  for (int t = 0; t < kThreads; ++t) {
+    for (int r = 0; r < kRounds; ++r) {
+      ASSERT_EQ(results[t][r].size(), serial.size());
+      for (size_t i = 0; i < serial.size(); ++i) {
+        EXPECT_TRUE(bitwise_equal(results[t][r][i], serial[i])) << "thread " << t << " round " << r << " output " << i;
+      }
+    }
+  }
+}
+
+TEST(Reliability, Float32GradientsStayFiniteAtGrazingParallaxAndTheGridBorder) {
+  // Pixels almost in the detector plane (parallax down to the 1e-10 clamp).
+  at::Tensor P = at::tensor({0.1, 0.0, 1e-7, 0.1, 0.0, 1e-12, 0.1, 0.0, 0.0, 0.05, 0.05, 1e-4},
+                            at::kDouble).view({4, 3}).to(at::kFloat).requires_grad_(true);
+  at::Tensor I = at::ones({4}, at::kFloat).requires_grad_(true);
+  at::Tensor odet = at::tensor({0.0f, 0.0f, 1.0f}).requires_grad_(true);
+  at::Tensor T = at::scalar_tensor(3e-4f).requires_grad_(true);
+  at::Tensor A = at::scalar_tensor(2e-4f).requires_grad_(true);
+  for (bool oversample : {true, false}) {
+    at::Tensor out = nanobragg_ops::detector_absorption(I, P, odet, T, A, 4, oversample);
+    auto g = torch::autograd::grad({out.sum()}, {I, P, odet, T, A});
+    EXPECT_TRUE(at::isfinite(out).all().item<bool>()) << oversample;
+    for (const auto& t : g) EXPECT_TRUE(at::isfinite(t).all().item<bool>()) << oversample;
+  }
+  // Points whose stencil touches the first and last grid nodes.
+  at::Tensor grid = (at::rand({8, 8, 8}) * 1e3).requires_grad_(true);
+  at::Tensor hkl = at::tensor({1.0f, 1.0f, 1.0f, 4.999999f, 4.999999f, 4.999999f, 1.000001f, 3.5f, 4.99f})
+                       .view({3, 3}).requires_grad_(true);
+  at::Tensor F = nanobragg_ops::tricubic_interp(grid, hkl, {0, 0, 0});
+  auto g = torch::autograd::grad({F.sum()}, {grid, hkl});
+  EXPECT_TRUE(at::isfinite(F).all().item<bool>());
+  EXPECT_TRUE(at::isfinite(g[0]).all().item<bool>());
+  EXPECT_TRUE(at::isfinite(g[1]).all().item<bool>());
+  EXPECT_GT(g[1].abs().sum().item<double>(), 0.0);
+}
+
+TEST(Reliability, TelescopedFormMatchesTheLayerLoopForTinyAbsorption) {
+  // thickness * mu / rho from 1e-14 to 1e-3: the telescoped 1 - exp(-L a)
+  // (per_layer=false) against the per-layer sum of exp(-t a) (1 - exp(-a))
+  // (per_layer=true with a per-layer intensity), both through the operator,
+  // and against 1 - exp(-x) ~ x (1 - x/2) in double.
+  at::Tensor P = at::tensor({0.0, 0.0, 0.1}, at::kDouble).view({1, 3});
+  at::Tensor odet = at::tensor({0.0, 0.0, 1.0}, at::kDouble);
+  at::Tensor A = at::scalar_tensor(1.0, at::kDouble);
+  for (double x : {1e-14, 1e-10, 1e-7, 1e-5, 1e-3}) {
+    at::Tensor T = at::scalar_tensor(x, at::kDouble);
+    const int64_t L = 8;
+    const double telescoped = nanobragg_ops::detector_absorption(at::ones({1}, at::kDouble), P, odet, T, A, L, true).item<double>();
+    const double layered = nanobragg_ops::detector_absorption(at::ones({L, 1}, at::kDouble), P.unsqueeze(0), odet, T, A, L, true, true).item<double>();
+    const double series = x * (1 - x / 2 + x * x / 6 - x * x * x / 24 + x * x * x * x / 120);
+    EXPECT_NEAR(telescoped / series, 1.0, 1e-13) << x;
+    EXPECT_NEAR(layered / series, 1.0, 1e-13) << x;
+    EXPECT_NEAR(layered / telescoped, 1.0, 1e-14) << x;  // the two forms, to rounding
+    for (auto dtype : {at::kFloat}) {
+      const double t32 = nanobragg_ops::detector_absorption(at::ones({1}, dtype), P.to(dtype), odet.to(dtype), T.to(dtype), A.to(dtype), L, true).item<double>();
+      EXPECT_NEAR(t32 / series, 1.0, 1e-6) << x;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace nanobragg_test
