@@ -112,3 +112,26 @@ TEST(Reliability, TelescopedFormMatchesTheLayerLoopForTinyAbsorption) {
 
 }  // namespace
 }  // namespace nanobragg_test
+
+namespace nanobragg_test {
+namespace {
+
+TEST(Reliability, MoreThan2To31GatheredElementsInTheBackward) {
+  // 2^25 + 7 points (a stride-0 view of one point, so no memory for hkl or
+  // the incoming gradient), 64 taps each: 2^31 + 448 scattered elements. All
+  // points are the same, so the grid gradient is N times that of one point.
+  const int64_t n = (int64_t(1) << 25) + 7;
+  at::Tensor grid = at::rand({8, 8, 8}, at::kDouble).requires_grad_(true);
+  at::Tensor one = at::tensor({3.3, 4.6, 3.9}, at::kDouble);
+  at::Tensor hkl = one.view({1, 3}).expand({n, 3});
+  at::Tensor out = nanobragg_ops::tricubic_interp(grid, hkl, {0, 0, 0});
+  ASSERT_EQ(out.numel(), n);
+  auto g = torch::autograd::grad({out.sum()}, {grid});
+  at::Tensor g1 = at::rand({8, 8, 8}, at::kDouble).requires_grad_(true);
+  auto single = torch::autograd::grad({nanobragg_ops::tricubic_interp(g1, one.view({1, 3}), {0, 0, 0}).sum()}, {g1});
+  EXPECT_LE(max_rel_error(to_vector(g[0]), to_vector(single[0] * static_cast<double>(n)), 1.0), 1e-9);
+  EXPECT_EQ(out[n - 1].item<double>(), out[0].item<double>());
+}
+
+}  // namespace
+}  // namespace nanobragg_test
