@@ -12,7 +12,7 @@ echo "== GoogleTest (ctest) =="
 ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$(nproc)" || status=1
 echo "== GoogleTest under AddressSanitizer + UndefinedBehaviorSanitizer =="
 "$ROOT/scripts/run_sanitizers.sh" || status=1
-echo "== libFuzzer harness (seed corpus, then \${FUZZ_SECONDS:-60} s of new inputs) =="
+echo "== libFuzzer harness (seed corpus, then ${FUZZ_SECONDS:-60} s of new inputs) =="
 "$ROOT/scripts/run_fuzz.sh" || status=1
 echo "== examples against the installed package =="
 "$ROOT/scripts/build_examples.sh" || status=1
