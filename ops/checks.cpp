@@ -19,8 +19,12 @@ void check_floating(const char* op, const char* arg, const at::Tensor& t) {
   TORCH_CHECK(t.defined(), op, ": argument '", arg,
               "' must be a defined tensor");
   const auto dtype = t.scalar_type();
+  const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op, ": argument '",
-              arg, "' must be a float32 or float64 tensor, got ", dtype);
+              arg, "' must be a float32 or float64 tensor, got ", dtype,
+              half ? " (for half precision, call it under torch.autocast, which runs it "
+                     "in float32)"
+                   : "");
 }
 
 void check_same_dtype(const char* op, const char* arg, const at::Tensor& t,

@@ -111,7 +111,10 @@ def tricubic_interp(
 def _scalar_like(value: Union[float, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
-    return torch.tensor(float(value), dtype=like.dtype, device=like.device)
+    # A half-precision intensity only works under autocast, which computes in
+    # float32: keep the Python float's precision for that.
+    dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+    return torch.tensor(float(value), dtype=dtype, device=like.device)
 
 
 def detector_absorption(
