@@ -79,3 +79,35 @@ def test_aotinductor_package_from_python_and_from_cpp(tmp_path):
     assert out.returncode == 0, out.stderr
     got = torch.tensor([float(v) for v in out.stdout.split()[1:]])
     torch.testing.assert_close(got, model(hkl, pixels).detach(), rtol=1e-5, atol=0)
+
+
+def test_compiled_refinement_step_without_graph_breaks():
+    # Loss through both operators, backward and the parameter update in one
+    # torch.compile(fullgraph=True) graph (Dynamo traces .backward() with
+    # trace_autograd_ops; torch.optim's step has graph breaks of its own in
+    # torch 2.11, so the update is written out), against eager, step by step.
+    # The thickness gradient is large (1e-4 m), so a stale or accumulated
+    # gradient would show at once.
+    # float64, so that inductor's reordered reductions stay below the tolerance.
+    hkl, pixels = (t.double() for t in inputs(40))
+    target = torch.rand(40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def step(model):
+        loss = ((model(hkl, pixels) - target) ** 2).mean()
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 1e-3 * p.grad
+        return loss.detach()
+
+    eager, compiled = Detector().double(), Detector().double()
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        compiled_step = torch.compile(step, fullgraph=True)
+        for _ in range(3):
+            for p in (*eager.parameters(), *compiled.parameters()):
+                p.grad = None  # outside the graph: Dynamo does not replay it
+            torch.testing.assert_close(compiled_step(compiled), step(eager), rtol=1e-12, atol=0)
+    for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-15, msg=name)
+    assert (eager.grid - Detector().double().grid).abs().max() > 0  # the steps did move it
