@@ -1,4 +1,5 @@
-"""The README's Python example runs as written (so the README stays true)."""
+"""The README's Python examples (```python blocks; ```py marks fragments)
+run as written, so that the README stays true."""
 
 import re
 from pathlib import Path
