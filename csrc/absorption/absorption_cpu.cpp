@@ -35,10 +35,8 @@ constexpr int64_t kReduceBlock = 4096;
 
 // The common case, with its own loops: one intensity and position for all
 // layers, contiguous [P] and [P, 3] (pixel strides 1 and 3).
-template <typename T>
-bool contiguous_shared(const ExpandedInputs& in, const PointOffsets<3>& offsets,
-                       const AbsorptionParams<T>& prm) {
-  return prm.thick && in.intensity_layers == 1 && in.coords_layers == 1 && offsets.ndim == 1 &&
+bool contiguous_shared(const ExpandedInputs& in, const PointOffsets<3>& offsets, bool thick) {
+  return thick && in.intensity_layers == 1 && in.coords_layers == 1 && offsets.ndim == 1 &&
          offsets.strides[0][0] == 1 && offsets.strides[1][0] == 3 && in.coords.stride(-1) == 1;
 }
 
@@ -96,11 +94,10 @@ at::Tensor detector_absorption_cpu(const at::Tensor& intensity,
                                    const at::Tensor& attenuation_length,
                                    int64_t thicksteps, bool oversample_thick,
                                    bool per_layer) {
-  const auto layout = checks::check_absorption_args(
-      kForward, intensity, pixel_coords, odet, thickness, attenuation_length,
-      thicksteps, per_layer);
-  const HostScalars scalars = read_scalars(kForward, odet, thickness, attenuation_length);
-  ExpandedInputs in = expand_inputs(intensity, pixel_coords, layout, per_layer);
+  PreparedCall call = prepare_call(kForward, nullptr, intensity, pixel_coords, odet, thickness,
+                                    attenuation_length, thicksteps, per_layer);
+  const HostScalars& scalars = call.scalars;  // (lambdas cannot capture bindings)
+  ExpandedInputs& in = call.in;
   at::Tensor out = at::empty(in.pixel_shape, intensity.options());
   if (in.num_pixels == 0) {
     return out;
@@ -110,7 +107,7 @@ at::Tensor detector_absorption_cpu(const at::Tensor& intensity,
     const auto prm = make_params<scalar_t>(scalars, thicksteps, oversample_thick);
     const auto source = in.source<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    if (contiguous_shared(in, offsets, prm)) {
+    if (contiguous_shared(in, offsets, prm.thick)) {
       const scalar_t* I = source.intensity;
       const scalar_t* C = source.coords;
       at::parallel_for(0, in.num_pixels, kPixelGrain, [&](int64_t begin, int64_t end) {
@@ -140,12 +137,10 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output,
                                  const at::Tensor& attenuation_length,
                                  int64_t thicksteps, bool oversample_thick,
                                  bool per_layer, std::array<bool, 5> output_mask) {
-  const auto layout = checks::check_absorption_args(
-      kBackward, intensity, pixel_coords, odet, thickness, attenuation_length,
-      thicksteps, per_layer);
-  checks::check_absorption_grad_output(kBackward, grad_output, intensity, layout);
-  const HostScalars scalars = read_scalars(kBackward, odet, thickness, attenuation_length);
-  ExpandedInputs in = expand_inputs(intensity, pixel_coords, layout, per_layer);
+  PreparedCall call = prepare_call(kBackward, &grad_output, intensity, pixel_coords, odet,
+                                    thickness, attenuation_length, thicksteps, per_layer);
+  const HostScalars& scalars = call.scalars;  // (lambdas cannot capture bindings)
+  ExpandedInputs& in = call.in;
 
   // Gradients of the expanded inputs: one slot per pixel (and per layer when
   // the input has a layer dimension), so no two pixels write the same slot.
@@ -154,7 +149,7 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output,
   const auto offsets = in.pixel_offsets(grad_output);
   // The common case writes every slot once: no zeroing needed.
   const bool fast = n > 0 &&
-                    contiguous_shared(in, offsets, make_params<double>(scalars, thicksteps, oversample_thick)) &&
+                    contiguous_shared(in, offsets, scalars.thickness > 0.0) &&
                     offsets.strides[2][0] == 1;
   FullGrads full = allocate_full_grads(in, output_mask, opts, /*zeroed=*/!fast);
   const int64_t blocks = (n + kReduceBlock - 1) / kReduceBlock;

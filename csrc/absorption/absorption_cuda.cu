@@ -18,6 +18,7 @@
 #include "absorption/absorption_layout.h"
 #include "absorption/absorption_math.h"
 #include "checks.h"
+#include "common/cuda_launch.h"
 #include "common/point_offsets.h"
 
 namespace nanobragg {
@@ -26,13 +27,10 @@ namespace {
 
 constexpr const char* kForward = "nanobragg::detector_absorption";
 constexpr const char* kBackward = "nanobragg::detector_absorption_backward";
-constexpr int kThreads = 256;
+using cuda::kThreads;
 
-int64_t blocks_for(int64_t n) {
-  const int64_t max_blocks = int64_t(1) << 16;  // also bounds the partials buffer
-  const int64_t b = (n + kThreads - 1) / kThreads;
-  return b < 1 ? 1 : (b > max_blocks ? max_blocks : b);
-}
+// The backward's block count also sizes its partial-sums buffer.
+int64_t blocks_for(int64_t n) { return cuda::blocks_for(n, int64_t(1) << 16); }
 
 template <typename T>
 __global__ void forward_kernel(AbsorptionParams<T> prm, PixelSource<T> source,
@@ -91,12 +89,11 @@ at::Tensor detector_absorption_cuda(const at::Tensor& intensity,
                                     const at::Tensor& attenuation_length,
                                     int64_t thicksteps, bool oversample_thick,
                                     bool per_layer) {
-  const auto layout = checks::check_absorption_args(
-      kForward, intensity, pixel_coords, odet, thickness, attenuation_length,
-      thicksteps, per_layer);
+  PreparedCall call = prepare_call(kForward, nullptr, intensity, pixel_coords, odet, thickness,
+                                    attenuation_length, thicksteps, per_layer);
+  const HostScalars& scalars = call.scalars;  // (lambdas cannot capture bindings)
+  ExpandedInputs& in = call.in;
   const c10::cuda::CUDAGuard guard(intensity.device());
-  const HostScalars scalars = read_scalars(kForward, odet, thickness, attenuation_length);
-  ExpandedInputs in = expand_inputs(intensity, pixel_coords, layout, per_layer);
   at::Tensor out = at::empty(in.pixel_shape, intensity.options());
   const int64_t n = in.num_pixels;
   if (n == 0) {
@@ -122,13 +119,11 @@ detector_absorption_backward_cuda(const at::Tensor& grad_output,
                                   const at::Tensor& attenuation_length,
                                   int64_t thicksteps, bool oversample_thick,
                                   bool per_layer, std::array<bool, 5> output_mask) {
-  const auto layout = checks::check_absorption_args(
-      kBackward, intensity, pixel_coords, odet, thickness, attenuation_length,
-      thicksteps, per_layer);
-  checks::check_absorption_grad_output(kBackward, grad_output, intensity, layout);
+  PreparedCall call = prepare_call(kBackward, &grad_output, intensity, pixel_coords, odet,
+                                    thickness, attenuation_length, thicksteps, per_layer);
+  const HostScalars& scalars = call.scalars;  // (lambdas cannot capture bindings)
+  ExpandedInputs& in = call.in;
   const c10::cuda::CUDAGuard guard(intensity.device());
-  const HostScalars scalars = read_scalars(kBackward, odet, thickness, attenuation_length);
-  ExpandedInputs in = expand_inputs(intensity, pixel_coords, layout, per_layer);
   const auto opts = intensity.options();
   FullGrads full = allocate_full_grads(in, output_mask, opts);
   const int64_t n = in.num_pixels;

@@ -130,6 +130,28 @@ inline HostScalars read_scalars(const char* op, const at::Tensor& odet,
   return s;
 }
 
+// What every backend kernel starts from: the call checked (with its incoming
+// gradient, when grad_output is given), the scalar inputs read, and the
+// expanded views built.
+struct PreparedCall {
+  HostScalars scalars;
+  ExpandedInputs in;
+};
+
+inline PreparedCall prepare_call(const char* op, const at::Tensor* grad_output,
+                                 const at::Tensor& intensity, const at::Tensor& pixel_coords,
+                                 const at::Tensor& odet, const at::Tensor& thickness,
+                                 const at::Tensor& attenuation_length, int64_t thicksteps,
+                                 bool per_layer) {
+  const auto layout = checks::check_absorption_args(op, intensity, pixel_coords, odet, thickness,
+                                                    attenuation_length, thicksteps, per_layer);
+  if (grad_output != nullptr) {
+    checks::check_absorption_grad_output(op, *grad_output, intensity, layout);
+  }
+  return {read_scalars(op, odet, thickness, attenuation_length),
+          expand_inputs(intensity, pixel_coords, layout, per_layer)};
+}
+
 template <typename T>
 AbsorptionParams<T> make_params(const HostScalars& s, int64_t layers, bool oversample) {
   AbsorptionParams<T> prm;

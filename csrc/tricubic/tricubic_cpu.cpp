@@ -176,11 +176,8 @@ std::tuple<at::Tensor, at::Tensor> tricubic_interp_backward_cpu(
   const OutOfRange mode =
       checks::check_tricubic_args(kBackward, grid, hkl, index_min, out_of_range);
   checks::check_tricubic_grad_output(kBackward, grad_output, grid, hkl);
-  at::Tensor grad_grid = output_mask[0]
-                             ? at::zeros(grid.sizes(), grid.options())
-                             : at::empty({0}, grid.options());
-  at::Tensor grad_hkl = output_mask[1] ? at::empty(hkl.sizes(), hkl.options())
-                                       : at::empty({0}, hkl.options());
+  at::Tensor grad_grid, grad_hkl;  // (not a structured binding: lambdas capture them)
+  std::tie(grad_grid, grad_hkl) = allocate_backward_outputs(grid, hkl, output_mask);
   if (hkl.numel() == 0) {
     return {grad_grid, grad_hkl};
   }

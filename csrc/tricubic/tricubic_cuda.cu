@@ -23,6 +23,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "common/cuda_launch.h"
 #include "common/point_offsets.h"
 #include "tricubic/tricubic_layout.h"
 #include "tricubic/tricubic_math.h"
@@ -33,14 +34,8 @@ namespace {
 
 constexpr const char* kForward = "nanobragg::tricubic_interp";
 constexpr const char* kBackward = "nanobragg::tricubic_interp_backward";
-constexpr int kThreads = 256;
-
-int64_t blocks_for(int64_t n) {
-  // Grid-stride loops cover the rest; 64-bit indices throughout.
-  const int64_t max_blocks = int64_t(1) << 20;
-  const int64_t b = (n + kThreads - 1) / kThreads;
-  return b < 1 ? 1 : (b > max_blocks ? max_blocks : b);
-}
+using cuda::blocks_for;
+using cuda::kThreads;
 
 template <typename T>
 __global__ void forward_kernel(GridView<T> grid, const T* __restrict__ hkl,
@@ -170,10 +165,8 @@ std::tuple<at::Tensor, at::Tensor> tricubic_interp_backward_cuda(
       checks::check_tricubic_args(kBackward, grid, hkl_in, index_min, out_of_range);
   checks::check_tricubic_grad_output(kBackward, grad_output, grid, hkl_in);
   const c10::cuda::CUDAGuard guard(grid.device());
-  at::Tensor grad_grid = output_mask[0] ? at::zeros(grid.sizes(), grid.options())
-                                        : at::empty({0}, grid.options());
-  at::Tensor grad_hkl = output_mask[1] ? at::empty(hkl_in.sizes(), hkl_in.options())
-                                       : at::empty({0}, hkl_in.options());
+  at::Tensor grad_grid, grad_hkl;  // (not a structured binding: lambdas capture them)
+  std::tie(grad_grid, grad_hkl) = allocate_backward_outputs(grid, hkl_in, output_mask);
   if (hkl_in.numel() == 0) {
     return {grad_grid, grad_hkl};
   }

@@ -7,7 +7,11 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
 #include <array>
+#include <tuple>
 #include <type_traits>
 
 #include "common/point_offsets.h"
@@ -61,6 +65,15 @@ PointOffsets<N> point_offsets_or_contiguous(c10::IntArrayRef point_shape,
     TORCH_INTERNAL_ASSERT(make_point_offsets<N>(point_shape, strides, offsets));
   }
   return offsets;
+}
+
+// The backward's outputs: a zeroed grid gradient (the kernels add into it)
+// and an hkl gradient (written whole), or shape-[0] tensors for gradients
+// not asked for (see ops/schemas.cpp).
+inline std::tuple<at::Tensor, at::Tensor> allocate_backward_outputs(
+    const at::Tensor& grid, const at::Tensor& hkl, const std::array<bool, 2>& output_mask) {
+  return {output_mask[0] ? at::zeros(grid.sizes(), grid.options()) : at::empty({0}, grid.options()),
+          output_mask[1] ? at::empty(hkl.sizes(), hkl.options()) : at::empty({0}, hkl.options())};
 }
 
 // Calls fn(std::true_type) for grids whose l axis is contiguous (the

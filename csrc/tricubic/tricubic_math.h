@@ -43,15 +43,6 @@ NANOBRAGG_INLINE void lagrange_weight_derivs(T u, T dw[4]) {
   dw[3] = (u2 - T(1)) * T(1.0 / 6.0);
 }
 
-// d2w/du2 (for the double backward).
-template <typename T>
-NANOBRAGG_INLINE void lagrange_weight_second_derivs(T u, T d2w[4]) {
-  d2w[0] = T(1) - u;
-  d2w[1] = T(3) * u - T(2);
-  d2w[2] = T(1) - T(3) * u;
-  d2w[3] = u;
-}
-
 // Range tests run in double on the coordinate and on index_min before any
 // integer conversion, so NaN/Inf, huge coordinates and index_min near the
 // int64 limits can never turn into an in-bounds index by overflow. `lo` is
