@@ -4,6 +4,8 @@
 
 #include <cmath>
 
+#include "tricubic_reference.h"
+
 namespace nanobragg_bench {
 namespace {
 
@@ -80,30 +82,9 @@ AbsorptionInputs make_absorption_inputs(int64_t size, const at::TensorOptions& o
 
 namespace {
 
-double polint(const double xa[4], const double ya[4], double x) {
-  const double x0 = (x - xa[1]) * (x - xa[2]) * (x - xa[3]) * ya[0] /
-                    ((xa[0] - xa[1]) * (xa[0] - xa[2]) * (xa[0] - xa[3]));
-  const double x1 = (x - xa[0]) * (x - xa[2]) * (x - xa[3]) * ya[1] /
-                    ((xa[1] - xa[0]) * (xa[1] - xa[2]) * (xa[1] - xa[3]));
-  const double x2 = (x - xa[0]) * (x - xa[1]) * (x - xa[3]) * ya[2] /
-                    ((xa[2] - xa[0]) * (xa[2] - xa[1]) * (xa[2] - xa[3]));
-  const double x3 = (x - xa[0]) * (x - xa[1]) * (x - xa[2]) * ya[3] /
-                    ((xa[3] - xa[0]) * (xa[3] - xa[1]) * (xa[3] - xa[2]));
-  return x0 + x1 + x2 + x3;
-}
-
-double polin3(const double ha[4], const double ka[4], const double la[4],
-              const double sub[4][4][4], double h, double k, double l) {
-  double planes[4];
-  for (int a = 0; a < 4; ++a) {
-    double rows[4];
-    for (int b = 0; b < 4; ++b) {
-      rows[b] = polint(la, sub[a][b], l);
-    }
-    planes[a] = polint(ka, rows, k);
-  }
-  return polint(ha, planes, h);
-}
+// polint/polin3 are the tests' nanoBragg-style reference
+// (tests/cpp/tricubic_reference.h): the loop below is that reference, timed.
+using nanobragg_test::polin3;
 
 template <typename T>
 void tricubic_scalar_loop(const TricubicInputs& in, at::Tensor& out) {

@@ -13,21 +13,6 @@ namespace {
 
 const std::array<int64_t, 3> kIndexMin = {0, 0, 0};
 
-// Runs `call`, expects a c10::Error whose message contains every `part`.
-void expect_error(const std::function<void()>& call,
-                  std::initializer_list<const char*> parts) {
-  try {
-    call();
-    ADD_FAILURE() << "no error was raised";
-  } catch (const c10::Error& e) {
-    const std::string msg = e.what_without_backtrace();
-    for (const char* part : parts) {
-      EXPECT_NE(msg.find(part), std::string::npos)
-          << "message lacks '" << part << "': " << msg;
-    }
-  }
-}
-
 // Every case runs on each device: the CUDA kernels validate through the same
 // checks as the CPU ones.
 class TricubicErrors : public ::testing::TestWithParam<std::string> {

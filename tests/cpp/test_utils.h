@@ -7,6 +7,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -80,6 +82,19 @@ inline bool bitwise_equal(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor ca = a.contiguous(), cb = b.contiguous();
   return std::memcmp(ca.const_data_ptr(), cb.const_data_ptr(),
                      ca.numel() * ca.element_size()) == 0;
+}
+
+// Runs `call`, expects a c10::Error whose message contains every `part`.
+inline void expect_error(const std::function<void()>& call, const std::vector<std::string>& parts) {
+  try {
+    call();
+    ADD_FAILURE() << "no error was raised";
+  } catch (const c10::Error& e) {
+    const std::string msg = e.what_without_backtrace();
+    for (const std::string& part : parts) {
+      EXPECT_NE(msg.find(part), std::string::npos) << "message lacks '" << part << "': " << msg;
+    }
+  }
 }
 
 }  // namespace nanobragg_test
