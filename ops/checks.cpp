@@ -88,6 +88,21 @@ void check_tricubic_grad_output(const char* op, const at::Tensor& grad_output,
               shape_string(points), ", got ", shape_string(grad_output.sym_sizes()));
 }
 
+void check_cotangent(const char* op, const char* arg,
+                     const std::optional<at::Tensor>& t, const char* like_arg,
+                     const at::Tensor& like) {
+  if (!t.has_value() || !t->defined()) {
+    return;
+  }
+  check_floating(op, arg, *t);
+  check_same_dtype(op, arg, *t, like_arg, like);
+  check_same_device(op, arg, *t, like_arg, like);
+  TORCH_CHECK(t->sym_sizes() == like.sym_sizes(), op, ": argument '", arg,
+              "' must have the shape of '", like_arg, "' ",
+              shape_string(like.sym_sizes()), ", got ",
+              shape_string(t->sym_sizes()));
+}
+
 namespace {
 
 // Broadcasts two shapes the way torch does, with a message naming the op.
@@ -195,6 +210,19 @@ void check_absorption_grad_output(const char* op, const at::Tensor& grad_output,
               op, ": argument 'grad_output' must have the output's shape ",
               shape_string(layout.pixel_shape), ", got ",
               shape_string(grad_output.sym_sizes()));
+}
+
+void check_absorption_cotangents(const char* op,
+                                 const std::array<std::optional<at::Tensor>, 5>& cotangents,
+                                 const std::array<at::Tensor, 5>& inputs) {
+  static const char* const names[5] = {"grad_grad_intensity", "grad_grad_pixel_coords",
+                                       "grad_grad_odet", "grad_grad_thickness",
+                                       "grad_grad_attenuation_length"};
+  static const char* const input_names[5] = {"intensity", "pixel_coords", "odet", "thickness",
+                                             "attenuation_length"};
+  for (int i = 0; i < 5; ++i) {
+    check_cotangent(op, names[i], cotangents[i], input_names[i], inputs[i]);
+  }
 }
 
 }  // namespace checks

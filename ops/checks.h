@@ -9,6 +9,8 @@
 #include <c10/util/string_view.h>
 #include <ATen/core/DimVector.h>
 
+#include <array>
+#include <optional>
 #include <string>
 
 #include "tricubic/tricubic_math.h"
@@ -41,6 +43,12 @@ tricubic::OutOfRange check_tricubic_args(const char* op, const at::Tensor& grid,
 void check_tricubic_grad_output(const char* op, const at::Tensor& grad_output,
                                 const at::Tensor& grid, const at::Tensor& hkl);
 
+// A cotangent given to a double backward (the incoming gradient of one of the
+// backward's outputs): when present, the shape, dtype and device of `like`.
+void check_cotangent(const char* op, const char* arg,
+                     const std::optional<at::Tensor>& t, const char* like_arg,
+                     const at::Tensor& like);
+
 // How detector_absorption's inputs line up (SPEC section 2).
 struct AbsorptionLayout {
   int64_t layers = 1;                // L = thicksteps
@@ -67,6 +75,13 @@ void check_absorption_values(const char* op, double thickness,
 void check_absorption_grad_output(const char* op, const at::Tensor& grad_output,
                                   const at::Tensor& intensity,
                                   const AbsorptionLayout& layout);
+
+// The five cotangents of detector_absorption_double_backward against the
+// inputs whose gradients they belong to (intensity, pixel_coords, odet,
+// thickness, attenuation_length).
+void check_absorption_cotangents(const char* op,
+                                 const std::array<std::optional<at::Tensor>, 5>& cotangents,
+                                 const std::array<at::Tensor, 5>& inputs);
 
 }  // namespace checks
 }  // namespace nanobragg

@@ -10,6 +10,7 @@
 #include <c10/util/string_view.h>
 
 #include <array>
+#include <optional>
 #include <tuple>
 
 namespace nanobragg {
@@ -39,6 +40,20 @@ tricubic_interp_backward() {
   return handle;
 }
 
+using TricubicInterpDoubleBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, c10::IntArrayRef, c10::string_view,
+    std::array<bool, 3>);
+
+inline const c10::TypedOperatorHandle<TricubicInterpDoubleBackwardSig>&
+tricubic_interp_double_backward() {
+  static const auto handle =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("nanobragg::tricubic_interp_double_backward", "")
+          .typed<TricubicInterpDoubleBackwardSig>();
+  return handle;
+}
+
 using DetectorAbsorptionSig = at::Tensor(const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, int64_t, bool, bool);
@@ -63,6 +78,23 @@ detector_absorption_backward() {
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("nanobragg::detector_absorption_backward", "")
           .typed<DetectorAbsorptionBackwardSig>();
+  return handle;
+}
+
+using DetectorAbsorptionDoubleBackwardSig =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+        const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+        bool, bool, std::array<bool, 6>);
+
+inline const c10::TypedOperatorHandle<DetectorAbsorptionDoubleBackwardSig>&
+detector_absorption_double_backward() {
+  static const auto handle =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("nanobragg::detector_absorption_double_backward", "")
+          .typed<DetectorAbsorptionDoubleBackwardSig>();
   return handle;
 }
 

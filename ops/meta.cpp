@@ -40,6 +40,25 @@ std::tuple<at::Tensor, at::Tensor> tricubic_interp_backward_meta(
   return {grad_grid, grad_hkl};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tricubic_interp_double_backward_meta(
+    const std::optional<at::Tensor>& grad_grad_grid,
+    const std::optional<at::Tensor>& grad_grad_hkl, const at::Tensor& grad_output,
+    const at::Tensor& grid, const at::Tensor& hkl, c10::IntArrayRef index_min,
+    c10::string_view out_of_range, std::array<bool, 3> output_mask) {
+  constexpr const char* op = "nanobragg::tricubic_interp_double_backward";
+  checks::check_tricubic_args(op, grid, hkl, index_min, out_of_range);
+  checks::check_tricubic_grad_output(op, grad_output, grid, hkl);
+  checks::check_cotangent(op, "grad_grad_grid", grad_grad_grid, "grid", grid);
+  checks::check_cotangent(op, "grad_grad_hkl", grad_grad_hkl, "hkl", hkl);
+  const at::Tensor* like[3] = {&grad_output, &grid, &hkl};
+  at::Tensor grads[3];
+  for (int i = 0; i < 3; ++i) {
+    grads[i] = output_mask[i] ? at::empty_symint(like[i]->sym_sizes(), like[i]->options())
+                              : at::empty({0}, like[i]->options());
+  }
+  return {grads[0], grads[1], grads[2]};
+}
+
 at::Tensor detector_absorption_meta(const at::Tensor& intensity,
                                     const at::Tensor& pixel_coords,
                                     const at::Tensor& odet,
@@ -79,10 +98,38 @@ detector_absorption_backward_meta(const at::Tensor& grad_output,
   return {grads[0], grads[1], grads[2], grads[3], grads[4]};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+detector_absorption_double_backward_meta(
+    const std::optional<at::Tensor>& gg_intensity, const std::optional<at::Tensor>& gg_coords,
+    const std::optional<at::Tensor>& gg_odet, const std::optional<at::Tensor>& gg_thickness,
+    const std::optional<at::Tensor>& gg_att, const at::Tensor& grad_output,
+    const at::Tensor& intensity, const at::Tensor& pixel_coords, const at::Tensor& odet,
+    const at::Tensor& thickness, const at::Tensor& attenuation_length, int64_t thicksteps,
+    bool /*oversample_thick*/, bool per_layer, std::array<bool, 6> output_mask) {
+  constexpr const char* op = "nanobragg::detector_absorption_double_backward";
+  const auto layout = checks::check_absorption_args(
+      op, intensity, pixel_coords, odet, thickness, attenuation_length, thicksteps, per_layer);
+  checks::check_absorption_grad_output(op, grad_output, intensity, layout);
+  checks::check_absorption_cotangents(op, {gg_intensity, gg_coords, gg_odet, gg_thickness, gg_att},
+                                      {intensity, pixel_coords, odet, thickness, attenuation_length});
+  const at::Tensor* like[6] = {&grad_output, &intensity, &pixel_coords, &odet, &thickness,
+                               &attenuation_length};
+  at::Tensor grads[6];
+  for (int i = 0; i < 6; ++i) {
+    grads[i] = output_mask[i] ? at::empty_symint(like[i]->sym_sizes(), like[i]->options())
+                              : at::empty({0}, like[i]->options());
+  }
+  return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]};
+}
+
 }  // namespace
 }  // namespace nanobragg
 
 TORCH_LIBRARY_IMPL(nanobragg, Meta, m) {
+  m.impl("tricubic_interp_double_backward",
+         TORCH_FN(nanobragg::tricubic_interp_double_backward_meta));
+  m.impl("detector_absorption_double_backward",
+         TORCH_FN(nanobragg::detector_absorption_double_backward_meta));
   m.impl("tricubic_interp", TORCH_FN(nanobragg::tricubic_interp_meta));
   m.impl("tricubic_interp_backward",
          TORCH_FN(nanobragg::tricubic_interp_backward_meta));

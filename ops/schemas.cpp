@@ -19,6 +19,16 @@ TORCH_LIBRARY(nanobragg, m) {
       "int[3] index_min, str out_of_range, bool[2] output_mask) "
       "-> (Tensor grad_grid, Tensor grad_hkl)",
       {at::Tag::pt2_compliant_tag});
+  // Second derivatives: the backward of tricubic_interp_backward. Takes the
+  // cotangents of (grad_grid, grad_hkl), either absent (None: zero), and
+  // returns the gradients of (grad_output, grid, hkl) selected by
+  // output_mask.
+  m.def(
+      "tricubic_interp_double_backward(Tensor? grad_grad_grid, "
+      "Tensor? grad_grad_hkl, Tensor grad_output, Tensor grid, Tensor hkl, "
+      "int[3] index_min, str out_of_range, bool[3] output_mask) "
+      "-> (Tensor grad_grad_output, Tensor grad_grid, Tensor grad_hkl)",
+      {at::Tag::pt2_compliant_tag});
 
   // SPEC section 2.
   m.def(
@@ -33,6 +43,20 @@ TORCH_LIBRARY(nanobragg, m) {
       "Tensor pixel_coords, Tensor odet, Tensor thickness, "
       "Tensor attenuation_length, int thicksteps, bool oversample_thick, "
       "bool per_layer, bool[5] output_mask) -> (Tensor grad_intensity, "
+      "Tensor grad_pixel_coords, Tensor grad_odet, Tensor grad_thickness, "
+      "Tensor grad_attenuation_length)",
+      {at::Tag::pt2_compliant_tag});
+  // Second derivatives: the backward of detector_absorption_backward, from
+  // the cotangents of its five outputs (None: zero), to (grad_output,
+  // intensity, pixel_coords, odet, thickness, attenuation_length).
+  m.def(
+      "detector_absorption_double_backward(Tensor? grad_grad_intensity, "
+      "Tensor? grad_grad_pixel_coords, Tensor? grad_grad_odet, "
+      "Tensor? grad_grad_thickness, Tensor? grad_grad_attenuation_length, "
+      "Tensor grad_output, Tensor intensity, Tensor pixel_coords, Tensor odet, "
+      "Tensor thickness, Tensor attenuation_length, int thicksteps, "
+      "bool oversample_thick, bool per_layer, bool[6] output_mask) -> "
+      "(Tensor grad_grad_output, Tensor grad_intensity, "
       "Tensor grad_pixel_coords, Tensor grad_odet, Tensor grad_thickness, "
       "Tensor grad_attenuation_length)",
       {at::Tag::pt2_compliant_tag});

@@ -26,6 +26,7 @@ namespace {
 
 constexpr const char* kForward = "nanobragg::detector_absorption";
 constexpr const char* kBackward = "nanobragg::detector_absorption_backward";
+constexpr const char* kDoubleBackward = "nanobragg::detector_absorption_double_backward";
 
 // Pixels per task: a few exps each.
 constexpr int64_t kPixelGrain = 1024;
@@ -197,6 +198,79 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output,
   return finish_backward(in, full, total, scalars, thicksteps, output_mask, opts);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+detector_absorption_double_backward_cpu(
+    const std::optional<at::Tensor>& gg_intensity, const std::optional<at::Tensor>& gg_coords,
+    const std::optional<at::Tensor>& gg_odet, const std::optional<at::Tensor>& gg_thickness,
+    const std::optional<at::Tensor>& gg_att, const at::Tensor& grad_output,
+    const at::Tensor& intensity, const at::Tensor& pixel_coords, const at::Tensor& odet,
+    const at::Tensor& thickness, const at::Tensor& attenuation_length, int64_t thicksteps,
+    bool oversample_thick, bool per_layer, std::array<bool, 6> output_mask) {
+  PreparedCall call = prepare_call(kDoubleBackward, &grad_output, intensity, pixel_coords, odet,
+                                    thickness, attenuation_length, thicksteps, per_layer);
+  const HostScalars& scalars = call.scalars;  // (lambdas cannot capture bindings)
+  ExpandedInputs& in = call.in;
+  const DualDirection dir =
+      make_direction(kDoubleBackward, {gg_intensity, gg_coords, gg_odet, gg_thickness, gg_att},
+                     intensity, pixel_coords, odet, thickness, attenuation_length, thicksteps,
+                     per_layer);
+  const auto opts = intensity.options();
+  const int64_t n = in.num_pixels;
+  at::Tensor grad_grad_output =
+      output_mask[0] ? at::empty(in.pixel_shape, opts) : at::Tensor();
+  const std::array<bool, 5> input_mask = {output_mask[1], output_mask[2], output_mask[3],
+                                          output_mask[4], output_mask[5]};
+  const bool want_input_grads =
+      std::any_of(input_mask.begin(), input_mask.end(), [](bool b) { return b; });
+  FullGrads full = allocate_full_grads(in, input_mask, opts);
+  const int64_t blocks = (n + kReduceBlock - 1) / kReduceBlock;
+  std::vector<DualTotals> partial(static_cast<size_t>(blocks), DualTotals{0, 0, 0, 0, 0});
+  if (n > 0) {
+    const auto offsets = dual_pixel_offsets(in, dir.tangent, grad_output);
+    AT_DISPATCH_FLOATING_TYPES(intensity.scalar_type(), "detector_absorption_double_backward_cpu",
+                               [&] {
+      using T = scalar_t;
+      const auto prm = make_dual_params<T>(scalars, dir, thicksteps, oversample_thick);
+      const auto source = in.source<T>();
+      const auto tangent = dir.tangent.source<T>();
+      const T* g = grad_output.const_data_ptr<T>();
+      T* ggo = output_mask[0] ? grad_grad_output.mutable_data_ptr<T>() : nullptr;
+      T* gI = full.intensity_ptr<T>();
+      T* gP = full.coords_ptr<T>();
+      at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+        for (int64_t b = block_begin; b < block_end; ++b) {
+          DualTotals acc = {0, 0, 0, 0, 0};
+          cpu::for_each_index(
+              [&](int64_t p) NANOBRAGG_LAMBDA_INLINE {
+                int64_t off[5];
+                offsets.get(p, off);
+                const DualPixel<T> px(source.at(off[0], off[1]), tangent.at(off[3], off[4]));
+                DualPixelGrads<T> out(pixel_grads_at(gI, gP, p, n));
+                const T d_g =
+                    absorbed_pixel_double_backward(prm, px, g[off[2]], want_input_grads, out);
+                if (ggo != nullptr) ggo[p] = d_g;
+                acc[0] += static_cast<double>(out.d_step.v);
+                acc[1] += static_cast<double>(out.d_step.d);
+                for (int d = 0; d < 3; ++d) {
+                  acc[2 + d] += static_cast<double>(out.odet[d].d);
+                }
+              },
+              b * kReduceBlock, std::min(n, (b + 1) * kReduceBlock));
+          partial[static_cast<size_t>(b)] = acc;
+        }
+      });
+    });
+  }
+  DualTotals total = {0, 0, 0, 0, 0};
+  for (const auto& block : partial) {  // fixed order
+    for (size_t k = 0; k < total.size(); ++k) {
+      total[k] += block[k];
+    }
+  }
+  return finish_double_backward(in, grad_grad_output, full, total, scalars, dir, thicksteps,
+                                output_mask, opts);
+}
+
 }  // namespace absorption
 }  // namespace nanobragg
 
@@ -205,4 +279,6 @@ TORCH_LIBRARY_IMPL(nanobragg, CPU, m) {
          TORCH_FN(nanobragg::absorption::detector_absorption_cpu));
   m.impl("detector_absorption_backward",
          TORCH_FN(nanobragg::absorption::detector_absorption_backward_cpu));
+  m.impl("detector_absorption_double_backward",
+         TORCH_FN(nanobragg::absorption::detector_absorption_double_backward_cpu));
 }

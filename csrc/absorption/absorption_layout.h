@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <array>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -165,6 +166,20 @@ AbsorptionParams<T> make_params(const HostScalars& s, int64_t layers, bool overs
   return prm;
 }
 
+// (odet, thickness, attenuation_length) gradients as tensors on `opts`' device
+// from host values, in one transfer; shape-[0] tensors where mask (of those
+// three) is false.
+inline std::array<at::Tensor, 3> scalar_tensors(const std::array<double, 5>& values,
+                                                const std::array<bool, 3>& mask,
+                                                const at::TensorOptions& opts) {
+  at::Tensor host = at::empty({5}, at::TensorOptions().dtype(at::kDouble));
+  std::copy(values.begin(), values.end(), host.mutable_data_ptr<double>());
+  host = host.to(opts);
+  return {mask[0] ? host.slice(0, 0, 3).clone() : at::empty({0}, opts),
+          mask[1] ? host[3].clone() : at::empty({0}, opts),
+          mask[2] ? host[4].clone() : at::empty({0}, opts)};
+}
+
 // The gradients of odet, thickness and attenuation_length from the pixel
 // sums (dL/ds, dL/dodet): s = thickness / (L * attenuation_length), so
 // ds/dT = 1 / (L att) and ds/datt = -T / (L att^2), both 0 for att = inf.
@@ -175,14 +190,9 @@ inline std::array<at::Tensor, 3> scalar_grads(const std::array<double, 4>& total
                                               const at::TensorOptions& opts) {
   const double L = static_cast<double>(layers);
   const double att = s.attenuation_length;
-  std::array<double, 5> values = {total[1], total[2], total[3], total[0] / (L * att),
-                                  -total[0] * s.thickness / (L * att * att)};
-  at::Tensor host = at::empty({5}, at::TensorOptions().dtype(at::kDouble));
-  std::copy(values.begin(), values.end(), host.mutable_data_ptr<double>());
-  host = host.to(opts);
-  return {mask[2] ? host.slice(0, 0, 3).clone() : at::empty({0}, opts),
-          mask[3] ? host[3].clone() : at::empty({0}, opts),
-          mask[4] ? host[4].clone() : at::empty({0}, opts)};
+  return scalar_tensors({total[1], total[2], total[3], total[0] / (L * att),
+                        -total[0] * s.thickness / (L * att * att)},
+                       {mask[2], mask[3], mask[4]}, opts);
 }
 
 // The backward's gradient buffers for the expanded inputs, one slot per pixel
@@ -221,6 +231,119 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fi
   at::Tensor grad_coords = mask[1] ? in.reduce_to_coords(full.coords) : at::empty({0}, opts);
   auto [grad_odet, grad_thickness, grad_att] = scalar_grads(total, scalars, layers, mask, opts);
   return {grad_intensity, grad_coords, grad_odet, grad_thickness, grad_att};
+}
+
+// ---------------------------------------------------------------------------
+// Double backward: the backward run on dual numbers whose direction is the
+// cotangents of its five outputs (absorption_math.h,
+// absorbed_pixel_double_backward).
+
+// The direction: cotangents of grad_intensity / grad_pixel_coords expanded
+// like the inputs (zero-stride zeros when absent), and the scalar ones.
+struct DualDirection {
+  ExpandedInputs tangent;
+  double odet[3];
+  double thickness;
+  double attenuation_length;
+};
+
+inline DualDirection make_direction(
+    const char* op, const std::array<std::optional<at::Tensor>, 5>& cotangents,
+    const at::Tensor& intensity, const at::Tensor& pixel_coords, const at::Tensor& odet,
+    const at::Tensor& thickness, const at::Tensor& attenuation_length, int64_t thicksteps,
+    bool per_layer) {
+  const std::array<at::Tensor, 5> inputs = {intensity, pixel_coords, odet, thickness,
+                                            attenuation_length};
+  checks::check_absorption_cotangents(op, cotangents, inputs);
+  std::array<at::Tensor, 5> v;
+  for (size_t i = 0; i < 5; ++i) {
+    const bool given = cotangents[i].has_value() && cotangents[i]->defined();
+    v[i] = given ? *cotangents[i]
+                 : at::zeros({}, inputs[i].options()).expand(inputs[i].sizes());
+  }
+  const auto layout = checks::check_absorption_args(op, v[0], v[1], odet, thickness,
+                                                    attenuation_length, thicksteps, per_layer);
+  DualDirection dir;
+  dir.tangent = expand_inputs(v[0], v[1], layout, per_layer);
+  const at::Tensor host =
+      at::cat({v[2].reshape({3}), v[3].reshape({1}), v[4].reshape({1})})
+          .to(at::kCPU, at::kDouble)
+          .contiguous();
+  const double* h = host.const_data_ptr<double>();
+  dir.odet[0] = h[0];
+  dir.odet[1] = h[1];
+  dir.odet[2] = h[2];
+  dir.thickness = h[3];
+  dir.attenuation_length = h[4];
+  return dir;
+}
+
+// Parameters on duals. With mu = 1 / att, s = thickness mu / L and
+// ds = (dthickness mu + thickness dmu) / L, dmu = -datt mu^2 (0 for att = inf).
+template <typename T>
+AbsorptionParams<Dual<T>> make_dual_params(const HostScalars& s, const DualDirection& dir,
+                                           int64_t layers, bool oversample) {
+  const double L = static_cast<double>(layers);
+  const double mu = 1.0 / s.attenuation_length;
+  const double dmu = -dir.attenuation_length * mu * mu;
+  AbsorptionParams<Dual<T>> prm;
+  for (int d = 0; d < 3; ++d) {
+    prm.odet[d] = Dual<T>(static_cast<T>(s.odet[d]), static_cast<T>(dir.odet[d]));
+  }
+  prm.step = Dual<T>(static_cast<T>(s.thickness * mu / L),
+                     static_cast<T>((dir.thickness * mu + s.thickness * dmu) / L));
+  prm.layers = layers;
+  prm.thick = s.thickness > 0.0;
+  prm.oversample = oversample;
+  return prm;
+}
+
+// Pixel sums of the double backward: dL/ds (value, derivative) and the
+// derivative of dL/dodet.
+using DualTotals = std::array<double, 5>;
+
+// Offsets of each pixel in (intensity, coords, grad_output, tangent
+// intensity, tangent coords).
+inline PointOffsets<5> dual_pixel_offsets(const ExpandedInputs& in, const ExpandedInputs& tangent,
+                                          const at::Tensor& grad_output) {
+  const size_t np = in.pixel_shape.size();
+  PointOffsets<5> offsets;
+  const bool ok = make_point_offsets<5>(
+      in.pixel_shape,
+      {in.intensity.strides().slice(1, np), in.coords.strides().slice(1, np),
+       grad_output.strides(), tangent.intensity.strides().slice(1, np),
+       tangent.coords.strides().slice(1, np)},
+      offsets);
+  TORCH_CHECK(ok, "nanobragg::detector_absorption_double_backward: pixel shape of ", np,
+              " dimensions with incompatible strides is not supported; make the inputs "
+              "contiguous");
+  return offsets;
+}
+
+// The six outputs of the double backward, in schema order. The chain rule
+// from s to (thickness, att) is differentiated too: with D = dL/ds,
+// grad_thickness = D mu / L and grad_att = -D thickness mu^2 / L, so their
+// derivatives are (dD mu + D dmu) / L and
+// -(dD thickness mu^2 + D dthickness mu^2 + 2 D thickness mu dmu) / L.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+finish_double_backward(const ExpandedInputs& in, at::Tensor grad_grad_output,
+                       const FullGrads& full, const DualTotals& total,
+                       const HostScalars& s, const DualDirection& dir, int64_t layers,
+                       const std::array<bool, 6>& mask, const at::TensorOptions& opts) {
+  const double L = static_cast<double>(layers);
+  const double mu = 1.0 / s.attenuation_length;
+  const double dmu = -dir.attenuation_length * mu * mu;
+  const double D = total[0], dD = total[1];
+  const double T = s.thickness;
+  const double grad_thickness = (dD * mu + D * dmu) / L;
+  const double grad_att =
+      -(dD * T * mu * mu + D * dir.thickness * mu * mu + 2.0 * D * T * mu * dmu) / L;
+  auto [grad_odet, grad_t, grad_a] = scalar_tensors(
+      {total[2], total[3], total[4], grad_thickness, grad_att}, {mask[3], mask[4], mask[5]}, opts);
+  return {mask[0] ? grad_grad_output : at::empty({0}, opts),
+          mask[1] ? in.reduce_to_intensity(full.intensity) : at::empty({0}, opts),
+          mask[2] ? in.reduce_to_coords(full.coords) : at::empty({0}, opts),
+          grad_odet, grad_t, grad_a};
 }
 
 }  // namespace absorption

@@ -13,6 +13,7 @@
 
 #include <c10/macros/Macros.h>
 
+#include "common/dual.h"
 #include "common/macros.h"
 
 #include <cmath>
@@ -138,6 +139,27 @@ NANOBRAGG_INLINE T select_(C condition, T if_true, T if_false) {
   return condition ? if_true : if_false;
 }
 
+// The primitives on dual numbers (common/dual.h), so that the formulas below
+// also give their own directional derivatives (the double backward).
+template <typename T>
+NANOBRAGG_INLINE Dual<T> exp_(Dual<T> x) {
+  const T e = exp_(x.v);
+  return {e, e * x.d};
+}
+template <typename T>
+NANOBRAGG_INLINE Dual<T> expm1_(Dual<T> x) {
+  return {expm1_(x.v), exp_(x.v) * x.d};
+}
+template <typename T>
+NANOBRAGG_INLINE Dual<T> sqrt_(Dual<T> x) {
+  const T s = sqrt_(x.v);
+  return {s, x.d / (T(2) * s)};  // inf at 0, where callers select the clamp
+}
+template <typename T>
+NANOBRAGG_INLINE Dual<T> abs_(Dual<T> x) {
+  return x.v < T(0) ? -x : x;
+}
+
 // ---------------------------------------------------------------------------
 
 // Parallax of the pixel at (px, py, pz): rho = odet . p / max(|p|, 1e-10),
@@ -151,9 +173,11 @@ NANOBRAGG_INLINE T parallax(T ox, T oy, T oz, T px, T py, T pz) {
   return select_(abs_(rho) < T(kMinParallax), clamped, rho);
 }
 
-template <typename T>
-NANOBRAGG_INLINE T parallax(const T odet[3], const T* p, int64_t comp_stride) {
-  return parallax(odet[0], odet[1], odet[2], p[0], p[comp_stride], p[2 * comp_stride]);
+// Parallax of a pixel's position at `layer` (see PixelData).
+template <typename T, typename Pixel>
+NANOBRAGG_INLINE T pixel_parallax(const T odet[3], const Pixel& px, int64_t layer) {
+  return parallax(odet[0], odet[1], odet[2], px.coord(layer, 0), px.coord(layer, 1),
+                  px.coord(layer, 2));
 }
 
 // The gradient of parallax(): given g_rho = dL/drho, dL/dp = g (o - r p) and
@@ -173,26 +197,6 @@ NANOBRAGG_INLINE void parallax_grad(T ox, T oy, T oz, T px, T py, T pz, T g_rho,
   grad_p[0] = g * (ox - r * px);
   grad_p[1] = g * (oy - r * py);
   grad_p[2] = g * (oz - r * pz);
-}
-
-// Adds parallax_grad() of the pixel at p to grad_p (when non-null) and
-// grad_odet.
-template <typename T>
-NANOBRAGG_INLINE void parallax_backward(const T odet[3], const T* p,
-                                        int64_t comp_stride, T g_rho,
-                                        T* grad_p, int64_t grad_stride,
-                                        T grad_odet[3]) {
-  T gp[3], go[3];
-  parallax_grad(odet[0], odet[1], odet[2], p[0], p[comp_stride], p[2 * comp_stride], g_rho,
-                gp, go);
-  for (int d = 0; d < 3; ++d) {
-    grad_odet[d] += go[d];
-  }
-  if (grad_p != nullptr) {
-    for (int d = 0; d < 3; ++d) {
-      grad_p[d * grad_stride] += gp[d];
-    }
-  }
 }
 
 // c_t(a) = exp(-t a) (1 - exp(-a)), without the cancellation of the plain
@@ -279,6 +283,31 @@ struct PixelData {
   int64_t coords_layer_stride;
   int64_t coords_layers;     // 1 or L
   int64_t comp_stride;
+
+  // Intensity of intensity-layer t (< intensity_layers).
+  NANOBRAGG_INLINE T intensity_at(int64_t t) const { return intensity[t * intensity_layer_stride]; }
+  // Component d of the position of coords-layer `layer` (< coords_layers).
+  NANOBRAGG_INLINE T coord(int64_t layer, int d) const {
+    return coords[layer * coords_layer_stride + d * comp_stride];
+  }
+};
+
+// A pixel of dual numbers: values from one PixelData, derivatives (the
+// direction) from another laid out alike.
+template <typename T>
+struct DualPixel {
+  PixelData<T> value, tangent;
+  int64_t intensity_layers, coords_layers;
+
+  NANOBRAGG_INLINE DualPixel(const PixelData<T>& v, const PixelData<T>& t)
+      : value(v), tangent(t), intensity_layers(v.intensity_layers),
+        coords_layers(v.coords_layers) {}
+  NANOBRAGG_INLINE Dual<T> intensity_at(int64_t t) const {
+    return {value.intensity_at(t), tangent.intensity_at(t)};
+  }
+  NANOBRAGG_INLINE Dual<T> coord(int64_t layer, int d) const {
+    return {value.coord(layer, d), tangent.coord(layer, d)};
+  }
 };
 
 // The expanded inputs of a call: PixelData of a pixel from its offsets in
@@ -300,43 +329,41 @@ struct PixelSource {
   }
 };
 
-template <typename T>
-NANOBRAGG_INLINE T mean_intensity(const PixelData<T>& px) {
+template <typename T, typename Pixel>
+NANOBRAGG_INLINE T mean_intensity(const Pixel& px) {
   T sum = T(0);
   for (int64_t t = 0; t < px.intensity_layers; ++t) {
-    sum += px.intensity[t * px.intensity_layer_stride];
+    sum += px.intensity_at(t);
   }
   return sum / T(px.intensity_layers);
 }
 
-template <typename T>
-NANOBRAGG_INLINE T absorbed_pixel(const AbsorptionParams<T>& prm,
-                                        const PixelData<T>& px) {
+// out of one pixel. Pixel is PixelData<T> (or DualPixel for T = Dual).
+template <typename T, typename Pixel>
+NANOBRAGG_INLINE T absorbed_pixel(const AbsorptionParams<T>& prm, const Pixel& px) {
   if (!prm.thick) {
-    return mean_intensity(px);
+    return mean_intensity<T>(px);
   }
   const int64_t L = prm.layers;
   if (!prm.oversample) {
-    const T rho = parallax(prm.odet, px.coords + (px.coords_layers == 1 ? 0 : (L - 1) * px.coords_layer_stride),
-                           px.comp_stride);
-    return layer_capture(prm.step / rho, L - 1) * mean_intensity(px);
+    const T rho = pixel_parallax(prm.odet, px, px.coords_layers == 1 ? 0 : L - 1);
+    return layer_capture(prm.step / rho, L - 1) * mean_intensity<T>(px);
   }
   if (px.coords_layers == 1) {
-    const T a = prm.step / parallax(prm.odet, px.coords, px.comp_stride);
+    const T a = prm.step / pixel_parallax(prm.odet, px, 0);
     if (px.intensity_layers == 1) {
-      return px.intensity[0] * total_capture(a, L);  // one exp per pixel
+      return px.intensity_at(0) * total_capture(a, L);  // one exp per pixel
     }
     T sum = T(0);
     for (int64_t t = 0; t < L; ++t) {
-      sum += layer_capture(a, t) * px.intensity[t * px.intensity_layer_stride];
+      sum += layer_capture(a, t) * px.intensity_at(t);
     }
     return sum;
   }
   T sum = T(0);
   for (int64_t t = 0; t < L; ++t) {
-    const T a = prm.step / parallax(prm.odet, px.coords + t * px.coords_layer_stride, px.comp_stride);
-    sum += layer_capture(a, t) *
-           px.intensity[px.intensity_layers == 1 ? 0 : t * px.intensity_layer_stride];
+    const T a = prm.step / pixel_parallax(prm.odet, px, t);
+    sum += layer_capture(a, t) * px.intensity_at(px.intensity_layers == 1 ? 0 : t);
   }
   return sum;
 }
@@ -354,6 +381,14 @@ struct PixelGrads {
   int64_t comp_stride;
   T d_step;      // dL/ds
   T odet[3];     // dL/dodet
+
+  NANOBRAGG_INLINE void add_intensity(int64_t t, T v) {
+    if (intensity != nullptr) intensity[t * intensity_layer_stride] += v;
+  }
+  NANOBRAGG_INLINE void add_coords(int64_t layer, const T g[3]) {
+    if (coords == nullptr) return;
+    for (int d = 0; d < 3; ++d) coords[layer * coords_layer_stride + d * comp_stride] += g[d];
+  }
 };
 
 // Pixel p's slots in contiguous full-shape gradients [layers, *P] and
@@ -366,24 +401,42 @@ NANOBRAGG_INLINE PixelGrads<T> pixel_grads_at(T* grad_intensity, T* grad_coords,
                        T(0), {T(0), T(0), T(0)}};
 }
 
-// Adds the gradient of g * absorbed_pixel(prm, px) to `out`. Entries of
-// out.intensity / out.coords must start at zero for this pixel.
+// The same slots for a backward run on dual numbers: what is stored is the
+// derivative part (the double backward's gradient); dL/ds and dL/dodet are
+// kept whole, since the caller's chain rule to thickness and attenuation
+// length needs both parts.
 template <typename T>
-NANOBRAGG_INLINE void absorbed_pixel_backward(const AbsorptionParams<T>& prm,
-                                                    const PixelData<T>& px, T g,
-                                                    PixelGrads<T>& out) {
+struct DualPixelGrads {
+  PixelGrads<T> slots;
+  Dual<T> d_step;
+  Dual<T> odet[3];
+
+  NANOBRAGG_INLINE explicit DualPixelGrads(const PixelGrads<T>& s) : slots(s) {}
+  NANOBRAGG_INLINE void add_intensity(int64_t t, Dual<T> v) { slots.add_intensity(t, v.d); }
+  NANOBRAGG_INLINE void add_coords(int64_t layer, const Dual<T> g[3]) {
+    const T d[3] = {g[0].d, g[1].d, g[2].d};
+    slots.add_coords(layer, d);
+  }
+};
+
+// Adds the gradient of g * absorbed_pixel(prm, px) to `out`. Entries of
+// out's intensity / coords slots must start at zero for this pixel. Grads is
+// PixelGrads<T> (or DualPixelGrads for T = Dual).
+template <typename T, typename Pixel, typename Grads>
+NANOBRAGG_INLINE void absorbed_pixel_backward(const AbsorptionParams<T>& prm, const Pixel& px,
+                                              T g, Grads& out) {
   const int64_t L = prm.layers;
   const int64_t LI = px.intensity_layers;
-  auto add_intensity = [&](int64_t t, T v) {
-    if (out.intensity != nullptr) {
-      out.intensity[LI == 1 ? 0 : t * out.intensity_layer_stride] += v;
-    }
-  };
+  auto add_intensity = [&](int64_t t, T v) { out.add_intensity(LI == 1 ? 0 : t, v); };
   // dL/drho of one layer's position -> dL/dp of that layer, dL/dodet.
-  auto add_rho = [&](int64_t layer_of_coords, T g_rho) {
-    const T* p = px.coords + layer_of_coords * px.coords_layer_stride;
-    T* gp = out.coords == nullptr ? nullptr : out.coords + layer_of_coords * out.coords_layer_stride;
-    parallax_backward(prm.odet, p, px.comp_stride, g_rho, gp, out.comp_stride, out.odet);
+  auto add_rho = [&](int64_t layer, T g_rho) {
+    T gp[3], go[3];
+    parallax_grad(prm.odet[0], prm.odet[1], prm.odet[2], px.coord(layer, 0), px.coord(layer, 1),
+                  px.coord(layer, 2), g_rho, gp, go);
+    for (int d = 0; d < 3; ++d) {
+      out.odet[d] += go[d];
+    }
+    out.add_coords(layer, gp);
   };
   if (!prm.thick) {
     for (int64_t t = 0; t < LI; ++t) {
@@ -393,43 +446,58 @@ NANOBRAGG_INLINE void absorbed_pixel_backward(const AbsorptionParams<T>& prm,
   }
   if (!prm.oversample) {
     const int64_t pl = px.coords_layers == 1 ? 0 : L - 1;
-    const T rho = parallax(prm.odet, px.coords + pl * px.coords_layer_stride, px.comp_stride);
+    const T rho = pixel_parallax(prm.odet, px, pl);
     const T a = prm.step / rho;
     const T c = layer_capture(a, L - 1);
     for (int64_t t = 0; t < LI; ++t) {
       add_intensity(t, g * c / T(LI));
     }
-    const T d_a = g * mean_intensity(px) * layer_capture_da(a, L - 1);
+    const T d_a = g * mean_intensity<T>(px) * layer_capture_da(a, L - 1);
     out.d_step += d_a / rho;
-    add_rho(pl, -d_a * a / rho);
+    add_rho(pl, T(0) - d_a * a / rho);
     return;
   }
   if (px.coords_layers == 1) {
-    const T rho = parallax(prm.odet, px.coords, px.comp_stride);
+    const T rho = pixel_parallax(prm.odet, px, 0);
     const T a = prm.step / rho;
     T d_a = T(0);
     if (LI == 1) {
       add_intensity(0, g * total_capture(a, L));
-      d_a = g * px.intensity[0] * total_capture_da(a, L);
+      d_a = g * px.intensity_at(0) * total_capture_da(a, L);
     } else {
       for (int64_t t = 0; t < L; ++t) {
         add_intensity(t, g * layer_capture(a, t));
-        d_a += g * px.intensity[t * px.intensity_layer_stride] * layer_capture_da(a, t);
+        d_a += g * px.intensity_at(t) * layer_capture_da(a, t);
       }
     }
     out.d_step += d_a / rho;
-    add_rho(0, -d_a * a / rho);
+    add_rho(0, T(0) - d_a * a / rho);
     return;
   }
   for (int64_t t = 0; t < L; ++t) {
-    const T rho = parallax(prm.odet, px.coords + t * px.coords_layer_stride, px.comp_stride);
+    const T rho = pixel_parallax(prm.odet, px, t);
     const T a = prm.step / rho;
-    const T I = px.intensity[LI == 1 ? 0 : t * px.intensity_layer_stride];
+    const T I = px.intensity_at(LI == 1 ? 0 : t);
     add_intensity(t, g * layer_capture(a, t));
     const T d_a = g * I * layer_capture_da(a, t);
     out.d_step += d_a / rho;
-    add_rho(t, -d_a * a / rho);
+    add_rho(t, T(0) - d_a * a / rho);
   }
+}
+
+// Double backward of one pixel, on duals whose direction is the cotangents
+// of the backward's outputs (prm, px). Returns d/dg, the derivative of out
+// along that direction; when `grads` is set, runs the backward on the duals,
+// which adds g H v (the derivative of the gradient along the direction) to
+// the slots and accumulates dL/ds and dL/dodet with their derivatives.
+template <typename T>
+NANOBRAGG_INLINE T absorbed_pixel_double_backward(const AbsorptionParams<Dual<T>>& prm,
+                                                  const DualPixel<T>& px, T g, bool grads,
+                                                  DualPixelGrads<T>& out) {
+  if (grads) {
+    absorbed_pixel_backward(prm, px, Dual<T>(g, T(0)), out);
+  }
+  return absorbed_pixel(prm, px).d;
 }
 
 }  // namespace absorption

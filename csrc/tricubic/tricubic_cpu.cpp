@@ -23,6 +23,7 @@ namespace {
 
 constexpr const char* kForward = "nanobragg::tricubic_interp";
 constexpr const char* kBackward = "nanobragg::tricubic_interp_backward";
+constexpr const char* kDoubleBackward = "nanobragg::tricubic_interp_double_backward";
 
 // Points per task of at::parallel_for: ~100 flops and 64 loads each.
 constexpr int64_t kPointGrain = 512;
@@ -46,21 +47,11 @@ int64_t grid_grad_lane_count(int64_t num_points, int64_t grid_numel,
   return std::max<int64_t>(lanes, 1);
 }
 
-template <typename T>
-void grid_grad_kernel(const at::Tensor& grad_output, const at::Tensor& hkl_in,
-                      c10::IntArrayRef index_min, OutOfRange mode,
-                      at::Tensor& grad_grid) {
-  at::Tensor hkl = hkl_in;
-  at::Tensor grad = grad_output;
-  const auto point_shape = point_shape_of(hkl);
-  const int64_t n = c10::multiply_integers(point_shape);
-  const auto offsets = point_offsets_or_contiguous<2>(point_shape, {&hkl, &grad});
+// Adds scatter(p, add) of every point p < n into grad_grid (contiguous,
+// zeroed), in grid_grad_lane_count partial grids reduced in a fixed order.
+template <typename T, typename ScatterFn>
+void accumulate_grid_grad(int64_t n, at::Tensor& grad_grid, const ScatterFn& scatter) {
   const int64_t g_numel = grad_grid.numel();
-  const GridShape shape = make_grid_shape(grad_grid.sizes(), index_min);
-  const T* hkl_data = hkl.const_data_ptr<T>();
-  const T* grad_data = grad.const_data_ptr<T>();
-  const int64_t hkl_last = hkl.stride(-1);
-
   const int64_t lanes = grid_grad_lane_count(n, g_numel, sizeof(T));
   at::Tensor partials;
   if (lanes > 1) {
@@ -74,17 +65,8 @@ void grid_grad_kernel(const at::Tensor& grad_output, const at::Tensor& hkl_in,
     for (int64_t lane = lane_begin; lane < lane_end; ++lane) {
       T* dest = lane == 0 ? out : partial_data + (lane - 1) * g_numel;
       auto add = [dest](int64_t i, T v) { dest[i] += v; };
-      const int64_t begin = n * lane / lanes;
-      const int64_t end = n * (lane + 1) / lanes;
-      cpu::for_each_index(
-          [&](int64_t p) NANOBRAGG_LAMBDA_INLINE {
-            int64_t off[2];
-            offsets.get(p, off);
-            const T* x = hkl_data + off[0];
-            tricubic_grid_grad_scatter<T>(shape.size, shape.lo, x[0], x[hkl_last],
-                                          x[2 * hkl_last], mode, grad_data[off[1]], add);
-          },
-          begin, end);
+      cpu::for_each_index([&](int64_t p) NANOBRAGG_LAMBDA_INLINE { scatter(p, add); },
+                          n * lane / lanes, n * (lane + 1) / lanes);
     }
   });
   if (lanes > 1) {
@@ -99,6 +81,29 @@ void grid_grad_kernel(const at::Tensor& grad_output, const at::Tensor& hkl_in,
       }
     });
   }
+}
+
+template <typename T>
+void grid_grad_kernel(const at::Tensor& grad_output, const at::Tensor& hkl_in,
+                      c10::IntArrayRef index_min, OutOfRange mode,
+                      at::Tensor& grad_grid) {
+  at::Tensor hkl = hkl_in;
+  at::Tensor grad = grad_output;
+  const auto point_shape = point_shape_of(hkl);
+  const auto offsets = point_offsets_or_contiguous<2>(point_shape, {&hkl, &grad});
+  const GridShape shape = make_grid_shape(grad_grid.sizes(), index_min);
+  const T* hkl_data = hkl.const_data_ptr<T>();
+  const T* grad_data = grad.const_data_ptr<T>();
+  const int64_t hkl_last = hkl.stride(-1);
+  accumulate_grid_grad<T>(
+      c10::multiply_integers(point_shape), grad_grid,
+      [&](int64_t p, auto& add) NANOBRAGG_LAMBDA_INLINE {
+        int64_t off[2];
+        offsets.get(p, off);
+        const T* x = hkl_data + off[0];
+        tricubic_grid_grad_scatter<T>(shape.size, shape.lo, x[0], x[hkl_last],
+                                      x[2 * hkl_last], mode, grad_data[off[1]], add);
+      });
 }
 
 template <typename T>
@@ -192,6 +197,78 @@ std::tuple<at::Tensor, at::Tensor> tricubic_interp_backward_cpu(
   return {grad_grid, grad_hkl};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tricubic_interp_double_backward_cpu(
+    const std::optional<at::Tensor>& grad_grad_grid,
+    const std::optional<at::Tensor>& grad_grad_hkl, const at::Tensor& grad_output,
+    const at::Tensor& grid, const at::Tensor& hkl_in, c10::IntArrayRef index_min,
+    c10::string_view out_of_range, std::array<bool, 3> output_mask) {
+  const DoubleBackwardCall call = prepare_double_backward(
+      kDoubleBackward, grad_grad_grid, grad_grad_hkl, grad_output, grid, hkl_in, index_min,
+      out_of_range, output_mask);
+  at::Tensor grad_grad_output = call.grad_grad_output;
+  at::Tensor grad_grid = call.grad_grid;
+  at::Tensor grad_hkl = call.grad_hkl;
+  if (hkl_in.numel() == 0) {
+    return {grad_grad_output, grad_grid, grad_hkl};
+  }
+  at::Tensor hkl = hkl_in;
+  at::Tensor grad = grad_output;
+  at::Tensor v = call.gg_hkl;
+  const auto point_shape = point_shape_of(hkl);
+  const int64_t n = c10::multiply_integers(point_shape);
+  const auto offsets = point_offsets_or_contiguous<3>(point_shape, {&hkl, &grad, &v});
+  const OutOfRange mode = call.mode;
+  AT_DISPATCH_FLOATING_TYPES(grid.scalar_type(), "tricubic_interp_double_backward_cpu", [&] {
+    using T = scalar_t;
+    const T* x_data = hkl.const_data_ptr<T>();
+    const T* g_data = grad.const_data_ptr<T>();
+    const T* v_data = v.const_data_ptr<T>();
+    const int64_t x_last = hkl.stride(-1), v_last = v.stride(-1);
+    // Point p's coordinates, incoming gradient and grad_hkl cotangent.
+    auto point = [&](int64_t p, T x[3], T& g, T vp[3]) NANOBRAGG_LAMBDA_INLINE {
+      int64_t off[3];
+      offsets.get(p, off);
+      for (int d = 0; d < 3; ++d) {
+        x[d] = x_data[off[0] + d * x_last];
+        vp[d] = v_data[off[2] + d * v_last];
+      }
+      g = g_data[off[1]];
+    };
+    if (output_mask[0] || output_mask[2]) {
+      const GridView<T> view = make_grid_view<T>(grid, index_min);
+      const GridView<T> gg = make_cotangent_view<T>(call.gg_grid, index_min);
+      T* ggo = output_mask[0] ? grad_grad_output.mutable_data_ptr<T>() : nullptr;
+      T* gh = output_mask[2] ? grad_hkl.mutable_data_ptr<T>() : nullptr;
+      with_unit_l_stride(view.stride[2] == 1, [&](auto unit_l) {
+        at::parallel_for(0, n, kPointGrain, [&](int64_t begin, int64_t end) {
+          cpu::for_each_index(
+              [&](int64_t p) NANOBRAGG_LAMBDA_INLINE {
+                T x[3], g, vp[3], d_g, d_hkl[3];
+                point(p, x, g, vp);
+                tricubic_double_backward_point<T, decltype(unit_l)::value>(
+                    view, gg, x[0], x[1], x[2], mode, g, vp, d_g, d_hkl);
+                if (ggo != nullptr) ggo[p] = d_g;
+                if (gh != nullptr) {
+                  for (int d = 0; d < 3; ++d) gh[3 * p + d] = d_hkl[d];
+                }
+              },
+              begin, end);
+        });
+      });
+    }
+    if (output_mask[1] && call.has_gg_hkl) {
+      const GridShape shape = make_grid_shape(grid.sizes(), index_min);
+      accumulate_grid_grad<T>(n, grad_grid, [&](int64_t p, auto& add) NANOBRAGG_LAMBDA_INLINE {
+        T x[3], g, vp[3];
+        point(p, x, g, vp);
+        tricubic_double_backward_grid_scatter<T>(shape.size, shape.lo, x[0], x[1], x[2], mode,
+                                                 g, vp, add);
+      });
+    }
+  });
+  return {grad_grad_output, grad_grid, grad_hkl};
+}
+
 }  // namespace tricubic
 }  // namespace nanobragg
 
@@ -199,4 +276,6 @@ TORCH_LIBRARY_IMPL(nanobragg, CPU, m) {
   m.impl("tricubic_interp", TORCH_FN(nanobragg::tricubic::tricubic_interp_cpu));
   m.impl("tricubic_interp_backward",
          TORCH_FN(nanobragg::tricubic::tricubic_interp_backward_cpu));
+  m.impl("tricubic_interp_double_backward",
+         TORCH_FN(nanobragg::tricubic::tricubic_interp_double_backward_cpu));
 }

@@ -113,7 +113,7 @@ struct StridedPoints {
     int64_t off[2];
     offsets.get(i, off);
     const T* x = hkl + off[0];
-    return {x[0], x[hkl_last], x[2 * hkl_last], grad[off[1]]};
+    return {x[0], x[hkl_last], x[2 * hkl_last], grad[off[1]], {T(0), T(0), T(0)}};
   }
 };
 

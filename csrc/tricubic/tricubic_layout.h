@@ -11,9 +11,11 @@
 #include <ATen/ops/zeros.h>
 
 #include <array>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 
+#include "checks.h"
 #include "common/point_offsets.h"
 #include "tricubic/tricubic_math.h"
 
@@ -74,6 +76,50 @@ inline std::tuple<at::Tensor, at::Tensor> allocate_backward_outputs(
     const at::Tensor& grid, const at::Tensor& hkl, const std::array<bool, 2>& output_mask) {
   return {output_mask[0] ? at::zeros(grid.sizes(), grid.options()) : at::empty({0}, grid.options()),
           output_mask[1] ? at::empty(hkl.sizes(), hkl.options()) : at::empty({0}, hkl.options())};
+}
+
+// A grid-shaped cotangent as a GridView; data is null when it is absent.
+template <typename T>
+GridView<T> make_cotangent_view(const at::Tensor& gg_grid, c10::IntArrayRef index_min) {
+  if (gg_grid.defined()) {
+    return make_grid_view<T>(gg_grid, index_min);
+  }
+  GridView<T> view{};
+  view.data = nullptr;
+  return view;
+}
+
+// The double backward's checked arguments and outputs. An absent grad_hkl
+// cotangent becomes a zero-stride view of one zero (no memory); outputs not
+// asked for are shape-[0] tensors.
+struct DoubleBackwardCall {
+  OutOfRange mode;
+  at::Tensor gg_grid;  // undefined when absent
+  at::Tensor gg_hkl;   // hkl-shaped, never undefined
+  bool has_gg_hkl;
+  at::Tensor grad_grad_output, grad_grid, grad_hkl;
+};
+
+inline DoubleBackwardCall prepare_double_backward(
+    const char* op, const std::optional<at::Tensor>& grad_grad_grid,
+    const std::optional<at::Tensor>& grad_grad_hkl, const at::Tensor& grad_output,
+    const at::Tensor& grid, const at::Tensor& hkl, c10::IntArrayRef index_min,
+    c10::string_view out_of_range, const std::array<bool, 3>& output_mask) {
+  DoubleBackwardCall c;
+  c.mode = checks::check_tricubic_args(op, grid, hkl, index_min, out_of_range);
+  checks::check_tricubic_grad_output(op, grad_output, grid, hkl);
+  checks::check_cotangent(op, "grad_grad_grid", grad_grad_grid, "grid", grid);
+  checks::check_cotangent(op, "grad_grad_hkl", grad_grad_hkl, "hkl", hkl);
+  if (grad_grad_grid.has_value() && grad_grad_grid->defined()) {
+    c.gg_grid = *grad_grad_grid;
+  }
+  c.has_gg_hkl = grad_grad_hkl.has_value() && grad_grad_hkl->defined();
+  c.gg_hkl = c.has_gg_hkl ? *grad_grad_hkl : at::zeros({}, hkl.options()).expand(hkl.sizes());
+  const auto empty = at::empty({0}, grid.options());
+  c.grad_grad_output = output_mask[0] ? at::empty(point_shape_of(hkl), grid.options()) : empty;
+  c.grad_grid = output_mask[1] ? at::zeros(grid.sizes(), grid.options()) : empty;
+  c.grad_hkl = output_mask[2] ? at::empty(hkl.sizes(), hkl.options()) : empty;
+  return c;
 }
 
 // Calls fn(std::true_type) for grids whose l axis is contiguous (the

@@ -43,6 +43,30 @@ NANOBRAGG_INLINE void lagrange_weight_derivs(T u, T dw[4]) {
   dw[3] = (u2 - T(1)) * T(1.0 / 6.0);
 }
 
+// d2w/du2, for the second derivatives (double backward).
+template <typename T>
+NANOBRAGG_INLINE void lagrange_weight_second_derivs(T u, T d2w[4]) {
+  d2w[0] = T(1) - u;
+  d2w[1] = T(3) * u - T(2);
+  d2w[2] = T(1) - T(3) * u;
+  d2w[3] = u;
+}
+
+// The weights of one axis and their first and second derivatives.
+template <typename T>
+struct AxisWeights {
+  T w[4], dw[4], d2w[4];
+};
+
+template <typename T>
+NANOBRAGG_INLINE AxisWeights<T> axis_weights(T u) {
+  AxisWeights<T> a;
+  lagrange_weights(u, a.w);
+  lagrange_weight_derivs(u, a.dw);
+  lagrange_weight_second_derivs(u, a.d2w);
+  return a;
+}
+
 // Range tests run in double on the coordinate and on index_min before any
 // integer conversion, so NaN/Inf, huge coordinates and index_min near the
 // int64 limits can never turn into an in-bounds index by overflow. `lo` is
@@ -204,6 +228,57 @@ NANOBRAGG_INLINE void contract_stencil_grad(const T* g,
   grad[2] = dwl[0] * acc[0] + dwl[1] * acc[1] + dwl[2] * acc[2] + dwl[3] * acc[3];
 }
 
+// Value, gradient and Hessian in (u_h, u_k, u_l) of the contraction, in one
+// pass: six row accumulators (w_h w_k, w'_h w_k, w_h w'_k, w''_h w_k,
+// w'_h w'_k, w_h w''_k), then dots with w_l, w'_l, w''_l.
+template <typename T>
+struct StencilJet {
+  T value;
+  T grad[3];
+  T hess[6];  // hh, kk, ll, hk, hl, kl
+};
+
+template <typename T, bool kUnitL = false>
+NANOBRAGG_INLINE StencilJet<T> contract_stencil_jet(const T* g, const int64_t stride[3],
+                                                    const AxisWeights<T>& wh,
+                                                    const AxisWeights<T>& wk,
+                                                    const AxisWeights<T>& wl) {
+  const int64_t sl = l_stride<kUnitL>(stride);
+  T acc[6][4] = {};
+  NANOBRAGG_UNROLL
+  for (int a = 0; a < 4; ++a) {
+    NANOBRAGG_UNROLL
+    for (int b = 0; b < 4; ++b) {
+      const T row_w[6] = {wh.w[a] * wk.w[b],   wh.dw[a] * wk.w[b],  wh.w[a] * wk.dw[b],
+                          wh.d2w[a] * wk.w[b], wh.dw[a] * wk.dw[b], wh.w[a] * wk.d2w[b]};
+      const T* row = g + a * stride[0] + b * stride[1];
+      NANOBRAGG_UNROLL
+      for (int c = 0; c < 4; ++c) {
+        const T v = row[c * sl];
+        NANOBRAGG_UNROLL
+        for (int r = 0; r < 6; ++r) {
+          acc[r][c] += row_w[r] * v;
+        }
+      }
+    }
+  }
+  auto dot = [](const T x[4], const T y[4]) {
+    return x[0] * y[0] + x[1] * y[1] + x[2] * y[2] + x[3] * y[3];
+  };
+  StencilJet<T> j;
+  j.value = dot(acc[0], wl.w);
+  j.grad[0] = dot(acc[1], wl.w);
+  j.grad[1] = dot(acc[2], wl.w);
+  j.grad[2] = dot(acc[0], wl.dw);
+  j.hess[0] = dot(acc[3], wl.w);
+  j.hess[1] = dot(acc[5], wl.w);
+  j.hess[2] = dot(acc[0], wl.d2w);
+  j.hess[3] = dot(acc[4], wl.w);
+  j.hess[4] = dot(acc[1], wl.dw);
+  j.hess[5] = dot(acc[2], wl.dw);
+  return j;
+}
+
 // Forward value of one point.
 template <typename T, bool kUnitL = false>
 NANOBRAGG_INLINE T tricubic_value(const GridView<T>& grid, T h, T k, T l,
@@ -287,6 +362,99 @@ NANOBRAGG_UNROLL
 }
 
 // ---------------------------------------------------------------------------
+// Double backward. The backward maps (g, grid, hkl) to
+//   grad_grid = scatter of g W(hkl),   grad_hkl = g dF/dhkl(grid, hkl),
+// with W the 64 stencil weights. Given the cotangents G (grid-shaped, of
+// grad_grid) and v (per point, of grad_hkl), its derivatives are
+//   d/dg    = sum W G + v . dF/dhkl            = interp(G) + v . grad F
+//   d/dhkl  = g (grad interp(G) + H_F v)       (H_F: Hessian of F in hkl)
+//   d/dgrid = scatter of g sum_d v_d dW/dhkl_d
+// A nearest point's backward is grad_grid[node] += g, so its d/dg is
+// G[node]; a default point has none. `gg` (G's view) may have null data.
+
+// d/dg and d/dhkl of one point. v may be all zero (no cotangent of grad_hkl).
+template <typename T, bool kUnitL = false>
+NANOBRAGG_INLINE void tricubic_double_backward_point(const GridView<T>& grid,
+                                                     const GridView<T>& gg, T h, T k, T l,
+                                                     OutOfRange mode, T grad_out, const T v[3],
+                                                     T& grad_grad_out, T grad_hkl[3]) {
+  grad_grad_out = T(0);
+  grad_hkl[0] = grad_hkl[1] = grad_hkl[2] = T(0);
+  const PointStencil<T> p = classify_point(grid.size, grid.lo, h, k, l, mode);
+  if (p.kind == PointKind::Default) {
+    return;
+  }
+  if (p.kind == PointKind::Nearest) {
+    if (gg.data != nullptr) {
+      grad_grad_out = gg.data[node_offset<T>(gg.stride, p.first)];
+    }
+    return;
+  }
+  const AxisWeights<T> wh = axis_weights(p.u[0]);
+  const AxisWeights<T> wk = axis_weights(p.u[1]);
+  const AxisWeights<T> wl = axis_weights(p.u[2]);
+  const StencilJet<T> f = contract_stencil_jet<T, kUnitL>(
+      grid.data + node_offset<T>(grid.stride, p.first), grid.stride, wh, wk, wl);
+  const T* H = f.hess;
+  T d_hkl[3] = {H[0] * v[0] + H[3] * v[1] + H[4] * v[2],
+                H[3] * v[0] + H[1] * v[1] + H[5] * v[2],
+                H[4] * v[0] + H[5] * v[1] + H[2] * v[2]};
+  grad_grad_out = v[0] * f.grad[0] + v[1] * f.grad[1] + v[2] * f.grad[2];
+  if (gg.data != nullptr) {
+    const StencilJet<T> G = contract_stencil_jet<T, false>(
+        gg.data + node_offset<T>(gg.stride, p.first), gg.stride, wh, wk, wl);
+    grad_grad_out += G.value;
+    for (int d = 0; d < 3; ++d) {
+      d_hkl[d] += G.grad[d];
+    }
+  }
+  for (int d = 0; d < 3; ++d) {
+    grad_hkl[d] = grad_out * d_hkl[d];
+  }
+}
+
+// The weight of tap (a, b, c) in d/dgrid: sum_d v_d dW/dhkl_d.
+template <typename T>
+NANOBRAGG_INLINE T second_order_tap(const AxisWeights<T>& wh, const AxisWeights<T>& wk,
+                                    const AxisWeights<T>& wl, const T v[3], int a, int b,
+                                    int c) {
+  return v[0] * wh.dw[a] * wk.w[b] * wl.w[c] + v[1] * wh.w[a] * wk.dw[b] * wl.w[c] +
+         v[2] * wh.w[a] * wk.w[b] * wl.dw[c];
+}
+
+// Scatters d/dgrid of one point (grad_out * second_order_tap) through `add`,
+// as tricubic_grid_grad_scatter does for the first derivative.
+template <typename T, typename AddFn>
+NANOBRAGG_INLINE void tricubic_double_backward_grid_scatter(const int64_t size[3],
+                                                            const double lo[3], T h, T k, T l,
+                                                            OutOfRange mode, T grad_out,
+                                                            const T v[3], AddFn& add) {
+  const PointStencil<T> p = classify_point(size, lo, h, k, l, mode);
+  if (p.kind != PointKind::Stencil) {
+    return;  // a nearest point's grid gradient does not move with hkl
+  }
+  const int64_t stride[3] = {size[1] * size[2], size[2], 1};
+  const int64_t base = node_offset<T>(stride, p.first);
+  const AxisWeights<T> wh = axis_weights(p.u[0]);
+  const AxisWeights<T> wk = axis_weights(p.u[1]);
+  const AxisWeights<T> wl = axis_weights(p.u[2]);
+  NANOBRAGG_UNROLL
+  for (int a = 0; a < 4; ++a) {
+    NANOBRAGG_UNROLL
+    for (int b = 0; b < 4; ++b) {
+      // Along l the tap is r0 w_l + r1 w'_l.
+      const T r0 = grad_out * (v[0] * wh.dw[a] * wk.w[b] + v[1] * wh.w[a] * wk.dw[b]);
+      const T r1 = grad_out * v[2] * wh.w[a] * wk.w[b];
+      const int64_t row = base + a * stride[0] + b * stride[1];
+      NANOBRAGG_UNROLL
+      for (int c = 0; c < 4; ++c) {
+        add(row + c, r0 * wl.w[c] + r1 * wl.dw[c]);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
 // The deterministic grid gradient (CUDA under
 // torch.use_deterministic_algorithms): points are stably sorted by a key, and
 // each node gathers the taps that land on it in a fixed order. Shared here so
@@ -345,18 +513,21 @@ NANOBRAGG_INLINE int64_t lower_bound_key(const int64_t* sorted, int64_t n, int64
   return lo;
 }
 
-// What the gather needs of point i: its coordinates and incoming gradient.
+// What the gather needs of point i: its coordinates, incoming gradient and,
+// for the double backward's d/dgrid, the cotangent v of its grad_hkl.
 template <typename T>
 struct PointSample {
   T h, k, l, grad;
+  T v[3];
 };
 
 // dL/dgrid at one node: the sum, in the order (a, b, c) then sorted point
 // order, of grad * w_a w_b w_c over every point whose stencil puts tap (a, b,
 // c) on this node, then grad of every nearest point on it. `point(i)` gives
 // PointSample i (original order); sorted_keys/order come from a stable sort
-// of point_sort_key.
-template <typename T, typename PointFn>
+// of point_sort_key. kSecondOrder: the double backward's d/dgrid instead
+// (taps grad * second_order_tap; nearest points add nothing).
+template <typename T, bool kSecondOrder = false, typename PointFn>
 NANOBRAGG_INLINE T gather_node_grad(const GridShape& shape, int64_t node,
                                           const int64_t* sorted_keys,
                                           const int64_t* order, int64_t n,
@@ -375,14 +546,22 @@ NANOBRAGG_INLINE T gather_node_grad(const GridShape& shape, int64_t node,
         for (int64_t i = lower_bound_key(sorted_keys, n, key); i < n && sorted_keys[i] == key; ++i) {
           const PointSample<T> s = point(order[i]);
           const PointStencil<T> p = classify_point(shape.size, shape.lo, s.h, s.k, s.l, mode);
-          T wh[4], wk[4], wl[4];
-          lagrange_weights(p.u[0], wh);
-          lagrange_weights(p.u[1], wk);
-          lagrange_weights(p.u[2], wl);
-          total += s.grad * wh[a] * wk[b] * wl[c];
+          if (kSecondOrder) {
+            total += s.grad * second_order_tap(axis_weights(p.u[0]), axis_weights(p.u[1]),
+                                               axis_weights(p.u[2]), s.v, a, b, c);
+          } else {
+            T wh[4], wk[4], wl[4];
+            lagrange_weights(p.u[0], wh);
+            lagrange_weights(p.u[1], wk);
+            lagrange_weights(p.u[2], wl);
+            total += s.grad * wh[a] * wk[b] * wl[c];
+          }
         }
       }
     }
+  }
+  if (kSecondOrder) {
+    return total;
   }
   const int64_t key = nearest_key(node);
   for (int64_t i = lower_bound_key(sorted_keys, n, key); i < n && sorted_keys[i] == key; ++i) {

@@ -255,7 +255,7 @@ TEST(TricubicGatherMath, MatchesScatterOnCpu) {
       keys[i] = point_sort_key<double>(shape, h[i][0], h[i][1], h[i][2], m);
     }
     auto [sorted, order] = at::sort(keys, /*stable=*/true, 0, false);
-    auto point = [&](int64_t i) { return PointSample<double>{h[i][0], h[i][1], h[i][2], g[i]}; };
+    auto point = [&](int64_t i) { return PointSample<double>{h[i][0], h[i][1], h[i][2], g[i], {0, 0, 0}}; };
     std::vector<double> gathered(static_cast<size_t>(grid.numel()));
     for (int64_t node = 0; node < grid.numel(); ++node) {
       gathered[static_cast<size_t>(node)] = gather_node_grad<double>(
