@@ -34,6 +34,7 @@ namespace {
 
 constexpr const char* kForward = "nanobragg::tricubic_interp";
 constexpr const char* kBackward = "nanobragg::tricubic_interp_backward";
+constexpr const char* kDoubleBackward = "nanobragg::tricubic_interp_double_backward";
 using cuda::blocks_for;
 using cuda::kThreads;
 
@@ -88,37 +89,41 @@ __global__ void grid_grad_atomic_kernel(GridShape shape, const T* __restrict__ h
   }
 }
 
-// Deterministic path, step 1: the sort key of each point.
-template <typename T>
-__global__ void sort_key_kernel(GridShape shape, const T* __restrict__ hkl,
-                                int64_t hkl_last, PointOffsets<2> offsets,
-                                int64_t n, OutOfRange mode, int64_t* keys) {
-  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n;
-       p += int64_t(blockDim.x) * gridDim.x) {
-    int64_t off[2];
-    offsets.get(p, off);
-    const T* x = hkl + off[0];
-    keys[p] = point_sort_key<T>(shape, x[0], x[hkl_last], x[2 * hkl_last], mode);
-  }
-}
-
-// Reads point i's coordinates and gradient for gather_node_grad.
+// Reads point i's coordinates, gradient and (double backward) grad_hkl
+// cotangent for gather_node_grad. Offsets: hkl, grad, v.
 template <typename T>
 struct StridedPoints {
   const T* hkl;
   int64_t hkl_last;
   const T* grad;
-  PointOffsets<2> offsets;
+  const T* v;  // null: first derivative
+  int64_t v_last;
+  PointOffsets<3> offsets;
   __device__ PointSample<T> operator()(int64_t i) const {
-    int64_t off[2];
+    int64_t off[3];
     offsets.get(i, off);
     const T* x = hkl + off[0];
-    return {x[0], x[hkl_last], x[2 * hkl_last], grad[off[1]], {T(0), T(0), T(0)}};
+    PointSample<T> s{x[0], x[hkl_last], x[2 * hkl_last], grad[off[1]], {T(0), T(0), T(0)}};
+    if (v != nullptr) {
+      for (int d = 0; d < 3; ++d) s.v[d] = v[off[2] + d * v_last];
+    }
+    return s;
   }
 };
 
-// Deterministic path, step 2: one thread per grid node.
+// Deterministic path, step 1: the sort key of each point.
 template <typename T>
+__global__ void sort_key_kernel(GridShape shape, StridedPoints<T> points, int64_t n,
+                                OutOfRange mode, int64_t* keys) {
+  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n;
+       p += int64_t(blockDim.x) * gridDim.x) {
+    const PointSample<T> s = points(p);
+    keys[p] = point_sort_key<T>(shape, s.h, s.k, s.l, mode);
+  }
+}
+
+// Deterministic path, step 2: one thread per grid node.
+template <typename T, bool kSecondOrder>
 __global__ void grid_grad_gather_kernel(GridShape shape, StridedPoints<T> points, int64_t n,
                                         const int64_t* __restrict__ sorted_keys,
                                         const int64_t* __restrict__ order,
@@ -126,8 +131,58 @@ __global__ void grid_grad_gather_kernel(GridShape shape, StridedPoints<T> points
   const int64_t g_numel = shape.size[0] * shape.size[1] * shape.size[2];
   for (int64_t node = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; node < g_numel;
        node += int64_t(blockDim.x) * gridDim.x) {
-    grad_grid[node] = gather_node_grad<T>(shape, node, sorted_keys, order, n, mode, points);
+    grad_grid[node] =
+        gather_node_grad<T, kSecondOrder>(shape, node, sorted_keys, order, n, mode, points);
   }
+}
+
+// Double backward: d/dg and d/dhkl, one thread per point.
+template <typename T>
+__global__ void double_backward_point_kernel(GridView<T> grid, GridView<T> gg,
+                                             StridedPoints<T> points, int64_t n,
+                                             OutOfRange mode, T* __restrict__ grad_grad_output,
+                                             T* __restrict__ grad_hkl) {
+  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n;
+       p += int64_t(blockDim.x) * gridDim.x) {
+    const PointSample<T> s = points(p);
+    T d_g, d_hkl[3];
+    tricubic_double_backward_point<T>(grid, gg, s.h, s.k, s.l, mode, s.grad, s.v, d_g, d_hkl);
+    if (grad_grad_output != nullptr) grad_grad_output[p] = d_g;
+    if (grad_hkl != nullptr) {
+      for (int d = 0; d < 3; ++d) grad_hkl[3 * p + d] = d_hkl[d];
+    }
+  }
+}
+
+// Double backward: d/dgrid by atomics.
+template <typename T>
+__global__ void double_backward_grid_atomic_kernel(GridShape shape, StridedPoints<T> points,
+                                                   int64_t n, OutOfRange mode, T* grad_grid) {
+  AtomicAdd<T> add{grad_grid};
+  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n;
+       p += int64_t(blockDim.x) * gridDim.x) {
+    const PointSample<T> s = points(p);
+    tricubic_double_backward_grid_scatter<T>(shape.size, shape.lo, s.h, s.k, s.l, mode, s.grad,
+                                             s.v, add);
+  }
+}
+
+// A grid gradient in the deterministic order: sort the points by stencil,
+// then gather per node.
+template <typename T, bool kSecondOrder>
+void deterministic_grid_grad(const GridShape& shape, const StridedPoints<T>& points, int64_t n,
+                             OutOfRange mode, at::Tensor& grad_grid, cudaStream_t stream) {
+  at::Tensor keys = at::empty({n}, grad_grid.options().dtype(at::kLong));
+  sort_key_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(shape, points, n, mode,
+                                                             keys.mutable_data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // A stable sort keeps equal keys in point order: a fixed sum order.
+  auto [sorted, order] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const int64_t g_numel = grad_grid.numel();
+  grid_grad_gather_kernel<T, kSecondOrder><<<blocks_for(g_numel), kThreads, 0, stream>>>(
+      shape, points, n, sorted.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(), mode,
+      grad_grid.mutable_data_ptr<T>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -188,27 +243,70 @@ std::tuple<at::Tensor, at::Tensor> tricubic_interp_backward_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (output_mask[0] && grid.numel() > 0) {
-      scalar_t* out = grad_grid.mutable_data_ptr<scalar_t>();
       if (!at::globalContext().deterministicAlgorithms()) {
         grid_grad_atomic_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-            shape, x, last, g, offsets, n, mode, out);
+            shape, x, last, g, offsets, n, mode, grad_grid.mutable_data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else {
-        at::Tensor keys = at::empty({n}, grid.options().dtype(at::kLong));
-        sort_key_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-            shape, x, last, offsets, n, mode, keys.mutable_data_ptr<int64_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        // A stable sort keeps equal keys in point order: a fixed sum order.
-        auto [sorted, order] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-        const int64_t g_numel = grid.numel();
-        grid_grad_gather_kernel<scalar_t><<<blocks_for(g_numel), kThreads, 0, stream>>>(
-            shape, StridedPoints<scalar_t>{x, last, g, offsets}, n,
-            sorted.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(), mode, out);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        // (grad stands in for the absent third operand, v.)
+        const auto offsets3 = point_offsets_or_contiguous<3>(point_shape, {&hkl, &grad, &grad});
+        const StridedPoints<scalar_t> points{hkl.const_data_ptr<scalar_t>(), hkl.stride(-1),
+                                             grad.const_data_ptr<scalar_t>(), nullptr, 0,
+                                             offsets3};
+        deterministic_grid_grad<scalar_t, false>(shape, points, n, mode, grad_grid, stream);
       }
     }
   });
   return {grad_grid, grad_hkl};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tricubic_interp_double_backward_cuda(
+    const std::optional<at::Tensor>& grad_grad_grid,
+    const std::optional<at::Tensor>& grad_grad_hkl, const at::Tensor& grad_output,
+    const at::Tensor& grid, const at::Tensor& hkl_in, c10::IntArrayRef index_min,
+    c10::string_view out_of_range, std::array<bool, 3> output_mask) {
+  const DoubleBackwardCall call = prepare_double_backward(
+      kDoubleBackward, grad_grad_grid, grad_grad_hkl, grad_output, grid, hkl_in, index_min,
+      out_of_range, output_mask);
+  const c10::cuda::CUDAGuard guard(grid.device());
+  at::Tensor grad_grad_output = call.grad_grad_output;
+  at::Tensor grad_grid = call.grad_grid;
+  at::Tensor grad_hkl = call.grad_hkl;
+  if (hkl_in.numel() == 0) {
+    return {grad_grad_output, grad_grid, grad_hkl};
+  }
+  at::Tensor hkl = hkl_in;
+  at::Tensor grad = grad_output;
+  at::Tensor v = call.gg_hkl;
+  const auto point_shape = point_shape_of(hkl);
+  const int64_t n = c10::multiply_integers(point_shape);
+  const auto offsets = point_offsets_or_contiguous<3>(point_shape, {&hkl, &grad, &v});
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const GridShape shape = make_grid_shape(grid.sizes(), index_min);
+  AT_DISPATCH_FLOATING_TYPES(grid.scalar_type(), "tricubic_interp_double_backward_cuda", [&] {
+    using T = scalar_t;
+    const StridedPoints<T> points{hkl.const_data_ptr<T>(), hkl.stride(-1),
+                                  grad.const_data_ptr<T>(), v.const_data_ptr<T>(),
+                                  v.stride(-1), offsets};
+    if (output_mask[0] || output_mask[2]) {
+      double_backward_point_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
+          make_grid_view<T>(grid, index_min), make_cotangent_view<T>(call.gg_grid, index_min),
+          points, n, call.mode,
+          output_mask[0] ? grad_grad_output.mutable_data_ptr<T>() : nullptr,
+          output_mask[2] ? grad_hkl.mutable_data_ptr<T>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (output_mask[1] && call.has_gg_hkl && grid.numel() > 0) {
+      if (!at::globalContext().deterministicAlgorithms()) {
+        double_backward_grid_atomic_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
+            shape, points, n, call.mode, grad_grid.mutable_data_ptr<T>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      } else {
+        deterministic_grid_grad<T, true>(shape, points, n, call.mode, grad_grid, stream);
+      }
+    }
+  });
+  return {grad_grad_output, grad_grid, grad_hkl};
 }
 
 }  // namespace tricubic
@@ -218,4 +316,6 @@ TORCH_LIBRARY_IMPL(nanobragg, CUDA, m) {
   m.impl("tricubic_interp", TORCH_FN(nanobragg::tricubic::tricubic_interp_cuda));
   m.impl("tricubic_interp_backward",
          TORCH_FN(nanobragg::tricubic::tricubic_interp_backward_cuda));
+  m.impl("tricubic_interp_double_backward",
+         TORCH_FN(nanobragg::tricubic::tricubic_interp_double_backward_cuda));
 }
