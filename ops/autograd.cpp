@@ -1,206 +1,472 @@
 // Autograd kernels, in C++ so that gradients work the same from Python,
-// TorchScript and C++. Each forward re-dispatches below autograd to the
-// backend kernel; each backward calls the backward op through the dispatcher
-// (so it runs on the inputs' device and is traced by torch.compile).
-#include <torch/autograd.h>
+// TorchScript and C++. Each operator has three levels, each an op with its
+// own backend kernels:
+//   op  --backward-->  op_backward  --backward-->  op_double_backward
+// so create_graph=True gives exact second derivatives (SPEC section 3); the
+// double backward's own Node says that third derivatives are not
+// implemented.
+//
+// The kernels are written the way PyTorch's generated VariableType kernels
+// are (a Node per op holding SavedVariables, a redispatch below autograd),
+// not as torch::autograd::Function: functorch transforms (torch.func.grad,
+// vmap, jacrev) refuse C++ Functions but run these like any ATen op.
+// Forward-mode AD (torch.func.jvp, jacfwd) of the two operators comes from
+// the double backward, whose d/d(grad_output) is the directional derivative
+// of the forward along the cotangents.
+#include <ATen/ops/ones.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include <array>
+#include <mutex>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "dispatch.h"
 
 namespace nanobragg {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::Variable;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-class TricubicInterpFunction
-    : public torch::autograd::Function<TricubicInterpFunction> {
+// A Node that keeps the op's non-tensor arguments by value and its tensor
+// inputs as SavedVariables (which check, on unpacking, that none was
+// modified in place since).
+class SavingNode : public torch::autograd::TraceableFunction {
  public:
-  static Variable forward(AutogradContext* ctx, const Variable& grid,
-                          const Variable& hkl, c10::IntArrayRef index_min,
-                          double default_value, c10::string_view out_of_range) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor out = dispatch::tricubic_interp().call(
-        grid, hkl, index_min, default_value, out_of_range);
-    ctx->save_for_backward({grid, hkl});
-    ctx->saved_data["index_min"] = index_min.vec();
-    ctx->saved_data["out_of_range"] =
-        std::string(out_of_range.data(), out_of_range.size());
-    return out;
-  }
-
-  static variable_list backward(AutogradContext* ctx,
-                                variable_list grad_outputs) {
-    const auto saved = ctx->get_saved_variables();
-    const auto index_min = ctx->saved_data["index_min"].toIntVector();
-    const std::string out_of_range = ctx->saved_data["out_of_range"].toStringRef();
-    const std::array<bool, 2> mask = {ctx->needs_input_grad(0),
-                                      ctx->needs_input_grad(1)};
-    auto grads = dispatch::tricubic_interp_backward().call(
-        grad_outputs[0], saved[0], saved[1], index_min, out_of_range, mask);
-    // Shape-[0] placeholders stand for the gradients not asked for.
-    return {mask[0] ? std::get<0>(grads) : Variable(),
-            mask[1] ? std::get<1>(grads) : Variable(), Variable(), Variable(),
-            Variable()};
-  }
-};
-
-// The backward op is differentiable in principle (SPEC section 3); until its
-// own derivative exists, differentiating it says so instead of silently
-// returning nothing.
-class TricubicInterpBackwardFunction
-    : public torch::autograd::Function<TricubicInterpBackwardFunction> {
- public:
-  static variable_list forward(AutogradContext* /*ctx*/,
-                               const Variable& grad_output,
-                               const Variable& grid, const Variable& hkl,
-                               c10::IntArrayRef index_min,
-                               c10::string_view out_of_range,
-                               std::array<bool, 2> output_mask) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto grads = dispatch::tricubic_interp_backward().call(
-        grad_output, grid, hkl, index_min, out_of_range, output_mask);
-    return {std::get<0>(grads), std::get<1>(grads)};
-  }
-
-  static variable_list backward(AutogradContext* /*ctx*/,
-                                variable_list /*grad_outputs*/) {
-    TORCH_CHECK(false,
-                "nanobragg::tricubic_interp_backward: second derivatives "
-                "(double backward) of tricubic_interp are not implemented yet");
-  }
-};
-
-class DetectorAbsorptionFunction
-    : public torch::autograd::Function<DetectorAbsorptionFunction> {
- public:
-  static Variable forward(AutogradContext* ctx, const Variable& intensity,
-                          const Variable& pixel_coords, const Variable& odet,
-                          const Variable& thickness,
-                          const Variable& attenuation_length,
-                          int64_t thicksteps, bool oversample_thick,
-                          bool per_layer) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor out = dispatch::detector_absorption().call(
-        intensity, pixel_coords, odet, thickness, attenuation_length,
-        thicksteps, oversample_thick, per_layer);
-    ctx->save_for_backward(
-        {intensity, pixel_coords, odet, thickness, attenuation_length});
-    ctx->saved_data["thicksteps"] = thicksteps;
-    ctx->saved_data["oversample_thick"] = oversample_thick;
-    ctx->saved_data["per_layer"] = per_layer;
-    return out;
-  }
-
-  static variable_list backward(AutogradContext* ctx,
-                                variable_list grad_outputs) {
-    const auto s = ctx->get_saved_variables();
-    std::array<bool, 5> mask;
-    for (size_t i = 0; i < 5; ++i) {
-      mask[i] = ctx->needs_input_grad(i);
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& s : saved_) {
+      s.reset_data();
     }
-    auto grads = dispatch::detector_absorption_backward().call(
-        grad_outputs[0], s[0], s[1], s[2], s[3], s[4],
-        ctx->saved_data["thicksteps"].toInt(),
-        ctx->saved_data["oversample_thick"].toBool(),
-        ctx->saved_data["per_layer"].toBool(), mask);
-    return {mask[0] ? std::get<0>(grads) : Variable(),
-            mask[1] ? std::get<1>(grads) : Variable(),
-            mask[2] ? std::get<2>(grads) : Variable(),
-            mask[3] ? std::get<3>(grads) : Variable(),
-            mask[4] ? std::get<4>(grads) : Variable(),
-            Variable(),
-            Variable(),
-            Variable()};
   }
+
+ protected:
+  void save(std::initializer_list<at::Tensor> tensors) {
+    for (const auto& t : tensors) {
+      saved_.emplace_back(t, /*is_output=*/false);
+    }
+  }
+  // Call under mutex_.
+  std::vector<at::Tensor> unpack() {
+    std::vector<at::Tensor> out;
+    out.reserve(saved_.size());
+    for (auto& s : saved_) {
+      out.push_back(s.unpack(shared_from_this()));
+    }
+    return out;
+  }
+  std::vector<SavedVariable> saved_;
 };
 
-class DetectorAbsorptionBackwardFunction
-    : public torch::autograd::Function<DetectorAbsorptionBackwardFunction> {
+// An optional tensor for an op argument: absent when undefined.
+std::optional<at::Tensor> maybe(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+template <typename... Args>
+bool any_forward_grad(const Args&... args) {
+  return (torch::autograd::isFwGradDefined(args) || ...);
+}
+
+// Third derivatives: not implemented, said when one is asked for (the
+// double backward itself still runs under create_graph=True).
+class ThirdDerivativeNode : public torch::autograd::TraceableFunction {
  public:
-  static variable_list forward(AutogradContext* /*ctx*/,
-                               const Variable& grad_output,
-                               const Variable& intensity,
-                               const Variable& pixel_coords,
-                               const Variable& odet, const Variable& thickness,
-                               const Variable& attenuation_length,
-                               int64_t thicksteps, bool oversample_thick,
-                               bool per_layer, std::array<bool, 5> output_mask) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto g = dispatch::detector_absorption_backward().call(
-        grad_output, intensity, pixel_coords, odet, thickness,
-        attenuation_length, thicksteps, oversample_thick, per_layer,
-        output_mask);
-    return {std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g),
-            std::get<4>(g)};
+  explicit ThirdDerivativeNode(std::string op) : op_(std::move(op)) {}
+  variable_list apply(variable_list&& /*grads*/) override {
+    TORCH_CHECK_NOT_IMPLEMENTED(false, op_,
+                                ": third derivatives are not implemented (first and second "
+                                "derivatives are exact)");
   }
+  std::string name() const override { return "ThirdDerivativeNotImplemented"; }
 
-  static variable_list backward(AutogradContext* /*ctx*/,
-                                variable_list /*grad_outputs*/) {
-    TORCH_CHECK(false,
-                "nanobragg::detector_absorption_backward: second derivatives "
-                "(double backward) of detector_absorption are not implemented "
-                "yet");
-  }
+ private:
+  std::string op_;
 };
 
-at::Tensor tricubic_interp_autograd(const at::Tensor& grid,
-                                    const at::Tensor& hkl,
-                                    c10::IntArrayRef index_min,
-                                    double default_value,
-                                    c10::string_view out_of_range) {
-  return TricubicInterpFunction::apply(grid, hkl, index_min, default_value,
-                                       out_of_range);
+template <typename... Inputs>
+void attach_third_derivative_node(const char* op, const variable_list& outputs,
+                                  const Inputs&... inputs) {
+  if (torch::autograd::compute_requires_grad(inputs...)) {
+    auto node = std::shared_ptr<ThirdDerivativeNode>(new ThirdDerivativeNode(op),
+                                                     torch::autograd::deleteNode);
+    node->set_next_edges(torch::autograd::collect_next_edges(inputs...));
+    torch::autograd::set_history(outputs, node);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// tricubic_interp
+
+struct TricubicArgs {
+  std::vector<int64_t> index_min;
+  std::string out_of_range;
+};
+
+// d/d(grid, hkl) of tricubic_interp.
+class TricubicInterpBackwardNode : public SavingNode {
+ public:
+  TricubicInterpBackwardNode(const at::Tensor& grid, const at::Tensor& hkl, TricubicArgs args)
+      : args_(std::move(args)) {
+    save({grid, hkl});
+  }
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto in = unpack();
+    variable_list out(2);
+    const std::array<bool, 2> mask = {task_should_compute_output(0),
+                                      task_should_compute_output(1)};
+    if (!grads[0].defined() || !(mask[0] || mask[1])) {
+      return out;
+    }
+    auto g = dispatch::tricubic_interp_backward().call(grads[0], in[0], in[1], args_.index_min,
+                                                       args_.out_of_range, mask);
+    if (mask[0]) out[0] = std::get<0>(g);
+    if (mask[1]) out[1] = std::get<1>(g);
+    return out;
+  }
+  std::string name() const override { return "TricubicInterpBackward"; }
+
+ private:
+  TricubicArgs args_;
+};
+
+// d/d(grad_output, grid, hkl) of tricubic_interp_backward.
+class TricubicInterpDoubleBackwardNode : public SavingNode {
+ public:
+  TricubicInterpDoubleBackwardNode(const at::Tensor& grad_output, const at::Tensor& grid,
+                                   const at::Tensor& hkl, TricubicArgs args,
+                                   std::array<bool, 2> computed)
+      : args_(std::move(args)), computed_(computed) {
+    save({grad_output, grid, hkl});
+  }
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto in = unpack();
+    variable_list out(3);
+    // Cotangents of outputs that were shape-[0] placeholders are ignored.
+    const auto gg_grid = computed_[0] ? maybe(grads[0]) : std::nullopt;
+    const auto gg_hkl = computed_[1] ? maybe(grads[1]) : std::nullopt;
+    const std::array<bool, 3> mask = {task_should_compute_output(0), task_should_compute_output(1),
+                                      task_should_compute_output(2)};
+    if ((!gg_grid && !gg_hkl) || !(mask[0] || mask[1] || mask[2])) {
+      return out;
+    }
+    auto g = dispatch::tricubic_interp_double_backward().call(
+        gg_grid, gg_hkl, in[0], in[1], in[2], args_.index_min, args_.out_of_range, mask);
+    if (mask[0]) out[0] = std::get<0>(g);
+    if (mask[1]) out[1] = std::get<1>(g);
+    if (mask[2]) out[2] = std::get<2>(g);
+    return out;
+  }
+  std::string name() const override { return "TricubicInterpBackwardBackward"; }
+
+ private:
+  TricubicArgs args_;
+  std::array<bool, 2> computed_;
+};
+
+at::Tensor tricubic_interp_autograd(c10::DispatchKeySet ks, const at::Tensor& grid,
+                                    const at::Tensor& hkl, c10::IntArrayRef index_min,
+                                    double default_value, c10::string_view out_of_range) {
+  std::shared_ptr<TricubicInterpBackwardNode> node;
+  if (torch::autograd::compute_requires_grad(grid, hkl)) {
+    node = std::shared_ptr<TricubicInterpBackwardNode>(
+        new TricubicInterpBackwardNode(grid, hkl, {index_min.vec(), std::string(out_of_range)}),
+        torch::autograd::deleteNode);
+    node->set_next_edges(torch::autograd::collect_next_edges(grid, hkl));
+  }
+  at::Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = dispatch::tricubic_interp().redispatch(ks & c10::after_autograd_keyset, grid, hkl,
+                                                 index_min, default_value, out_of_range);
+  }
+  if (node) {
+    torch::autograd::set_history(out, node);
+  }
+  if (any_forward_grad(grid, hkl)) {
+    // dF along (dgrid, dhkl): the double backward's d/dg at g = 1.
+    const at::Tensor grid_p = grid._fw_primal(0), hkl_p = hkl._fw_primal(0);
+    auto jvp = dispatch::tricubic_interp_double_backward().call(
+        maybe(grid._fw_grad(0)), maybe(hkl._fw_grad(0)), at::ones(out.sizes(), out.options()),
+        grid_p, hkl_p, index_min, out_of_range, {true, false, false});
+    out._set_fw_grad(std::get<0>(jvp), /*level=*/0, /*is_inplace_op=*/false);
+  }
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> tricubic_interp_backward_autograd(
-    const at::Tensor& grad_output, const at::Tensor& grid,
-    const at::Tensor& hkl, c10::IntArrayRef index_min,
-    c10::string_view out_of_range, std::array<bool, 2> output_mask) {
-  auto grads = TricubicInterpBackwardFunction::apply(
-      grad_output, grid, hkl, index_min, out_of_range, output_mask);
-  return {grads[0], grads[1]};
+    c10::DispatchKeySet ks, const at::Tensor& grad_output, const at::Tensor& grid,
+    const at::Tensor& hkl, c10::IntArrayRef index_min, c10::string_view out_of_range,
+    std::array<bool, 2> output_mask) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!any_forward_grad(grad_output, grid, hkl),
+                              "nanobragg::tricubic_interp_backward: forward-mode AD of the "
+                              "backward (a third derivative) is not implemented");
+  std::shared_ptr<TricubicInterpDoubleBackwardNode> node;
+  if (torch::autograd::compute_requires_grad(grad_output, grid, hkl)) {
+    node = std::shared_ptr<TricubicInterpDoubleBackwardNode>(
+        new TricubicInterpDoubleBackwardNode(grad_output, grid, hkl,
+                                             {index_min.vec(), std::string(out_of_range)},
+                                             output_mask),
+        torch::autograd::deleteNode);
+    node->set_next_edges(torch::autograd::collect_next_edges(grad_output, grid, hkl));
+  }
+  std::tuple<at::Tensor, at::Tensor> out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = dispatch::tricubic_interp_backward().redispatch(
+        ks & c10::after_autograd_keyset, grad_output, grid, hkl, index_min, out_of_range,
+        output_mask);
+  }
+  if (node) {
+    torch::autograd::set_history(
+        torch::autograd::flatten_tensor_args(std::get<0>(out), std::get<1>(out)), node);
+  }
+  return out;
 }
 
-at::Tensor detector_absorption_autograd(const at::Tensor& intensity,
-                                        const at::Tensor& pixel_coords,
-                                        const at::Tensor& odet,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tricubic_interp_double_backward_autograd(
+    c10::DispatchKeySet ks, const std::optional<at::Tensor>& gg_grid,
+    const std::optional<at::Tensor>& gg_hkl, const at::Tensor& grad_output,
+    const at::Tensor& grid, const at::Tensor& hkl, c10::IntArrayRef index_min,
+    c10::string_view out_of_range, std::array<bool, 3> output_mask) {
+  constexpr const char* op = "nanobragg::tricubic_interp_double_backward";
+  TORCH_CHECK_NOT_IMPLEMENTED(!any_forward_grad(gg_grid, gg_hkl, grad_output, grid, hkl), op,
+                              ": forward-mode AD of the double backward (a third derivative) "
+                              "is not implemented");
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = dispatch::tricubic_interp_double_backward().redispatch(
+        ks & c10::after_autograd_keyset, gg_grid, gg_hkl, grad_output, grid, hkl, index_min,
+        out_of_range, output_mask);
+  }
+  attach_third_derivative_node(
+      op, torch::autograd::flatten_tensor_args(std::get<0>(out), std::get<1>(out), std::get<2>(out)),
+      gg_grid, gg_hkl, grad_output, grid, hkl);
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// detector_absorption
+
+struct AbsorptionArgs {
+  int64_t thicksteps;
+  bool oversample_thick;
+  bool per_layer;
+};
+
+// d/d(intensity, pixel_coords, odet, thickness, attenuation_length).
+class DetectorAbsorptionBackwardNode : public SavingNode {
+ public:
+  DetectorAbsorptionBackwardNode(std::initializer_list<at::Tensor> inputs, AbsorptionArgs args)
+      : args_(args) {
+    save(inputs);
+  }
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto in = unpack();
+    variable_list out(5);
+    std::array<bool, 5> mask;
+    bool any = false;
+    for (size_t i = 0; i < 5; ++i) {
+      mask[i] = task_should_compute_output(i);
+      any = any || mask[i];
+    }
+    if (!grads[0].defined() || !any) {
+      return out;
+    }
+    auto g = dispatch::detector_absorption_backward().call(
+        grads[0], in[0], in[1], in[2], in[3], in[4], args_.thicksteps, args_.oversample_thick,
+        args_.per_layer, mask);
+    const at::Tensor all[5] = {std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g),
+                               std::get<4>(g)};
+    for (size_t i = 0; i < 5; ++i) {
+      if (mask[i]) out[i] = all[i];
+    }
+    return out;
+  }
+  std::string name() const override { return "DetectorAbsorptionBackward"; }
+
+ private:
+  AbsorptionArgs args_;
+};
+
+// d/d(grad_output, intensity, ..., attenuation_length) of the backward.
+class DetectorAbsorptionDoubleBackwardNode : public SavingNode {
+ public:
+  DetectorAbsorptionDoubleBackwardNode(std::initializer_list<at::Tensor> inputs,
+                                       AbsorptionArgs args, std::array<bool, 5> computed)
+      : args_(args), computed_(computed) {
+    save(inputs);
+  }
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto in = unpack();
+    variable_list out(6);
+    std::array<std::optional<at::Tensor>, 5> gg;
+    bool any_gg = false;
+    for (size_t i = 0; i < 5; ++i) {
+      gg[i] = computed_[i] ? maybe(grads[i]) : std::nullopt;
+      any_gg = any_gg || gg[i].has_value();
+    }
+    std::array<bool, 6> mask;
+    bool any = false;
+    for (size_t i = 0; i < 6; ++i) {
+      mask[i] = task_should_compute_output(i);
+      any = any || mask[i];
+    }
+    if (!any_gg || !any) {
+      return out;
+    }
+    auto g = dispatch::detector_absorption_double_backward().call(
+        gg[0], gg[1], gg[2], gg[3], gg[4], in[0], in[1], in[2], in[3], in[4], in[5],
+        args_.thicksteps, args_.oversample_thick, args_.per_layer, mask);
+    const at::Tensor all[6] = {std::get<0>(g), std::get<1>(g), std::get<2>(g),
+                               std::get<3>(g), std::get<4>(g), std::get<5>(g)};
+    for (size_t i = 0; i < 6; ++i) {
+      if (mask[i]) out[i] = all[i];
+    }
+    return out;
+  }
+  std::string name() const override { return "DetectorAbsorptionBackwardBackward"; }
+
+ private:
+  AbsorptionArgs args_;
+  std::array<bool, 5> computed_;
+};
+
+at::Tensor detector_absorption_autograd(c10::DispatchKeySet ks, const at::Tensor& intensity,
+                                        const at::Tensor& pixel_coords, const at::Tensor& odet,
                                         const at::Tensor& thickness,
                                         const at::Tensor& attenuation_length,
-                                        int64_t thicksteps,
-                                        bool oversample_thick, bool per_layer) {
-  return DetectorAbsorptionFunction::apply(intensity, pixel_coords, odet,
-                                           thickness, attenuation_length,
-                                           thicksteps, oversample_thick,
-                                           per_layer);
+                                        int64_t thicksteps, bool oversample_thick,
+                                        bool per_layer) {
+  std::shared_ptr<DetectorAbsorptionBackwardNode> node;
+  if (torch::autograd::compute_requires_grad(intensity, pixel_coords, odet, thickness,
+                                             attenuation_length)) {
+    node = std::shared_ptr<DetectorAbsorptionBackwardNode>(
+        new DetectorAbsorptionBackwardNode(
+            {intensity, pixel_coords, odet, thickness, attenuation_length},
+            {thicksteps, oversample_thick, per_layer}),
+        torch::autograd::deleteNode);
+    node->set_next_edges(torch::autograd::collect_next_edges(intensity, pixel_coords, odet,
+                                                             thickness, attenuation_length));
+  }
+  at::Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = dispatch::detector_absorption().redispatch(
+        ks & c10::after_autograd_keyset, intensity, pixel_coords, odet, thickness,
+        attenuation_length, thicksteps, oversample_thick, per_layer);
+  }
+  if (node) {
+    torch::autograd::set_history(out, node);
+  }
+  if (any_forward_grad(intensity, pixel_coords, odet, thickness, attenuation_length)) {
+    // d out along the input tangents: the double backward's d/dg at g = 1.
+    auto jvp = dispatch::detector_absorption_double_backward().call(
+        maybe(intensity._fw_grad(0)), maybe(pixel_coords._fw_grad(0)), maybe(odet._fw_grad(0)),
+        maybe(thickness._fw_grad(0)), maybe(attenuation_length._fw_grad(0)),
+        at::ones(out.sizes(), out.options()), intensity._fw_primal(0),
+        pixel_coords._fw_primal(0), odet._fw_primal(0), thickness._fw_primal(0),
+        attenuation_length._fw_primal(0), thicksteps, oversample_thick, per_layer,
+        {true, false, false, false, false, false});
+    out._set_fw_grad(std::get<0>(jvp), /*level=*/0, /*is_inplace_op=*/false);
+  }
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-detector_absorption_backward_autograd(
-    const at::Tensor& grad_output, const at::Tensor& intensity,
-    const at::Tensor& pixel_coords, const at::Tensor& odet,
-    const at::Tensor& thickness, const at::Tensor& attenuation_length,
+detector_absorption_backward_autograd(c10::DispatchKeySet ks, const at::Tensor& grad_output,
+                                      const at::Tensor& intensity,
+                                      const at::Tensor& pixel_coords, const at::Tensor& odet,
+                                      const at::Tensor& thickness,
+                                      const at::Tensor& attenuation_length, int64_t thicksteps,
+                                      bool oversample_thick, bool per_layer,
+                                      std::array<bool, 5> output_mask) {
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !any_forward_grad(grad_output, intensity, pixel_coords, odet, thickness,
+                        attenuation_length),
+      "nanobragg::detector_absorption_backward: forward-mode AD of the backward (a third "
+      "derivative) is not implemented");
+  std::shared_ptr<DetectorAbsorptionDoubleBackwardNode> node;
+  if (torch::autograd::compute_requires_grad(grad_output, intensity, pixel_coords, odet,
+                                             thickness, attenuation_length)) {
+    node = std::shared_ptr<DetectorAbsorptionDoubleBackwardNode>(
+        new DetectorAbsorptionDoubleBackwardNode(
+            {grad_output, intensity, pixel_coords, odet, thickness, attenuation_length},
+            {thicksteps, oversample_thick, per_layer}, output_mask),
+        torch::autograd::deleteNode);
+    node->set_next_edges(torch::autograd::collect_next_edges(
+        grad_output, intensity, pixel_coords, odet, thickness, attenuation_length));
+  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = dispatch::detector_absorption_backward().redispatch(
+        ks & c10::after_autograd_keyset, grad_output, intensity, pixel_coords, odet, thickness,
+        attenuation_length, thicksteps, oversample_thick, per_layer, output_mask);
+  }
+  if (node) {
+    torch::autograd::set_history(
+        torch::autograd::flatten_tensor_args(std::get<0>(out), std::get<1>(out),
+                                             std::get<2>(out), std::get<3>(out),
+                                             std::get<4>(out)),
+        node);
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+detector_absorption_double_backward_autograd(
+    c10::DispatchKeySet ks, const std::optional<at::Tensor>& gg_intensity,
+    const std::optional<at::Tensor>& gg_coords, const std::optional<at::Tensor>& gg_odet,
+    const std::optional<at::Tensor>& gg_thickness, const std::optional<at::Tensor>& gg_att,
+    const at::Tensor& grad_output, const at::Tensor& intensity, const at::Tensor& pixel_coords,
+    const at::Tensor& odet, const at::Tensor& thickness, const at::Tensor& attenuation_length,
     int64_t thicksteps, bool oversample_thick, bool per_layer,
-    std::array<bool, 5> output_mask) {
-  auto g = DetectorAbsorptionBackwardFunction::apply(
-      grad_output, intensity, pixel_coords, odet, thickness,
-      attenuation_length, thicksteps, oversample_thick, per_layer,
-      output_mask);
-  return {g[0], g[1], g[2], g[3], g[4]};
+    std::array<bool, 6> output_mask) {
+  constexpr const char* op = "nanobragg::detector_absorption_double_backward";
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !any_forward_grad(gg_intensity, gg_coords, gg_odet, gg_thickness, gg_att, grad_output,
+                        intensity, pixel_coords, odet, thickness, attenuation_length),
+      op, ": forward-mode AD of the double backward (a third derivative) is not implemented");
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = dispatch::detector_absorption_double_backward().redispatch(
+        ks & c10::after_autograd_keyset, gg_intensity, gg_coords, gg_odet, gg_thickness, gg_att,
+        grad_output, intensity, pixel_coords, odet, thickness, attenuation_length, thicksteps,
+        oversample_thick, per_layer, output_mask);
+  }
+  attach_third_derivative_node(
+      op,
+      torch::autograd::flatten_tensor_args(std::get<0>(out), std::get<1>(out), std::get<2>(out),
+                                           std::get<3>(out), std::get<4>(out), std::get<5>(out)),
+      gg_intensity, gg_coords, gg_odet, gg_thickness, gg_att, grad_output, intensity,
+      pixel_coords, odet, thickness, attenuation_length);
+  return out;
 }
 
 }  // namespace
 }  // namespace nanobragg
 
 TORCH_LIBRARY_IMPL(nanobragg, Autograd, m) {
-  m.impl("detector_absorption",
-         TORCH_FN(nanobragg::detector_absorption_autograd));
+  m.impl("tricubic_interp", TORCH_FN(nanobragg::tricubic_interp_autograd));
+  m.impl("tricubic_interp_backward", TORCH_FN(nanobragg::tricubic_interp_backward_autograd));
+  m.impl("tricubic_interp_double_backward",
+         TORCH_FN(nanobragg::tricubic_interp_double_backward_autograd));
+  m.impl("detector_absorption", TORCH_FN(nanobragg::detector_absorption_autograd));
   m.impl("detector_absorption_backward",
          TORCH_FN(nanobragg::detector_absorption_backward_autograd));
-  m.impl("tricubic_interp", TORCH_FN(nanobragg::tricubic_interp_autograd));
-  m.impl("tricubic_interp_backward",
-         TORCH_FN(nanobragg::tricubic_interp_backward_autograd));
+  m.impl("detector_absorption_double_backward",
+         TORCH_FN(nanobragg::detector_absorption_double_backward_autograd));
 }
