@@ -2,9 +2,13 @@
 // TorchScript and C++. Each operator has three levels, each an op with its
 // own backend kernels:
 //   op  --backward-->  op_backward  --backward-->  op_double_backward
-// so create_graph=True gives exact second derivatives (SPEC section 3); the
-// double backward's own Node says that third derivatives are not
-// implemented.
+// so create_graph=True gives exact second derivatives (SPEC section 3).
+// The double backward is linear in the cotangents it is given, and its
+// derivative with respect to them is again made of the backward and the
+// double backward (the Hessian is symmetric), so that part is exact too;
+// this is what torch.autograd.functional.hvp's double-backward trick needs.
+// Its derivatives with respect to grad_output and the operator's inputs
+// (third derivatives) raise NotImplementedError.
 //
 // The kernels are written the way PyTorch's generated VariableType kernels
 // are (a Node per op holding SavedVariables, a redispatch below autograd),
@@ -74,31 +78,17 @@ bool any_forward_grad(const Args&... args) {
   return (torch::autograd::isFwGradDefined(args) || ...);
 }
 
-// Third derivatives: not implemented, said when one is asked for (the
-// double backward itself still runs under create_graph=True).
-class ThirdDerivativeNode : public torch::autograd::TraceableFunction {
- public:
-  explicit ThirdDerivativeNode(std::string op) : op_(std::move(op)) {}
-  variable_list apply(variable_list&& /*grads*/) override {
-    TORCH_CHECK_NOT_IMPLEMENTED(false, op_,
-                                ": third derivatives are not implemented (first and second "
-                                "derivatives are exact)");
-  }
-  std::string name() const override { return "ThirdDerivativeNotImplemented"; }
+[[noreturn]] void third_derivative_not_implemented(const char* op) {
+  TORCH_CHECK_NOT_IMPLEMENTED(false, op,
+                              ": third derivatives are not implemented (first and second "
+                              "derivatives are exact)");
+}
 
- private:
-  std::string op_;
-};
-
-template <typename... Inputs>
-void attach_third_derivative_node(const char* op, const variable_list& outputs,
-                                  const Inputs&... inputs) {
-  if (torch::autograd::compute_requires_grad(inputs...)) {
-    auto node = std::shared_ptr<ThirdDerivativeNode>(new ThirdDerivativeNode(op),
-                                                     torch::autograd::deleteNode);
-    node->set_next_edges(torch::autograd::collect_next_edges(inputs...));
-    torch::autograd::set_history(outputs, node);
-  }
+// a + b where either may be undefined.
+at::Tensor add_defined(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.defined()) return b;
+  if (!b.defined()) return a;
+  return a.add(b);
 }
 
 // ---------------------------------------------------------------------------
@@ -232,6 +222,56 @@ std::tuple<at::Tensor, at::Tensor> tricubic_interp_backward_autograd(
   return out;
 }
 
+// Of tricubic_interp_double_backward: d/d(grad_grad_grid, grad_grad_hkl).
+// With cotangents (w_g, w_grid, w_hkl) of its outputs this is
+// backward(w_g) + double_backward(w_grid, w_hkl).(d_grid, d_hkl).
+class TricubicInterpTripleBackwardNode : public SavingNode {
+ public:
+  TricubicInterpTripleBackwardNode(const at::Tensor& grad_output, const at::Tensor& grid,
+                                   const at::Tensor& hkl, TricubicArgs args,
+                                   std::array<bool, 3> computed)
+      : args_(std::move(args)), computed_(computed) {
+    save({grad_output, grid, hkl});
+  }
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (size_t i = 2; i < 5; ++i) {
+      if (task_should_compute_output(i)) {
+        third_derivative_not_implemented("nanobragg::tricubic_interp_double_backward");
+      }
+    }
+    const auto in = unpack();
+    variable_list out(5);
+    const std::array<bool, 2> want = {task_should_compute_output(0),
+                                      task_should_compute_output(1)};
+    if (!(want[0] || want[1])) {
+      return out;
+    }
+    const at::Tensor w_g = computed_[0] ? grads[0] : at::Tensor();
+    if (w_g.defined()) {
+      auto b = dispatch::tricubic_interp_backward().call(w_g, in[1], in[2], args_.index_min,
+                                                         args_.out_of_range, want);
+      if (want[0]) out[0] = std::get<0>(b);
+      if (want[1]) out[1] = std::get<1>(b);
+    }
+    const auto w_grid = computed_[1] ? maybe(grads[1]) : std::nullopt;
+    const auto w_hkl = computed_[2] ? maybe(grads[2]) : std::nullopt;
+    if (w_grid || w_hkl) {
+      auto d = dispatch::tricubic_interp_double_backward().call(
+          w_grid, w_hkl, in[0], in[1], in[2], args_.index_min, args_.out_of_range,
+          {false, want[0], want[1]});
+      if (want[0]) out[0] = add_defined(out[0], std::get<1>(d));
+      if (want[1]) out[1] = add_defined(out[1], std::get<2>(d));
+    }
+    return out;
+  }
+  std::string name() const override { return "TricubicInterpBackwardBackwardBackward"; }
+
+ private:
+  TricubicArgs args_;
+  std::array<bool, 3> computed_;
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tricubic_interp_double_backward_autograd(
     c10::DispatchKeySet ks, const std::optional<at::Tensor>& gg_grid,
     const std::optional<at::Tensor>& gg_hkl, const at::Tensor& grad_output,
@@ -241,6 +281,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tricubic_interp_double_backward_a
   TORCH_CHECK_NOT_IMPLEMENTED(!any_forward_grad(gg_grid, gg_hkl, grad_output, grid, hkl), op,
                               ": forward-mode AD of the double backward (a third derivative) "
                               "is not implemented");
+  std::shared_ptr<TricubicInterpTripleBackwardNode> node;
+  if (torch::autograd::compute_requires_grad(gg_grid, gg_hkl, grad_output, grid, hkl)) {
+    node = std::shared_ptr<TricubicInterpTripleBackwardNode>(
+        new TricubicInterpTripleBackwardNode(grad_output, grid, hkl,
+                                             {index_min.vec(), std::string(out_of_range)},
+                                             output_mask),
+        torch::autograd::deleteNode);
+    node->set_next_edges(
+        torch::autograd::collect_next_edges(gg_grid, gg_hkl, grad_output, grid, hkl));
+  }
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -248,9 +298,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tricubic_interp_double_backward_a
         ks & c10::after_autograd_keyset, gg_grid, gg_hkl, grad_output, grid, hkl, index_min,
         out_of_range, output_mask);
   }
-  attach_third_derivative_node(
-      op, torch::autograd::flatten_tensor_args(std::get<0>(out), std::get<1>(out), std::get<2>(out)),
-      gg_grid, gg_hkl, grad_output, grid, hkl);
+  if (node) {
+    torch::autograd::set_history(
+        torch::autograd::flatten_tensor_args(std::get<0>(out), std::get<1>(out),
+                                             std::get<2>(out)),
+        node);
+  }
   return out;
 }
 
@@ -425,6 +478,70 @@ detector_absorption_backward_autograd(c10::DispatchKeySet ks, const at::Tensor& 
   return out;
 }
 
+// Of detector_absorption_double_backward: d/d(its five cotangent inputs),
+// backward(w_g) + double_backward(w_intensity, ..., w_attenuation_length).
+class DetectorAbsorptionTripleBackwardNode : public SavingNode {
+ public:
+  DetectorAbsorptionTripleBackwardNode(std::initializer_list<at::Tensor> inputs,
+                                       AbsorptionArgs args, std::array<bool, 6> computed)
+      : args_(args), computed_(computed) {
+    save(inputs);
+  }
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (size_t i = 5; i < 11; ++i) {
+      if (task_should_compute_output(i)) {
+        third_derivative_not_implemented("nanobragg::detector_absorption_double_backward");
+      }
+    }
+    const auto in = unpack();
+    variable_list out(11);
+    std::array<bool, 5> want;
+    bool any = false;
+    for (size_t i = 0; i < 5; ++i) {
+      want[i] = task_should_compute_output(i);
+      any = any || want[i];
+    }
+    if (!any) {
+      return out;
+    }
+    const at::Tensor w_g = computed_[0] ? grads[0] : at::Tensor();
+    if (w_g.defined()) {
+      auto b = dispatch::detector_absorption_backward().call(
+          w_g, in[1], in[2], in[3], in[4], in[5], args_.thicksteps, args_.oversample_thick,
+          args_.per_layer, want);
+      const at::Tensor all[5] = {std::get<0>(b), std::get<1>(b), std::get<2>(b), std::get<3>(b),
+                                 std::get<4>(b)};
+      for (size_t i = 0; i < 5; ++i) {
+        if (want[i]) out[i] = all[i];
+      }
+    }
+    std::array<std::optional<at::Tensor>, 5> w;
+    bool any_w = false;
+    for (size_t i = 0; i < 5; ++i) {
+      w[i] = computed_[i + 1] ? maybe(grads[i + 1]) : std::nullopt;
+      any_w = any_w || w[i].has_value();
+    }
+    if (any_w) {
+      auto d = dispatch::detector_absorption_double_backward().call(
+          w[0], w[1], w[2], w[3], w[4], in[0], in[1], in[2], in[3], in[4], in[5],
+          args_.thicksteps, args_.oversample_thick, args_.per_layer,
+          {false, want[0], want[1], want[2], want[3], want[4]});
+      const at::Tensor all[5] = {std::get<1>(d), std::get<2>(d), std::get<3>(d), std::get<4>(d),
+                                 std::get<5>(d)};
+      for (size_t i = 0; i < 5; ++i) {
+        if (want[i]) out[i] = add_defined(out[i], all[i]);
+      }
+    }
+    return out;
+  }
+  std::string name() const override { return "DetectorAbsorptionBackwardBackwardBackward"; }
+
+ private:
+  AbsorptionArgs args_;
+  std::array<bool, 6> computed_;
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 detector_absorption_double_backward_autograd(
     c10::DispatchKeySet ks, const std::optional<at::Tensor>& gg_intensity,
@@ -439,6 +556,19 @@ detector_absorption_double_backward_autograd(
       !any_forward_grad(gg_intensity, gg_coords, gg_odet, gg_thickness, gg_att, grad_output,
                         intensity, pixel_coords, odet, thickness, attenuation_length),
       op, ": forward-mode AD of the double backward (a third derivative) is not implemented");
+  std::shared_ptr<DetectorAbsorptionTripleBackwardNode> node;
+  if (torch::autograd::compute_requires_grad(gg_intensity, gg_coords, gg_odet, gg_thickness,
+                                             gg_att, grad_output, intensity, pixel_coords, odet,
+                                             thickness, attenuation_length)) {
+    node = std::shared_ptr<DetectorAbsorptionTripleBackwardNode>(
+        new DetectorAbsorptionTripleBackwardNode(
+            {grad_output, intensity, pixel_coords, odet, thickness, attenuation_length},
+            {thicksteps, oversample_thick, per_layer}, output_mask),
+        torch::autograd::deleteNode);
+    node->set_next_edges(torch::autograd::collect_next_edges(
+        gg_intensity, gg_coords, gg_odet, gg_thickness, gg_att, grad_output, intensity,
+        pixel_coords, odet, thickness, attenuation_length));
+  }
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -447,12 +577,13 @@ detector_absorption_double_backward_autograd(
         grad_output, intensity, pixel_coords, odet, thickness, attenuation_length, thicksteps,
         oversample_thick, per_layer, output_mask);
   }
-  attach_third_derivative_node(
-      op,
-      torch::autograd::flatten_tensor_args(std::get<0>(out), std::get<1>(out), std::get<2>(out),
-                                           std::get<3>(out), std::get<4>(out), std::get<5>(out)),
-      gg_intensity, gg_coords, gg_odet, gg_thickness, gg_att, grad_output, intensity,
-      pixel_coords, odet, thickness, attenuation_length);
+  if (node) {
+    torch::autograd::set_history(
+        torch::autograd::flatten_tensor_args(std::get<0>(out), std::get<1>(out),
+                                             std::get<2>(out), std::get<3>(out),
+                                             std::get<4>(out), std::get<5>(out)),
+        node);
+  }
   return out;
 }
 

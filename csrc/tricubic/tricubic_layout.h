@@ -115,10 +115,11 @@ inline DoubleBackwardCall prepare_double_backward(
   }
   c.has_gg_hkl = grad_grad_hkl.has_value() && grad_grad_hkl->defined();
   c.gg_hkl = c.has_gg_hkl ? *grad_grad_hkl : at::zeros({}, hkl.options()).expand(hkl.sizes());
-  const auto empty = at::empty({0}, grid.options());
-  c.grad_grad_output = output_mask[0] ? at::empty(point_shape_of(hkl), grid.options()) : empty;
-  c.grad_grid = output_mask[1] ? at::zeros(grid.sizes(), grid.options()) : empty;
-  c.grad_hkl = output_mask[2] ? at::empty(hkl.sizes(), hkl.options()) : empty;
+  // (Each placeholder its own tensor: outputs must not alias.)
+  auto empty = [&] { return at::empty({0}, grid.options()); };
+  c.grad_grad_output = output_mask[0] ? at::empty(point_shape_of(hkl), grid.options()) : empty();
+  c.grad_grid = output_mask[1] ? at::zeros(grid.sizes(), grid.options()) : empty();
+  c.grad_hkl = output_mask[2] ? at::empty(hkl.sizes(), hkl.options()) : empty();
   return c;
 }
 

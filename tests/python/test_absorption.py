@@ -431,12 +431,3 @@ def test_errors_name_the_operator_and_argument(absorption_device, case):
     args.update(changes(*inputs))
     with pytest.raises(RuntimeError, match=r"nanobragg::detector_absorption: " + message):
         OP(*args.values())
-
-
-def test_double_backward_says_not_implemented(absorption_device):
-    intensity, pixels, odet, thickness, attenuation = make_inputs(absorption_device)
-    pixels.requires_grad_(True)
-    out = OP(intensity, pixels, odet, thickness, attenuation, 3, True, False)
-    (g,) = torch.autograd.grad(out.sum(), pixels, create_graph=True)
-    with pytest.raises(RuntimeError, match="not implemented"):
-        g.sum().backward()

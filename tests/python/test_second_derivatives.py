@@ -1,0 +1,128 @@
+"""Second derivatives of both operators (SPEC section 3, "twice
+differentiable"): gradgradcheck in float64 on every differentiable input,
+mixed terms included; Hessian-vector products of a small refinement loss
+against finite differences; opcheck of the double-backward ops; and the
+clear error of a third derivative."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd import gradgradcheck
+
+import nanobragg_ops
+from test_absorption import make_inputs as absorption_inputs
+from test_tricubic import INDEX_MIN, make_inputs as tricubic_inputs
+
+TRICUBIC_DD = torch.ops.nanobragg.tricubic_interp_double_backward.default
+ABSORPTION_DD = torch.ops.nanobragg.detector_absorption_double_backward.default
+
+
+@pytest.mark.parametrize("mode", ["default", "nearest"])
+def test_gradgradcheck_tricubic(device, mode):
+    grid, hkl = tricubic_inputs(device, n=24, outside=6)
+    grid.requires_grad_(True)
+    hkl.requires_grad_(True)
+    f = lambda g, h: nanobragg_ops.tricubic_interp(g, h, INDEX_MIN, 0.5, mode)  # noqa: E731
+    assert gradgradcheck(f, (grid, hkl))
+
+
+def test_gradgradcheck_tricubic_broadcast_points(device):
+    # One set of points looked up for 3 "mosaic domains": hkl expanded, not copied.
+    grid, hkl = tricubic_inputs(device, n=8, outside=2)
+    grid.requires_grad_(True)
+    hkl.requires_grad_(True)
+    f = lambda g, h: nanobragg_ops.tricubic_interp(g, h.expand(3, *h.shape), INDEX_MIN)  # noqa: E731
+    assert gradgradcheck(f, (grid, hkl))
+
+
+@pytest.mark.parametrize("oversample_thick", [True, False])
+@pytest.mark.parametrize(
+    "layout", ["shared", "broadcast_intensity", "per_layer", "per_layer_shared_pixels"]
+)
+def test_gradgradcheck_absorption(device, oversample_thick, layout):
+    per_layer = layout.startswith("per_layer")
+    inputs = list(
+        absorption_inputs(
+            device, odet="tilted", thicksteps=3, per_layer=per_layer,
+            pixel_layers=1 if layout == "per_layer_shared_pixels" else None,
+        )
+    )
+    if layout == "broadcast_intensity":
+        inputs[0] = inputs[0][0].clone()  # [F], broadcast over S
+    inputs = [x.requires_grad_(True) for x in inputs]
+    f = lambda *a: nanobragg_ops.detector_absorption(*a, 3, oversample_thick, per_layer)  # noqa: E731
+    # thickness is 3e-4: the default step (1e-6) is too coarse a fraction of it.
+    assert gradgradcheck(f, tuple(inputs), eps=1e-8)
+
+
+def refinement_loss(params, grid, hkl, pixels, target):
+    """A miniature refinement: the structure-factor grid scaled, the Miller
+    indices shifted, F^2 absorbed by a sensor whose thickness and normal are
+    refined too."""
+    scale, shift, thickness, tilt = params[0], params[1:4], params[4], params[5:7]
+    F = nanobragg_ops.tricubic_interp(grid * scale, hkl + shift, INDEX_MIN)
+    odet = torch.cat([tilt, torch.ones_like(tilt[:1])])
+    odet = odet / odet.norm()
+    attenuation = torch.tensor(2e-4, dtype=grid.dtype, device=grid.device)
+    image = nanobragg_ops.detector_absorption(F**2, pixels, odet, thickness, attenuation, 3, True)
+    return ((image - target) ** 2).sum()
+
+
+def test_hvp_of_refinement_loss_matches_finite_differences(device):
+    grid, hkl = tricubic_inputs(device, n=20, outside=0)
+    hkl = hkl.view(4, 5, 3)
+    _, pixels, *_ = absorption_inputs(device)
+    params = torch.tensor([1.1, 0.01, -0.02, 0.03, 3e-4, 0.05, -0.1], dtype=torch.float64, device=device)
+    target = torch.rand(4, 5, dtype=torch.float64, device=device) * 100
+    loss = lambda p: refinement_loss(p, grid, hkl, pixels, target)  # noqa: E731
+    # Directions scaled to each parameter's size (thickness ~1e-4).
+    v = torch.tensor([0.3, -0.5, 0.2, 0.7, 1e-4, 0.4, 0.6], dtype=torch.float64, device=device)
+    _, hv = torch.autograd.functional.hvp(loss, params, v)
+
+    def gradient(p):
+        p = p.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(loss(p), p)
+        return g
+
+    eps = 1e-6  # small enough that no point's stencil moves
+    fd = (gradient(params + eps * v) - gradient(params - eps * v)) / (2 * eps)
+    torch.testing.assert_close(hv, fd, rtol=1e-6, atol=1e-6 * fd.abs().max().item())
+    assert hv.abs().max() > 1.0  # a real curvature, not zeros
+
+
+@pytest.mark.parametrize("mask", [[True, True, True], [True, False, False], [False, True, True]])
+def test_opcheck_tricubic_double_backward(device, mask):
+    grid, hkl = tricubic_inputs(device)
+    grad = torch.randn(hkl.shape[:-1], dtype=grid.dtype, device=device)
+    gg_grid, gg_hkl = torch.randn_like(grid), torch.randn_like(hkl)
+    torch.library.opcheck(TRICUBIC_DD, (gg_grid, gg_hkl, grad, grid, hkl, list(INDEX_MIN), "nearest", mask))
+    torch.library.opcheck(TRICUBIC_DD, (None, gg_hkl, grad, grid, hkl, list(INDEX_MIN), "default", mask))
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_opcheck_absorption_double_backward(device, per_layer):
+    inputs = absorption_inputs(device, odet="tilted", thicksteps=3, per_layer=per_layer, pixel_layers=1)
+    grad = torch.randn(inputs[0].shape[-2:], dtype=torch.float64, device=device)
+    cotangents = [torch.randn_like(x) for x in inputs]
+    torch.library.opcheck(ABSORPTION_DD, (*cotangents, grad, *inputs, 3, True, per_layer, [True] * 6))
+    cotangents[0] = cotangents[3] = None
+    torch.library.opcheck(ABSORPTION_DD, (*cotangents, grad, *inputs, 3, False, per_layer, [True] * 6))
+
+
+def third_derivative(f, x):
+    (g,) = torch.autograd.grad(f(x).sum(), x, create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), x, create_graph=True)  # second: exact
+    assert h.requires_grad
+    with pytest.raises(NotImplementedError, match="third derivatives are not implemented"):
+        torch.autograd.grad(h.sum(), x)
+
+
+def test_third_derivative_is_a_clear_error(device):
+    grid, hkl = tricubic_inputs(device)
+    third_derivative(lambda h: nanobragg_ops.tricubic_interp(grid, h, INDEX_MIN), hkl.requires_grad_(True))
+    intensity, pixels, odet, thickness, attenuation = absorption_inputs(device)
+    third_derivative(
+        lambda p: nanobragg_ops.detector_absorption(intensity, p, odet, thickness, attenuation, 3, True),
+        pixels.requires_grad_(True),
+    )
