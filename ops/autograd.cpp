@@ -16,7 +16,9 @@
 // vmap, jacrev) refuse C++ Functions but run these like any ATen op.
 // Forward-mode AD (torch.func.jvp, jacfwd) of the two operators comes from
 // the double backward, whose d/d(grad_output) is the directional derivative
-// of the forward along the cotangents.
+// of the forward along the cotangents; that of the backward ops
+// (forward-over-reverse, torch.func.hessian) from the backward and the
+// double backward again.
 #include <ATen/ops/ones.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/csrc/autograd/function.h>
@@ -196,9 +198,6 @@ std::tuple<at::Tensor, at::Tensor> tricubic_interp_backward_autograd(
     c10::DispatchKeySet ks, const at::Tensor& grad_output, const at::Tensor& grid,
     const at::Tensor& hkl, c10::IntArrayRef index_min, c10::string_view out_of_range,
     std::array<bool, 2> output_mask) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!any_forward_grad(grad_output, grid, hkl),
-                              "nanobragg::tricubic_interp_backward: forward-mode AD of the "
-                              "backward (a third derivative) is not implemented");
   std::shared_ptr<TricubicInterpDoubleBackwardNode> node;
   if (torch::autograd::compute_requires_grad(grad_output, grid, hkl)) {
     node = std::shared_ptr<TricubicInterpDoubleBackwardNode>(
@@ -218,6 +217,29 @@ std::tuple<at::Tensor, at::Tensor> tricubic_interp_backward_autograd(
   if (node) {
     torch::autograd::set_history(
         torch::autograd::flatten_tensor_args(std::get<0>(out), std::get<1>(out)), node);
+  }
+  if (any_forward_grad(grad_output, grid, hkl)) {
+    // Forward-over-reverse (torch.func.hessian): the tangent of g grad F
+    // along (dg, dgrid, dhkl) is backward(dg) + g H (dgrid, dhkl), the
+    // latter being the double backward's (d_grid, d_hkl).
+    const at::Tensor g_p = grad_output._fw_primal(0), grid_p = grid._fw_primal(0),
+                     hkl_p = hkl._fw_primal(0);
+    std::array<at::Tensor, 2> tangent;
+    if (const at::Tensor t_g = grad_output._fw_grad(0); t_g.defined()) {
+      auto b = dispatch::tricubic_interp_backward().call(t_g, grid_p, hkl_p, index_min,
+                                                         out_of_range, output_mask);
+      tangent = {std::get<0>(b), std::get<1>(b)};
+    }
+    const auto t_grid = maybe(grid._fw_grad(0)), t_hkl = maybe(hkl._fw_grad(0));
+    if (t_grid || t_hkl) {
+      auto d = dispatch::tricubic_interp_double_backward().call(
+          t_grid, t_hkl, g_p, grid_p, hkl_p, index_min, out_of_range,
+          {false, output_mask[0], output_mask[1]});
+      tangent[0] = add_defined(tangent[0], std::get<1>(d));
+      tangent[1] = add_defined(tangent[1], std::get<2>(d));
+    }
+    if (output_mask[0]) std::get<0>(out)._set_fw_grad(tangent[0], 0, false);
+    if (output_mask[1]) std::get<1>(out)._set_fw_grad(tangent[1], 0, false);
   }
   return out;
 }
@@ -445,11 +467,6 @@ detector_absorption_backward_autograd(c10::DispatchKeySet ks, const at::Tensor& 
                                       const at::Tensor& attenuation_length, int64_t thicksteps,
                                       bool oversample_thick, bool per_layer,
                                       std::array<bool, 5> output_mask) {
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      !any_forward_grad(grad_output, intensity, pixel_coords, odet, thickness,
-                        attenuation_length),
-      "nanobragg::detector_absorption_backward: forward-mode AD of the backward (a third "
-      "derivative) is not implemented");
   std::shared_ptr<DetectorAbsorptionDoubleBackwardNode> node;
   if (torch::autograd::compute_requires_grad(grad_output, intensity, pixel_coords, odet,
                                              thickness, attenuation_length)) {
@@ -474,6 +491,39 @@ detector_absorption_backward_autograd(c10::DispatchKeySet ks, const at::Tensor& 
                                              std::get<2>(out), std::get<3>(out),
                                              std::get<4>(out)),
         node);
+  }
+  if (any_forward_grad(grad_output, intensity, pixel_coords, odet, thickness,
+                       attenuation_length)) {
+    // Forward-over-reverse, as for tricubic_interp_backward.
+    const std::array<at::Tensor, 6> p = {grad_output._fw_primal(0),  intensity._fw_primal(0),
+                                         pixel_coords._fw_primal(0), odet._fw_primal(0),
+                                         thickness._fw_primal(0),
+                                         attenuation_length._fw_primal(0)};
+    std::array<at::Tensor, 5> tangent;
+    if (const at::Tensor t_g = grad_output._fw_grad(0); t_g.defined()) {
+      auto b = dispatch::detector_absorption_backward().call(
+          t_g, p[1], p[2], p[3], p[4], p[5], thicksteps, oversample_thick, per_layer,
+          output_mask);
+      tangent = {std::get<0>(b), std::get<1>(b), std::get<2>(b), std::get<3>(b), std::get<4>(b)};
+    }
+    const std::array<std::optional<at::Tensor>, 5> t = {
+        maybe(intensity._fw_grad(0)), maybe(pixel_coords._fw_grad(0)), maybe(odet._fw_grad(0)),
+        maybe(thickness._fw_grad(0)), maybe(attenuation_length._fw_grad(0))};
+    if (t[0] || t[1] || t[2] || t[3] || t[4]) {
+      auto d = dispatch::detector_absorption_double_backward().call(
+          t[0], t[1], t[2], t[3], t[4], p[0], p[1], p[2], p[3], p[4], p[5], thicksteps,
+          oversample_thick, per_layer,
+          {false, output_mask[0], output_mask[1], output_mask[2], output_mask[3],
+           output_mask[4]});
+      const at::Tensor dd[5] = {std::get<1>(d), std::get<2>(d), std::get<3>(d), std::get<4>(d),
+                                std::get<5>(d)};
+      for (size_t i = 0; i < 5; ++i) tangent[i] = add_defined(tangent[i], dd[i]);
+    }
+    const at::Tensor outs[5] = {std::get<0>(out), std::get<1>(out), std::get<2>(out),
+                                std::get<3>(out), std::get<4>(out)};
+    for (size_t i = 0; i < 5; ++i) {
+      if (output_mask[i]) outs[i]._set_fw_grad(tangent[i], 0, false);
+    }
   }
   return out;
 }
