@@ -235,8 +235,8 @@ std::tuple<at::Tensor, at::Tensor> tricubic_interp_backward_autograd(
       auto d = dispatch::tricubic_interp_double_backward().call(
           t_grid, t_hkl, g_p, grid_p, hkl_p, index_min, out_of_range,
           {false, output_mask[0], output_mask[1]});
-      tangent[0] = add_defined(tangent[0], std::get<1>(d));
-      tangent[1] = add_defined(tangent[1], std::get<2>(d));
+      if (output_mask[0]) tangent[0] = add_defined(tangent[0], std::get<1>(d));
+      if (output_mask[1]) tangent[1] = add_defined(tangent[1], std::get<2>(d));
     }
     if (output_mask[0]) std::get<0>(out)._set_fw_grad(tangent[0], 0, false);
     if (output_mask[1]) std::get<1>(out)._set_fw_grad(tangent[1], 0, false);
@@ -517,7 +517,9 @@ detector_absorption_backward_autograd(c10::DispatchKeySet ks, const at::Tensor& 
            output_mask[4]});
       const at::Tensor dd[5] = {std::get<1>(d), std::get<2>(d), std::get<3>(d), std::get<4>(d),
                                 std::get<5>(d)};
-      for (size_t i = 0; i < 5; ++i) tangent[i] = add_defined(tangent[i], dd[i]);
+      for (size_t i = 0; i < 5; ++i) {
+        if (output_mask[i]) tangent[i] = add_defined(tangent[i], dd[i]);
+      }
     }
     const at::Tensor outs[5] = {std::get<0>(out), std::get<1>(out), std::get<2>(out),
                                 std::get<3>(out), std::get<4>(out)};
