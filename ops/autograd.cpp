@@ -24,6 +24,7 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
 #include <array>
@@ -51,8 +52,23 @@ class SavingNode : public torch::autograd::TraceableFunction {
       s.reset_data();
     }
   }
+  // Compiled autograd (torch._dynamo.config.compiled_autograd): what makes
+  // two nodes the same graph, and running apply on its proxies.
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(saved_, /*is_output=*/false);
+    collect_arguments(args);
+  }
+  variable_list apply_with_saved(const variable_list& inputs,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    saved.before(saved_);
+    variable_list out = apply(variable_list(inputs));
+    saved.after(saved_);
+    return out;
+  }
 
  protected:
+  // The op's non-tensor arguments, for compiled_args.
+  virtual void collect_arguments(torch::dynamo::autograd::CompiledNodeArgs& args) const = 0;
   void save(std::initializer_list<at::Tensor> tensors) {
     for (const auto& t : tensors) {
       saved_.emplace_back(t, /*is_output=*/false);
@@ -125,6 +141,13 @@ class TricubicInterpBackwardNode : public SavingNode {
   }
   std::string name() const override { return "TricubicInterpBackward"; }
 
+ protected:
+  void collect_arguments(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(args_.index_min);
+    args.collect(args_.out_of_range);
+  }
+
+
  private:
   TricubicArgs args_;
 };
@@ -158,6 +181,14 @@ class TricubicInterpDoubleBackwardNode : public SavingNode {
     return out;
   }
   std::string name() const override { return "TricubicInterpBackwardBackward"; }
+
+ protected:
+  void collect_arguments(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(args_.index_min);
+    args.collect(args_.out_of_range);
+    for (bool c : computed_) args.collect(c);
+  }
+
 
  private:
   TricubicArgs args_;
@@ -289,6 +320,14 @@ class TricubicInterpTripleBackwardNode : public SavingNode {
   }
   std::string name() const override { return "TricubicInterpBackwardBackwardBackward"; }
 
+ protected:
+  void collect_arguments(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(args_.index_min);
+    args.collect(args_.out_of_range);
+    for (bool c : computed_) args.collect(c);
+  }
+
+
  private:
   TricubicArgs args_;
   std::array<bool, 3> computed_;
@@ -370,6 +409,14 @@ class DetectorAbsorptionBackwardNode : public SavingNode {
   }
   std::string name() const override { return "DetectorAbsorptionBackward"; }
 
+ protected:
+  void collect_arguments(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(args_.thicksteps);
+    args.collect(args_.oversample_thick);
+    args.collect(args_.per_layer);
+  }
+
+
  private:
   AbsorptionArgs args_;
 };
@@ -412,6 +459,15 @@ class DetectorAbsorptionDoubleBackwardNode : public SavingNode {
     return out;
   }
   std::string name() const override { return "DetectorAbsorptionBackwardBackward"; }
+
+ protected:
+  void collect_arguments(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(args_.thicksteps);
+    args.collect(args_.oversample_thick);
+    args.collect(args_.per_layer);
+    for (bool c : computed_) args.collect(c);
+  }
+
 
  private:
   AbsorptionArgs args_;
@@ -588,6 +644,15 @@ class DetectorAbsorptionTripleBackwardNode : public SavingNode {
     return out;
   }
   std::string name() const override { return "DetectorAbsorptionBackwardBackwardBackward"; }
+
+ protected:
+  void collect_arguments(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(args_.thicksteps);
+    args.collect(args_.oversample_thick);
+    args.collect(args_.per_layer);
+    for (bool c : computed_) args.collect(c);
+  }
+
 
  private:
   AbsorptionArgs args_;
