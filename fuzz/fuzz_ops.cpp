@@ -1,7 +1,8 @@
 // libFuzzer harness: drives both operators through their C++ entry points
 // with fuzzed shapes, strides, storage offsets, dtypes, index_min near the
 // int64 limits, special coordinates (NaN, +-Inf, +-1e308, denormals),
-// thicksteps up to 1e5, empty and one-element tensors, forward and backward.
+// thicksteps up to 1e5, empty and one-element tensors, forward, backward and
+// double backward.
 // Every call must return or throw c10::Error; a crash, a sanitizer report, a
 // hang, or a non-finite tricubic value from finite inputs is a failure.
 #include <ATen/ATen.h>
@@ -121,7 +122,8 @@ void fuzz_tricubic(FuzzedDataProvider& in) {
   if (in.ConsumeIntegralInRange<int>(0, 15) == 0) imin.pop_back();
   const double fill = in.ConsumeBool() ? 0.0 : value(in);
   const std::string mode = in.ConsumeBool() ? "default" : (in.ConsumeIntegralInRange<int>(0, 7) ? "nearest" : "wrap");
-  const bool backward = in.ConsumeBool();
+  const int order = in.ConsumeIntegralInRange<int>(0, 2);  // derivatives taken
+  const bool backward = order > 0;
   if (backward) {
     grid = grid.detach().requires_grad_(true);
     hkl = hkl.detach().requires_grad_(true);
@@ -139,10 +141,16 @@ void fuzz_tricubic(FuzzedDataProvider& in) {
     require(at::isfinite(out).all().item<bool>(), "finite grid and default give finite values");
   }
   if (backward && out.numel() > 0) {
-    auto g = torch::autograd::grad({out.sum()}, {grid, hkl});
+    auto g = torch::autograd::grad({out.sum()}, {grid, hkl}, {}, order > 1, order > 1);
     require(g[0].sizes() == grid.sizes() && g[1].sizes() == hkl.sizes(), "gradient shapes");
     if (finite_grid) {
       require(at::isfinite(g[0]).all().item<bool>(), "finite grid gradient");
+    }
+    if (order > 1) {
+      auto gg = torch::autograd::grad({(g[0] * g[0]).sum() + (g[1] * g[1]).sum()}, {grid, hkl}, {},
+                                      false, false, /*allow_unused=*/true);
+      require(!gg[0].defined() || gg[0].sizes() == grid.sizes(), "second-derivative shapes");
+      require(!gg[1].defined() || gg[1].sizes() == hkl.sizes(), "second-derivative shapes");
     }
   }
 }
@@ -176,7 +184,8 @@ void fuzz_absorption(FuzzedDataProvider& in) {
   at::Tensor thickness = scalar(0.0, 1e-3);
   at::Tensor attenuation = scalar(1e-6, 1e-3);
   const bool oversample = in.ConsumeBool();
-  const bool backward = in.ConsumeBool();
+  const int order = in.ConsumeIntegralInRange<int>(0, 2);  // derivatives taken
+  const bool backward = order > 0;
   if (backward) {
     for (at::Tensor* t : {&intensity, &coords, &odet, &thickness, &attenuation}) {
       *t = t->detach().requires_grad_(true);
@@ -185,10 +194,19 @@ void fuzz_absorption(FuzzedDataProvider& in) {
   at::Tensor out = nanobragg_ops::detector_absorption(intensity, coords, odet, thickness, attenuation,
                                                       thicksteps, oversample, per_layer);
   if (backward && out.numel() > 0) {
-    auto g = torch::autograd::grad({out.sum()}, {intensity, coords, odet, thickness, attenuation});
+    const std::vector<at::Tensor> inputs = {intensity, coords, odet, thickness, attenuation};
+    auto g = torch::autograd::grad({out.sum()}, inputs, {}, order > 1, order > 1);
     require(g[0].sizes() == intensity.sizes() && g[1].sizes() == coords.sizes() &&
                 g[2].sizes() == odet.sizes() && g[3].dim() == 0 && g[4].dim() == 0,
             "gradients have their inputs' shapes");
+    if (order > 1) {
+      at::Tensor norm = at::zeros({}, out.options());
+      for (const auto& gi : g) norm = norm + (gi * gi).sum();
+      auto gg = torch::autograd::grad({norm}, inputs, {}, false, false, /*allow_unused=*/true);
+      for (size_t i = 0; i < inputs.size(); ++i) {
+        require(!gg[i].defined() || gg[i].sizes() == inputs[i].sizes(), "second-derivative shapes");
+      }
+    }
   }
 }
 
