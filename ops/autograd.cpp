@@ -86,6 +86,12 @@ class SavingNode : public torch::autograd::TraceableFunction {
   std::vector<SavedVariable> saved_;
 };
 
+// Which outputs of the differentiated op were computed (not placeholders).
+template <size_t N>
+void collect(torch::dynamo::autograd::CompiledNodeArgs& args, const std::array<bool, N>& computed) {
+  for (bool c : computed) args.collect(c);
+}
+
 // An optional tensor for an op argument: absent when undefined.
 std::optional<at::Tensor> maybe(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
@@ -117,6 +123,11 @@ struct TricubicArgs {
   std::string out_of_range;
 };
 
+void collect(torch::dynamo::autograd::CompiledNodeArgs& args, const TricubicArgs& a) {
+  args.collect(a.index_min);
+  args.collect(a.out_of_range);
+}
+
 // d/d(grid, hkl) of tricubic_interp.
 class TricubicInterpBackwardNode : public SavingNode {
  public:
@@ -143,10 +154,8 @@ class TricubicInterpBackwardNode : public SavingNode {
 
  protected:
   void collect_arguments(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
-    args.collect(args_.index_min);
-    args.collect(args_.out_of_range);
+    collect(args, args_);
   }
-
 
  private:
   TricubicArgs args_;
@@ -184,11 +193,9 @@ class TricubicInterpDoubleBackwardNode : public SavingNode {
 
  protected:
   void collect_arguments(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
-    args.collect(args_.index_min);
-    args.collect(args_.out_of_range);
-    for (bool c : computed_) args.collect(c);
+    collect(args, args_);
+    collect(args, computed_);
   }
-
 
  private:
   TricubicArgs args_;
@@ -322,11 +329,9 @@ class TricubicInterpTripleBackwardNode : public SavingNode {
 
  protected:
   void collect_arguments(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
-    args.collect(args_.index_min);
-    args.collect(args_.out_of_range);
-    for (bool c : computed_) args.collect(c);
+    collect(args, args_);
+    collect(args, computed_);
   }
-
 
  private:
   TricubicArgs args_;
@@ -377,6 +382,12 @@ struct AbsorptionArgs {
   bool per_layer;
 };
 
+void collect(torch::dynamo::autograd::CompiledNodeArgs& args, const AbsorptionArgs& a) {
+  args.collect(a.thicksteps);
+  args.collect(a.oversample_thick);
+  args.collect(a.per_layer);
+}
+
 // d/d(intensity, pixel_coords, odet, thickness, attenuation_length).
 class DetectorAbsorptionBackwardNode : public SavingNode {
  public:
@@ -411,11 +422,8 @@ class DetectorAbsorptionBackwardNode : public SavingNode {
 
  protected:
   void collect_arguments(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
-    args.collect(args_.thicksteps);
-    args.collect(args_.oversample_thick);
-    args.collect(args_.per_layer);
+    collect(args, args_);
   }
-
 
  private:
   AbsorptionArgs args_;
@@ -462,12 +470,9 @@ class DetectorAbsorptionDoubleBackwardNode : public SavingNode {
 
  protected:
   void collect_arguments(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
-    args.collect(args_.thicksteps);
-    args.collect(args_.oversample_thick);
-    args.collect(args_.per_layer);
-    for (bool c : computed_) args.collect(c);
+    collect(args, args_);
+    collect(args, computed_);
   }
-
 
  private:
   AbsorptionArgs args_;
@@ -647,12 +652,9 @@ class DetectorAbsorptionTripleBackwardNode : public SavingNode {
 
  protected:
   void collect_arguments(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
-    args.collect(args_.thicksteps);
-    args.collect(args_.oversample_thick);
-    args.collect(args_.per_layer);
-    for (bool c : computed_) args.collect(c);
+    collect(args, args_);
+    collect(args, computed_);
   }
-
 
  private:
   AbsorptionArgs args_;

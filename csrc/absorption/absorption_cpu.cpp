@@ -206,23 +206,19 @@ detector_absorption_double_backward_cpu(
     const at::Tensor& intensity, const at::Tensor& pixel_coords, const at::Tensor& odet,
     const at::Tensor& thickness, const at::Tensor& attenuation_length, int64_t thicksteps,
     bool oversample_thick, bool per_layer, std::array<bool, 6> output_mask) {
-  PreparedCall call = prepare_call(kDoubleBackward, &grad_output, intensity, pixel_coords, odet,
-                                    thickness, attenuation_length, thicksteps, per_layer);
-  const HostScalars& scalars = call.scalars;  // (lambdas cannot capture bindings)
-  ExpandedInputs& in = call.in;
-  const DualDirection dir =
-      make_direction(kDoubleBackward, {gg_intensity, gg_coords, gg_odet, gg_thickness, gg_att},
-                     intensity, pixel_coords, odet, thickness, attenuation_length, thicksteps,
-                     per_layer);
+  DoubleBackwardCall c = prepare_double_backward(
+      kDoubleBackward, {gg_intensity, gg_coords, gg_odet, gg_thickness, gg_att}, grad_output,
+      intensity, pixel_coords, odet, thickness, attenuation_length, thicksteps, per_layer,
+      output_mask);
+  // (named references: lambdas cannot capture structured bindings)
+  const HostScalars& scalars = c.call.scalars;
+  ExpandedInputs& in = c.call.in;
+  const DualDirection& dir = c.dir;
+  at::Tensor& grad_grad_output = c.grad_grad_output;
+  FullGrads& full = c.full;
+  const bool input_grads = c.input_grads;
   const auto opts = intensity.options();
   const int64_t n = in.num_pixels;
-  at::Tensor grad_grad_output =
-      output_mask[0] ? at::empty(in.pixel_shape, opts) : at::Tensor();
-  const std::array<bool, 5> input_mask = {output_mask[1], output_mask[2], output_mask[3],
-                                          output_mask[4], output_mask[5]};
-  const bool want_input_grads =
-      std::any_of(input_mask.begin(), input_mask.end(), [](bool b) { return b; });
-  FullGrads full = allocate_full_grads(in, input_mask, opts);
   const int64_t blocks = (n + kReduceBlock - 1) / kReduceBlock;
   std::vector<DualTotals> partial(static_cast<size_t>(blocks), DualTotals{0, 0, 0, 0, 0});
   if (n > 0) {
@@ -247,7 +243,7 @@ detector_absorption_double_backward_cpu(
                 const DualPixel<T> px(source.at(off[0], off[1]), tangent.at(off[3], off[4]));
                 DualPixelGrads<T> out(pixel_grads_at(gI, gP, p, n));
                 const T d_g =
-                    absorbed_pixel_double_backward(prm, px, g[off[2]], want_input_grads, out);
+                    absorbed_pixel_double_backward(prm, px, g[off[2]], input_grads, out);
                 if (ggo != nullptr) ggo[p] = d_g;
                 acc[0] += static_cast<double>(out.d_step.v);
                 acc[1] += static_cast<double>(out.d_step.d);

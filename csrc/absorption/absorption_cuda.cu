@@ -190,23 +190,20 @@ detector_absorption_double_backward_cuda(
     const at::Tensor& intensity, const at::Tensor& pixel_coords, const at::Tensor& odet,
     const at::Tensor& thickness, const at::Tensor& attenuation_length, int64_t thicksteps,
     bool oversample_thick, bool per_layer, std::array<bool, 6> output_mask) {
-  PreparedCall call = prepare_call(kDoubleBackward, &grad_output, intensity, pixel_coords, odet,
-                                    thickness, attenuation_length, thicksteps, per_layer);
-  const HostScalars& scalars = call.scalars;  // (lambdas cannot capture bindings)
-  ExpandedInputs& in = call.in;
-  const DualDirection dir =
-      make_direction(kDoubleBackward, {gg_intensity, gg_coords, gg_odet, gg_thickness, gg_att},
-                     intensity, pixel_coords, odet, thickness, attenuation_length, thicksteps,
-                     per_layer);
+  DoubleBackwardCall c = prepare_double_backward(
+      kDoubleBackward, {gg_intensity, gg_coords, gg_odet, gg_thickness, gg_att}, grad_output,
+      intensity, pixel_coords, odet, thickness, attenuation_length, thicksteps, per_layer,
+      output_mask);
+  // (named references: lambdas cannot capture structured bindings)
+  const HostScalars& scalars = c.call.scalars;
+  ExpandedInputs& in = c.call.in;
+  const DualDirection& dir = c.dir;
+  at::Tensor& grad_grad_output = c.grad_grad_output;
+  FullGrads& full = c.full;
+  const bool input_grads = c.input_grads;
   const c10::cuda::CUDAGuard guard(intensity.device());
   const auto opts = intensity.options();
   const int64_t n = in.num_pixels;
-  at::Tensor grad_grad_output = output_mask[0] ? at::empty(in.pixel_shape, opts) : at::Tensor();
-  const std::array<bool, 5> input_mask = {output_mask[1], output_mask[2], output_mask[3],
-                                          output_mask[4], output_mask[5]};
-  const bool input_grads =
-      std::any_of(input_mask.begin(), input_mask.end(), [](bool b) { return b; });
-  FullGrads full = allocate_full_grads(in, input_mask, opts);
   DualTotals total = {0, 0, 0, 0, 0};
   if (n > 0) {
     const int64_t blocks = blocks_for(n);

@@ -298,6 +298,36 @@ AbsorptionParams<Dual<T>> make_dual_params(const HostScalars& s, const DualDirec
   return prm;
 }
 
+// What the CPU and CUDA double-backward kernels start from: the checked
+// call, the direction, and the output buffers (grad_grad_output undefined
+// when not asked for; the input-gradient slots zeroed).
+struct DoubleBackwardCall {
+  PreparedCall call;
+  DualDirection dir;
+  at::Tensor grad_grad_output;
+  FullGrads full;
+  bool input_grads;  // any of the five input gradients asked for
+};
+
+inline DoubleBackwardCall prepare_double_backward(
+    const char* op, const std::array<std::optional<at::Tensor>, 5>& cotangents,
+    const at::Tensor& grad_output, const at::Tensor& intensity, const at::Tensor& pixel_coords,
+    const at::Tensor& odet, const at::Tensor& thickness, const at::Tensor& attenuation_length,
+    int64_t thicksteps, bool per_layer, const std::array<bool, 6>& output_mask) {
+  PreparedCall call = prepare_call(op, &grad_output, intensity, pixel_coords, odet, thickness,
+                                   attenuation_length, thicksteps, per_layer);
+  DualDirection dir = make_direction(op, cotangents, intensity, pixel_coords, odet, thickness,
+                                     attenuation_length, thicksteps, per_layer);
+  const auto opts = intensity.options();
+  at::Tensor ggo = output_mask[0] ? at::empty(call.in.pixel_shape, opts) : at::Tensor();
+  const std::array<bool, 5> input_mask = {output_mask[1], output_mask[2], output_mask[3],
+                                          output_mask[4], output_mask[5]};
+  FullGrads full = allocate_full_grads(call.in, input_mask, opts);
+  const bool input_grads =
+      std::any_of(input_mask.begin(), input_mask.end(), [](bool b) { return b; });
+  return {std::move(call), std::move(dir), ggo, full, input_grads};
+}
+
 // Pixel sums of the double backward: dL/ds (value, derivative) and the
 // derivative of dL/dodet.
 using DualTotals = std::array<double, 5>;
