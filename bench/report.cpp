@@ -6,6 +6,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <iomanip>
@@ -54,6 +57,12 @@ std::string fmt(double v, int precision) {
   return s.str();
 }
 
+// Bytes as MiB, two decimals below 10 MiB so that small outputs still show.
+std::string mib(int64_t bytes) {
+  const double m = bytes / 1048576.0;
+  return fmt(m, m < 10 ? 2 : 1);
+}
+
 const Row* find(const std::vector<Row>& rows, const std::string& op, const std::string& impl,
                 const std::string& pass, int64_t size, const std::string& dtype,
                 const std::string& device) {
@@ -82,6 +91,7 @@ EnvInfo collect_env(const std::string& source_dir, const std::string& build_type
   env["cuda_devices"] = names;
   env["cpu_model"] = cpu_model();
   env["threads"] = at::get_num_threads();
+  env["memory_bytes"] = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
   env["parallel_info"] = at::get_parallel_info();
   env["compiler"] = std::string("g++ ") + __VERSION__;
   env["build_type"] = build_type;
@@ -117,6 +127,7 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
     j["calls_per_second"] = r.calls_per_second;
     j["points_per_second"] = r.points_per_second;
     j["peak_bytes"] = r.peak_bytes;
+    j["peak_method"] = r.peak_method;
     for (const auto& [impl, ratio] : r.speedup_vs) j["speedup_vs_" + impl] = ratio;
     results.push_back(nlohmann::json::parse(j.dump()));
   }
@@ -130,8 +141,20 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
   md << "# Performance summary\n\n" << env.summary_line << ".\n\nCommand: `" << command_line
      << "`\n\nWarm time is the median of `repeats` calls after one cold (first) call, each "
         "followed by a device synchronise; speedup = the other implementation's warm time / "
-        "this one's, from the same run. Peak is the growth of resident memory (CPU) or of the "
-        "CUDA allocator's peak during one call.\n";
+        "this one's, from the same run. Peak is the peak extra memory of one call, the output "
+        "and the gradients included, measured in a child process of its own for each row: it "
+        "builds the inputs, makes one call on a tiny problem (so that what a process does once, "
+        "such as paging code in or starting threads, is not charged), then one call of the "
+        "case; on CPU the growth of the resident set's high-water mark (VmHWM, reset just "
+        "before the call) above the resident set before the call, on CUDA the caching "
+        "allocator's peak above its level before the call.\n";
+  bool hwm_not_reset = false;
+  for (const Row& r : rows) hwm_not_reset |= r.peak_method == "rss_hwm_not_reset";
+  if (hwm_not_reset) {
+    md << "\n**Some peaks are upper bounds**: /proc/self/clear_refs refused to reset the "
+          "high-water mark, so an earlier peak (while the inputs were built) may be counted "
+          "(`peak_method` `rss_hwm_not_reset` in perf_results.json).\n";
+  }
   std::vector<std::string> groups;
   for (const Row& r : rows) {
     const std::string g = r.op + " / " + r.pass + " / " + r.device + " / " + r.dtype +
@@ -139,7 +162,7 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
                           " points)";
     if (std::find(groups.begin(), groups.end(), g) == groups.end()) {
       groups.push_back(g);
-      md << "\n### " << g << "\n\n| impl | cold ms | warm ms | ± std ms | repeats | Mpoints/s | peak MB | speedups (vs) |\n|---|---:|---:|---:|---:|---:|---:|---|\n";
+      md << "\n### " << g << "\n\n| impl | cold ms | warm ms | ± std ms | repeats | Mpoints/s | peak MiB | speedups (vs) |\n|---|---:|---:|---:|---:|---:|---:|---|\n";
       for (const Row& s : rows) {
         if (s.op != r.op || s.pass != r.pass || s.device != r.device || s.dtype != r.dtype ||
             s.size != r.size || s.points != r.points) continue;
@@ -148,7 +171,7 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
         md << "| " << s.impl << " | " << fmt(s.cold_seconds * 1e3, 3) << " | "
            << fmt(s.warm_seconds * 1e3, 3) << " | " << fmt(s.warm_std_seconds * 1e3, 3) << " | "
            << s.repeats << " | " << fmt(s.points_per_second / 1e6, 2) << " | "
-           << fmt(s.peak_bytes / 1048576.0, 1) << " | " << sp << " |\n";
+           << mib(s.peak_bytes) << " | " << sp << " |\n";
       }
     }
   }

@@ -15,7 +15,8 @@ struct Row {
   double cold_seconds = 0, warm_seconds = 0, warm_std_seconds = 0;
   int64_t repeats = 0;
   double calls_per_second = 0, points_per_second = 0;
-  int64_t peak_bytes = 0;
+  int64_t peak_bytes = 0;   // peak extra memory of one call (memory.h)
+  std::string peak_method;  // how peak_bytes was measured (memory.h)
   std::map<std::string, double> speedup_vs;  // impl -> its warm time / ours
 };
 
