@@ -4,11 +4,13 @@
 //   nanobragg_bench [--ops tricubic_interp detector_absorption] [--sizes 256 512]
 //                   [--points-per-pixel 1] [--repeats 200] [--device cpu|cuda]
 //                   [--dtype float32|float64] [--outdir reports/perf]
-//                   [--max-seconds-per-case 10]
+//                   [--max-seconds-per-case 10] [--scale | --no-scale]
 //
 // Times run in this process. Each case's peak_bytes is measured in a child
 // process of its own: this executable again, with the hidden arguments
 // --single-case OP IMPL PASS SIZE --peak-out FILE (see memory.h).
+// --scale adds a section at scale: tricubic forward+backward over 2048² × 9
+// lookups (run_scale below).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/detail/CUDAHooksInterface.h>
@@ -45,6 +47,7 @@ struct Options {
   std::string dtype = "float32";
   std::string outdir = "reports/perf";
   double max_seconds = 10.0;  // per case: fewer repeats for slow baselines
+  bool scale = false;
   // The memory child's side: the case to measure and where to write its peak.
   std::vector<std::string> single_case;  // op impl pass size
   std::string peak_out;
@@ -54,7 +57,7 @@ struct Options {
   std::cerr << "nanobragg_bench: " << why
             << "\nusage: nanobragg_bench [--ops tricubic_interp detector_absorption] "
                "[--sizes 256 512] [--points-per-pixel N] [--repeats N] [--device cpu|cuda] "
-               "[--dtype float32|float64] [--outdir DIR] [--max-seconds-per-case S]\n";
+               "[--dtype float32|float64] [--outdir DIR] [--max-seconds-per-case S] [--scale | --no-scale]\n";
   std::exit(2);
 }
 
@@ -101,6 +104,8 @@ Options parse(int argc, char** argv) {
       o.outdir = values().at(0);
     } else if (a == "--max-seconds-per-case") {
       o.max_seconds = std::stod(values().at(0));
+    } else if (a == "--scale" || a == "--no-scale") {  // the last one counts
+      o.scale = a == "--scale";
     } else if (a == "--single-case") {
       o.single_case = values();
       if (o.single_case.size() != 4) usage("--single-case needs OP IMPL PASS SIZE");
@@ -126,6 +131,7 @@ void synchronize(const std::string& device) {
 struct Case {
   std::string op, impl, pass;
   int64_t size = 0, per_pixel = 1;
+  bool scale = false;  // the --scale section's rows
 };
 
 int64_t points_of(const Case& c) {
@@ -244,6 +250,7 @@ nb::Row time_call(const Options& o, const Case& c, const Call& fn) {
   r.dtype = o.dtype;
   r.size = c.size;
   r.points = points_of(c);
+  r.scale = c.scale;
   synchronize(o.device);
   auto t0 = Clock::now();
   fn();
@@ -310,6 +317,55 @@ void run_single_case(const Options& o, const Case& c, const at::TensorOptions& o
   nb::write_peak(o.peak_out, nb::measure_peak(call, o.device));
 }
 
+// --scale: tricubic forward+backward over 2048² detector pixels × 9 lookups
+// (37.7 M points). Both implementations run first at 1/64 of the points
+// (256² × 9), where both fit; then the fused op at full scale, and
+// aten_composite only if its memory, estimated before running it, is at most
+// 60% of the memory there is.
+constexpr int64_t kScaleSize = 2048, kScalePerPixel = 9, kScaleProbeSize = 256;
+constexpr double kScaleMemoryFraction = 0.6;
+
+void run_scale(const Options& o, const at::TensorOptions& opts, std::vector<nb::Row>& rows,
+               nb::ScaleInfo& info) {
+  const std::string op = "tricubic_interp", pass = "forward_backward";
+  std::cerr << "scale: " << op << " " << pass << ", " << kScaleSize << "² × " << kScalePerPixel
+            << " points (" << o.device << ", " << o.dtype << ")\n";
+  const Case probe{op, "aten_composite", pass, kScaleProbeSize, kScalePerPixel, true};
+  {
+    const Workload w = make_workload(op, kScaleProbeSize, kScalePerPixel, opts);
+    rows.push_back(run_case(o, Case{op, "fused", pass, kScaleProbeSize, kScalePerPixel, true}, w, opts));
+    rows.push_back(run_case(o, probe, w, opts));
+  }
+  const nb::Row measured = rows.back();
+  const Case full{op, "aten_composite", pass, kScaleSize, kScalePerPixel, true};
+  info.requested = true;
+  info.size = kScaleSize;
+  info.per_pixel = kScalePerPixel;
+  info.points = points_of(full);
+  info.element_size = o.dtype == "float32" ? 4 : 8;
+  info.formula_bytes = nb::tricubic_aten_composite_peak_bytes(info.points, info.element_size);
+  info.probe_points = measured.points;
+  info.probe_peak_bytes = measured.peak_bytes;
+  info.extrapolated_bytes = static_cast<int64_t>(
+      static_cast<double>(measured.peak_bytes) / measured.points * info.points);
+  info.memory_bytes = o.device == "cuda" ? nb::cuda_memory_bytes() : nb::physical_memory_bytes();
+  info.limit_bytes = static_cast<int64_t>(kScaleMemoryFraction * info.memory_bytes);
+  const int64_t estimate = std::max(info.formula_bytes, info.extrapolated_bytes);
+
+  const Workload w = make_workload(op, kScaleSize, kScalePerPixel, opts);
+  info.grid_numel = w.tricubic->grid.numel();
+  rows.push_back(run_case(o, Case{op, "fused", pass, kScaleSize, kScalePerPixel, true}, w, opts));
+  if (estimate <= info.limit_bytes) {
+    rows.push_back(run_case(o, full, w, opts));
+    info.aten_composite_ran = true;
+  } else {
+    std::cerr << "  " << op << " " << pass << " aten_composite size " << kScaleSize
+              << ": not run, it would need about " << std::setprecision(1) << estimate / 1073741824.0
+              << " GiB, over " << kScaleMemoryFraction * 100 << "% of " << info.memory_bytes / 1073741824.0
+              << " GiB\n";
+  }
+}
+
 std::string utc_stamp() {
   const std::time_t now = std::time(nullptr);
   char buf[32];
@@ -331,6 +387,7 @@ int main(int argc, char** argv) {
                         .dtype(o.dtype == "float32" ? at::kFloat : at::kDouble)
                         .device(o.device == "cuda" ? at::kCUDA : at::kCPU);
   std::vector<nb::Row> rows;
+  nb::ScaleInfo scale;
   try {
     if (!o.single_case.empty()) {
       if (o.peak_out.empty()) usage("--single-case needs --peak-out");
@@ -345,6 +402,7 @@ int main(int argc, char** argv) {
         for (const Case& c : cases_of(o, op, size)) rows.push_back(run_case(o, c, w, opts));
       }
     }
+    if (o.scale) run_scale(o, opts, rows, scale);
   } catch (const c10::Error& e) {
     std::cerr << "nanobragg_bench: " << e.what_without_backtrace() << "\n";
     return 1;
@@ -356,7 +414,7 @@ int main(int argc, char** argv) {
   const std::string dir = o.outdir + "/" + utc_stamp();
   std::filesystem::create_directories(dir);
   const nb::EnvInfo env = nb::collect_env(NANOBRAGG_SOURCE_DIR, NANOBRAGG_BUILD_TYPE);
-  nb::write_report(dir, rows, env, command_line);
+  nb::write_report(dir, rows, env, command_line, scale);
   std::cout << dir << "\n";
   return 0;
 }

@@ -18,6 +18,7 @@
 
 #ifdef NANOBRAGG_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <cuda_runtime_api.h>
 #endif
 
 extern char** environ;
@@ -111,6 +112,20 @@ Peak peak_in_child(const std::vector<std::string>& args) {
   const nlohmann::json j = nlohmann::json::parse(f);
   std::filesystem::remove(out);
   return Peak{j.at("peak_bytes").get<int64_t>(), j.at("method").get<std::string>()};
+}
+
+int64_t physical_memory_bytes() {
+  return static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
+}
+
+int64_t cuda_memory_bytes() {
+#ifdef NANOBRAGG_WITH_CUDA
+  size_t free_bytes = 0, total_bytes = 0;
+  if (at::detail::getCUDAHooks().hasCUDA() && cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess) {
+    return static_cast<int64_t>(total_bytes);
+  }
+#endif
+  return 0;
 }
 
 }  // namespace nanobragg_bench

@@ -31,4 +31,9 @@ Peak peak_in_child(const std::vector<std::string>& args);
 
 void write_peak(const std::string& path, const Peak& peak);
 
+// Physical memory of this machine, and total memory of CUDA device 0
+// (0 where CUDA is not compiled in or absent).
+int64_t physical_memory_bytes();
+int64_t cuda_memory_bytes();
+
 }  // namespace nanobragg_bench
