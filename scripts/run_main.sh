@@ -2,7 +2,7 @@
 # The main job: sets up (see scripts/setup.sh), then runs the bench driver
 # with its defaults (sizes 256 and 512, 200 warm repeats, float32, CPU) and
 # its scale section (--scale: tricubic forward+backward over 2048² × 9
-# points, about a minute and a half on 2 cores), which writes
+# points, about a minute of the 2¼ on 2 cores), which writes
 # reports/perf/<UTC stamp>/ (perf_results.json, env.json, perf_summary.md).
 # Extra arguments go to the driver, e.g.
 #   scripts/run_main.sh --device cuda --sizes 512 1024 --points-per-pixel 9
