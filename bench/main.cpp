@@ -4,7 +4,13 @@
 //   nanobragg_bench [--ops tricubic_interp detector_absorption] [--sizes 256 512]
 //                   [--points-per-pixel 1] [--repeats 200] [--device cpu|cuda]
 //                   [--dtype float32|float64] [--outdir reports/perf]
-//                   [--max-seconds-per-case 10]
+//                   [--max-seconds-per-case 10] [--scale | --no-scale]
+//
+// Times run in this process. Each case's peak_bytes is measured in a child
+// process of its own: this executable again, with the hidden arguments
+// --single-case OP IMPL PASS SIZE --peak-out FILE (see memory.h).
+// --scale adds a section at scale: tricubic forward+backward over 2048² × 9
+// lookups (run_scale below).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/detail/CUDAHooksInterface.h>
@@ -13,21 +19,17 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <cstring>
 #include <ctime>
 #include <filesystem>
-#include <fstream>
 #include <functional>
+#include <iomanip>
 #include <iostream>
+#include <memory>
 #include <numeric>
-#include <sstream>
 #include <string>
 #include <vector>
 
-#ifdef NANOBRAGG_WITH_CUDA
-#include <c10/cuda/CUDACachingAllocator.h>
-#endif
-
+#include "memory.h"
 #include "nanobragg_ops/ops.h"
 #include "report.h"
 #include "workloads.h"
@@ -45,13 +47,17 @@ struct Options {
   std::string dtype = "float32";
   std::string outdir = "reports/perf";
   double max_seconds = 10.0;  // per case: fewer repeats for slow baselines
+  bool scale = false;
+  // The memory child's side: the case to measure and where to write its peak.
+  std::vector<std::string> single_case;  // op impl pass size
+  std::string peak_out;
 };
 
 [[noreturn]] void usage(const std::string& why) {
   std::cerr << "nanobragg_bench: " << why
             << "\nusage: nanobragg_bench [--ops tricubic_interp detector_absorption] "
                "[--sizes 256 512] [--points-per-pixel N] [--repeats N] [--device cpu|cuda] "
-               "[--dtype float32|float64] [--outdir DIR] [--max-seconds-per-case S]\n";
+               "[--dtype float32|float64] [--outdir DIR] [--max-seconds-per-case S] [--scale | --no-scale]\n";
   std::exit(2);
 }
 
@@ -98,6 +104,13 @@ Options parse(int argc, char** argv) {
       o.outdir = values().at(0);
     } else if (a == "--max-seconds-per-case") {
       o.max_seconds = std::stod(values().at(0));
+    } else if (a == "--scale" || a == "--no-scale") {  // the last one counts
+      o.scale = a == "--scale";
+    } else if (a == "--single-case") {
+      o.single_case = values();
+      if (o.single_case.size() != 4) usage("--single-case needs OP IMPL PASS SIZE");
+    } else if (a == "--peak-out") {
+      o.peak_out = values().at(0);
     } else if (a == "--help" || a == "-h") {
       usage("help");
     } else {
@@ -108,54 +121,136 @@ Options parse(int argc, char** argv) {
 }
 
 using Clock = std::chrono::steady_clock;
+using Call = std::function<void()>;
 
 void synchronize(const std::string& device) {
   if (device == "cuda") at::detail::getCUDAHooks().deviceSynchronize(0);
 }
 
-int64_t proc_status_kb(const char* field) {
-  std::ifstream f("/proc/self/status");
-  std::string line;
-  while (std::getline(f, line)) {
-    if (line.rfind(field, 0) == 0) return std::stoll(line.substr(std::strlen(field)));
-  }
-  return 0;
+// One row of the report: which implementation of which op, on which inputs.
+struct Case {
+  std::string op, impl, pass;
+  int64_t size = 0, per_pixel = 1;
+  bool scale = false;  // the --scale section's rows
+};
+
+int64_t points_of(const Case& c) {
+  return c.op == "tricubic_interp" ? c.size * c.size * c.per_pixel : c.size * c.size;
 }
 
-// Peak extra memory of one call: on CPU the growth of the resident set above
-// its level before the call (the kernel's high-water mark is reset first),
-// on CUDA the caching allocator's peak above its level before the call.
-int64_t peak_bytes_of(const std::function<void()>& fn, const std::string& device) {
-#ifdef NANOBRAGG_WITH_CUDA
-  if (device == "cuda") {
-    using namespace c10::cuda::CUDACachingAllocator;
-    synchronize(device);
-    resetPeakStats(0);
-    const int64_t before = getDeviceStats(0).allocated_bytes[0].current;
-    fn();
-    synchronize(device);
-    return getDeviceStats(0).allocated_bytes[0].peak - before;
+// The inputs of one op at one size, shared by the calls made from them.
+struct Workload {
+  std::shared_ptr<const nb::TricubicInputs> tricubic;
+  std::shared_ptr<const nb::AbsorptionInputs> absorption;
+};
+
+Workload make_workload(const std::string& op, int64_t size, int64_t per_pixel,
+                       const at::TensorOptions& opts) {
+  Workload w;
+  if (op == "tricubic_interp") {
+    w.tricubic = std::make_shared<const nb::TricubicInputs>(nb::make_tricubic_inputs(size, per_pixel, opts));
+  } else {
+    w.absorption = std::make_shared<const nb::AbsorptionInputs>(nb::make_absorption_inputs(size, opts));
   }
-#endif
-  (void)device;
-  std::ofstream("/proc/self/clear_refs") << "5";  // reset VmHWM to VmRSS
-  const int64_t before = proc_status_kb("VmRSS:");
-  fn();
-  return std::max<int64_t>(0, proc_status_kb("VmHWM:") - before) * 1024;
+  return w;
 }
 
-nb::Row time_case(const Options& o, const std::string& op, const std::string& impl,
-                  const std::string& pass, int64_t size, int64_t points,
-                  const std::function<void()>& fn) {
-  std::cerr << "  " << op << " " << pass << " " << impl << " size " << size << " ... " << std::flush;
+// Leaves that get gradients in a forward_backward case: copies of the
+// inputs, made when the call is made, their gradients reset every call.
+struct Leaves {
+  std::vector<at::Tensor> tensors;
+  at::Tensor add(const at::Tensor& t) {
+    tensors.push_back(t.detach().clone().requires_grad_(true));
+    return tensors.back();
+  }
+  void clear_grads() {
+    for (auto& t : tensors) t.mutable_grad().reset();
+  }
+};
+
+// The call that a case times, owning what it needs (inputs, leaves, the
+// output gradient); backward gives gradients to every differentiable input.
+Call make_call(const Case& c, const Workload& w, const at::TensorOptions& opts) {
+  const bool fb = c.pass == "forward_backward";
+  auto leaves = std::make_shared<Leaves>();
+  if (c.op == "tricubic_interp") {
+    const auto in = w.tricubic;
+    const int64_t n = in->hkl.size(0);
+    if (c.impl == "scalar_reference") return [in] { nb::tricubic_scalar_reference(*in); };
+    if (c.impl == "grid_sample_trilinear") {
+      if (!fb) return [in] { nb::grid_sample_trilinear(in->grid_sample_input, in->grid_sample_coords); };
+      const at::Tensor gi = leaves->add(in->grid_sample_input), gc = leaves->add(in->grid_sample_coords);
+      const at::Tensor ones = at::ones({1, 1, n, 1, 1}, opts);
+      return [leaves, gi, gc, ones] {
+        leaves->clear_grads();
+        nb::grid_sample_trilinear(gi, gc).backward(ones);
+      };
+    }
+    const bool fused = c.impl == "fused";
+    const std::array<int64_t, 3> imin = in->index_min;
+    auto f = [fused, imin](const at::Tensor& g, const at::Tensor& h) {
+      return fused ? nanobragg_ops::tricubic_interp(g, h, imin) : nb::tricubic_aten_composite(g, h, imin);
+    };
+    if (!fb) return [in, f] { f(in->grid, in->hkl); };
+    const at::Tensor g = leaves->add(in->grid), h = leaves->add(in->hkl);
+    const at::Tensor ones = at::ones({n}, opts);
+    return [leaves, g, h, ones, f] {
+      leaves->clear_grads();
+      f(g, h).backward(ones);
+    };
+  }
+  const auto in = w.absorption;
+  if (c.impl == "scalar_reference") return [in] { nb::absorption_scalar_reference(*in); };
+  const bool fused = c.impl == "fused";
+  auto f = [fused, steps = in->thicksteps, over = in->oversample_thick](
+               const at::Tensor& I, const at::Tensor& P, const at::Tensor& od, const at::Tensor& T,
+               const at::Tensor& A) {
+    return fused ? nanobragg_ops::detector_absorption(I, P, od, T, A, steps, over)
+                 : nb::absorption_aten_composite(I, P, od, T, A, steps, over);
+  };
+  if (!fb) {
+    return [in, f] { f(in->intensity, in->pixel_coords, in->odet, in->thickness, in->attenuation_length); };
+  }
+  const at::Tensor I = leaves->add(in->intensity), P = leaves->add(in->pixel_coords),
+                   od = leaves->add(in->odet), T = leaves->add(in->thickness),
+                   A = leaves->add(in->attenuation_length);
+  const at::Tensor ones = at::ones_like(in->intensity);
+  return [leaves, I, P, od, T, A, ones, f] {
+    leaves->clear_grads();
+    f(I, P, od, T, A).backward(ones);
+  };
+}
+
+// The cases of one op at one size, in report order.
+std::vector<Case> cases_of(const Options& o, const std::string& op, int64_t size) {
+  std::vector<std::pair<std::string, std::string>> impl_pass = {
+      {"fused", "forward"}, {"scalar_reference", "forward"}, {"aten_composite", "forward"}};
+  if (op == "tricubic_interp") impl_pass.emplace_back("grid_sample_trilinear", "forward");
+  impl_pass.emplace_back("fused", "forward_backward");
+  impl_pass.emplace_back("aten_composite", "forward_backward");
+  if (op == "tricubic_interp") impl_pass.emplace_back("grid_sample_trilinear", "forward_backward");
+  std::vector<Case> cases;
+  for (const auto& [impl, pass] : impl_pass) {
+    if (impl == "scalar_reference" && o.device != "cpu") continue;  // a CPU loop
+    cases.push_back(Case{op, impl, pass, size, o.per_pixel});
+  }
+  return cases;
+}
+
+// Cold time (the first call), then the median of warm calls, each followed by
+// a device synchronise.
+nb::Row time_call(const Options& o, const Case& c, const Call& fn) {
+  std::cerr << "  " << c.op << " " << c.pass << " " << c.impl << " size " << c.size << " ("
+            << points_of(c) << " points) ... " << std::flush;
   nb::Row r;
-  r.op = op;
-  r.impl = impl;
-  r.pass = pass;
+  r.op = c.op;
+  r.impl = c.impl;
+  r.pass = c.pass;
   r.device = o.device;
   r.dtype = o.dtype;
-  r.size = size;
-  r.points = points;
+  r.size = c.size;
+  r.points = points_of(c);
+  r.scale = c.scale;
   synchronize(o.device);
   auto t0 = Clock::now();
   fn();
@@ -180,94 +275,94 @@ nb::Row time_case(const Options& o, const std::string& op, const std::string& im
   r.warm_std_seconds = m > 1 ? std::sqrt(var / (m - 1)) : 0.0;
   r.repeats = static_cast<int64_t>(m);
   r.calls_per_second = 1.0 / r.warm_seconds;
-  r.points_per_second = points / r.warm_seconds;
-  r.peak_bytes = peak_bytes_of(fn, o.device);
-  std::cerr << std::fixed << r.warm_seconds * 1e3 << " ms (" << m << " repeats)\n";
+  r.points_per_second = r.points / r.warm_seconds;
+  std::cerr << std::fixed << std::setprecision(3) << r.warm_seconds * 1e3 << " ms (" << m << " repeats)";
   return r;
 }
 
-// Leaves that get gradients in a forward_backward case, reset every call.
-struct Leaves {
-  std::vector<at::Tensor> tensors;
-  at::Tensor add(const at::Tensor& t) {
-    tensors.push_back(t.detach().clone().requires_grad_(true));
-    return tensors.back();
-  }
-  void clear_grads() {
-    for (auto& t : tensors) t.mutable_grad().reset();
-  }
-};
-
-void bench_tricubic(const Options& o, int64_t size, const at::TensorOptions& opts,
-                    std::vector<nb::Row>& rows) {
-  const nb::TricubicInputs in = nb::make_tricubic_inputs(size, o.per_pixel, opts);
-  const int64_t n = in.hkl.size(0);
-  const auto& imin = in.index_min;
-  const std::string op = "tricubic_interp";
-  auto fused = [&](const at::Tensor& g, const at::Tensor& h) {
-    return nanobragg_ops::tricubic_interp(g, h, imin);
-  };
-  auto composite = [&](const at::Tensor& g, const at::Tensor& h) {
-    return nb::tricubic_aten_composite(g, h, imin);
-  };
-  rows.push_back(time_case(o, op, "fused", "forward", size, n, [&] { fused(in.grid, in.hkl); }));
-  if (o.device == "cpu") {
-    rows.push_back(time_case(o, op, "scalar_reference", "forward", size, n,
-                             [&] { nb::tricubic_scalar_reference(in); }));
-  }
-  rows.push_back(time_case(o, op, "aten_composite", "forward", size, n, [&] { composite(in.grid, in.hkl); }));
-  rows.push_back(time_case(o, op, "grid_sample_trilinear", "forward", size, n, [&] {
-    nb::grid_sample_trilinear(in.grid_sample_input, in.grid_sample_coords);
-  }));
-  const at::Tensor ones = at::ones({n}, opts);
-  for (const std::string impl : {"fused", "aten_composite"}) {
-    Leaves leaves;
-    const at::Tensor g = leaves.add(in.grid), h = leaves.add(in.hkl);
-    rows.push_back(time_case(o, op, impl, "forward_backward", size, n, [&] {
-      leaves.clear_grads();
-      (impl == "fused" ? fused(g, h) : composite(g, h)).backward(ones);
-    }));
-  }
-  Leaves leaves;
-  const at::Tensor gi = leaves.add(in.grid_sample_input), gc = leaves.add(in.grid_sample_coords);
-  const at::Tensor ones5 = at::ones({1, 1, n, 1, 1}, opts);
-  rows.push_back(time_case(o, op, "grid_sample_trilinear", "forward_backward", size, n, [&] {
-    leaves.clear_grads();
-    nb::grid_sample_trilinear(gi, gc).backward(ones5);
-  }));
+// The arguments that make this executable measure one case's memory.
+std::vector<std::string> single_case_args(const Options& o, const Case& c) {
+  return {"--single-case", c.op,           c.impl,   c.pass,    std::to_string(c.size),
+          "--points-per-pixel", std::to_string(c.per_pixel), "--device", o.device, "--dtype", o.dtype};
 }
 
-void bench_absorption(const Options& o, int64_t size, const at::TensorOptions& opts,
-                      std::vector<nb::Row>& rows) {
-  const nb::AbsorptionInputs in = nb::make_absorption_inputs(size, opts);
-  const int64_t n = size * size;
-  const std::string op = "detector_absorption";
-  auto run = [&](const std::string& impl, const at::Tensor& I, const at::Tensor& P,
-                 const at::Tensor& od, const at::Tensor& T, const at::Tensor& A) {
-    return impl == "fused"
-               ? nanobragg_ops::detector_absorption(I, P, od, T, A, in.thicksteps, in.oversample_thick)
-               : nb::absorption_aten_composite(I, P, od, T, A, in.thicksteps, in.oversample_thick);
-  };
-  for (const std::string impl : {"fused", "scalar_reference", "aten_composite"}) {
-    if (impl == "scalar_reference") {
-      if (o.device == "cpu") {
-        rows.push_back(time_case(o, op, impl, "forward", size, n, [&] { nb::absorption_scalar_reference(in); }));
-      }
-      continue;
-    }
-    rows.push_back(time_case(o, op, impl, "forward", size, n, [&] {
-      run(impl, in.intensity, in.pixel_coords, in.odet, in.thickness, in.attenuation_length);
-    }));
+// Times a case here, then measures its peak memory in a child process.
+nb::Row run_case(const Options& o, const Case& c, const Workload& w, const at::TensorOptions& opts) {
+  nb::Row r;
+  {
+    const Call call = make_call(c, w, opts);
+    r = time_call(o, c, call);
+  }  // the call's leaves and gradients go before the child starts
+  const nb::Peak peak = nb::peak_in_child(single_case_args(o, c));
+  r.peak_bytes = peak.bytes;
+  r.peak_method = peak.method;
+  std::cerr << ", peak " << std::setprecision(1) << peak.bytes / 1048576.0 << " MiB\n";
+  return r;
+}
+
+// The child's side (--single-case): one call of one case, and its peak extra
+// memory above the level reached once its inputs exist.
+void run_single_case(const Options& o, const Case& c, const at::TensorOptions& opts) {
+  {
+    // One call on a tiny problem first, so that what a process does once
+    // (code paged in, thread pools, lazy initialisation, cuBLAS workspaces)
+    // is not charged to the case.
+    const Workload w = make_workload(c.op, 16, c.per_pixel, opts);
+    make_call(c, w, opts)();
+    synchronize(o.device);
   }
-  const at::Tensor ones = at::ones({size, size}, opts);
-  for (const std::string impl : {"fused", "aten_composite"}) {
-    Leaves l;
-    const at::Tensor I = l.add(in.intensity), P = l.add(in.pixel_coords), od = l.add(in.odet),
-                     T = l.add(in.thickness), A = l.add(in.attenuation_length);
-    rows.push_back(time_case(o, op, impl, "forward_backward", size, n, [&] {
-      l.clear_grads();
-      run(impl, I, P, od, T, A).backward(ones);
-    }));
+  const Workload w = make_workload(c.op, c.size, c.per_pixel, opts);
+  const Call call = make_call(c, w, opts);
+  synchronize(o.device);
+  nb::write_peak(o.peak_out, nb::measure_peak(call, o.device));
+}
+
+// --scale: tricubic forward+backward over 2048² detector pixels × 9 lookups
+// (37.7 M points). Both implementations run first at 1/64 of the points
+// (256² × 9), where both fit; then the fused op at full scale, and
+// aten_composite only if its memory, estimated before running it, is at most
+// 60% of the memory there is.
+constexpr int64_t kScaleSize = 2048, kScalePerPixel = 9, kScaleProbeSize = 256;
+constexpr double kScaleMemoryFraction = 0.6;
+
+void run_scale(const Options& o, const at::TensorOptions& opts, std::vector<nb::Row>& rows,
+               nb::ScaleInfo& info) {
+  const std::string op = "tricubic_interp", pass = "forward_backward";
+  std::cerr << "scale: " << op << " " << pass << ", " << kScaleSize << "² × " << kScalePerPixel
+            << " points (" << o.device << ", " << o.dtype << ")\n";
+  const Case probe{op, "aten_composite", pass, kScaleProbeSize, kScalePerPixel, true};
+  {
+    const Workload w = make_workload(op, kScaleProbeSize, kScalePerPixel, opts);
+    rows.push_back(run_case(o, Case{op, "fused", pass, kScaleProbeSize, kScalePerPixel, true}, w, opts));
+    rows.push_back(run_case(o, probe, w, opts));
+  }
+  const nb::Row measured = rows.back();
+  const Case full{op, "aten_composite", pass, kScaleSize, kScalePerPixel, true};
+  info.requested = true;
+  info.size = kScaleSize;
+  info.per_pixel = kScalePerPixel;
+  info.points = points_of(full);
+  info.element_size = o.dtype == "float32" ? 4 : 8;
+  info.formula_bytes = nb::tricubic_aten_composite_peak_bytes(info.points, info.element_size);
+  info.probe_points = measured.points;
+  info.probe_peak_bytes = measured.peak_bytes;
+  info.extrapolated_bytes = static_cast<int64_t>(
+      static_cast<double>(measured.peak_bytes) / measured.points * info.points);
+  info.memory_bytes = o.device == "cuda" ? nb::cuda_memory_bytes() : nb::physical_memory_bytes();
+  info.limit_bytes = static_cast<int64_t>(kScaleMemoryFraction * info.memory_bytes);
+  const int64_t estimate = std::max(info.formula_bytes, info.extrapolated_bytes);
+
+  const Workload w = make_workload(op, kScaleSize, kScalePerPixel, opts);
+  info.grid_numel = w.tricubic->grid.numel();
+  rows.push_back(run_case(o, Case{op, "fused", pass, kScaleSize, kScalePerPixel, true}, w, opts));
+  if (estimate <= info.limit_bytes) {
+    rows.push_back(run_case(o, full, w, opts));
+    info.aten_composite_ran = true;
+  } else {
+    std::cerr << "  " << op << " " << pass << " aten_composite size " << kScaleSize
+              << ": not run, it would need about " << std::setprecision(1) << estimate / 1073741824.0
+              << " GiB, over " << kScaleMemoryFraction * 100 << "% of " << info.memory_bytes / 1073741824.0
+              << " GiB\n";
   }
 }
 
@@ -292,23 +387,34 @@ int main(int argc, char** argv) {
                         .dtype(o.dtype == "float32" ? at::kFloat : at::kDouble)
                         .device(o.device == "cuda" ? at::kCUDA : at::kCPU);
   std::vector<nb::Row> rows;
+  nb::ScaleInfo scale;
   try {
+    if (!o.single_case.empty()) {
+      if (o.peak_out.empty()) usage("--single-case needs --peak-out");
+      const auto& sc = o.single_case;
+      run_single_case(o, Case{sc[0], sc[1], sc[2], std::stoll(sc[3]), o.per_pixel}, opts);
+      return 0;
+    }
     for (int64_t size : o.sizes) {
       for (const auto& op : o.ops) {
         std::cerr << op << ", size " << size << " (" << o.device << ", " << o.dtype << ")\n";
-        if (op == "tricubic_interp") bench_tricubic(o, size, opts, rows);
-        if (op == "detector_absorption") bench_absorption(o, size, opts, rows);
+        const Workload w = make_workload(op, size, o.per_pixel, opts);
+        for (const Case& c : cases_of(o, op, size)) rows.push_back(run_case(o, c, w, opts));
       }
     }
+    if (o.scale) run_scale(o, opts, rows, scale);
   } catch (const c10::Error& e) {
     std::cerr << "nanobragg_bench: " << e.what_without_backtrace() << "\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "nanobragg_bench: " << e.what() << "\n";
     return 1;
   }
   nb::compute_speedups(rows);
   const std::string dir = o.outdir + "/" + utc_stamp();
   std::filesystem::create_directories(dir);
   const nb::EnvInfo env = nb::collect_env(NANOBRAGG_SOURCE_DIR, NANOBRAGG_BUILD_TYPE);
-  nb::write_report(dir, rows, env, command_line);
+  nb::write_report(dir, rows, env, command_line, scale);
   std::cout << dir << "\n";
   return 0;
 }

@@ -6,6 +6,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <iomanip>
@@ -17,7 +20,8 @@ void compute_speedups(std::vector<Row>& rows) {
   for (Row& r : rows) {
     for (const Row& o : rows) {
       if (&o != &r && o.op == r.op && o.pass == r.pass && o.device == r.device &&
-          o.dtype == r.dtype && o.size == r.size && o.points == r.points && r.warm_seconds > 0) {
+          o.dtype == r.dtype && o.size == r.size && o.points == r.points && o.scale == r.scale &&
+          r.warm_seconds > 0) {
         r.speedup_vs[o.impl] = o.warm_seconds / r.warm_seconds;
       }
     }
@@ -54,16 +58,73 @@ std::string fmt(double v, int precision) {
   return s.str();
 }
 
+// Bytes as MiB, two decimals below 10 MiB so that small outputs still show.
+std::string mib(int64_t bytes) {
+  const double m = bytes / 1048576.0;
+  return fmt(m, m < 10 ? 2 : 1);
+}
+
+std::string gib(int64_t bytes) { return fmt(bytes / 1073741824.0, 1); }
+
 const Row* find(const std::vector<Row>& rows, const std::string& op, const std::string& impl,
                 const std::string& pass, int64_t size, const std::string& dtype,
                 const std::string& device) {
   for (const Row& r : rows) {
-    if (r.op == op && r.impl == impl && r.pass == pass && r.size == size && r.dtype == dtype &&
-        r.device == device) {
+    if (!r.scale && r.op == op && r.impl == impl && r.pass == pass && r.size == size &&
+        r.dtype == dtype && r.device == device) {
       return &r;
     }
   }
   return nullptr;
+}
+
+// The --scale section: its rows, and aten_composite at full scale measured
+// or, where it was not run, estimated.
+void write_scale_section(std::ostringstream& md, const std::vector<Row>& rows, const ScaleInfo& sc) {
+  const int64_t s = sc.element_size;
+  md << "\n## Scale: tricubic forward+backward, " << sc.size << "² × " << sc.per_pixel << " = "
+     << sc.points << " points\n\n"
+     << "Gradients to hkl and to the grid, " << (s == 4 ? "float32" : "float64")
+     << ". Both implementations also at 1/64 of the points, where both fit. \"output + "
+        "gradients\" is the least any implementation must allocate: the output, the hkl "
+        "gradient and the grid gradient, (4 × points + grid) × "
+     << s << " bytes.\n\n"
+     << "| impl | points | cold s | warm s | repeats | Mpoints/s | peak MiB | bytes/point | "
+        "output + gradients MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+  auto floor_bytes = [&](int64_t points) { return (4 * points + sc.grid_numel) * s; };
+  for (const Row& r : rows) {
+    if (!r.scale) continue;
+    md << "| " << r.impl << " | " << r.points << " | " << fmt(r.cold_seconds, 3) << " | "
+       << fmt(r.warm_seconds, 3) << " | " << r.repeats << " | " << fmt(r.points_per_second / 1e6, 2)
+       << " | " << mib(r.peak_bytes) << " | " << fmt(double(r.peak_bytes) / r.points, 1) << " | "
+       << mib(floor_bytes(r.points)) << " |\n";
+  }
+  const int64_t estimate = std::max(sc.formula_bytes, sc.extrapolated_bytes);
+  if (!sc.aten_composite_ran) {
+    md << "| aten_composite | " << sc.points << " | not run | | | | **≈ " << mib(estimate)
+       << "** (" << gib(estimate) << " GiB, estimated) | " << fmt(double(estimate) / sc.points, 1) << " | "
+       << mib(floor_bytes(sc.points)) << " |\n";
+  }
+  md << "\naten_composite's peak, counted from its code (bench/workloads.cpp, "
+        "`tricubic_aten_composite_peak_bytes`), is (350 s + 97) bytes per point for "
+        "s-byte floats: a forward graph of 202 s + 97 bytes kept for the backward (the "
+        "gathered [4,4,4] neighbourhood 64 s, the einsum's [4,4] and [4,4,4] outer products "
+        "80 s, the Lagrange weights and their saved factors 54 s, three [4] int64 index rows "
+        "96 B, ...) and, at the backward's peak, 148 s more ([4,4,4]-sized gradients). Here "
+     << fmt(double(sc.formula_bytes) / sc.points, 1) << " bytes per point, "
+     << gib(sc.formula_bytes) << " GiB at " << sc.points << " points; measured at "
+     << sc.probe_points << " points: " << fmt(double(sc.probe_peak_bytes) / sc.probe_points, 1)
+     << " bytes per point, i.e. " << gib(sc.extrapolated_bytes) << " GiB at full scale. ";
+  if (sc.aten_composite_ran) {
+    md << "The larger of the two, " << gib(estimate) << " GiB, was within "
+       << gib(sc.limit_bytes) << " GiB (60% of " << gib(sc.memory_bytes)
+       << " GiB), so it ran; its row above is measured.\n";
+  } else {
+    md << "The larger of the two, " << gib(estimate) << " GiB, is over " << gib(sc.limit_bytes)
+       << " GiB (60% of the " << gib(sc.memory_bytes)
+       << " GiB of memory there is: RAM, or the GPU's on CUDA), so it was not run: its row "
+          "is that estimate.\n";
+  }
 }
 
 }  // namespace
@@ -82,6 +143,7 @@ EnvInfo collect_env(const std::string& source_dir, const std::string& build_type
   env["cuda_devices"] = names;
   env["cpu_model"] = cpu_model();
   env["threads"] = at::get_num_threads();
+  env["memory_bytes"] = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
   env["parallel_info"] = at::get_parallel_info();
   env["compiler"] = std::string("g++ ") + __VERSION__;
   env["build_type"] = build_type;
@@ -99,7 +161,7 @@ EnvInfo collect_env(const std::string& source_dir, const std::string& build_type
 }
 
 void write_report(const std::string& dir, const std::vector<Row>& rows, const EnvInfo& env,
-                  const std::string& command_line) {
+                  const std::string& command_line, const ScaleInfo& scale) {
   nlohmann::json results = nlohmann::json::array();
   for (const Row& r : rows) {
     nlohmann::ordered_json j;
@@ -117,6 +179,8 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
     j["calls_per_second"] = r.calls_per_second;
     j["points_per_second"] = r.points_per_second;
     j["peak_bytes"] = r.peak_bytes;
+    j["peak_method"] = r.peak_method;
+    j["scale"] = r.scale;
     for (const auto& [impl, ratio] : r.speedup_vs) j["speedup_vs_" + impl] = ratio;
     results.push_back(nlohmann::json::parse(j.dump()));
   }
@@ -130,25 +194,38 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
   md << "# Performance summary\n\n" << env.summary_line << ".\n\nCommand: `" << command_line
      << "`\n\nWarm time is the median of `repeats` calls after one cold (first) call, each "
         "followed by a device synchronise; speedup = the other implementation's warm time / "
-        "this one's, from the same run. Peak is the growth of resident memory (CPU) or of the "
-        "CUDA allocator's peak during one call.\n";
+        "this one's, from the same run. Peak is the peak extra memory of one call, the output "
+        "and the gradients included, measured in a child process of its own for each row: it "
+        "builds the inputs, makes one call on a tiny problem (so that what a process does once, "
+        "such as paging code in or starting threads, is not charged), then one call of the "
+        "case; on CPU the growth of the resident set's high-water mark (VmHWM, reset just "
+        "before the call) above the resident set before the call, on CUDA the caching "
+        "allocator's peak above its level before the call.\n";
+  bool hwm_not_reset = false;
+  for (const Row& r : rows) hwm_not_reset |= r.peak_method == "rss_hwm_not_reset";
+  if (hwm_not_reset) {
+    md << "\n**Some peaks are upper bounds**: /proc/self/clear_refs refused to reset the "
+          "high-water mark, so an earlier peak (while the inputs were built) may be counted "
+          "(`peak_method` `rss_hwm_not_reset` in perf_results.json).\n";
+  }
   std::vector<std::string> groups;
   for (const Row& r : rows) {
+    if (r.scale) continue;
     const std::string g = r.op + " / " + r.pass + " / " + r.device + " / " + r.dtype +
                           " / size " + std::to_string(r.size) + " (" + std::to_string(r.points) +
                           " points)";
     if (std::find(groups.begin(), groups.end(), g) == groups.end()) {
       groups.push_back(g);
-      md << "\n### " << g << "\n\n| impl | cold ms | warm ms | ± std ms | repeats | Mpoints/s | peak MB | speedups (vs) |\n|---|---:|---:|---:|---:|---:|---:|---|\n";
+      md << "\n### " << g << "\n\n| impl | cold ms | warm ms | ± std ms | repeats | Mpoints/s | peak MiB | speedups (vs) |\n|---|---:|---:|---:|---:|---:|---:|---|\n";
       for (const Row& s : rows) {
-        if (s.op != r.op || s.pass != r.pass || s.device != r.device || s.dtype != r.dtype ||
-            s.size != r.size || s.points != r.points) continue;
+        if (s.scale || s.op != r.op || s.pass != r.pass || s.device != r.device ||
+            s.dtype != r.dtype || s.size != r.size || s.points != r.points) continue;
         std::string sp;
         for (const auto& [impl, ratio] : s.speedup_vs) sp += (sp.empty() ? "" : ", ") + impl + " " + fmt(ratio, 2) + "×";
         md << "| " << s.impl << " | " << fmt(s.cold_seconds * 1e3, 3) << " | "
            << fmt(s.warm_seconds * 1e3, 3) << " | " << fmt(s.warm_std_seconds * 1e3, 3) << " | "
            << s.repeats << " | " << fmt(s.points_per_second / 1e6, 2) << " | "
-           << fmt(s.peak_bytes / 1048576.0, 1) << " | " << sp << " |\n";
+           << mib(s.peak_bytes) << " | " << sp << " |\n";
       }
     }
   }
@@ -192,10 +269,12 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
   }
   if (!any_target) md << "| (no size-512 float32 rows in this run) | | |\n";
 
+  if (scale.requested) write_scale_section(md, rows, scale);
+
   // Where the time goes, from this run's numbers.
   md << "\n## Interpretation\n\n";
   for (const Row& r : rows) {
-    if (r.impl != "fused" || r.pass != "forward") continue;
+    if (r.scale || r.impl != "fused" || r.pass != "forward") continue;
     const double ns = 1e9 / r.points_per_second;
     if (r.op == "tricubic_interp") {
       const Row* gs = find(rows, r.op, "grid_sample_trilinear", "forward", r.size, r.dtype, r.device);

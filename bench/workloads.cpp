@@ -201,6 +201,37 @@ at::Tensor tricubic_aten_composite(const at::Tensor& grid, const at::Tensor& hkl
   return at::where(inside, value, at::zeros_like(value));
 }
 
+// What the composite holds at the peak of its forward+backward, per point,
+// with s = element size (float32: 4), from the code above:
+//
+// forward graph, alive when it returns and kept for the backward:
+//   u (the fractional part, saved by the weights' products)      3 s
+//   inside mask (saved by where)                                  1 B
+//   idx: three [4] int64 index rows (saved by index)             96 B
+//   sub: the gathered [4,4,4] neighbourhood (saved by einsum)    64 s
+//   einsum's outer products wh (x) wk [4,4] and (x) wl [4,4,4]   80 s
+//   Lagrange weights: per axis 14 factors saved by the muls
+//     and the stacked [4] weights, 3 axes                        54 s
+//   output                                                        1 s
+//   = 202 s + 97 B
+// backward, at its peak (the backward of the [4,4,4] outer product):
+//   - sub and the outer product, released by the bmm's backward  -128 s
+//   + sub's gradient, waiting for the index backward             +64 s
+//   + the outer product's incoming gradient                      +64 s
+//   + grad * other for both factors, alive together before
+//     the engine reduces them (sum_to)                          +128 s
+//   + those reductions, [4,4] and [4]                            +20 s
+//   = +148 s
+// peak = 350 s + 97 B per point: 1497 B in float32, 2897 B in float64.
+// Measured by the bench's memory child at 2^20 float32 points: 1480 B per
+// point with MALLOC_MMAP_THRESHOLD_=131072 (every block of 128 KiB or more
+// mmapped and unmapped when freed, so the resident set follows allocations);
+// 1613 B with glibc's defaults, where freed blocks of a few MiB stay resident.
+// At 37.7 M points every block is far above glibc's mmap threshold.
+int64_t tricubic_aten_composite_peak_bytes(int64_t n, int64_t element_size) {
+  return n * (350 * element_size + 97);
+}
+
 at::Tensor absorption_aten_composite(const at::Tensor& intensity, const at::Tensor& pixel_coords,
                                      const at::Tensor& odet, const at::Tensor& thickness,
                                      const at::Tensor& attenuation_length, int64_t thicksteps,

@@ -49,6 +49,12 @@ at::Tensor absorption_scalar_reference(const AbsorptionInputs& in);
 // backward.
 at::Tensor tricubic_aten_composite(const at::Tensor& grid, const at::Tensor& hkl,
                                    const std::array<int64_t, 3>& index_min);
+// Peak extra memory of tricubic_aten_composite's forward+backward over n
+// points of `element_size`-byte floats, counted from its code (workloads.cpp):
+// 350 elements + 97 bytes per point. The scale case decides from it, before
+// running, whether the composite fits in memory.
+int64_t tricubic_aten_composite_peak_bytes(int64_t n, int64_t element_size);
+
 at::Tensor absorption_aten_composite(const at::Tensor& intensity, const at::Tensor& pixel_coords,
                                      const at::Tensor& odet, const at::Tensor& thickness,
                                      const at::Tensor& attenuation_length, int64_t thicksteps,

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The main job: sets up (see scripts/setup.sh), then runs the bench driver
-# with its defaults (sizes 256 and 512, 200 warm repeats, float32, CPU),
-# which writes reports/perf/<UTC stamp>/ (perf_results.json, env.json,
-# perf_summary.md). Extra arguments go to the driver, e.g.
+# with its defaults (sizes 256 and 512, 200 warm repeats, float32, CPU) and
+# its scale section (--scale: tricubic forward+backward over 2048² × 9
+# points, about a minute of the 2¼ on 2 cores), which writes
+# reports/perf/<UTC stamp>/ (perf_results.json, env.json, perf_summary.md).
+# Extra arguments go to the driver, e.g.
 #   scripts/run_main.sh --device cuda --sizes 512 1024 --points-per-pixel 9
+#   scripts/run_main.sh --no-scale
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 "$ROOT/scripts/setup.sh"
 BUILD_DIR="${BUILD_DIR:-build}"
-dir="$("$BUILD_DIR/bench/nanobragg_bench" --outdir reports/perf "$@")"
+dir="$("$BUILD_DIR/bench/nanobragg_bench" --outdir reports/perf --scale "$@")"
 echo "report: $dir/perf_summary.md"
 sed -n '/^## Targets/,/^## Interpretation/p' "$dir/perf_summary.md" | sed '$d'

@@ -1,0 +1,39 @@
+// Peak extra memory of one bench case (SPEC section 4's peak_bytes), each
+// case measured in a child process of its own so that no other case's
+// allocations, caches or freed-but-resident pages are charged to it or hide it.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace nanobragg_bench {
+
+struct Peak {
+  int64_t bytes = 0;
+  // How it was measured: "rss_hwm" (CPU: VmHWM after the call minus VmRSS
+  // before it, the high-water mark reset just before the call),
+  // "rss_hwm_not_reset" (the same where /proc/self/clear_refs refused the
+  // reset: an upper bound, since an earlier peak may be counted), or
+  // "cuda_allocator" (the caching allocator's peak minus its level before).
+  std::string method;
+};
+
+// In the child: the peak extra memory of one call of `call` on `device`.
+Peak measure_peak(const std::function<void()>& call, const std::string& device);
+
+// In the parent: runs this executable (/proc/self/exe) with `args` plus
+// `--peak-out FILE`, waits, and returns what the child wrote there with
+// write_peak. posix_spawn, not fork: the parent already runs torch's threads.
+// Throws std::runtime_error if the child fails.
+Peak peak_in_child(const std::vector<std::string>& args);
+
+void write_peak(const std::string& path, const Peak& peak);
+
+// Physical memory of this machine, and total memory of CUDA device 0
+// (0 where CUDA is not compiled in or absent).
+int64_t physical_memory_bytes();
+int64_t cuda_memory_bytes();
+
+}  // namespace nanobragg_bench
