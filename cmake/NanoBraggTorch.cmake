@@ -3,6 +3,7 @@
 # Defines:
 #   NANOBRAGG_WITH_CUDA   ON when the CUDA kernels are compiled
 #   nanobragg::torch      an INTERFACE target to link against
+#   nanobragg::parallel   OpenMP when torch's at::parallel_for is OpenMP-based
 #
 # LibTorch comes from the torch Python wheel: its cmake prefix is asked from
 # the Python interpreter (Python3_EXECUTABLE, e.g. .venv/bin/python) unless
@@ -95,6 +96,25 @@ macro(nanobragg_find_torch)
     message(STATUS "nanobragg_ops: CPU-only import of torch from ${_torch_root}")
   endif()
   set(NANOBRAGG_TORCH_ROOT "${_torch_root}")
+
+  # at::parallel_for is inline: with torch's OpenMP backend (the pip wheels')
+  # it is an `omp parallel` region compiled into our own code, so without
+  # OpenMP here every CPU kernel would run on one thread. At run time
+  # libgomp.so.1 is the copy torch loaded (one thread pool, and
+  # torch.set_num_threads applies).
+  add_library(nanobragg_parallel INTERFACE)
+  add_library(nanobragg::parallel ALIAS nanobragg_parallel)
+  file(STRINGS "${_torch_root}/include/ATen/Config.h" _at_openmp
+       REGEX "^#define AT_PARALLEL_OPENMP 1")
+  if(_at_openmp AND CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
+    find_package(OpenMP REQUIRED COMPONENTS CXX)
+    target_link_libraries(nanobragg_parallel INTERFACE OpenMP::OpenMP_CXX)
+  elseif(_at_openmp)
+    # Another compiler's OpenMP runtime (clang's libomp) would be a second
+    # thread pool beside torch's libgomp; such builds (the fuzzer's) run
+    # the CPU kernels serially instead.
+    message(STATUS "nanobragg_ops: ${CMAKE_CXX_COMPILER_ID} build: CPU kernels run on one thread")
+  endif()
   if(NOT Torch_VERSION)  # the CPU-only import did not run torch's package
     file(STRINGS "${_torch_cmake_prefix}/Torch/TorchConfigVersion.cmake" _v
          REGEX "set\\(PACKAGE_VERSION \"[^\"]+\"\\)")
