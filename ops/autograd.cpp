@@ -27,10 +27,12 @@
 #include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <mutex>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "dispatch.h"
@@ -74,6 +76,13 @@ class SavingNode : public torch::autograd::TraceableFunction {
       saved_.emplace_back(t, /*is_output=*/false);
     }
   }
+  // task_should_compute_output of next edges first .. first + N - 1.
+  template <size_t N>
+  std::array<bool, N> needed(size_t first = 0) const {
+    std::array<bool, N> mask;
+    for (size_t i = 0; i < N; ++i) mask[i] = task_should_compute_output(first + i);
+    return mask;
+  }
   // Call under mutex_.
   std::vector<at::Tensor> unpack() {
     std::vector<at::Tensor> out;
@@ -115,6 +124,30 @@ at::Tensor add_defined(const at::Tensor& a, const at::Tensor& b) {
   return a.add(b);
 }
 
+template <typename... T>
+variable_list as_list(const std::tuple<T...>& t) {
+  return std::apply([](const auto&... x) { return variable_list{x...}; }, t);
+}
+
+template <size_t N>
+bool any_of(const std::array<bool, N>& mask) {
+  return std::any_of(mask.begin(), mask.end(), [](bool b) { return b; });
+}
+
+// The entries of `all` asked for by `mask` (undefined elsewhere).
+template <size_t N>
+variable_list masked(variable_list all, const std::array<bool, N>& mask) {
+  for (size_t i = 0; i < N; ++i) {
+    if (!mask[i]) all[i] = at::Tensor();
+  }
+  return all;
+}
+
+template <typename NodeT>
+std::shared_ptr<NodeT> adopt(NodeT* node) {
+  return std::shared_ptr<NodeT>(node, torch::autograd::deleteNode);
+}
+
 // ---------------------------------------------------------------------------
 // tricubic_interp
 
@@ -128,6 +161,34 @@ void collect(torch::dynamo::autograd::CompiledNodeArgs& args, const TricubicArgs
   args.collect(a.out_of_range);
 }
 
+// The derivative of backward(g; grid, hkl) = (grad_grid, grad_hkl) along
+// (dg, dgrid, dhkl): backward(dg) + g H (dgrid, dhkl), the second term being
+// the double backward's (d_grid, d_hkl). By the symmetry of the Hessian it
+// is also the double backward's derivative in its cotangents. Entries not in
+// `want` are undefined.
+std::array<at::Tensor, 2> tricubic_backward_along(
+    const at::Tensor& dg, const std::optional<at::Tensor>& dgrid,
+    const std::optional<at::Tensor>& dhkl, const at::Tensor& g, const at::Tensor& grid,
+    const at::Tensor& hkl, const TricubicArgs& a, std::array<bool, 2> want) {
+  std::array<at::Tensor, 2> out;
+  if (dg.defined()) {
+    auto b = dispatch::tricubic_interp_backward().call(dg, grid, hkl, a.index_min,
+                                                       a.out_of_range, want);
+    out = {std::get<0>(b), std::get<1>(b)};
+  }
+  if (dgrid || dhkl) {
+    auto d = dispatch::tricubic_interp_double_backward().call(
+        dgrid, dhkl, g, grid, hkl, a.index_min, a.out_of_range, {false, want[0], want[1]});
+    // (Only where wanted: the others are shape-[0] placeholders.)
+    if (want[0]) out[0] = add_defined(out[0], std::get<1>(d));
+    if (want[1]) out[1] = add_defined(out[1], std::get<2>(d));
+  }
+  for (size_t i = 0; i < 2; ++i) {
+    if (!want[i]) out[i] = at::Tensor();
+  }
+  return out;
+}
+
 // d/d(grid, hkl) of tricubic_interp.
 class TricubicInterpBackwardNode : public SavingNode {
  public:
@@ -138,17 +199,13 @@ class TricubicInterpBackwardNode : public SavingNode {
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto in = unpack();
-    variable_list out(2);
-    const std::array<bool, 2> mask = {task_should_compute_output(0),
-                                      task_should_compute_output(1)};
-    if (!grads[0].defined() || !(mask[0] || mask[1])) {
-      return out;
+    const auto mask = needed<2>();
+    if (!grads[0].defined() || !any_of(mask)) {
+      return variable_list(2);
     }
-    auto g = dispatch::tricubic_interp_backward().call(grads[0], in[0], in[1], args_.index_min,
-                                                       args_.out_of_range, mask);
-    if (mask[0]) out[0] = std::get<0>(g);
-    if (mask[1]) out[1] = std::get<1>(g);
-    return out;
+    return masked(as_list(dispatch::tricubic_interp_backward().call(
+                      grads[0], in[0], in[1], args_.index_min, args_.out_of_range, mask)),
+                  mask);
   }
   std::string name() const override { return "TricubicInterpBackward"; }
 
@@ -173,21 +230,17 @@ class TricubicInterpDoubleBackwardNode : public SavingNode {
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto in = unpack();
-    variable_list out(3);
     // Cotangents of outputs that were shape-[0] placeholders are ignored.
     const auto gg_grid = computed_[0] ? maybe(grads[0]) : std::nullopt;
     const auto gg_hkl = computed_[1] ? maybe(grads[1]) : std::nullopt;
-    const std::array<bool, 3> mask = {task_should_compute_output(0), task_should_compute_output(1),
-                                      task_should_compute_output(2)};
-    if ((!gg_grid && !gg_hkl) || !(mask[0] || mask[1] || mask[2])) {
-      return out;
+    const auto mask = needed<3>();
+    if ((!gg_grid && !gg_hkl) || !any_of(mask)) {
+      return variable_list(3);
     }
-    auto g = dispatch::tricubic_interp_double_backward().call(
-        gg_grid, gg_hkl, in[0], in[1], in[2], args_.index_min, args_.out_of_range, mask);
-    if (mask[0]) out[0] = std::get<0>(g);
-    if (mask[1]) out[1] = std::get<1>(g);
-    if (mask[2]) out[2] = std::get<2>(g);
-    return out;
+    return masked(as_list(dispatch::tricubic_interp_double_backward().call(
+                      gg_grid, gg_hkl, in[0], in[1], in[2], args_.index_min,
+                      args_.out_of_range, mask)),
+                  mask);
   }
   std::string name() const override { return "TricubicInterpBackwardBackward"; }
 
@@ -207,9 +260,8 @@ at::Tensor tricubic_interp_autograd(c10::DispatchKeySet ks, const at::Tensor& gr
                                     double default_value, c10::string_view out_of_range) {
   std::shared_ptr<TricubicInterpBackwardNode> node;
   if (torch::autograd::compute_requires_grad(grid, hkl)) {
-    node = std::shared_ptr<TricubicInterpBackwardNode>(
-        new TricubicInterpBackwardNode(grid, hkl, {index_min.vec(), std::string(out_of_range)}),
-        torch::autograd::deleteNode);
+    node = adopt(
+        new TricubicInterpBackwardNode(grid, hkl, {index_min.vec(), std::string(out_of_range)}));
     node->set_next_edges(torch::autograd::collect_next_edges(grid, hkl));
   }
   at::Tensor out;
@@ -238,11 +290,8 @@ std::tuple<at::Tensor, at::Tensor> tricubic_interp_backward_autograd(
     std::array<bool, 2> output_mask) {
   std::shared_ptr<TricubicInterpDoubleBackwardNode> node;
   if (torch::autograd::compute_requires_grad(grad_output, grid, hkl)) {
-    node = std::shared_ptr<TricubicInterpDoubleBackwardNode>(
-        new TricubicInterpDoubleBackwardNode(grad_output, grid, hkl,
-                                             {index_min.vec(), std::string(out_of_range)},
-                                             output_mask),
-        torch::autograd::deleteNode);
+    node = adopt(new TricubicInterpDoubleBackwardNode(
+        grad_output, grid, hkl, {index_min.vec(), std::string(out_of_range)}, output_mask));
     node->set_next_edges(torch::autograd::collect_next_edges(grad_output, grid, hkl));
   }
   std::tuple<at::Tensor, at::Tensor> out;
@@ -253,29 +302,14 @@ std::tuple<at::Tensor, at::Tensor> tricubic_interp_backward_autograd(
         output_mask);
   }
   if (node) {
-    torch::autograd::set_history(
-        torch::autograd::flatten_tensor_args(std::get<0>(out), std::get<1>(out)), node);
+    torch::autograd::set_history(as_list(out), node);
   }
   if (any_forward_grad(grad_output, grid, hkl)) {
-    // Forward-over-reverse (torch.func.hessian): the tangent of g grad F
-    // along (dg, dgrid, dhkl) is backward(dg) + g H (dgrid, dhkl), the
-    // latter being the double backward's (d_grid, d_hkl).
-    const at::Tensor g_p = grad_output._fw_primal(0), grid_p = grid._fw_primal(0),
-                     hkl_p = hkl._fw_primal(0);
-    std::array<at::Tensor, 2> tangent;
-    if (const at::Tensor t_g = grad_output._fw_grad(0); t_g.defined()) {
-      auto b = dispatch::tricubic_interp_backward().call(t_g, grid_p, hkl_p, index_min,
-                                                         out_of_range, output_mask);
-      tangent = {std::get<0>(b), std::get<1>(b)};
-    }
-    const auto t_grid = maybe(grid._fw_grad(0)), t_hkl = maybe(hkl._fw_grad(0));
-    if (t_grid || t_hkl) {
-      auto d = dispatch::tricubic_interp_double_backward().call(
-          t_grid, t_hkl, g_p, grid_p, hkl_p, index_min, out_of_range,
-          {false, output_mask[0], output_mask[1]});
-      if (output_mask[0]) tangent[0] = add_defined(tangent[0], std::get<1>(d));
-      if (output_mask[1]) tangent[1] = add_defined(tangent[1], std::get<2>(d));
-    }
+    // Forward-over-reverse (torch.func.hessian).
+    const auto tangent = tricubic_backward_along(
+        grad_output._fw_grad(0), maybe(grid._fw_grad(0)), maybe(hkl._fw_grad(0)),
+        grad_output._fw_primal(0), grid._fw_primal(0), hkl._fw_primal(0),
+        {index_min.vec(), std::string(out_of_range)}, output_mask);
     if (output_mask[0]) std::get<0>(out)._set_fw_grad(tangent[0], 0, false);
     if (output_mask[1]) std::get<1>(out)._set_fw_grad(tangent[1], 0, false);
   }
@@ -302,27 +336,15 @@ class TricubicInterpTripleBackwardNode : public SavingNode {
     }
     const auto in = unpack();
     variable_list out(5);
-    const std::array<bool, 2> want = {task_should_compute_output(0),
-                                      task_should_compute_output(1)};
-    if (!(want[0] || want[1])) {
+    const auto want = needed<2>();
+    if (!any_of(want)) {
       return out;
     }
-    const at::Tensor w_g = computed_[0] ? grads[0] : at::Tensor();
-    if (w_g.defined()) {
-      auto b = dispatch::tricubic_interp_backward().call(w_g, in[1], in[2], args_.index_min,
-                                                         args_.out_of_range, want);
-      if (want[0]) out[0] = std::get<0>(b);
-      if (want[1]) out[1] = std::get<1>(b);
-    }
-    const auto w_grid = computed_[1] ? maybe(grads[1]) : std::nullopt;
-    const auto w_hkl = computed_[2] ? maybe(grads[2]) : std::nullopt;
-    if (w_grid || w_hkl) {
-      auto d = dispatch::tricubic_interp_double_backward().call(
-          w_grid, w_hkl, in[0], in[1], in[2], args_.index_min, args_.out_of_range,
-          {false, want[0], want[1]});
-      if (want[0]) out[0] = add_defined(out[0], std::get<1>(d));
-      if (want[1]) out[1] = add_defined(out[1], std::get<2>(d));
-    }
+    const auto d = tricubic_backward_along(
+        computed_[0] ? grads[0] : at::Tensor(), computed_[1] ? maybe(grads[1]) : std::nullopt,
+        computed_[2] ? maybe(grads[2]) : std::nullopt, in[0], in[1], in[2], args_, want);
+    out[0] = d[0];
+    out[1] = d[1];
     return out;
   }
   std::string name() const override { return "TricubicInterpBackwardBackwardBackward"; }
@@ -349,11 +371,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tricubic_interp_double_backward_a
                               "is not implemented");
   std::shared_ptr<TricubicInterpTripleBackwardNode> node;
   if (torch::autograd::compute_requires_grad(gg_grid, gg_hkl, grad_output, grid, hkl)) {
-    node = std::shared_ptr<TricubicInterpTripleBackwardNode>(
-        new TricubicInterpTripleBackwardNode(grad_output, grid, hkl,
-                                             {index_min.vec(), std::string(out_of_range)},
-                                             output_mask),
-        torch::autograd::deleteNode);
+    node = adopt(new TricubicInterpTripleBackwardNode(
+        grad_output, grid, hkl, {index_min.vec(), std::string(out_of_range)}, output_mask));
     node->set_next_edges(
         torch::autograd::collect_next_edges(gg_grid, gg_hkl, grad_output, grid, hkl));
   }
@@ -365,10 +384,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tricubic_interp_double_backward_a
         out_of_range, output_mask);
   }
   if (node) {
-    torch::autograd::set_history(
-        torch::autograd::flatten_tensor_args(std::get<0>(out), std::get<1>(out),
-                                             std::get<2>(out)),
-        node);
+    torch::autograd::set_history(as_list(out), node);
   }
   return out;
 }
@@ -388,6 +404,34 @@ void collect(torch::dynamo::autograd::CompiledNodeArgs& args, const AbsorptionAr
   args.collect(a.per_layer);
 }
 
+// As tricubic_backward_along: the derivative of the backward's five
+// gradients along (dg, d inputs): backward(dg) + the double backward's
+// input gradients for cotangents d. `in` is (grad_output, intensity,
+// pixel_coords, odet, thickness, attenuation_length).
+std::array<at::Tensor, 5> absorption_backward_along(
+    const at::Tensor& dg, const std::array<std::optional<at::Tensor>, 5>& d,
+    const std::array<at::Tensor, 6>& in, const AbsorptionArgs& a, std::array<bool, 5> want) {
+  std::array<at::Tensor, 5> out;
+  if (dg.defined()) {
+    const auto b = as_list(dispatch::detector_absorption_backward().call(
+        dg, in[1], in[2], in[3], in[4], in[5], a.thicksteps, a.oversample_thick, a.per_layer,
+        want));
+    std::copy(b.begin(), b.end(), out.begin());
+  }
+  if (d[0] || d[1] || d[2] || d[3] || d[4]) {
+    const auto dd = as_list(dispatch::detector_absorption_double_backward().call(
+        d[0], d[1], d[2], d[3], d[4], in[0], in[1], in[2], in[3], in[4], in[5], a.thicksteps,
+        a.oversample_thick, a.per_layer, {false, want[0], want[1], want[2], want[3], want[4]}));
+    for (size_t i = 0; i < 5; ++i) {
+      if (want[i]) out[i] = add_defined(out[i], dd[i + 1]);  // (others: placeholders)
+    }
+  }
+  for (size_t i = 0; i < 5; ++i) {
+    if (!want[i]) out[i] = at::Tensor();
+  }
+  return out;
+}
+
 // d/d(intensity, pixel_coords, odet, thickness, attenuation_length).
 class DetectorAbsorptionBackwardNode : public SavingNode {
  public:
@@ -398,25 +442,14 @@ class DetectorAbsorptionBackwardNode : public SavingNode {
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto in = unpack();
-    variable_list out(5);
-    std::array<bool, 5> mask;
-    bool any = false;
-    for (size_t i = 0; i < 5; ++i) {
-      mask[i] = task_should_compute_output(i);
-      any = any || mask[i];
+    const auto mask = needed<5>();
+    if (!grads[0].defined() || !any_of(mask)) {
+      return variable_list(5);
     }
-    if (!grads[0].defined() || !any) {
-      return out;
-    }
-    auto g = dispatch::detector_absorption_backward().call(
-        grads[0], in[0], in[1], in[2], in[3], in[4], args_.thicksteps, args_.oversample_thick,
-        args_.per_layer, mask);
-    const at::Tensor all[5] = {std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g),
-                               std::get<4>(g)};
-    for (size_t i = 0; i < 5; ++i) {
-      if (mask[i]) out[i] = all[i];
-    }
-    return out;
+    return masked(as_list(dispatch::detector_absorption_backward().call(
+                      grads[0], in[0], in[1], in[2], in[3], in[4], args_.thicksteps,
+                      args_.oversample_thick, args_.per_layer, mask)),
+                  mask);
   }
   std::string name() const override { return "DetectorAbsorptionBackward"; }
 
@@ -440,31 +473,19 @@ class DetectorAbsorptionDoubleBackwardNode : public SavingNode {
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto in = unpack();
-    variable_list out(6);
+    // Cotangents of outputs that were shape-[0] placeholders are ignored.
     std::array<std::optional<at::Tensor>, 5> gg;
-    bool any_gg = false;
     for (size_t i = 0; i < 5; ++i) {
       gg[i] = computed_[i] ? maybe(grads[i]) : std::nullopt;
-      any_gg = any_gg || gg[i].has_value();
     }
-    std::array<bool, 6> mask;
-    bool any = false;
-    for (size_t i = 0; i < 6; ++i) {
-      mask[i] = task_should_compute_output(i);
-      any = any || mask[i];
+    const auto mask = needed<6>();
+    if (!(gg[0] || gg[1] || gg[2] || gg[3] || gg[4]) || !any_of(mask)) {
+      return variable_list(6);
     }
-    if (!any_gg || !any) {
-      return out;
-    }
-    auto g = dispatch::detector_absorption_double_backward().call(
-        gg[0], gg[1], gg[2], gg[3], gg[4], in[0], in[1], in[2], in[3], in[4], in[5],
-        args_.thicksteps, args_.oversample_thick, args_.per_layer, mask);
-    const at::Tensor all[6] = {std::get<0>(g), std::get<1>(g), std::get<2>(g),
-                               std::get<3>(g), std::get<4>(g), std::get<5>(g)};
-    for (size_t i = 0; i < 6; ++i) {
-      if (mask[i]) out[i] = all[i];
-    }
-    return out;
+    return masked(as_list(dispatch::detector_absorption_double_backward().call(
+                      gg[0], gg[1], gg[2], gg[3], gg[4], in[0], in[1], in[2], in[3], in[4],
+                      in[5], args_.thicksteps, args_.oversample_thick, args_.per_layer, mask)),
+                  mask);
   }
   std::string name() const override { return "DetectorAbsorptionBackwardBackward"; }
 
@@ -488,11 +509,9 @@ at::Tensor detector_absorption_autograd(c10::DispatchKeySet ks, const at::Tensor
   std::shared_ptr<DetectorAbsorptionBackwardNode> node;
   if (torch::autograd::compute_requires_grad(intensity, pixel_coords, odet, thickness,
                                              attenuation_length)) {
-    node = std::shared_ptr<DetectorAbsorptionBackwardNode>(
-        new DetectorAbsorptionBackwardNode(
-            {intensity, pixel_coords, odet, thickness, attenuation_length},
-            {thicksteps, oversample_thick, per_layer}),
-        torch::autograd::deleteNode);
+    node = adopt(new DetectorAbsorptionBackwardNode(
+        {intensity, pixel_coords, odet, thickness, attenuation_length},
+        {thicksteps, oversample_thick, per_layer}));
     node->set_next_edges(torch::autograd::collect_next_edges(intensity, pixel_coords, odet,
                                                              thickness, attenuation_length));
   }
@@ -531,11 +550,9 @@ detector_absorption_backward_autograd(c10::DispatchKeySet ks, const at::Tensor& 
   std::shared_ptr<DetectorAbsorptionDoubleBackwardNode> node;
   if (torch::autograd::compute_requires_grad(grad_output, intensity, pixel_coords, odet,
                                              thickness, attenuation_length)) {
-    node = std::shared_ptr<DetectorAbsorptionDoubleBackwardNode>(
-        new DetectorAbsorptionDoubleBackwardNode(
-            {grad_output, intensity, pixel_coords, odet, thickness, attenuation_length},
-            {thicksteps, oversample_thick, per_layer}, output_mask),
-        torch::autograd::deleteNode);
+    node = adopt(new DetectorAbsorptionDoubleBackwardNode(
+        {grad_output, intensity, pixel_coords, odet, thickness, attenuation_length},
+        {thicksteps, oversample_thick, per_layer}, output_mask));
     node->set_next_edges(torch::autograd::collect_next_edges(
         grad_output, intensity, pixel_coords, odet, thickness, attenuation_length));
   }
@@ -547,43 +564,19 @@ detector_absorption_backward_autograd(c10::DispatchKeySet ks, const at::Tensor& 
         attenuation_length, thicksteps, oversample_thick, per_layer, output_mask);
   }
   if (node) {
-    torch::autograd::set_history(
-        torch::autograd::flatten_tensor_args(std::get<0>(out), std::get<1>(out),
-                                             std::get<2>(out), std::get<3>(out),
-                                             std::get<4>(out)),
-        node);
+    torch::autograd::set_history(as_list(out), node);
   }
   if (any_forward_grad(grad_output, intensity, pixel_coords, odet, thickness,
                        attenuation_length)) {
     // Forward-over-reverse, as for tricubic_interp_backward.
-    const std::array<at::Tensor, 6> p = {grad_output._fw_primal(0),  intensity._fw_primal(0),
-                                         pixel_coords._fw_primal(0), odet._fw_primal(0),
-                                         thickness._fw_primal(0),
-                                         attenuation_length._fw_primal(0)};
-    std::array<at::Tensor, 5> tangent;
-    if (const at::Tensor t_g = grad_output._fw_grad(0); t_g.defined()) {
-      auto b = dispatch::detector_absorption_backward().call(
-          t_g, p[1], p[2], p[3], p[4], p[5], thicksteps, oversample_thick, per_layer,
-          output_mask);
-      tangent = {std::get<0>(b), std::get<1>(b), std::get<2>(b), std::get<3>(b), std::get<4>(b)};
-    }
-    const std::array<std::optional<at::Tensor>, 5> t = {
-        maybe(intensity._fw_grad(0)), maybe(pixel_coords._fw_grad(0)), maybe(odet._fw_grad(0)),
-        maybe(thickness._fw_grad(0)), maybe(attenuation_length._fw_grad(0))};
-    if (t[0] || t[1] || t[2] || t[3] || t[4]) {
-      auto d = dispatch::detector_absorption_double_backward().call(
-          t[0], t[1], t[2], t[3], t[4], p[0], p[1], p[2], p[3], p[4], p[5], thicksteps,
-          oversample_thick, per_layer,
-          {false, output_mask[0], output_mask[1], output_mask[2], output_mask[3],
-           output_mask[4]});
-      const at::Tensor dd[5] = {std::get<1>(d), std::get<2>(d), std::get<3>(d), std::get<4>(d),
-                                std::get<5>(d)};
-      for (size_t i = 0; i < 5; ++i) {
-        if (output_mask[i]) tangent[i] = add_defined(tangent[i], dd[i]);
-      }
-    }
-    const at::Tensor outs[5] = {std::get<0>(out), std::get<1>(out), std::get<2>(out),
-                                std::get<3>(out), std::get<4>(out)};
+    const auto tangent = absorption_backward_along(
+        grad_output._fw_grad(0),
+        {maybe(intensity._fw_grad(0)), maybe(pixel_coords._fw_grad(0)), maybe(odet._fw_grad(0)),
+         maybe(thickness._fw_grad(0)), maybe(attenuation_length._fw_grad(0))},
+        {grad_output._fw_primal(0), intensity._fw_primal(0), pixel_coords._fw_primal(0),
+         odet._fw_primal(0), thickness._fw_primal(0), attenuation_length._fw_primal(0)},
+        {thicksteps, oversample_thick, per_layer}, output_mask);
+    const auto outs = as_list(out);
     for (size_t i = 0; i < 5; ++i) {
       if (output_mask[i]) outs[i]._set_fw_grad(tangent[i], 0, false);
     }
@@ -609,43 +602,18 @@ class DetectorAbsorptionTripleBackwardNode : public SavingNode {
     }
     const auto in = unpack();
     variable_list out(11);
-    std::array<bool, 5> want;
-    bool any = false;
-    for (size_t i = 0; i < 5; ++i) {
-      want[i] = task_should_compute_output(i);
-      any = any || want[i];
-    }
-    if (!any) {
+    const auto want = needed<5>();
+    if (!any_of(want)) {
       return out;
     }
-    const at::Tensor w_g = computed_[0] ? grads[0] : at::Tensor();
-    if (w_g.defined()) {
-      auto b = dispatch::detector_absorption_backward().call(
-          w_g, in[1], in[2], in[3], in[4], in[5], args_.thicksteps, args_.oversample_thick,
-          args_.per_layer, want);
-      const at::Tensor all[5] = {std::get<0>(b), std::get<1>(b), std::get<2>(b), std::get<3>(b),
-                                 std::get<4>(b)};
-      for (size_t i = 0; i < 5; ++i) {
-        if (want[i]) out[i] = all[i];
-      }
-    }
     std::array<std::optional<at::Tensor>, 5> w;
-    bool any_w = false;
     for (size_t i = 0; i < 5; ++i) {
       w[i] = computed_[i + 1] ? maybe(grads[i + 1]) : std::nullopt;
-      any_w = any_w || w[i].has_value();
     }
-    if (any_w) {
-      auto d = dispatch::detector_absorption_double_backward().call(
-          w[0], w[1], w[2], w[3], w[4], in[0], in[1], in[2], in[3], in[4], in[5],
-          args_.thicksteps, args_.oversample_thick, args_.per_layer,
-          {false, want[0], want[1], want[2], want[3], want[4]});
-      const at::Tensor all[5] = {std::get<1>(d), std::get<2>(d), std::get<3>(d), std::get<4>(d),
-                                 std::get<5>(d)};
-      for (size_t i = 0; i < 5; ++i) {
-        if (want[i]) out[i] = add_defined(out[i], all[i]);
-      }
-    }
+    const auto d = absorption_backward_along(computed_[0] ? grads[0] : at::Tensor(), w,
+                                             {in[0], in[1], in[2], in[3], in[4], in[5]}, args_,
+                                             want);
+    std::copy(d.begin(), d.end(), out.begin());
     return out;
   }
   std::string name() const override { return "DetectorAbsorptionBackwardBackwardBackward"; }
@@ -679,11 +647,9 @@ detector_absorption_double_backward_autograd(
   if (torch::autograd::compute_requires_grad(gg_intensity, gg_coords, gg_odet, gg_thickness,
                                              gg_att, grad_output, intensity, pixel_coords, odet,
                                              thickness, attenuation_length)) {
-    node = std::shared_ptr<DetectorAbsorptionTripleBackwardNode>(
-        new DetectorAbsorptionTripleBackwardNode(
-            {grad_output, intensity, pixel_coords, odet, thickness, attenuation_length},
-            {thicksteps, oversample_thick, per_layer}, output_mask),
-        torch::autograd::deleteNode);
+    node = adopt(new DetectorAbsorptionTripleBackwardNode(
+        {grad_output, intensity, pixel_coords, odet, thickness, attenuation_length},
+        {thicksteps, oversample_thick, per_layer}, output_mask));
     node->set_next_edges(torch::autograd::collect_next_edges(
         gg_intensity, gg_coords, gg_odet, gg_thickness, gg_att, grad_output, intensity,
         pixel_coords, odet, thickness, attenuation_length));
@@ -697,11 +663,7 @@ detector_absorption_double_backward_autograd(
         oversample_thick, per_layer, output_mask);
   }
   if (node) {
-    torch::autograd::set_history(
-        torch::autograd::flatten_tensor_args(std::get<0>(out), std::get<1>(out),
-                                             std::get<2>(out), std::get<3>(out),
-                                             std::get<4>(out), std::get<5>(out)),
-        node);
+    torch::autograd::set_history(as_list(out), node);
   }
   return out;
 }
