@@ -137,6 +137,7 @@ inline HostScalars read_scalars(const char* op, const at::Tensor& odet,
 struct PreparedCall {
   HostScalars scalars;
   ExpandedInputs in;
+  checks::AbsorptionLayout layout;
 };
 
 inline PreparedCall prepare_call(const char* op, const at::Tensor* grad_output,
@@ -150,7 +151,7 @@ inline PreparedCall prepare_call(const char* op, const at::Tensor* grad_output,
     checks::check_absorption_grad_output(op, *grad_output, intensity, layout);
   }
   return {read_scalars(op, odet, thickness, attenuation_length),
-          expand_inputs(intensity, pixel_coords, layout, per_layer)};
+          expand_inputs(intensity, pixel_coords, layout, per_layer), layout};
 }
 
 template <typename T>
@@ -247,11 +248,12 @@ struct DualDirection {
   double attenuation_length;
 };
 
+// `layout` is the inputs' (prepare_call's): the cotangents have their shapes.
 inline DualDirection make_direction(
     const char* op, const std::array<std::optional<at::Tensor>, 5>& cotangents,
     const at::Tensor& intensity, const at::Tensor& pixel_coords, const at::Tensor& odet,
-    const at::Tensor& thickness, const at::Tensor& attenuation_length, int64_t thicksteps,
-    bool per_layer) {
+    const at::Tensor& thickness, const at::Tensor& attenuation_length,
+    const checks::AbsorptionLayout& layout, bool per_layer) {
   const std::array<at::Tensor, 5> inputs = {intensity, pixel_coords, odet, thickness,
                                             attenuation_length};
   checks::check_absorption_cotangents(op, cotangents, inputs);
@@ -261,8 +263,6 @@ inline DualDirection make_direction(
     v[i] = given ? *cotangents[i]
                  : at::zeros({}, inputs[i].options()).expand(inputs[i].sizes());
   }
-  const auto layout = checks::check_absorption_args(op, v[0], v[1], odet, thickness,
-                                                    attenuation_length, thicksteps, per_layer);
   DualDirection dir;
   dir.tangent = expand_inputs(v[0], v[1], layout, per_layer);
   const at::Tensor host =
@@ -317,7 +317,7 @@ inline DoubleBackwardCall prepare_double_backward(
   PreparedCall call = prepare_call(op, &grad_output, intensity, pixel_coords, odet, thickness,
                                    attenuation_length, thicksteps, per_layer);
   DualDirection dir = make_direction(op, cotangents, intensity, pixel_coords, odet, thickness,
-                                     attenuation_length, thicksteps, per_layer);
+                                     attenuation_length, call.layout, per_layer);
   const auto opts = intensity.options();
   at::Tensor ggo = output_mask[0] ? at::empty(call.in.pixel_shape, opts) : at::Tensor();
   const std::array<bool, 5> input_mask = {output_mask[1], output_mask[2], output_mask[3],

@@ -269,18 +269,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tricubic_interp_double_backward_c
       kDoubleBackward, grad_grad_grid, grad_grad_hkl, grad_output, grid, hkl_in, index_min,
       out_of_range, output_mask);
   const c10::cuda::CUDAGuard guard(grid.device());
+  // (named references: lambdas cannot capture structured bindings)
   at::Tensor grad_grad_output = call.grad_grad_output;
   at::Tensor grad_grid = call.grad_grid;
   at::Tensor grad_hkl = call.grad_hkl;
-  if (hkl_in.numel() == 0) {
+  const int64_t n = call.num_points;
+  if (n == 0) {
     return {grad_grad_output, grad_grid, grad_hkl};
   }
-  at::Tensor hkl = hkl_in;
-  at::Tensor grad = grad_output;
-  at::Tensor v = call.gg_hkl;
-  const auto point_shape = point_shape_of(hkl);
-  const int64_t n = c10::multiply_integers(point_shape);
-  const auto offsets = point_offsets_or_contiguous<3>(point_shape, {&hkl, &grad, &v});
+  const at::Tensor& hkl = call.hkl;
+  const at::Tensor& grad = call.grad;
+  const at::Tensor& v = call.gg_hkl;
+  const PointOffsets<3>& offsets = call.offsets;
   const auto stream = at::cuda::getCurrentCUDAStream();
   const GridShape shape = make_grid_shape(grid.sizes(), index_min);
   AT_DISPATCH_FLOATING_TYPES(grid.scalar_type(), "tricubic_interp_double_backward_cuda", [&] {

@@ -98,6 +98,11 @@ struct DoubleBackwardCall {
   at::Tensor gg_hkl;   // hkl-shaped, never undefined
   bool has_gg_hkl;
   at::Tensor grad_grad_output, grad_grid, grad_hkl;
+  // The per-point operands (contiguous copies only where PointOffsets needs
+  // them) and their offsets: hkl, grad_output, gg_hkl.
+  at::Tensor hkl, grad;
+  PointOffsets<3> offsets;
+  int64_t num_points;
 };
 
 inline DoubleBackwardCall prepare_double_backward(
@@ -120,6 +125,13 @@ inline DoubleBackwardCall prepare_double_backward(
   c.grad_grad_output = output_mask[0] ? at::empty(point_shape_of(hkl), grid.options()) : empty();
   c.grad_grid = output_mask[1] ? at::zeros(grid.sizes(), grid.options()) : empty();
   c.grad_hkl = output_mask[2] ? at::empty(hkl.sizes(), hkl.options()) : empty();
+  c.hkl = hkl;
+  c.grad = grad_output;
+  const auto point_shape = point_shape_of(hkl);
+  c.num_points = c10::multiply_integers(point_shape);
+  if (c.num_points > 0) {
+    c.offsets = point_offsets_or_contiguous<3>(point_shape, {&c.hkl, &c.grad, &c.gg_hkl});
+  }
   return c;
 }
 

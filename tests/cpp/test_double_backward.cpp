@@ -103,6 +103,15 @@ double weighted_sum(const at::Tensor& a, const at::Tensor& b) {
   return (a.to(at::kDouble) * b.to(at::kDouble)).sum().item<double>();
 }
 
+// <c, B(x)>: the backward's outputs weighted by the cotangents, whose
+// derivatives the double backward returns.
+double cotangent_loss(const AbsorptionArgs& a, const std::array<OptT, 5>& c) {
+  const auto b = absorption_backward(a);
+  double s = 0;
+  for (size_t i = 0; i < 5; ++i) s += weighted_sum(b[i], *c[i]);
+  return s;
+}
+
 class DoubleBackward : public ::testing::TestWithParam<std::string> {
  protected:
   at::TensorOptions opts() const { return at::TensorOptions().dtype(at::kDouble).device(GetParam()); }
@@ -233,12 +242,7 @@ TEST_P(AbsorptionSecondDerivatives, MatchesCentralDifferencesOfBackward) {
       AbsorptionArgs a = make(oversample, layout > 0, layout == 2);
       const auto c = cotangents(a);
       const auto dd = absorption_double_backward(c, a);
-      auto loss = [&] {
-        const auto b = absorption_backward(a);
-        double s = 0;
-        for (size_t i = 0; i < 5; ++i) s += weighted_sum(b[i], *c[i]);
-        return s;
-      };
+      auto loss = [&] { return cotangent_loss(a, c); };
       auto inputs = a.inputs();
       for (size_t i = 0; i < inputs.size(); ++i) {
         const at::Tensor fd = central_difference(loss, *inputs[i], 1e-6);
@@ -261,12 +265,7 @@ TEST_P(AbsorptionSecondDerivatives, ZeroThicknessAndNoAbsorption) {
     for (const auto& t : dd) {
       EXPECT_TRUE(at::isfinite(t).all().item<bool>());
     }
-    auto loss = [&] {
-      const auto b = absorption_backward(a);
-      double s = 0;
-      for (size_t i = 0; i < 5; ++i) s += weighted_sum(b[i], *c[i]);
-      return s;
-    };
+    auto loss = [&] { return cotangent_loss(a, c); };
     // The finite differences stay on one side of T = 0 and att = inf only
     // for g, intensity, pixel_coords and odet.
     auto inputs = a.inputs();
