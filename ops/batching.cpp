@@ -148,7 +148,10 @@ MaybeOuts fold_tricubic_backward(const c10::OperatorHandle& op, const Unwrapped&
       args[i] = t.unsqueeze(0).expand(shape);
     }
   }
-  return call_returning_tensors(op, std::move(args));
+  auto outs = call_returning_tensors(op, std::move(args));
+  // grad_grid was not asked for: its placeholder is [0] per batch entry.
+  outs[0] = at::empty({u.batch_size, 0}, outs[0].options());
+  return outs;
 }
 
 // detector_absorption(intensity, pixel_coords, odet, thickness,

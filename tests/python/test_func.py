@@ -49,6 +49,22 @@ def test_vmap_over_hkl_and_grid(device):
     close(vmap(f)(grids, hkl_batch[:2]), torch.stack([f(grid, hkl_batch[0]), 2 * f(grid, hkl_batch[1])]))
 
 
+def test_vmap_of_backward_folded_or_looped_agree(device):
+    # jacrev's path: the backward op under vmap with a batch of grad_outputs.
+    # Folded (only grad_hkl asked for) and looped (grad_grid too) give the
+    # same values and the same per-entry shape-[0] placeholder.
+    grid, hkl = tricubic_inputs(device, n=6, outside=2)
+    backward = torch.ops.nanobragg.tricubic_interp_backward
+    basis = torch.eye(6, dtype=grid.dtype, device=device)
+    f = lambda g, grid_, mask: backward(g, grid_, hkl, list(INDEX_MIN), "nearest", mask)  # noqa: E731
+    folded = vmap(lambda g: f(g, grid, [False, True]))(basis)
+    # A batched grid forces the loop.
+    grids = grid.expand(6, *grid.shape)
+    looped = vmap(lambda g, grid_: f(g, grid_, [False, True]))(basis, grids)
+    close(folded[1], looped[1])
+    assert folded[0].shape == looped[0].shape == (6, 0)
+
+
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_vmap_over_intensity_and_pixels(device, per_layer):
     intensity, pixels, odet, thickness, attenuation = absorption_inputs(
