@@ -75,13 +75,51 @@ inline double max_rel_error(const std::vector<double>& a,
   return worst;
 }
 
+// Same shape, dtype and bytes. Both are copied to the CPU first: memcmp
+// reads host memory, and a CUDA tensor's data pointer is a device address.
 inline bool bitwise_equal(const at::Tensor& a, const at::Tensor& b) {
   if (a.sizes() != b.sizes() || a.scalar_type() != b.scalar_type()) {
     return false;
   }
-  at::Tensor ca = a.contiguous(), cb = b.contiguous();
+  const at::Tensor ca = a.detach().to(at::kCPU).contiguous();
+  const at::Tensor cb = b.detach().to(at::kCPU).contiguous();
+  if (ca.numel() == 0) {
+    return true;
+  }
   return std::memcmp(ca.const_data_ptr(), cb.const_data_ptr(),
-                     ca.numel() * ca.element_size()) == 0;
+                     static_cast<size_t>(ca.numel()) * ca.element_size()) == 0;
+}
+
+// Sets at::globalContext()'s deterministic-algorithms flag (which selects
+// the CUDA grid gradient's sorted gather instead of its atomicAdd scatter)
+// for a scope, and restores it even when the scope throws.
+class DeterministicScope {
+ public:
+  explicit DeterministicScope(bool on)
+      : saved_(at::globalContext().deterministicAlgorithms()),
+        saved_warn_only_(at::globalContext().deterministicAlgorithmsWarnOnly()) {
+    at::globalContext().setDeterministicAlgorithms(on, false);
+  }
+  ~DeterministicScope() { at::globalContext().setDeterministicAlgorithms(saved_, saved_warn_only_); }
+  DeterministicScope(const DeterministicScope&) = delete;
+  DeterministicScope& operator=(const DeterministicScope&) = delete;
+
+ private:
+  bool saved_, saved_warn_only_;
+};
+
+// Two runs' grid gradients of tricubic_interp: bitwise equal on the CPU and on
+// CUDA's deterministic path. CUDA's default path scatters with atomicAdd,
+// whose order of addition varies from run to run: there, within `rtol`
+// (max_rel_error with floor 1).
+inline void expect_same_grid_gradient(const at::Tensor& a, const at::Tensor& b, double rtol,
+                                      const std::string& what = "") {
+  if (a.is_cuda() && !at::globalContext().deterministicAlgorithms()) {
+    EXPECT_EQ(a.sizes(), b.sizes()) << what;
+    EXPECT_LE(max_rel_error(to_vector(a), to_vector(b), 1.0), rtol) << what << " (CUDA atomic path)";
+  } else {
+    EXPECT_TRUE(bitwise_equal(a, b)) << what << " (expected bitwise equal)";
+  }
 }
 
 // Runs `call`, expects a c10::Error whose message contains every `part`.
