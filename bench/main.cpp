@@ -4,13 +4,31 @@
 //   nanobragg_bench [--ops tricubic_interp detector_absorption] [--sizes 256 512]
 //                   [--points-per-pixel 1] [--repeats 200] [--device cpu|cuda]
 //                   [--dtype float32|float64] [--outdir reports/perf]
-//                   [--max-seconds-per-case 10] [--scale | --no-scale]
+//                   [--max-seconds-per-case 10 (CPU), 2 (CUDA)] [--scale | --no-scale]
 //
 // Times run in this process. Each case's peak_bytes is measured in a child
 // process of its own: this executable again, with the hidden arguments
 // --single-case OP IMPL PASS SIZE --peak-out FILE (see memory.h).
 // --scale adds a section at scale: tricubic forward+backward over 2048² × 9
-// lookups (run_scale below).
+// lookups (run_scale below). Before a baseline is timed, its result is
+// checked against the fused op's (check_against_fused); a case whose
+// estimated memory does not fit is reported with the estimate, not run.
+// The exit status is 1 if a case failed or a check found a mismatch (the
+// report is written all the same).
+//
+// On a GPU, the command of the one-shot GPU check (scripts/gpu_check.sh):
+//
+//   build-gpu/bench/nanobragg_bench --device cuda --sizes 512 2048 --points-per-pixel 9
+//       --repeats 30 --max-seconds-per-case 2 --no-scale --outdir DIR     (one line)
+//
+// Both ops at 512² and 2048² (tricubic × 9 lookups per pixel: 2.4 M and
+// 37.7 M points) against aten_composite and grid_sample_trilinear
+// (scalar_reference is a CPU loop: CPU only), then the GPU goals of
+// cuda_goals.h; about 2 minutes on an H200, memory children included.
+// aten_composite's tricubic forward+backward at 2048² × 9 needs ~60 GB by
+// the count of its code, and on CUDA perhaps more (estimated_peak also
+// scales what it measured at 512² × 9): it runs where 60% of the free GPU
+// memory holds the estimate, else its row is that estimate.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/detail/CUDAHooksInterface.h>
@@ -25,10 +43,11 @@
 #include <iomanip>
 #include <iostream>
 #include <memory>
-#include <numeric>
+#include <sstream>
 #include <string>
 #include <vector>
 
+#include "cuda_goals.h"
 #include "memory.h"
 #include "nanobragg_ops/ops.h"
 #include "report.h"
@@ -46,7 +65,10 @@ struct Options {
   std::string device = "cpu";
   std::string dtype = "float32";
   std::string outdir = "reports/perf";
-  double max_seconds = 10.0;  // per case: fewer repeats for slow baselines
+  // Per case: fewer repeats for slow baselines. Unset (< 0): 10 s on CPU;
+  // 2 s on CUDA, hundreds of repeats of any fused case, and what keeps a
+  // GPU run within its minutes (aten_composite at 2048² × 9 takes ~1 s).
+  double max_seconds = -1;
   bool scale = false;
   // The memory child's side: the case to measure and where to write its peak.
   std::vector<std::string> single_case;  // op impl pass size
@@ -57,7 +79,8 @@ struct Options {
   std::cerr << "nanobragg_bench: " << why
             << "\nusage: nanobragg_bench [--ops tricubic_interp detector_absorption] "
                "[--sizes 256 512] [--points-per-pixel N] [--repeats N] [--device cpu|cuda] "
-               "[--dtype float32|float64] [--outdir DIR] [--max-seconds-per-case S] [--scale | --no-scale]\n";
+               "[--dtype float32|float64] [--outdir DIR] [--max-seconds-per-case S (default 10 on cpu, 2 on cuda)] "
+               "[--scale | --no-scale]\n";
   std::exit(2);
 }
 
@@ -103,7 +126,12 @@ Options parse(int argc, char** argv) {
     } else if (a == "--outdir") {
       o.outdir = values().at(0);
     } else if (a == "--max-seconds-per-case") {
-      o.max_seconds = std::stod(values().at(0));
+      try {
+        o.max_seconds = std::stod(values().at(0));
+      } catch (const std::exception&) {
+        usage(a + ": not a number");
+      }
+      if (!(o.max_seconds > 0)) usage(a + " must be > 0");
     } else if (a == "--scale" || a == "--no-scale") {  // the last one counts
       o.scale = a == "--scale";
     } else if (a == "--single-case") {
@@ -117,11 +145,15 @@ Options parse(int argc, char** argv) {
       usage("unknown argument " + a);
     }
   }
+  if (o.max_seconds < 0) o.max_seconds = o.device == "cuda" ? 2.0 : 10.0;
   return o;
 }
 
 using Clock = std::chrono::steady_clock;
-using Call = std::function<void()>;
+// A call returns what it computed: the output, and in a forward_backward
+// case the gradients of its inputs after it (for the checks; timing
+// discards them).
+using Call = std::function<std::vector<at::Tensor>()>;
 
 void synchronize(const std::string& device) {
   if (device == "cuda") at::detail::getCUDAHooks().deviceSynchronize(0);
@@ -166,24 +198,38 @@ struct Leaves {
   void clear_grads() {
     for (auto& t : tensors) t.mutable_grad().reset();
   }
+  // The output, then every leaf's gradient, in the order they were added.
+  std::vector<at::Tensor> results(const at::Tensor& out) const {
+    std::vector<at::Tensor> r = {out};
+    for (const auto& t : tensors) r.push_back(t.grad());
+    return r;
+  }
 };
 
 // The call that a case times, owning what it needs (inputs, leaves, the
 // output gradient); backward gives gradients to every differentiable input.
+// The fused and aten_composite calls of a case take the same leaves in the
+// same order, so that their results compare element by element.
 Call make_call(const Case& c, const Workload& w, const at::TensorOptions& opts) {
   const bool fb = c.pass == "forward_backward";
   auto leaves = std::make_shared<Leaves>();
   if (c.op == "tricubic_interp") {
     const auto in = w.tricubic;
     const int64_t n = in->hkl.size(0);
-    if (c.impl == "scalar_reference") return [in] { nb::tricubic_scalar_reference(*in); };
+    if (c.impl == "scalar_reference") return [in]() -> std::vector<at::Tensor> { return {nb::tricubic_scalar_reference(*in)}; };
     if (c.impl == "grid_sample_trilinear") {
-      if (!fb) return [in] { nb::grid_sample_trilinear(in->grid_sample_input, in->grid_sample_coords); };
+      if (!fb) {
+        return [in]() -> std::vector<at::Tensor> {
+          return {nb::grid_sample_trilinear(in->grid_sample_input, in->grid_sample_coords)};
+        };
+      }
       const at::Tensor gi = leaves->add(in->grid_sample_input), gc = leaves->add(in->grid_sample_coords);
       const at::Tensor ones = at::ones({1, 1, n, 1, 1}, opts);
       return [leaves, gi, gc, ones] {
         leaves->clear_grads();
-        nb::grid_sample_trilinear(gi, gc).backward(ones);
+        const at::Tensor out = nb::grid_sample_trilinear(gi, gc);
+        out.backward(ones);
+        return leaves->results(out);
       };
     }
     const bool fused = c.impl == "fused";
@@ -191,16 +237,18 @@ Call make_call(const Case& c, const Workload& w, const at::TensorOptions& opts) 
     auto f = [fused, imin](const at::Tensor& g, const at::Tensor& h) {
       return fused ? nanobragg_ops::tricubic_interp(g, h, imin) : nb::tricubic_aten_composite(g, h, imin);
     };
-    if (!fb) return [in, f] { f(in->grid, in->hkl); };
+    if (!fb) return [in, f]() -> std::vector<at::Tensor> { return {f(in->grid, in->hkl)}; };
     const at::Tensor g = leaves->add(in->grid), h = leaves->add(in->hkl);
     const at::Tensor ones = at::ones({n}, opts);
     return [leaves, g, h, ones, f] {
       leaves->clear_grads();
-      f(g, h).backward(ones);
+      const at::Tensor out = f(g, h);
+      out.backward(ones);
+      return leaves->results(out);
     };
   }
   const auto in = w.absorption;
-  if (c.impl == "scalar_reference") return [in] { nb::absorption_scalar_reference(*in); };
+  if (c.impl == "scalar_reference") return [in]() -> std::vector<at::Tensor> { return {nb::absorption_scalar_reference(*in)}; };
   const bool fused = c.impl == "fused";
   auto f = [fused, steps = in->thicksteps, over = in->oversample_thick](
                const at::Tensor& I, const at::Tensor& P, const at::Tensor& od, const at::Tensor& T,
@@ -209,7 +257,9 @@ Call make_call(const Case& c, const Workload& w, const at::TensorOptions& opts) 
                  : nb::absorption_aten_composite(I, P, od, T, A, steps, over);
   };
   if (!fb) {
-    return [in, f] { f(in->intensity, in->pixel_coords, in->odet, in->thickness, in->attenuation_length); };
+    return [in, f]() -> std::vector<at::Tensor> {
+      return {f(in->intensity, in->pixel_coords, in->odet, in->thickness, in->attenuation_length)};
+    };
   }
   const at::Tensor I = leaves->add(in->intensity), P = leaves->add(in->pixel_coords),
                    od = leaves->add(in->odet), T = leaves->add(in->thickness),
@@ -217,7 +267,9 @@ Call make_call(const Case& c, const Workload& w, const at::TensorOptions& opts) 
   const at::Tensor ones = at::ones_like(in->intensity);
   return [leaves, I, P, od, T, A, ones, f] {
     leaves->clear_grads();
-    f(I, P, od, T, A).backward(ones);
+    const at::Tensor out = f(I, P, od, T, A);
+    out.backward(ones);
+    return leaves->results(out);
   };
 }
 
@@ -237,11 +289,8 @@ std::vector<Case> cases_of(const Options& o, const std::string& op, int64_t size
   return cases;
 }
 
-// Cold time (the first call), then the median of warm calls, each followed by
-// a device synchronise.
-nb::Row time_call(const Options& o, const Case& c, const Call& fn) {
-  std::cerr << "  " << c.op << " " << c.pass << " " << c.impl << " size " << c.size << " ("
-            << points_of(c) << " points) ... " << std::flush;
+// A row for a case, before anything is measured.
+nb::Row row_of(const Options& o, const Case& c) {
   nb::Row r;
   r.op = c.op;
   r.impl = c.impl;
@@ -251,6 +300,13 @@ nb::Row time_call(const Options& o, const Case& c, const Call& fn) {
   r.size = c.size;
   r.points = points_of(c);
   r.scale = c.scale;
+  return r;
+}
+
+// Cold time (the first call), then the median of warm calls. Every timed
+// region starts and ends with a device synchronise, so that on CUDA the
+// time is the call's from its launch to its last kernel's end.
+void time_call(const Options& o, const Call& fn, nb::Row& r) {
   synchronize(o.device);
   auto t0 = Clock::now();
   fn();
@@ -265,19 +321,80 @@ nb::Row time_call(const Options& o, const Case& c, const Call& fn) {
     synchronize(o.device);
     warm.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
   }
-  std::vector<double> sorted = warm;
-  std::sort(sorted.begin(), sorted.end());
-  const size_t m = sorted.size();
-  r.warm_seconds = m % 2 ? sorted[m / 2] : 0.5 * (sorted[m / 2 - 1] + sorted[m / 2]);
-  const double mean = std::accumulate(warm.begin(), warm.end(), 0.0) / m;
-  double var = 0;
-  for (double w : warm) var += (w - mean) * (w - mean);
-  r.warm_std_seconds = m > 1 ? std::sqrt(var / (m - 1)) : 0.0;
-  r.repeats = static_cast<int64_t>(m);
-  r.calls_per_second = 1.0 / r.warm_seconds;
-  r.points_per_second = r.points / r.warm_seconds;
-  std::cerr << std::fixed << std::setprecision(3) << r.warm_seconds * 1e3 << " ms (" << m << " repeats)";
-  return r;
+  nb::set_warm_times(r, warm);
+  std::cerr << std::fixed << std::setprecision(3) << r.warm_seconds * 1e3 << " ms (" << r.repeats << " repeats)";
+}
+
+// Before a baseline is timed, its result is compared with the fused op's on
+// the same inputs (nb::relative_difference: in float64, on the device), and
+// every tensor it returns must be on the bench's device: a baseline that
+// computed elsewhere, or wrongly, would time something else. Compared: the
+// output, and in aten_composite's forward_backward every input gradient.
+// grid_sample_trilinear interpolates otherwise, so it is compared at the
+// grid's nodes (hkl rounded), where trilinear and tricubic interpolation both
+// give the grid's value: that checks that it reads the same grid at the same
+// points. Nodes whose stencil leaves the grid (the fused op gives 0 there;
+// the grid itself is positive) are left out.
+void check_against_fused(const Case& c, const Workload& w, const at::TensorOptions& opts, nb::Row& r) {
+  std::vector<at::Tensor> got, ref;
+  if (c.impl == "grid_sample_trilinear") {
+    const nb::TricubicInputs& in = *w.tricubic;
+    const at::Tensor nodes = in.hkl.round();
+    const at::Tensor fused = nanobragg_ops::tricubic_interp(in.grid, nodes, in.index_min);
+    const at::Tensor coords = nb::grid_sample_coords(nodes, in.index_min, in.grid.sizes()).to(opts);
+    const at::Tensor inside = fused != 0;
+    got = {nb::grid_sample_trilinear(in.grid_sample_input, coords).reshape({-1}).masked_select(inside)};
+    ref = {fused.masked_select(inside)};
+    r.check_what = "outputs at the grid's nodes";
+  } else {
+    Case fused = c;
+    fused.impl = "fused";
+    ref = make_call(fused, w, opts)();
+    got = make_call(c, w, opts)();
+    r.check_what = got.size() > 1 ? "outputs and input gradients" : "outputs";
+  }
+  TORCH_CHECK(got.size() == ref.size(), c.impl, " returned ", got.size(), " tensors, the fused op ", ref.size());
+  double worst = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    TORCH_CHECK(got[i].device() == opts.device(), c.impl, " computed on ", got[i].device(), ", not on ",
+                opts.device());
+    const double d = nb::relative_difference(got[i], ref[i]);
+    worst = std::isnan(worst) || std::isnan(d) ? d + worst : std::max(worst, d);  // NaN sticks
+  }
+  r.check_rel_err = worst;
+  r.check_tolerance = nb::check_tolerance(opts.dtype().toScalarType());
+}
+
+// Cases over this share of the memory there is are not run (on CUDA the
+// free memory: the parent's check and timing need the case's peak, and so,
+// after the parent has released it, does the memory child).
+constexpr double kMemoryFraction = 0.6;
+
+// What one call of a case will need, estimated before it runs; 0 where
+// nothing is to be feared. Only aten_composite grows large ([N, 4, 4, 4] or
+// [L, S, F] intermediates): its bytes per point measured at the most points
+// below this case's in this run (the same op, impl and pass) and, for
+// tricubic, those counted from its code; the larger counts. (The fused ops
+// and grid_sample hold their outputs and gradients, and a small case's fixed
+// costs would overstate their bytes per point.)
+int64_t estimated_peak(const Case& c, const std::string& dtype, const std::vector<nb::Row>& done) {
+  if (c.impl != "aten_composite") return 0;
+  const int64_t n = points_of(c);
+  int64_t estimate = c.op == "tricubic_interp"
+                         ? nb::tricubic_aten_composite_peak_bytes(n, dtype == "float32" ? 4 : 8,
+                                                                  c.pass == "forward_backward")
+                         : 0;
+  const nb::Row* probe = nullptr;
+  for (const nb::Row& r : done) {
+    if (r.ran() && r.peak_bytes > 0 && r.op == c.op && r.impl == c.impl && r.pass == c.pass &&
+        r.dtype == dtype && r.points < n && (probe == nullptr || r.points > probe->points)) {
+      probe = &r;
+    }
+  }
+  if (probe != nullptr) {
+    estimate = std::max(estimate, static_cast<int64_t>(static_cast<double>(probe->peak_bytes) / probe->points * n));
+  }
+  return estimate;
 }
 
 // The arguments that make this executable measure one case's memory.
@@ -286,18 +403,80 @@ std::vector<std::string> single_case_args(const Options& o, const Case& c) {
           "--points-per-pixel", std::to_string(c.per_pixel), "--device", o.device, "--dtype", o.dtype};
 }
 
-// Times a case here, then measures its peak memory in a child process.
-nb::Row run_case(const Options& o, const Case& c, const Workload& w, const at::TensorOptions& opts) {
-  nb::Row r;
-  {
+// One case: not run if its estimated memory does not fit; else a baseline's
+// check against the fused op, the times here, then the peak memory in a
+// child process. A failure (out of memory, a failed child) goes into the
+// row, and the bench goes on with the next case.
+nb::Row run_case(const Options& o, const Case& c, const Workload& w, const at::TensorOptions& opts,
+                 const std::vector<nb::Row>& done) {
+  nb::Row r = row_of(o, c);
+  std::cerr << "  " << c.op << " " << c.pass << " " << c.impl << " size " << c.size << " (" << r.points
+            << " points) ... " << std::flush;
+  if (const int64_t estimate = estimated_peak(c, o.dtype, done); estimate > 0) {
+    const int64_t memory = nb::available_memory_bytes(o.device);
+    if (estimate > kMemoryFraction * memory) {
+      std::ostringstream why;
+      why << std::fixed << std::setprecision(1) << "needs ≈ " << estimate / 1073741824.0
+          << " GiB (estimated), over " << kMemoryFraction * 100 << "% of the " << memory / 1073741824.0
+          << " GiB of " << (o.device == "cuda" ? "free GPU memory" : "RAM");
+      r.not_run = why.str();
+      r.peak_bytes = estimate;
+      r.peak_method = "estimated";
+      std::cerr << "not run: " << r.not_run << "\n";
+      return r;
+    }
+  }
+  try {
+    if (c.impl != "fused") check_against_fused(c, w, opts, r);
     const Call call = make_call(c, w, opts);
-    r = time_call(o, c, call);
-  }  // the call's leaves and gradients go before the child starts
-  const nb::Peak peak = nb::peak_in_child(single_case_args(o, c));
-  r.peak_bytes = peak.bytes;
-  r.peak_method = peak.method;
-  std::cerr << ", peak " << std::setprecision(1) << peak.bytes / 1048576.0 << " MiB\n";
+    time_call(o, call, r);
+  } catch (const std::exception& e) {
+    r.error = nb::message_of(e);
+  }
+  // The call's leaves and gradients are gone; what they left cached goes
+  // back to the device too, since the child needs as much again.
+  nb::release_cached_memory(o.device);
+  if (r.error.empty()) {
+    try {
+      const nb::Peak peak = nb::peak_in_child(single_case_args(o, c));
+      r.peak_bytes = peak.bytes;
+      r.peak_method = peak.method;
+      std::cerr << ", peak " << std::setprecision(1) << peak.bytes / 1048576.0 << " MiB";
+    } catch (const std::exception& e) {
+      r.error = nb::message_of(e);
+      r.peak_method = "child_failed";
+    }
+  }
+  if (!r.error.empty()) std::cerr << (r.ran() ? ", " : "") << "FAILED: " << r.error;
+  if (r.check_failed()) {
+    std::cerr << ", CHECK FAILED: " << r.check_what << " differ from the fused op's by " << std::scientific
+              << r.check_rel_err << std::fixed;
+  }
+  std::cerr << "\n";
   return r;
+}
+
+// Cases of one op at one size (and points per pixel), on the inputs they
+// share.
+void run_cases(const Options& o, const std::vector<Case>& cases, const at::TensorOptions& opts,
+               std::vector<nb::Row>& rows) {
+  const Case& first = cases.front();
+  std::unique_ptr<Workload> w;
+  try {
+    w = std::make_unique<Workload>(make_workload(first.op, first.size, first.per_pixel, opts));
+  } catch (const std::exception& e) {
+    // Every case of these inputs fails alike; the other sizes still run.
+    for (const Case& c : cases) {
+      nb::Row r = row_of(o, c);
+      r.error = "building the inputs: " + nb::message_of(e);
+      std::cerr << "  " << c.op << " " << c.pass << " " << c.impl << " size " << c.size
+                << ": FAILED: " << r.error << "\n";
+      rows.push_back(r);
+    }
+    nb::release_cached_memory(o.device);
+    return;
+  }
+  for (const Case& c : cases) rows.push_back(run_case(o, c, *w, opts, rows));
 }
 
 // The child's side (--single-case): one call of one case, and its peak extra
@@ -321,9 +500,8 @@ void run_single_case(const Options& o, const Case& c, const at::TensorOptions& o
 // (37.7 M points). Both implementations run first at 1/64 of the points
 // (256² × 9), where both fit; then the fused op at full scale, and
 // aten_composite only if its memory, estimated before running it, is at most
-// 60% of the memory there is.
+// 60% of the memory there is (kMemoryFraction, as for every case).
 constexpr int64_t kScaleSize = 2048, kScalePerPixel = 9, kScaleProbeSize = 256;
-constexpr double kScaleMemoryFraction = 0.6;
 
 void run_scale(const Options& o, const at::TensorOptions& opts, std::vector<nb::Row>& rows,
                nb::ScaleInfo& info) {
@@ -331,11 +509,7 @@ void run_scale(const Options& o, const at::TensorOptions& opts, std::vector<nb::
   std::cerr << "scale: " << op << " " << pass << ", " << kScaleSize << "² × " << kScalePerPixel
             << " points (" << o.device << ", " << o.dtype << ")\n";
   const Case probe{op, "aten_composite", pass, kScaleProbeSize, kScalePerPixel, true};
-  {
-    const Workload w = make_workload(op, kScaleProbeSize, kScalePerPixel, opts);
-    rows.push_back(run_case(o, Case{op, "fused", pass, kScaleProbeSize, kScalePerPixel, true}, w, opts));
-    rows.push_back(run_case(o, probe, w, opts));
-  }
+  run_cases(o, {Case{op, "fused", pass, kScaleProbeSize, kScalePerPixel, true}, probe}, opts, rows);
   const nb::Row measured = rows.back();
   const Case full{op, "aten_composite", pass, kScaleSize, kScalePerPixel, true};
   info.requested = true;
@@ -348,22 +522,13 @@ void run_scale(const Options& o, const at::TensorOptions& opts, std::vector<nb::
   info.probe_peak_bytes = measured.peak_bytes;
   info.extrapolated_bytes = static_cast<int64_t>(
       static_cast<double>(measured.peak_bytes) / measured.points * info.points);
-  info.memory_bytes = o.device == "cuda" ? nb::cuda_memory_bytes() : nb::physical_memory_bytes();
-  info.limit_bytes = static_cast<int64_t>(kScaleMemoryFraction * info.memory_bytes);
-  const int64_t estimate = std::max(info.formula_bytes, info.extrapolated_bytes);
-
-  const Workload w = make_workload(op, kScaleSize, kScalePerPixel, opts);
-  info.grid_numel = w.tricubic->grid.numel();
-  rows.push_back(run_case(o, Case{op, "fused", pass, kScaleSize, kScalePerPixel, true}, w, opts));
-  if (estimate <= info.limit_bytes) {
-    rows.push_back(run_case(o, full, w, opts));
-    info.aten_composite_ran = true;
-  } else {
-    std::cerr << "  " << op << " " << pass << " aten_composite size " << kScaleSize
-              << ": not run, it would need about " << std::setprecision(1) << estimate / 1073741824.0
-              << " GiB, over " << kScaleMemoryFraction * 100 << "% of " << info.memory_bytes / 1073741824.0
-              << " GiB\n";
-  }
+  info.memory_bytes = nb::available_memory_bytes(o.device);
+  info.limit_bytes = static_cast<int64_t>(kMemoryFraction * info.memory_bytes);
+  info.grid_numel = nb::kGridNodes;
+  // run_case decides from the same estimate (estimated_peak): aten_composite
+  // at full scale is then a row with that estimate, or a measured one.
+  run_cases(o, {Case{op, "fused", pass, kScaleSize, kScalePerPixel, true}, full}, opts, rows);
+  info.aten_composite_ran = rows.back().ran();
 }
 
 std::string utc_stamp() {
@@ -377,9 +542,17 @@ std::string utc_stamp() {
 
 int main(int argc, char** argv) {
   const Options o = parse(argc, argv);
-  if (o.device == "cuda" && !at::detail::getCUDAHooks().hasCUDA()) {
-    std::cerr << "nanobragg_bench: --device cuda, but no CUDA device is available\n";
+  if (o.device == "cuda") {
+#ifndef NANOBRAGG_WITH_CUDA
+    std::cerr << "nanobragg_bench: --device cuda, but this bench was built without CUDA "
+                 "(configure with -DNANOBRAGG_CUDA=ON)\n";
     return 2;
+#endif
+    if (!at::detail::getCUDAHooks().hasCUDA()) {
+      std::cerr << "nanobragg_bench: --device cuda, but no CUDA device is available "
+                   "(torch finds no GPU or no driver here)\n";
+      return 2;
+    }
   }
   std::string command_line = "nanobragg_bench";
   for (int i = 1; i < argc; ++i) command_line += std::string(" ") + argv[i];
@@ -398,9 +571,12 @@ int main(int argc, char** argv) {
     for (int64_t size : o.sizes) {
       for (const auto& op : o.ops) {
         std::cerr << op << ", size " << size << " (" << o.device << ", " << o.dtype << ")\n";
-        const Workload w = make_workload(op, size, o.per_pixel, opts);
-        for (const Case& c : cases_of(o, op, size)) rows.push_back(run_case(o, c, w, opts));
+        run_cases(o, cases_of(o, op, size), opts, rows);
       }
+    }
+    if (o.device == "cuda") {
+      const std::vector<nb::Row> goals = nb::run_cuda_goals(o.repeats, o.max_seconds);
+      rows.insert(rows.end(), goals.begin(), goals.end());
     }
     if (o.scale) run_scale(o, opts, rows, scale);
   } catch (const c10::Error& e) {
@@ -416,5 +592,9 @@ int main(int argc, char** argv) {
   const nb::EnvInfo env = nb::collect_env(NANOBRAGG_SOURCE_DIR, NANOBRAGG_BUILD_TYPE);
   nb::write_report(dir, rows, env, command_line, scale);
   std::cout << dir << "\n";
-  return 0;
+  // A goal missed is a finding; a case that failed or a mismatch is not.
+  const bool failed = std::any_of(rows.begin(), rows.end(),
+                                  [](const nb::Row& r) { return !r.error.empty() || r.check_failed(); });
+  if (failed) std::cerr << "nanobragg_bench: some cases failed; see Failures in " << dir << "/perf_summary.md\n";
+  return failed ? 1 : 0;
 }

@@ -18,6 +18,7 @@
 
 #ifdef NANOBRAGG_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime_api.h>
 #endif
 
@@ -118,14 +119,27 @@ int64_t physical_memory_bytes() {
   return static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
 }
 
-int64_t cuda_memory_bytes() {
+void release_cached_memory(const std::string& device) {
 #ifdef NANOBRAGG_WITH_CUDA
-  size_t free_bytes = 0, total_bytes = 0;
-  if (at::detail::getCUDAHooks().hasCUDA() && cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess) {
-    return static_cast<int64_t>(total_bytes);
+  if (device == "cuda") {
+    at::detail::getCUDAHooks().deviceSynchronize(0);
+    c10::cuda::CUDACachingAllocator::emptyCache();
   }
 #endif
-  return 0;
+  (void)device;
+}
+
+int64_t available_memory_bytes(const std::string& device) {
+#ifdef NANOBRAGG_WITH_CUDA
+  if (device == "cuda") {
+    release_cached_memory(device);
+    size_t free_bytes = 0, total_bytes = 0;
+    C10_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+    return static_cast<int64_t>(free_bytes);
+  }
+#endif
+  (void)device;
+  return physical_memory_bytes();
 }
 
 }  // namespace nanobragg_bench

@@ -31,9 +31,17 @@ Peak peak_in_child(const std::vector<std::string>& args);
 
 void write_peak(const std::string& path, const Peak& peak);
 
-// Physical memory of this machine, and total memory of CUDA device 0
-// (0 where CUDA is not compiled in or absent).
+// Physical memory of this machine.
 int64_t physical_memory_bytes();
-int64_t cuda_memory_bytes();
+
+// On CUDA: synchronises and hands the caching allocator's unused blocks back
+// to the driver, so that a memory child (another process) can have them; the
+// parent would otherwise keep what its largest case left cached. No-op on CPU.
+void release_cached_memory(const std::string& device);
+
+// What a case may plan on: on CUDA, device 0's free memory once the cache is
+// released (what a memory child can get, less its own context and inputs);
+// on CPU, physical memory.
+int64_t available_memory_bytes(const std::string& device);
 
 }  // namespace nanobragg_bench

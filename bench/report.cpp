@@ -2,6 +2,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/detail/CUDAHooksInterface.h>
+#include <c10/util/Exception.h>
 #include <torch/version.h>
 
 #include <nlohmann/json.hpp>
@@ -9,19 +10,41 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <iomanip>
+#include <numeric>
 #include <sstream>
 
 namespace nanobragg_bench {
+
+void set_warm_times(Row& r, const std::vector<double>& seconds) {
+  std::vector<double> sorted = seconds;
+  std::sort(sorted.begin(), sorted.end());
+  const size_t m = sorted.size();
+  if (m == 0) return;
+  r.warm_seconds = m % 2 ? sorted[m / 2] : 0.5 * (sorted[m / 2 - 1] + sorted[m / 2]);
+  const double mean = std::accumulate(seconds.begin(), seconds.end(), 0.0) / m;
+  double var = 0;
+  for (double w : seconds) var += (w - mean) * (w - mean);
+  r.warm_std_seconds = m > 1 ? std::sqrt(var / (m - 1)) : 0.0;
+  r.repeats = static_cast<int64_t>(m);
+  r.calls_per_second = 1.0 / r.warm_seconds;
+  r.points_per_second = r.points / r.warm_seconds;
+}
+
+std::string message_of(const std::exception& e) {
+  if (const auto* c10_error = dynamic_cast<const c10::Error*>(&e)) return c10_error->what_without_backtrace();
+  return e.what();
+}
 
 void compute_speedups(std::vector<Row>& rows) {
   for (Row& r : rows) {
     for (const Row& o : rows) {
       if (&o != &r && o.op == r.op && o.pass == r.pass && o.device == r.device &&
           o.dtype == r.dtype && o.size == r.size && o.points == r.points && o.scale == r.scale &&
-          r.warm_seconds > 0) {
+          o.cuda_goal == r.cuda_goal && r.ran() && o.ran() && r.warm_seconds > 0) {
         r.speedup_vs[o.impl] = o.warm_seconds / r.warm_seconds;
       }
     }
@@ -66,12 +89,28 @@ std::string mib(int64_t bytes) {
 
 std::string gib(int64_t bytes) { return fmt(bytes / 1073741824.0, 1); }
 
+std::string sci(double v) {
+  std::ostringstream s;
+  s << std::scientific << std::setprecision(1) << v;
+  return s.str();
+}
+
+// A row of the main tables (not --scale, not a GPU goal).
+bool main_row(const Row& r) { return !r.scale && !r.cuda_goal; }
+
+// The check column: the baseline's relative difference from the fused op.
+std::string check_cell(const Row& r) {
+  if (r.check_rel_err < 0) return "";
+  return r.check_failed() ? "**" + sci(r.check_rel_err) + " MISMATCH** (" + r.check_what + ")"
+                          : sci(r.check_rel_err);
+}
+
 const Row* find(const std::vector<Row>& rows, const std::string& op, const std::string& impl,
                 const std::string& pass, int64_t size, const std::string& dtype,
                 const std::string& device) {
   for (const Row& r : rows) {
-    if (!r.scale && r.op == op && r.impl == impl && r.pass == pass && r.size == size &&
-        r.dtype == dtype && r.device == device) {
+    if (main_row(r) && r.ran() && r.op == op && r.impl == impl && r.pass == pass &&
+        r.size == size && r.dtype == dtype && r.device == device) {
       return &r;
     }
   }
@@ -93,7 +132,7 @@ void write_scale_section(std::ostringstream& md, const std::vector<Row>& rows, c
         "output + gradients MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
   auto floor_bytes = [&](int64_t points) { return (4 * points + sc.grid_numel) * s; };
   for (const Row& r : rows) {
-    if (!r.scale) continue;
+    if (!r.scale || !r.ran()) continue;  // aten_composite not run: its estimate below
     md << "| " << r.impl << " | " << r.points << " | " << fmt(r.cold_seconds, 3) << " | "
        << fmt(r.warm_seconds, 3) << " | " << r.repeats << " | " << fmt(r.points_per_second / 1e6, 2)
        << " | " << mib(r.peak_bytes) << " | " << fmt(double(r.peak_bytes) / r.points, 1) << " | "
@@ -122,8 +161,62 @@ void write_scale_section(std::ostringstream& md, const std::vector<Row>& rows, c
   } else {
     md << "The larger of the two, " << gib(estimate) << " GiB, is over " << gib(sc.limit_bytes)
        << " GiB (60% of the " << gib(sc.memory_bytes)
-       << " GiB of memory there is: RAM, or the GPU's on CUDA), so it was not run: its row "
+       << " GiB of memory there is: RAM, or on CUDA the GPU's free memory), so it was not run: its row "
           "is that estimate.\n";
+  }
+}
+
+// A named figure of a GPU-goal row, in a unit that reads: bandwidths in
+// GB/s, everything else as it is.
+std::string field_cell(const std::string& name, double v) {
+  const std::string per_s = "bytes_per_second";
+  if (name.size() >= per_s.size() && name.compare(name.size() - per_s.size(), per_s.size(), per_s) == 0) {
+    return name.substr(0, name.size() - per_s.size()) + "GB/s " + fmt(v / 1e9, 1);
+  }
+  std::ostringstream o;
+  o << name << " " << std::setprecision(4) << v;
+  return o.str();
+}
+
+// The GPU goals (cuda_goals.h): a line per goal, then the measurements.
+void write_cuda_goals_section(std::ostringstream& md, const std::vector<Row>& rows) {
+  md << "\n## GPU goals\n\n";
+  if (std::none_of(rows.begin(), rows.end(), [](const Row& r) { return r.cuda_goal; })) {
+    md << "cuda only (`--device cuda`): not measured in this run.\n";
+    return;
+  }
+  md << "float32 whatever `--dtype` says. Tricubic: 2048² × 9 clustered lookups (detector "
+        "pixels in order, the 9 mosaic lookups of a pixel together; a 30 Å cell, so that every "
+        "lookup of the 2048² detector is inside the 64³ grid: `in_range_fraction`). The grid "
+        "gradient alone is `nanobragg::tricubic_interp_backward` with output_mask [grid], "
+        "default (atomic) and under `setDeterministicAlgorithms(true)`. Bandwidth = bytes read "
+        "+ written per call / time; the copy is a 1 GiB device-to-device `copy_`, 2 GiB moved. "
+        "Time per call: CUDA events around a batch of calls queued behind a sleep kernel "
+        "(so the launch rate does not count), the median of `repeats` batches after a warm-up; "
+        "absorption rotates over several input copies, so that its inputs are not served from L2.\n\n"
+     << "| goal | measured | target | met |\n|---|---:|---:|:---:|\n";
+  for (const Row& r : rows) {
+    if (!r.cuda_goal) continue;
+    if (r.goal) {
+      md << "| " << r.goal->name << " | " << fmt(r.goal->value, 3) << " " << r.goal->unit << " | "
+         << (r.goal->at_most ? "≤ " : "≥ ") << fmt(r.goal->target, 2) << " " << r.goal->unit << " | "
+         << (r.goal->met() ? "yes" : "**no**") << " |\n";
+    } else if (!r.error.empty()) {
+      md << "| " << r.op << " " << r.pass << " | failed: " << r.error << " | | **no** |\n";
+    }
+  }
+  md << "\n| op | pass | points | GPU ms per call | ± std ms | calls timed | figures |\n"
+        "|---|---|---:|---:|---:|---:|---|\n";
+  for (const Row& r : rows) {
+    if (!r.cuda_goal || !r.ran()) continue;
+    std::string figures;
+    for (const auto& [name, value] : r.fields) figures += (figures.empty() ? "" : ", ") + field_cell(name, value);
+    if (r.check_rel_err >= 0) {
+      figures += (figures.empty() ? "" : ", ") + r.check_what + " differ by " + sci(r.check_rel_err) +
+                 (r.check_failed() ? " **MISMATCH**" : "");
+    }
+    md << "| " << r.op << " | " << r.pass << " | " << r.points << " | " << fmt(r.warm_seconds * 1e3, 4)
+       << " | " << fmt(r.warm_std_seconds * 1e3, 4) << " | " << r.repeats << " | " << figures << " |\n";
   }
 }
 
@@ -172,15 +265,36 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
     j["dtype"] = r.dtype;
     j["size"] = r.size;
     j["points"] = r.points;
-    j["cold_seconds"] = r.cold_seconds;
-    j["warm_seconds"] = r.warm_seconds;
-    j["warm_std_seconds"] = r.warm_std_seconds;
+    // What was not measured is null, not 0: a case not run or failed has no
+    // times, and the GPU-goal rows and failed memory children no peak.
+    const bool timed = r.ran();
+    const bool peak = !r.peak_method.empty() && r.peak_method != "not_measured" && r.peak_method != "child_failed";
+    j["cold_seconds"] = timed ? nlohmann::json(r.cold_seconds) : nlohmann::json();
+    j["warm_seconds"] = timed ? nlohmann::json(r.warm_seconds) : nlohmann::json();
+    j["warm_std_seconds"] = timed ? nlohmann::json(r.warm_std_seconds) : nlohmann::json();
     j["repeats"] = r.repeats;
-    j["calls_per_second"] = r.calls_per_second;
-    j["points_per_second"] = r.points_per_second;
-    j["peak_bytes"] = r.peak_bytes;
+    j["calls_per_second"] = timed ? nlohmann::json(r.calls_per_second) : nlohmann::json();
+    j["points_per_second"] = timed ? nlohmann::json(r.points_per_second) : nlohmann::json();
+    j["peak_bytes"] = peak ? nlohmann::json(r.peak_bytes) : nlohmann::json();
     j["peak_method"] = r.peak_method;
     j["scale"] = r.scale;
+    if (!r.not_run.empty()) j["not_run"] = r.not_run;
+    if (!r.error.empty()) j["error"] = r.error;
+    if (r.check_rel_err >= 0) {
+      j["check_rel_err"] = r.check_rel_err;
+      j["check_tolerance"] = r.check_tolerance;
+      j["check_ok"] = !r.check_failed();
+      j["check"] = r.check_what;
+    }
+    if (r.cuda_goal) {
+      j["cuda_goal"] = true;
+      for (const auto& [name, value] : r.fields) j[name] = value;
+      if (r.goal) {
+        j["goal"] = {{"name", r.goal->name},   {"unit", r.goal->unit},
+                     {"value", r.goal->value}, {"target", r.goal->target},
+                     {"comparison", r.goal->at_most ? "<=" : ">="}, {"met", r.goal->met()}};
+      }
+    }
     for (const auto& [impl, ratio] : r.speedup_vs) j["speedup_vs_" + impl] = ratio;
     results.push_back(nlohmann::json::parse(j.dump()));
   }
@@ -201,6 +315,17 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
         "case; on CPU the growth of the resident set's high-water mark (VmHWM, reset just "
         "before the call) above the resident set before the call, on CUDA the caching "
         "allocator's peak above its level before the call.\n";
+  std::string failures;
+  for (const Row& r : rows) {
+    const std::string what = r.op + " " + r.pass + " " + r.impl + " size " + std::to_string(r.size);
+    if (!r.error.empty()) failures += "* " + what + ": " + r.error + "\n";
+    if (r.check_failed()) {
+      failures += "* " + what + ": its " + r.check_what + " differ from the fused op's by " +
+                  sci(r.check_rel_err) + " of their largest magnitude (tolerance " +
+                  sci(r.check_tolerance) + ")\n";
+    }
+  }
+  if (!failures.empty()) md << "\n**Failures** (the bench exits with status 1):\n\n" << failures;
   bool hwm_not_reset = false;
   for (const Row& r : rows) hwm_not_reset |= r.peak_method == "rss_hwm_not_reset";
   if (hwm_not_reset) {
@@ -210,22 +335,32 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
   }
   std::vector<std::string> groups;
   for (const Row& r : rows) {
-    if (r.scale) continue;
+    if (!main_row(r)) continue;
     const std::string g = r.op + " / " + r.pass + " / " + r.device + " / " + r.dtype +
                           " / size " + std::to_string(r.size) + " (" + std::to_string(r.points) +
                           " points)";
     if (std::find(groups.begin(), groups.end(), g) == groups.end()) {
       groups.push_back(g);
-      md << "\n### " << g << "\n\n| impl | cold ms | warm ms | ± std ms | repeats | Mpoints/s | peak MiB | speedups (vs) |\n|---|---:|---:|---:|---:|---:|---:|---|\n";
+      md << "\n### " << g << "\n\n| impl | cold ms | warm ms | ± std ms | repeats | Mpoints/s | peak MiB | speedups (vs) | check vs fused |\n|---|---:|---:|---:|---:|---:|---:|---|---|\n";
       for (const Row& s : rows) {
-        if (s.scale || s.op != r.op || s.pass != r.pass || s.device != r.device ||
+        if (!main_row(s) || s.op != r.op || s.pass != r.pass || s.device != r.device ||
             s.dtype != r.dtype || s.size != r.size || s.points != r.points) continue;
+        if (!s.not_run.empty()) {
+          md << "| " << s.impl << " | not run | | | | | ≈ " << mib(s.peak_bytes) << " (estimated) | "
+             << s.not_run << " | |\n";
+          continue;
+        }
+        if (!s.ran()) {
+          md << "| " << s.impl << " | failed | | | | | | " << s.error << " | " << check_cell(s) << " |\n";
+          continue;
+        }
         std::string sp;
         for (const auto& [impl, ratio] : s.speedup_vs) sp += (sp.empty() ? "" : ", ") + impl + " " + fmt(ratio, 2) + "×";
         md << "| " << s.impl << " | " << fmt(s.cold_seconds * 1e3, 3) << " | "
            << fmt(s.warm_seconds * 1e3, 3) << " | " << fmt(s.warm_std_seconds * 1e3, 3) << " | "
            << s.repeats << " | " << fmt(s.points_per_second / 1e6, 2) << " | "
-           << mib(s.peak_bytes) << " | " << sp << " |\n";
+           << (s.peak_method == "child_failed" ? std::string("failed") : mib(s.peak_bytes)) << " | "
+           << sp << " | " << check_cell(s) << " |\n";
       }
     }
   }
@@ -259,7 +394,8 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
     target("absorption forward+backward ≥ 5× aten_composite", "detector_absorption", "forward_backward",
            "aten_composite", 5, false);
     for (const Row& r : rows) {
-      if (r.impl == "fused" && r.size == 512 && r.dtype == "float32" && r.device == device) {
+      if (main_row(r) && r.ran() && r.impl == "fused" && r.size == 512 && r.dtype == "float32" &&
+          r.device == device) {
         any_target = true;
         const double ratio = r.cold_seconds / r.warm_seconds;
         md << "| " << device << ": " << r.op << " " << r.pass << " cold ≤ 2× warm | "
@@ -269,12 +405,13 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
   }
   if (!any_target) md << "| (no size-512 float32 rows in this run) | | |\n";
 
+  write_cuda_goals_section(md, rows);
   if (scale.requested) write_scale_section(md, rows, scale);
 
   // Where the time goes, from this run's numbers.
   md << "\n## Interpretation\n\n";
   for (const Row& r : rows) {
-    if (r.scale || r.impl != "fused" || r.pass != "forward") continue;
+    if (!main_row(r) || !r.ran() || r.impl != "fused" || r.pass != "forward") continue;
     const double ns = 1e9 / r.points_per_second;
     if (r.op == "tricubic_interp") {
       const Row* gs = find(rows, r.op, "grid_sample_trilinear", "forward", r.size, r.dtype, r.device);

@@ -22,54 +22,74 @@ at::Tensor rotation(std::array<double, 3> axis, double angle) {
 }
 
 // Pixel centres of a size x size detector, 0.1 mm pixels, at 100 mm along
-// the beam (+z), in metres.
-at::Tensor detector_pixels(int64_t size) {
+// the beam (+z), in metres, float64 on `device`.
+at::Tensor detector_pixels(int64_t size, const at::Device& device) {
   const double pixel = 1e-4, distance = 0.1;
-  at::Tensor c = (at::arange(size, at::kDouble) - (size - 1) / 2.0) * pixel;
+  const auto f64 = at::TensorOptions().dtype(at::kDouble).device(device);
+  at::Tensor c = (at::arange(size, f64) - (size - 1) / 2.0) * pixel;
   at::Tensor y = c.view({size, 1}).expand({size, size});
   at::Tensor x = c.view({1, size}).expand({size, size});
-  return at::stack({x, y, at::full({size, size}, distance, at::kDouble)}, -1);
+  return at::stack({x, y, at::full({size, size}, distance, f64)}, -1);
 }
 
 }  // namespace
 
 TricubicInputs make_tricubic_inputs(int64_t size, int64_t per_pixel,
-                                    const at::TensorOptions& opts) {
+                                    const at::TensorOptions& opts, double cell) {
   at::manual_seed(7);
   TricubicInputs in;
   in.index_min = {-32, -32, -32};
-  // Structure factors: a Wilson-like fall-off with random amplitudes.
+  // Structure factors: a Wilson-like fall-off with random amplitudes, drawn
+  // on the CPU so that every device gets the same grid.
   at::Tensor idx = at::arange(-32, 32, at::kDouble);
   at::Tensor r2 = idx.view({64, 1, 1}).pow(2) + idx.view({1, 64, 1}).pow(2) + idx.view({1, 1, 64}).pow(2);
   at::Tensor grid = 100 * at::exp(-r2 / 800) * (0.5 + at::rand({64, 64, 64}, at::kDouble));
 
-  const double wavelength = 1.0, cell = 50.0;  // A
-  at::Tensor p = detector_pixels(size).view({-1, 3});
+  // The Miller indices are computed in float64 where they will live: at
+  // 2048² × 9 that is 37.7 M points, seconds of CPU time per process (and
+  // the bench's memory children each build them again).
+  const at::Device device = opts.device();
+  const double wavelength = 1.0;  // A
+  at::Tensor p = detector_pixels(size, device).view({-1, 3});
   at::Tensor s = p / p.norm(2, -1, true);
-  at::Tensor q = (s - at::tensor({0.0, 0.0, 1.0}, at::kDouble)) / wavelength;  // [P, 3], 1/A
+  at::Tensor q = (s - at::tensor({0.0, 0.0, 1.0}, at::kDouble).to(device)) / wavelength;  // [P, 3], 1/A
   at::Tensor U = rotation({0.3, -0.5, 0.8}, 0.7);
   std::vector<at::Tensor> domains;
   for (int64_t d = 0; d < per_pixel; ++d) {
     at::Tensor mosaic = d == 0 ? at::eye(3, at::kDouble)
                                : rotation({std::cos(d * 1.3), std::sin(d * 2.1), 0.4}, 0.005 * d);
-    domains.push_back(cell * at::matmul(q, at::matmul(mosaic, U).t()));
+    domains.push_back(cell * at::matmul(q, at::matmul(mosaic, U).t().to(device)));
   }
-  // Pixel-major order: the lookups of one pixel are neighbours in memory.
+  // Pixel-major order: the lookups of one pixel are neighbours in memory,
+  // and neighbouring pixels have neighbouring hkl, as a detector gives.
   at::Tensor hkl = at::stack(domains, 1).reshape({-1, 3});
   in.grid = grid.to(opts);
   in.hkl = hkl.to(opts);
   in.grid_sample_input = in.grid.view({1, 1, 64, 64, 64});
-  // grid_sample's last coordinate indexes the last (l) dimension.
-  at::Tensor norm = 2 * (hkl - at::tensor({-32.0, -32.0, -32.0}, at::kDouble)) / 63.0 - 1;
-  in.grid_sample_coords = norm.flip(-1).contiguous().view({1, -1, 1, 1, 3}).to(opts);
+  in.grid_sample_coords = grid_sample_coords(hkl, in.index_min, in.grid.sizes()).to(opts);
   return in;
+}
+
+at::Tensor grid_sample_coords(const at::Tensor& hkl, const std::array<int64_t, 3>& index_min,
+                              at::IntArrayRef grid_sizes) {
+  // align_corners=true maps -1 and 1 to the first and last node; the last
+  // coordinate indexes the last (l) dimension, hence the flip.
+  const at::Tensor lo = at::tensor({double(index_min[0]), double(index_min[1]), double(index_min[2])},
+                                   at::kDouble)
+                            .to(hkl.device());
+  const at::Tensor span = at::tensor({double(grid_sizes[0] - 1), double(grid_sizes[1] - 1),
+                                      double(grid_sizes[2] - 1)},
+                                     at::kDouble)
+                              .to(hkl.device());
+  const at::Tensor norm = 2 * (hkl.to(at::kDouble) - lo) / span - 1;
+  return norm.flip(-1).contiguous().view({1, -1, 1, 1, 3});
 }
 
 AbsorptionInputs make_absorption_inputs(int64_t size, const at::TensorOptions& opts) {
   at::manual_seed(11);
   AbsorptionInputs in;
-  in.intensity = (at::rand({size, size}, at::kDouble) * 1000).to(opts);
-  in.pixel_coords = detector_pixels(size).to(opts);
+  in.intensity = (at::rand({size, size}, at::kDouble) * 1000).to(opts);  // drawn on the CPU
+  in.pixel_coords = detector_pixels(size, opts.device()).to(opts);
   at::Tensor odet = at::tensor({0.02, -0.01, 1.0}, at::kDouble);
   in.odet = (odet / odet.norm()).to(opts);
   in.thickness = at::scalar_tensor(450e-6, opts);
@@ -228,8 +248,15 @@ at::Tensor tricubic_aten_composite(const at::Tensor& grid, const at::Tensor& hkl
 // mmapped and unmapped when freed, so the resident set follows allocations);
 // 1613 B with glibc's defaults, where freed blocks of a few MiB stay resident.
 // At 37.7 M points every block is far above glibc's mmap threshold.
-int64_t tricubic_aten_composite_peak_bytes(int64_t n, int64_t element_size) {
-  return n * (350 * element_size + 97);
+// Forward alone, without gradients: at most the forward graph above
+// (202 s + 97 B), since its intermediates are then freed as it goes.
+//
+// On CUDA the gather's backward is another algorithm (index_put_ with
+// accumulate sorts the [N, 4, 4, 4] int64 linear indices, copies of 512
+// bytes per point each), so the bench also extrapolates from the peaks it
+// measured at smaller sizes in the same run (main.cpp, estimated_peak).
+int64_t tricubic_aten_composite_peak_bytes(int64_t n, int64_t element_size, bool backward) {
+  return n * ((backward ? 350 : 202) * element_size + 97);
 }
 
 at::Tensor absorption_aten_composite(const at::Tensor& intensity, const at::Tensor& pixel_coords,
@@ -249,6 +276,21 @@ at::Tensor absorption_aten_composite(const at::Tensor& intensity, const at::Tens
       at::exp(-t * dz * mu / parallax) - at::exp(-(t + 1) * dz * mu / parallax);  // [L, S, F]
   return oversample_thick ? intensity * capture.sum(0) : intensity * capture[thicksteps - 1];
 }
+
+double relative_difference(const at::Tensor& got, const at::Tensor& ref) {
+  TORCH_CHECK(got.device() == ref.device(), "result on ", got.device(), ", the fused op's on ",
+              ref.device());
+  TORCH_CHECK(got.numel() == ref.numel(), "result of ", got.numel(), " elements, the fused op's ",
+              ref.numel());
+  if (ref.numel() == 0) return 0.0;
+  const at::Tensor r = ref.detach().to(at::kDouble).reshape({-1});
+  const at::Tensor g = got.detach().to(at::kDouble).reshape({-1});
+  const double scale = r.abs().max().item<double>();
+  const double diff = (g - r).abs().max().item<double>();
+  return scale > 0 ? diff / scale : diff;
+}
+
+double check_tolerance(at::ScalarType dtype) { return dtype == at::kDouble ? 1e-9 : 1e-3; }
 
 at::Tensor grid_sample_trilinear(const at::Tensor& input, const at::Tensor& coords) {
   return at::grid_sampler(input, coords, /*interpolation_mode=*/0, /*padding_mode=*/0,

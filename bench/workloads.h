@@ -21,8 +21,19 @@ struct TricubicInputs {
   at::Tensor grid_sample_coords;   // hkl normalised to [-1, 1], [1, N, 1, 1, 3]
 };
 
+constexpr int64_t kGridNodes = 64 * 64 * 64;  // TricubicInputs::grid
+
+// `cell` (A) sets how far the detector reaches in hkl: with the default
+// 50 A, a 2048² detector (2θ up to 55°) reaches |h| ≈ 46, so part of it
+// falls outside the 64³ grid (those lookups cost no taps); with 30 A every
+// lookup of a 2048² detector is inside.
 TricubicInputs make_tricubic_inputs(int64_t size, int64_t per_pixel,
-                                    const at::TensorOptions& opts);
+                                    const at::TensorOptions& opts, double cell = 50.0);
+
+// grid_sample's [1, N, 1, 1, 3] coordinates (align_corners=true) of the
+// points hkl [N, 3] in a grid of `grid_sizes` whose first node is index_min.
+at::Tensor grid_sample_coords(const at::Tensor& hkl, const std::array<int64_t, 3>& index_min,
+                              at::IntArrayRef grid_sizes);
 
 // A size x size image on the same detector, pixel positions in metres,
 // a 450 um sensor with a 234 um attenuation length, 5 layers.
@@ -51,9 +62,10 @@ at::Tensor tricubic_aten_composite(const at::Tensor& grid, const at::Tensor& hkl
                                    const std::array<int64_t, 3>& index_min);
 // Peak extra memory of tricubic_aten_composite's forward+backward over n
 // points of `element_size`-byte floats, counted from its code (workloads.cpp):
-// 350 elements + 97 bytes per point. The scale case decides from it, before
+// 350 elements + 97 bytes per point; its forward alone (backward = false):
+// at most 202 elements + 97 bytes. The bench decides from it, before
 // running, whether the composite fits in memory.
-int64_t tricubic_aten_composite_peak_bytes(int64_t n, int64_t element_size);
+int64_t tricubic_aten_composite_peak_bytes(int64_t n, int64_t element_size, bool backward = true);
 
 at::Tensor absorption_aten_composite(const at::Tensor& intensity, const at::Tensor& pixel_coords,
                                      const at::Tensor& odet, const at::Tensor& thickness,
@@ -63,5 +75,18 @@ at::Tensor absorption_aten_composite(const at::Tensor& intensity, const at::Tens
 // grid_sample_trilinear: at::grid_sampler in 3-D trilinear mode at the same
 // points (8 taps to our 64), a built-in reference for a gather-bound op.
 at::Tensor grid_sample_trilinear(const at::Tensor& input, const at::Tensor& coords);
+
+// How far a result is from the fused op's (the bench checks each baseline
+// before timing it): the largest |got - ref| over the largest |ref|,
+// computed in float64 on the tensors' device, so that the check's own
+// rounding does not count; NaN anywhere gives NaN. Throws if the shapes or
+// devices differ.
+double relative_difference(const at::Tensor& got, const at::Tensor& ref);
+
+// What relative_difference may reach for results computed in `dtype`:
+// rounding, even accumulated over the thousands of points summed into one
+// node of a grid gradient, stays far below it, while a wrong point, axis,
+// weight or layer gives differences of order one.
+double check_tolerance(at::ScalarType dtype);
 
 }  // namespace nanobragg_bench
