@@ -105,6 +105,19 @@ void check_cotangent(const char* op, const char* arg,
 
 namespace {
 
+// A scalar argument is on intensity's device, or (as PyTorch's own ops allow)
+// a 0-dim CPU tensor with data on a GPU, which the host then reads without
+// waiting for the GPU.
+void check_scalar_device(const char* op, const char* arg, const at::Tensor& t,
+                         const at::Tensor& intensity) {
+  if (t.device() == intensity.device() || (t.is_cpu() && t.dim() == 0)) {
+    return;
+  }
+  TORCH_CHECK(false, op, ": argument '", arg, "' must be on the device of 'intensity' (",
+              intensity.device(), ") or a 0-dim CPU tensor, got ", t.device(), " tensor of shape ",
+              shape_string(t.sym_sizes()));
+}
+
 // Broadcasts two shapes the way torch does, with a message naming the op.
 c10::SymDimVector broadcast_shapes(const char* op, c10::SymIntArrayRef a,
                                    const char* a_name, c10::SymIntArrayRef b,
@@ -142,8 +155,8 @@ AbsorptionLayout check_absorption_args(const char* op, const at::Tensor& intensi
   check_same_dtype(op, "attenuation_length", attenuation_length, "intensity", intensity);
   check_same_device(op, "pixel_coords", pixel_coords, "intensity", intensity);
   check_same_device(op, "odet", odet, "intensity", intensity);
-  check_same_device(op, "thickness", thickness, "intensity", intensity);
-  check_same_device(op, "attenuation_length", attenuation_length, "intensity", intensity);
+  check_scalar_device(op, "thickness", thickness, intensity);
+  check_scalar_device(op, "attenuation_length", attenuation_length, intensity);
   TORCH_CHECK(thicksteps >= 1, op,
               ": argument 'thicksteps' must be at least 1, got ", thicksteps);
   TORCH_CHECK(odet.dim() == 1 && odet.sym_size(0) == 3, op,

@@ -16,6 +16,7 @@
 #include "absorption/absorption_cpu_avx2.h"
 #include "absorption/absorption_layout.h"
 #include "absorption/absorption_math.h"
+#include "absorption/absorption_scalars.h"
 #include "checks.h"
 #include "common/cpu_dispatch.h"
 #include "common/point_offsets.h"
@@ -97,7 +98,7 @@ at::Tensor detector_absorption_cpu(const at::Tensor& intensity,
                                    bool per_layer) {
   PreparedCall call = prepare_call(kForward, nullptr, intensity, pixel_coords, odet, thickness,
                                     attenuation_length, thicksteps, per_layer);
-  const HostScalars& scalars = call.scalars;  // (lambdas cannot capture bindings)
+  const ScalarValues scalars = read_host_scalars(kForward, odet, thickness, attenuation_length);
   ExpandedInputs& in = call.in;
   at::Tensor out = at::empty(in.pixel_shape, intensity.options());
   if (in.num_pixels == 0) {
@@ -105,7 +106,7 @@ at::Tensor detector_absorption_cpu(const at::Tensor& intensity,
   }
   const auto offsets = in.pixel_offsets(out);  // out's own offsets unused
   AT_DISPATCH_FLOATING_TYPES(intensity.scalar_type(), "detector_absorption_cpu", [&] {
-    const auto prm = make_params<scalar_t>(scalars, thicksteps, oversample_thick);
+    const auto prm = params_from<scalar_t>(scalars, thicksteps, oversample_thick);
     const auto source = in.source<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     if (contiguous_shared(in, offsets, prm.thick)) {
@@ -140,7 +141,7 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output,
                                  bool per_layer, std::array<bool, 5> output_mask) {
   PreparedCall call = prepare_call(kBackward, &grad_output, intensity, pixel_coords, odet,
                                     thickness, attenuation_length, thicksteps, per_layer);
-  const HostScalars& scalars = call.scalars;  // (lambdas cannot capture bindings)
+  const ScalarValues scalars = read_host_scalars(kBackward, odet, thickness, attenuation_length);
   ExpandedInputs& in = call.in;
 
   // Gradients of the expanded inputs: one slot per pixel (and per layer when
@@ -157,7 +158,7 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output,
   std::vector<std::array<double, 4>> partial(static_cast<size_t>(blocks), {0, 0, 0, 0});
   if (n > 0) {
     AT_DISPATCH_FLOATING_TYPES(intensity.scalar_type(), "detector_absorption_backward_cpu", [&] {
-      const auto prm = make_params<scalar_t>(scalars, thicksteps, oversample_thick);
+      const auto prm = params_from<scalar_t>(scalars, thicksteps, oversample_thick);
       const auto source = in.source<scalar_t>();
       const scalar_t* g = grad_output.const_data_ptr<scalar_t>();
       scalar_t* gI = full.intensity_ptr<scalar_t>();
@@ -188,14 +189,19 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output,
       });
     });
   }
-  std::array<double, 4> total = {0, 0, 0, 0};
+  double total[kBackwardTotals] = {0, 0, 0, 0};
   for (const auto& block : partial) {  // fixed order
-    for (int k = 0; k < 4; ++k) {
+    for (int k = 0; k < kBackwardTotals; ++k) {
       total[k] += block[k];
     }
   }
-
-  return finish_backward(in, full, total, scalars, thicksteps, output_mask, opts);
+  double grads[5];
+  backward_scalar_grads(total, scalars, thicksteps, grads);
+  return finish_backward(
+      in, full,
+      scalar_grad_tensors(grads, {output_mask[2], output_mask[3], output_mask[4]}, odet,
+                          thickness, attenuation_length),
+      output_mask, opts);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -210,8 +216,10 @@ detector_absorption_double_backward_cpu(
       kDoubleBackward, {gg_intensity, gg_coords, gg_odet, gg_thickness, gg_att}, grad_output,
       intensity, pixel_coords, odet, thickness, attenuation_length, thicksteps, per_layer,
       output_mask);
+  const ScalarValues scalars =
+      read_host_scalars(kDoubleBackward, odet, thickness, attenuation_length);
+  const ScalarValues dir_scalars = read_host_direction(c.dir);
   // (named references: lambdas cannot capture structured bindings)
-  const HostScalars& scalars = c.call.scalars;
   ExpandedInputs& in = c.call.in;
   const DualDirection& dir = c.dir;
   at::Tensor& grad_grad_output = c.grad_grad_output;
@@ -220,13 +228,13 @@ detector_absorption_double_backward_cpu(
   const auto opts = intensity.options();
   const int64_t n = in.num_pixels;
   const int64_t blocks = (n + kReduceBlock - 1) / kReduceBlock;
-  std::vector<DualTotals> partial(static_cast<size_t>(blocks), DualTotals{0, 0, 0, 0, 0});
+  std::vector<std::array<double, kDoubleBackwardTotals>> partial(static_cast<size_t>(blocks), {0, 0, 0, 0, 0});
   if (n > 0) {
     const auto offsets = dual_pixel_offsets(in, dir.tangent, grad_output);
     AT_DISPATCH_FLOATING_TYPES(intensity.scalar_type(), "detector_absorption_double_backward_cpu",
                                [&] {
       using T = scalar_t;
-      const auto prm = make_dual_params<T>(scalars, dir, thicksteps, oversample_thick);
+      const auto prm = dual_params_from<T>(scalars, dir_scalars, thicksteps, oversample_thick);
       const auto source = in.source<T>();
       const auto tangent = dir.tangent.source<T>();
       const T* g = grad_output.const_data_ptr<T>();
@@ -235,7 +243,7 @@ detector_absorption_double_backward_cpu(
       T* gP = full.coords_ptr<T>();
       at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
         for (int64_t b = block_begin; b < block_end; ++b) {
-          DualTotals acc = {0, 0, 0, 0, 0};
+          std::array<double, kDoubleBackwardTotals> acc = {0, 0, 0, 0, 0};
           cpu::for_each_index(
               [&](int64_t p) NANOBRAGG_LAMBDA_INLINE {
                 int64_t off[5];
@@ -257,14 +265,19 @@ detector_absorption_double_backward_cpu(
       });
     });
   }
-  DualTotals total = {0, 0, 0, 0, 0};
+  double total[kDoubleBackwardTotals] = {0, 0, 0, 0, 0};
   for (const auto& block : partial) {  // fixed order
-    for (size_t k = 0; k < total.size(); ++k) {
+    for (int k = 0; k < kDoubleBackwardTotals; ++k) {
       total[k] += block[k];
     }
   }
-  return finish_double_backward(in, grad_grad_output, full, total, scalars, dir, thicksteps,
-                                output_mask, opts);
+  double grads[5];
+  double_backward_scalar_grads(total, scalars, dir_scalars, thicksteps, grads);
+  return finish_double_backward(
+      in, grad_grad_output, full,
+      scalar_grad_tensors(grads, {output_mask[3], output_mask[4], output_mask[5]}, odet,
+                          thickness, attenuation_length),
+      output_mask, opts);
 }
 
 }  // namespace absorption

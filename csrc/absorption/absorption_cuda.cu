@@ -1,8 +1,14 @@
 // CUDA kernels of nanobragg::detector_absorption and its backward. The
-// per-pixel math is absorption_math.h, the code the CPU kernels run.
-// One thread per pixel; every pixel writes only its own gradient slots, and
-// the scalar gradients (odet, thickness, attenuation length) are reduced per
-// block in a fixed tree, then over blocks by at::sum: deterministic.
+// per-pixel math is absorption_math.h, the code the CPU kernels run, and the
+// scalar chain rule is absorption_scalars.h, the CPU's too.
+//
+// Nothing here waits for the host: scalars on the GPU are read by the
+// kernels themselves (ScalarArgs), and the scalar gradients are reduced on
+// the GPU: per block in a fixed tree, then over blocks by one block in a
+// fixed order (deterministic), which also applies the chain rule to
+// thickness and attenuation length. So the ops can be captured in CUDA
+// graphs. One thread per pixel; every pixel writes only its own gradient
+// slots.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -18,6 +24,7 @@
 
 #include "absorption/absorption_layout.h"
 #include "absorption/absorption_math.h"
+#include "absorption/absorption_scalars.h"
 #include "checks.h"
 #include "common/cuda_launch.h"
 #include "common/point_offsets.h"
@@ -29,18 +36,16 @@ namespace {
 constexpr const char* kForward = "nanobragg::detector_absorption";
 constexpr const char* kBackward = "nanobragg::detector_absorption_backward";
 constexpr const char* kDoubleBackward = "nanobragg::detector_absorption_double_backward";
+using cuda::blocks_for;
+using cuda::grid_stride;
 using cuda::kThreads;
 
-// The backward's block count also sizes its partial-sums buffer.
-int64_t blocks_for(int64_t n) { return cuda::blocks_for(n, int64_t(1) << 16); }
-
-// Sums acc over the block in a fixed tree and writes the K sums to
-// partials[K * block ..].
+// Sums v over the block's threads in a fixed tree; the result is valid in
+// thread 0. `shared` holds K * kThreads doubles.
 template <int K>
-__device__ void store_block_sums(const double (&acc)[K], double* __restrict__ partials) {
-  __shared__ double shared[K][kThreads];
+__device__ void block_sums(double (&v)[K], double (*shared)[kThreads]) {
   for (int k = 0; k < K; ++k) {
-    shared[k][threadIdx.x] = acc[k];
+    shared[k][threadIdx.x] = v[k];
   }
   __syncthreads();
   for (int half = kThreads / 2; half > 0; half /= 2) {
@@ -51,32 +56,92 @@ __device__ void store_block_sums(const double (&acc)[K], double* __restrict__ pa
     }
     __syncthreads();
   }
+  for (int k = 0; k < K; ++k) {
+    v[k] = shared[k][0];
+  }
+}
+
+// Writes the block's sums of acc to partials[K * blockIdx.x ..].
+template <int K>
+__device__ void store_block_sums(double (&acc)[K], double* __restrict__ partials) {
+  __shared__ double shared[K][kThreads];
+  block_sums<K>(acc, shared);
   if (threadIdx.x == 0) {
     for (int k = 0; k < K; ++k) {
-      partials[K * blockIdx.x + k] = shared[k][0];
+      partials[K * blockIdx.x + k] = acc[k];
     }
   }
 }
 
-template <typename T>
-__global__ void forward_kernel(AbsorptionParams<T> prm, PixelSource<T> source,
-                               PointOffsets<3> offsets, int64_t n, T* __restrict__ out) {
-  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n;
-       p += int64_t(blockDim.x) * gridDim.x) {
-    int64_t off[3];
-    offsets.get(p, off);
-    out[p] = absorbed_pixel(prm, source.at(off[0], off[1]));
+// One block: sums the partials of `blocks` blocks (thread i takes blocks
+// i, i + kThreads, ... in order, then the fixed tree), and turns the totals
+// into the five scalar gradients (float64; odet x, y, z, thickness, att).
+template <int K, typename Finish>
+__global__ void finish_scalar_grads_kernel(const double* __restrict__ partials, int64_t blocks,
+                                           Finish finish, double* __restrict__ out) {
+  __shared__ double shared[K][kThreads];
+  double acc[K];
+  for (int k = 0; k < K; ++k) acc[k] = 0.0;
+  for (int64_t b = threadIdx.x; b < blocks; b += kThreads) {
+    for (int k = 0; k < K; ++k) acc[k] += partials[K * b + k];
+  }
+  block_sums<K>(acc, shared);
+  if (threadIdx.x == 0) {
+    double grads[5];
+    finish(acc, grads);
+    for (int i = 0; i < 5; ++i) out[i] = grads[i];
   }
 }
 
+struct FinishBackward {
+  ScalarArgs scalars;
+  int64_t layers;
+  __device__ void operator()(const double (&total)[kBackwardTotals], double (&out)[5]) const {
+    backward_scalar_grads(total, scalars.get(), layers, out);
+  }
+};
+
+struct FinishDoubleBackward {
+  ScalarArgs scalars, dir;
+  int64_t layers;
+  __device__ void operator()(const double (&total)[kDoubleBackwardTotals],
+                             double (&out)[5]) const {
+    double_backward_scalar_grads(total, scalars.get(), dir.get(), layers, out);
+  }
+};
+
+// The per-block partials and their reduction into the scalar gradients, all
+// on the stream; the [5] float64 result is handed to scalar_grad_tensors.
+template <int K, typename Finish>
+at::Tensor reduce_scalar_grads(const at::Tensor& partials, int64_t blocks, const Finish& finish,
+                               cudaStream_t stream) {
+  at::Tensor out = at::empty({5}, partials.options());
+  finish_scalar_grads_kernel<K, Finish><<<1, kThreads, 0, stream>>>(
+      partials.const_data_ptr<double>(), blocks, finish, out.mutable_data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 template <typename T>
-__global__ void backward_kernel(AbsorptionParams<T> prm, PixelSource<T> source,
-                                const T* __restrict__ grad, PointOffsets<3> offsets,
-                                int64_t n, T* grad_intensity, T* grad_coords,
-                                double* __restrict__ partials) {
-  double acc[4] = {0.0, 0.0, 0.0, 0.0};
-  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n;
-       p += int64_t(blockDim.x) * gridDim.x) {
+__global__ void forward_kernel(ScalarArgs scalars, int64_t layers, bool oversample,
+                               PixelSource<T> source, PointOffsets<3> offsets, int64_t n,
+                               T* __restrict__ out) {
+  const AbsorptionParams<T> prm = params_from<T>(scalars.get(), layers, oversample);
+  grid_stride(n, [&](int64_t p) {
+    int64_t off[3];
+    offsets.get(p, off);
+    out[p] = absorbed_pixel(prm, source.at(off[0], off[1]));
+  });
+}
+
+template <typename T>
+__global__ void backward_kernel(ScalarArgs scalars, int64_t layers, bool oversample,
+                                PixelSource<T> source, const T* __restrict__ grad,
+                                PointOffsets<3> offsets, int64_t n, T* grad_intensity,
+                                T* grad_coords, double* __restrict__ partials) {
+  const AbsorptionParams<T> prm = params_from<T>(scalars.get(), layers, oversample);
+  double acc[kBackwardTotals] = {0.0, 0.0, 0.0, 0.0};
+  grid_stride(n, [&](int64_t p) {
     int64_t off[3];
     offsets.get(p, off);
     PixelGrads<T> out = pixel_grads_at(grad_intensity, grad_coords, p, n);
@@ -85,19 +150,21 @@ __global__ void backward_kernel(AbsorptionParams<T> prm, PixelSource<T> source,
     for (int d = 0; d < 3; ++d) {
       acc[1 + d] += static_cast<double>(out.odet[d]);
     }
-  }
-  store_block_sums<4>(acc, partials);
+  });
+  store_block_sums<kBackwardTotals>(acc, partials);
 }
 
 template <typename T>
-__global__ void double_backward_kernel(AbsorptionParams<Dual<T>> prm, PixelSource<T> source,
+__global__ void double_backward_kernel(ScalarArgs scalars, ScalarArgs dir, int64_t layers,
+                                       bool oversample, PixelSource<T> source,
                                        PixelSource<T> tangent, const T* __restrict__ grad,
                                        PointOffsets<5> offsets, int64_t n, bool input_grads,
                                        T* grad_grad_output, T* grad_intensity, T* grad_coords,
                                        double* __restrict__ partials) {
-  double acc[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
-  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n;
-       p += int64_t(blockDim.x) * gridDim.x) {
+  const AbsorptionParams<Dual<T>> prm =
+      dual_params_from<T>(scalars.get(), dir.get(), layers, oversample);
+  double acc[kDoubleBackwardTotals] = {0.0, 0.0, 0.0, 0.0, 0.0};
+  grid_stride(n, [&](int64_t p) {
     int64_t off[5];
     offsets.get(p, off);
     const DualPixel<T> px(source.at(off[0], off[1]), tangent.at(off[3], off[4]));
@@ -109,8 +176,14 @@ __global__ void double_backward_kernel(AbsorptionParams<Dual<T>> prm, PixelSourc
     for (int d = 0; d < 3; ++d) {
       acc[2 + d] += static_cast<double>(out.odet[d].d);
     }
-  }
-  store_block_sums<5>(acc, partials);
+  });
+  store_block_sums<kDoubleBackwardTotals>(acc, partials);
+}
+
+// Whether any of the scalar gradients (the last three of `mask`) is wanted.
+template <size_t N>
+bool any_scalar_grad(const std::array<bool, N>& mask) {
+  return mask[N - 3] || mask[N - 2] || mask[N - 1];
 }
 
 }  // namespace
@@ -124,7 +197,7 @@ at::Tensor detector_absorption_cuda(const at::Tensor& intensity,
                                     bool per_layer) {
   PreparedCall call = prepare_call(kForward, nullptr, intensity, pixel_coords, odet, thickness,
                                     attenuation_length, thicksteps, per_layer);
-  const HostScalars& scalars = call.scalars;  // (lambdas cannot capture bindings)
+  const ScalarArgs scalars = device_scalars(kForward, odet, thickness, attenuation_length);
   ExpandedInputs& in = call.in;
   const c10::cuda::CUDAGuard guard(intensity.device());
   at::Tensor out = at::empty(in.pixel_shape, intensity.options());
@@ -136,8 +209,8 @@ at::Tensor detector_absorption_cuda(const at::Tensor& intensity,
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(intensity.scalar_type(), "detector_absorption_cuda", [&] {
     forward_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-        make_params<scalar_t>(scalars, thicksteps, oversample_thick),
-        in.source<scalar_t>(), offsets, n, out.mutable_data_ptr<scalar_t>());
+        scalars, thicksteps, oversample_thick, in.source<scalar_t>(), offsets, n,
+        out.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -154,32 +227,32 @@ detector_absorption_backward_cuda(const at::Tensor& grad_output,
                                   bool per_layer, std::array<bool, 5> output_mask) {
   PreparedCall call = prepare_call(kBackward, &grad_output, intensity, pixel_coords, odet,
                                     thickness, attenuation_length, thicksteps, per_layer);
-  const HostScalars& scalars = call.scalars;  // (lambdas cannot capture bindings)
+  const ScalarArgs scalars = device_scalars(kBackward, odet, thickness, attenuation_length);
   ExpandedInputs& in = call.in;
   const c10::cuda::CUDAGuard guard(intensity.device());
   const auto opts = intensity.options();
   FullGrads full = allocate_full_grads(in, output_mask, opts);
   const int64_t n = in.num_pixels;
-  std::array<double, 4> total = {0, 0, 0, 0};
-  if (n > 0) {
-    const int64_t blocks = blocks_for(n);
-    at::Tensor partials = at::empty({blocks, 4}, opts.dtype(at::kDouble));
-    const auto offsets = in.pixel_offsets(grad_output);
-    const auto stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES(intensity.scalar_type(), "detector_absorption_backward_cuda", [&] {
-      backward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-          make_params<scalar_t>(scalars, thicksteps, oversample_thick),
-          in.source<scalar_t>(), grad_output.const_data_ptr<scalar_t>(), offsets, n,
-          full.intensity_ptr<scalar_t>(),
-          full.coords_ptr<scalar_t>(),
-          partials.mutable_data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    const at::Tensor sums = partials.sum(0).cpu();
-    const double* s = sums.const_data_ptr<double>();
-    total = {s[0], s[1], s[2], s[3]};
-  }
-  return finish_backward(in, full, total, scalars, thicksteps, output_mask, opts);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t blocks = blocks_for(n);
+  // (With no pixels, one block writes zero partials: the scalar gradients
+  // are then zero, through the same code.)
+  at::Tensor partials = at::empty({blocks, kBackwardTotals}, opts.dtype(at::kDouble));
+  const auto offsets = in.pixel_offsets(grad_output);
+  AT_DISPATCH_FLOATING_TYPES(intensity.scalar_type(), "detector_absorption_backward_cuda", [&] {
+    backward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        scalars, thicksteps, oversample_thick, in.source<scalar_t>(),
+        grad_output.const_data_ptr<scalar_t>(), offsets, n, full.intensity_ptr<scalar_t>(),
+        full.coords_ptr<scalar_t>(), partials.mutable_data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  const at::Tensor values =
+      any_scalar_grad(output_mask)
+          ? reduce_scalar_grads<kBackwardTotals>(partials, blocks, FinishBackward{scalars, thicksteps}, stream)
+          : at::Tensor();
+  const auto scalar_grads = scalar_grad_tensors(values, {output_mask[2], output_mask[3], output_mask[4]}, odet,
+                                                thickness, attenuation_length);
+  return finish_backward(in, full, scalar_grads, output_mask, opts);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -194,8 +267,9 @@ detector_absorption_double_backward_cuda(
       kDoubleBackward, {gg_intensity, gg_coords, gg_odet, gg_thickness, gg_att}, grad_output,
       intensity, pixel_coords, odet, thickness, attenuation_length, thicksteps, per_layer,
       output_mask);
+  const ScalarArgs scalars = device_scalars(kDoubleBackward, odet, thickness, attenuation_length);
+  const ScalarArgs dir_scalars = device_direction(c.dir);
   // (named references: lambdas cannot capture structured bindings)
-  const HostScalars& scalars = c.call.scalars;
   ExpandedInputs& in = c.call.in;
   const DualDirection& dir = c.dir;
   at::Tensor& grad_grad_output = c.grad_grad_output;
@@ -204,29 +278,27 @@ detector_absorption_double_backward_cuda(
   const c10::cuda::CUDAGuard guard(intensity.device());
   const auto opts = intensity.options();
   const int64_t n = in.num_pixels;
-  DualTotals total = {0, 0, 0, 0, 0};
-  if (n > 0) {
-    const int64_t blocks = blocks_for(n);
-    at::Tensor partials = at::empty({blocks, 5}, opts.dtype(at::kDouble));
-    const auto offsets = dual_pixel_offsets(in, dir.tangent, grad_output);
-    const auto stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES(intensity.scalar_type(), "detector_absorption_double_backward_cuda",
-                               [&] {
-      double_backward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-          make_dual_params<scalar_t>(scalars, dir, thicksteps, oversample_thick),
-          in.source<scalar_t>(), dir.tangent.source<scalar_t>(),
-          grad_output.const_data_ptr<scalar_t>(), offsets, n, input_grads,
-          output_mask[0] ? grad_grad_output.mutable_data_ptr<scalar_t>() : nullptr,
-          full.intensity_ptr<scalar_t>(), full.coords_ptr<scalar_t>(),
-          partials.mutable_data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    const at::Tensor sums = partials.sum(0).cpu();
-    const double* s = sums.const_data_ptr<double>();
-    total = {s[0], s[1], s[2], s[3], s[4]};
-  }
-  return finish_double_backward(in, grad_grad_output, full, total, scalars, dir, thicksteps,
-                                output_mask, opts);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t blocks = blocks_for(n);
+  at::Tensor partials = at::empty({blocks, kDoubleBackwardTotals}, opts.dtype(at::kDouble));
+  const auto offsets = dual_pixel_offsets(in, dir.tangent, grad_output);
+  AT_DISPATCH_FLOATING_TYPES(intensity.scalar_type(), "detector_absorption_double_backward_cuda",
+                             [&] {
+    double_backward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        scalars, dir_scalars, thicksteps, oversample_thick, in.source<scalar_t>(),
+        dir.tangent.source<scalar_t>(), grad_output.const_data_ptr<scalar_t>(), offsets, n,
+        input_grads, output_mask[0] ? grad_grad_output.mutable_data_ptr<scalar_t>() : nullptr,
+        full.intensity_ptr<scalar_t>(), full.coords_ptr<scalar_t>(),
+        partials.mutable_data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  const at::Tensor values =
+      any_scalar_grad(output_mask)
+          ? reduce_scalar_grads<kDoubleBackwardTotals>(partials, blocks, FinishDoubleBackward{scalars, dir_scalars, thicksteps}, stream)
+          : at::Tensor();
+  const auto scalar_grads = scalar_grad_tensors(values, {output_mask[3], output_mask[4], output_mask[5]}, odet,
+                                                thickness, attenuation_length);
+  return finish_double_backward(in, grad_grad_output, full, scalar_grads, output_mask, opts);
 }
 
 }  // namespace absorption

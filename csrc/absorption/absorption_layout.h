@@ -19,6 +19,7 @@
 
 #include "checks.h"
 #include "absorption/absorption_math.h"
+#include "absorption/absorption_scalars.h"
 #include "common/point_offsets.h"
 
 namespace nanobragg {
@@ -109,33 +110,63 @@ inline ExpandedInputs expand_inputs(const at::Tensor& intensity,
   return in;
 }
 
-// odet, thickness and attenuation_length as host doubles, in one transfer
-// (one device synchronisation on CUDA), with the value checks of SPEC
-// section 2 that need them.
-struct HostScalars {
-  double odet[3];
-  double thickness;
-  double attenuation_length;
-};
+// ---------------------------------------------------------------------------
+// The scalar inputs (absorption_scalars.h for the math).
 
-inline HostScalars read_scalars(const char* op, const at::Tensor& odet,
-                                const at::Tensor& thickness,
-                                const at::Tensor& attenuation_length) {
+// odet, thickness and attenuation_length as host doubles, with the value
+// checks of the contract. The CPU kernels' way: their scalars are CPU
+// tensors, so this reads host memory and never waits for a device.
+inline ScalarValues read_host_scalars(const char* op, const at::Tensor& odet,
+                                      const at::Tensor& thickness,
+                                      const at::Tensor& attenuation_length) {
   const at::Tensor all =
-      at::cat({odet.reshape({3}), thickness.reshape({1}), attenuation_length.reshape({1})})
-          .to(at::kCPU, at::kDouble)
+      at::cat({odet.reshape({3}).to(at::kDouble), thickness.reshape({1}).to(at::kDouble),
+               attenuation_length.reshape({1}).to(at::kDouble)})
           .contiguous();
   const double* v = all.const_data_ptr<double>();
-  HostScalars s{{v[0], v[1], v[2]}, v[3], v[4]};
+  ScalarValues s{{v[0], v[1], v[2]}, v[3], v[4]};
   checks::check_absorption_values(op, s.thickness, s.attenuation_length);
   return s;
 }
 
+// The CUDA kernels' way: a scalar on the GPU is passed by address and read
+// by the kernel (no copy to the host, no wait; CUDA graphs replay whatever
+// it holds then); a 0-dim CPU tensor is read here and checked here. `t`
+// holds `count` elements (odet: 3), each becoming one ScalarArg.
+inline void device_scalar_args(const at::Tensor& t, int count, ScalarArg* out) {
+  if (t.is_cpu()) {
+    const at::Tensor v = t.reshape({count}).to(at::kDouble).contiguous();
+    for (int i = 0; i < count; ++i) {
+      out[i].host = v.const_data_ptr<double>()[i];
+    }
+    return;
+  }
+  const auto* base = static_cast<const char*>(t.const_data_ptr());
+  const int64_t stride = count == 1 ? 0 : t.stride(0);
+  for (int i = 0; i < count; ++i) {
+    out[i].device = base + i * stride * static_cast<int64_t>(t.element_size());
+    out[i].is_double = t.scalar_type() == at::kDouble;
+  }
+}
+
+inline ScalarArgs device_scalars(const char* op, const at::Tensor& odet,
+                                 const at::Tensor& thickness,
+                                 const at::Tensor& attenuation_length) {
+  ScalarArgs a;
+  device_scalar_args(odet, 3, a.arg);
+  device_scalar_args(thickness, 1, a.arg + 3);
+  device_scalar_args(attenuation_length, 1, a.arg + 4);
+  // What was read on the host is checked now; what stays on the GPU is
+  // checked there (params_from: NaN results).
+  checks::check_absorption_values(op, thickness.is_cpu() ? a.arg[3].host : 0.0,
+                                  attenuation_length.is_cpu() ? a.arg[4].host : 1.0);
+  return a;
+}
+
 // What every backend kernel starts from: the call checked (with its incoming
-// gradient, when grad_output is given), the scalar inputs read, and the
-// expanded views built.
+// gradient, when grad_output is given) and the expanded views built. The
+// scalars are read by each backend its own way (above).
 struct PreparedCall {
-  HostScalars scalars;
   ExpandedInputs in;
   checks::AbsorptionLayout layout;
 };
@@ -150,50 +181,40 @@ inline PreparedCall prepare_call(const char* op, const at::Tensor* grad_output,
   if (grad_output != nullptr) {
     checks::check_absorption_grad_output(op, *grad_output, intensity, layout);
   }
-  return {read_scalars(op, odet, thickness, attenuation_length),
-          expand_inputs(intensity, pixel_coords, layout, per_layer), layout};
+  return {expand_inputs(intensity, pixel_coords, layout, per_layer), layout};
 }
 
-template <typename T>
-AbsorptionParams<T> make_params(const HostScalars& s, int64_t layers, bool oversample) {
-  AbsorptionParams<T> prm;
-  for (int d = 0; d < 3; ++d) {
-    prm.odet[d] = static_cast<T>(s.odet[d]);
-  }
-  prm.step = static_cast<T>(s.thickness / (static_cast<double>(layers) * s.attenuation_length));
-  prm.layers = layers;
-  prm.thick = s.thickness > 0.0;
-  prm.oversample = oversample;
-  return prm;
+// The gradients of odet, thickness and attenuation_length from `values`
+// (float64 [5]: odet x, y, z, thickness, att, on the device that computed
+// them), each in its argument's dtype, shape and device (a CPU scalar of a
+// CUDA call gets its gradient copied back: the one host wait the contract
+// allows); shape-[0] tensors where mask is false.
+inline std::array<at::Tensor, 3> scalar_grad_tensors(const at::Tensor& values,
+                                                     const std::array<bool, 3>& mask,
+                                                     const at::Tensor& odet,
+                                                     const at::Tensor& thickness,
+                                                     const at::Tensor& attenuation_length) {
+  auto grad = [&](bool wanted, int64_t begin, int64_t end, const at::Tensor& like) {
+    if (!wanted) {
+      return at::empty({0}, like.options());
+    }
+    return values.slice(0, begin, end)
+        .reshape(like.sizes())
+        .to(like.options(), /*non_blocking=*/false, /*copy=*/true);
+  };
+  return {grad(mask[0], 0, 3, odet), grad(mask[1], 3, 4, thickness),
+          grad(mask[2], 4, 5, attenuation_length)};
 }
 
-// (odet, thickness, attenuation_length) gradients as tensors on `opts`' device
-// from host values, in one transfer; shape-[0] tensors where mask (of those
-// three) is false.
-inline std::array<at::Tensor, 3> scalar_tensors(const std::array<double, 5>& values,
-                                                const std::array<bool, 3>& mask,
-                                                const at::TensorOptions& opts) {
+// The same from host values (CPU kernels).
+inline std::array<at::Tensor, 3> scalar_grad_tensors(const double (&values)[5],
+                                                     const std::array<bool, 3>& mask,
+                                                     const at::Tensor& odet,
+                                                     const at::Tensor& thickness,
+                                                     const at::Tensor& attenuation_length) {
   at::Tensor host = at::empty({5}, at::TensorOptions().dtype(at::kDouble));
-  std::copy(values.begin(), values.end(), host.mutable_data_ptr<double>());
-  host = host.to(opts);
-  return {mask[0] ? host.slice(0, 0, 3).clone() : at::empty({0}, opts),
-          mask[1] ? host[3].clone() : at::empty({0}, opts),
-          mask[2] ? host[4].clone() : at::empty({0}, opts)};
-}
-
-// The gradients of odet, thickness and attenuation_length from the pixel
-// sums (dL/ds, dL/dodet): s = thickness / (L * attenuation_length), so
-// ds/dT = 1 / (L att) and ds/datt = -T / (L att^2), both 0 for att = inf.
-// Gradients not asked for are shape-[0] tensors.
-inline std::array<at::Tensor, 3> scalar_grads(const std::array<double, 4>& total,
-                                              const HostScalars& s, int64_t layers,
-                                              const std::array<bool, 5>& mask,
-                                              const at::TensorOptions& opts) {
-  const double L = static_cast<double>(layers);
-  const double att = s.attenuation_length;
-  return scalar_tensors({total[1], total[2], total[3], total[0] / (L * att),
-                        -total[0] * s.thickness / (L * att * att)},
-                       {mask[2], mask[3], mask[4]}, opts);
+  std::copy(values, values + 5, host.mutable_data_ptr<double>());
+  return scalar_grad_tensors(host, mask, odet, thickness, attenuation_length);
 }
 
 // The backward's gradient buffers for the expanded inputs, one slot per pixel
@@ -222,16 +243,14 @@ inline FullGrads allocate_full_grads(const ExpandedInputs& in, const std::array<
 }
 
 // The five gradients of the backward op, in schema order, from the filled
-// buffers and the pixel sums (dL/ds, dL/dodet).
+// buffers and the scalar gradients.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_backward(
-    const ExpandedInputs& in, const FullGrads& full, const std::array<double, 4>& total,
-    const HostScalars& scalars, int64_t layers, const std::array<bool, 5>& mask,
-    const at::TensorOptions& opts) {
+    const ExpandedInputs& in, const FullGrads& full, std::array<at::Tensor, 3> scalar_grads,
+    const std::array<bool, 5>& mask, const at::TensorOptions& opts) {
   at::Tensor grad_intensity =
       mask[0] ? in.reduce_to_intensity(full.intensity) : at::empty({0}, opts);
   at::Tensor grad_coords = mask[1] ? in.reduce_to_coords(full.coords) : at::empty({0}, opts);
-  auto [grad_odet, grad_thickness, grad_att] = scalar_grads(total, scalars, layers, mask, opts);
-  return {grad_intensity, grad_coords, grad_odet, grad_thickness, grad_att};
+  return {grad_intensity, grad_coords, scalar_grads[0], scalar_grads[1], scalar_grads[2]};
 }
 
 // ---------------------------------------------------------------------------
@@ -240,12 +259,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fi
 // absorbed_pixel_double_backward).
 
 // The direction: cotangents of grad_intensity / grad_pixel_coords expanded
-// like the inputs (zero-stride zeros when absent), and the scalar ones.
+// like the inputs (zero-stride zeros when absent), and the scalar ones
+// (undefined when absent: a zero direction).
 struct DualDirection {
   ExpandedInputs tangent;
-  double odet[3];
-  double thickness;
-  double attenuation_length;
+  at::Tensor odet, thickness, attenuation_length;
 };
 
 // `layout` is the inputs' (prepare_call's): the cotangents have their shapes.
@@ -259,43 +277,47 @@ inline DualDirection make_direction(
   checks::check_absorption_cotangents(op, cotangents, inputs);
   std::array<at::Tensor, 5> v;
   for (size_t i = 0; i < 5; ++i) {
-    const bool given = cotangents[i].has_value() && cotangents[i]->defined();
-    v[i] = given ? *cotangents[i]
-                 : at::zeros({}, inputs[i].options()).expand(inputs[i].sizes());
+    if (cotangents[i].has_value() && cotangents[i]->defined()) {
+      v[i] = *cotangents[i];
+    }
   }
+  auto zeros_like_expanded = [](const at::Tensor& t) {
+    return at::zeros({}, t.options()).expand(t.sizes());
+  };
   DualDirection dir;
-  dir.tangent = expand_inputs(v[0], v[1], layout, per_layer);
-  const at::Tensor host =
-      at::cat({v[2].reshape({3}), v[3].reshape({1}), v[4].reshape({1})})
-          .to(at::kCPU, at::kDouble)
-          .contiguous();
-  const double* h = host.const_data_ptr<double>();
-  dir.odet[0] = h[0];
-  dir.odet[1] = h[1];
-  dir.odet[2] = h[2];
-  dir.thickness = h[3];
-  dir.attenuation_length = h[4];
+  dir.tangent = expand_inputs(v[0].defined() ? v[0] : zeros_like_expanded(intensity),
+                              v[1].defined() ? v[1] : zeros_like_expanded(pixel_coords), layout,
+                              per_layer);
+  dir.odet = v[2];
+  dir.thickness = v[3];
+  dir.attenuation_length = v[4];
   return dir;
 }
 
-// Parameters on duals. With mu = 1 / att, s = thickness mu / L and
-// ds = (dthickness mu + thickness dmu) / L, dmu = -datt mu^2 (0 for att = inf).
-template <typename T>
-AbsorptionParams<Dual<T>> make_dual_params(const HostScalars& s, const DualDirection& dir,
-                                           int64_t layers, bool oversample) {
-  const double L = static_cast<double>(layers);
-  const double mu = 1.0 / s.attenuation_length;
-  const double dmu = -dir.attenuation_length * mu * mu;
-  AbsorptionParams<Dual<T>> prm;
-  for (int d = 0; d < 3; ++d) {
-    prm.odet[d] = Dual<T>(static_cast<T>(s.odet[d]), static_cast<T>(dir.odet[d]));
-  }
-  prm.step = Dual<T>(static_cast<T>(s.thickness * mu / L),
-                     static_cast<T>((dir.thickness * mu + s.thickness * dmu) / L));
-  prm.layers = layers;
-  prm.thick = s.thickness > 0.0;
-  prm.oversample = oversample;
-  return prm;
+// The scalar direction as host doubles (CPU kernels); absent ones are 0.
+inline ScalarValues read_host_direction(const DualDirection& dir) {
+  auto read = [](const at::Tensor& t, int count, double* out) {
+    if (!t.defined()) {
+      std::fill(out, out + count, 0.0);
+      return;
+    }
+    const at::Tensor v = t.reshape({count}).to(at::kDouble).contiguous();
+    std::copy(v.const_data_ptr<double>(), v.const_data_ptr<double>() + count, out);
+  };
+  ScalarValues s;
+  read(dir.odet, 3, s.odet);
+  read(dir.thickness, 1, &s.thickness);
+  read(dir.attenuation_length, 1, &s.attenuation_length);
+  return s;
+}
+
+// ... and as kernel arguments (CUDA kernels); absent ones are host zeros.
+inline ScalarArgs device_direction(const DualDirection& dir) {
+  ScalarArgs a;
+  if (dir.odet.defined()) device_scalar_args(dir.odet, 3, a.arg);
+  if (dir.thickness.defined()) device_scalar_args(dir.thickness, 1, a.arg + 3);
+  if (dir.attenuation_length.defined()) device_scalar_args(dir.attenuation_length, 1, a.arg + 4);
+  return a;
 }
 
 // What the CPU and CUDA double-backward kernels start from: the checked
@@ -328,10 +350,6 @@ inline DoubleBackwardCall prepare_double_backward(
   return {std::move(call), std::move(dir), ggo, full, input_grads};
 }
 
-// Pixel sums of the double backward: dL/ds (value, derivative) and the
-// derivative of dL/dodet.
-using DualTotals = std::array<double, 5>;
-
 // Offsets of each pixel in (intensity, coords, grad_output, tangent
 // intensity, tangent coords).
 inline PointOffsets<5> dual_pixel_offsets(const ExpandedInputs& in, const ExpandedInputs& tangent,
@@ -350,30 +368,15 @@ inline PointOffsets<5> dual_pixel_offsets(const ExpandedInputs& in, const Expand
   return offsets;
 }
 
-// The six outputs of the double backward, in schema order. The chain rule
-// from s to (thickness, att) is differentiated too: with D = dL/ds,
-// grad_thickness = D mu / L and grad_att = -D thickness mu^2 / L, so their
-// derivatives are (dD mu + D dmu) / L and
-// -(dD thickness mu^2 + D dthickness mu^2 + 2 D thickness mu dmu) / L.
+// The six outputs of the double backward, in schema order.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 finish_double_backward(const ExpandedInputs& in, at::Tensor grad_grad_output,
-                       const FullGrads& full, const DualTotals& total,
-                       const HostScalars& s, const DualDirection& dir, int64_t layers,
+                       const FullGrads& full, std::array<at::Tensor, 3> scalar_grads,
                        const std::array<bool, 6>& mask, const at::TensorOptions& opts) {
-  const double L = static_cast<double>(layers);
-  const double mu = 1.0 / s.attenuation_length;
-  const double dmu = -dir.attenuation_length * mu * mu;
-  const double D = total[0], dD = total[1];
-  const double T = s.thickness;
-  const double grad_thickness = (dD * mu + D * dmu) / L;
-  const double grad_att =
-      -(dD * T * mu * mu + D * dir.thickness * mu * mu + 2.0 * D * T * mu * dmu) / L;
-  auto [grad_odet, grad_t, grad_a] = scalar_tensors(
-      {total[2], total[3], total[4], grad_thickness, grad_att}, {mask[3], mask[4], mask[5]}, opts);
   return {mask[0] ? grad_grad_output : at::empty({0}, opts),
           mask[1] ? in.reduce_to_intensity(full.intensity) : at::empty({0}, opts),
           mask[2] ? in.reduce_to_coords(full.coords) : at::empty({0}, opts),
-          grad_odet, grad_t, grad_a};
+          scalar_grads[0], scalar_grads[1], scalar_grads[2]};
 }
 
 }  // namespace absorption

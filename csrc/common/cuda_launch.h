@@ -1,19 +1,60 @@
-// Launch geometry shared by the CUDA kernels: a fixed block size and a grid
-// that grid-stride loops (64-bit indices) cover beyond its cap.
+// Launch geometry shared by every CUDA kernel: blocks of kThreads threads,
+// at most as many blocks as the device holds resident at once, and
+// grid-stride loops (64-bit indices) over the rest. A fixed, device-derived
+// grid keeps per-block partial buffers small and makes every loop iterate
+// more than once on inputs larger than one wave (which the tests rely on to
+// cover the loops).
 #pragma once
 
 #include <cstdint>
+
+#if defined(__CUDACC__)
+#include <ATen/cuda/CUDAContext.h>
+#endif
 
 namespace nanobragg {
 namespace cuda {
 
 constexpr int kThreads = 256;
+constexpr int kWarp = 32;
 
-// Blocks for n elements, at least 1 and at most max_blocks.
-inline int64_t blocks_for(int64_t n, int64_t max_blocks = int64_t(1) << 20) {
-  const int64_t b = (n + kThreads - 1) / kThreads;
-  return b < 1 ? 1 : (b > max_blocks ? max_blocks : b);
+#if defined(__CUDACC__)
+
+// Blocks for n work items (threads), at least 1: one per kThreads items, but
+// no more than fill the current device once. Reads cached device properties:
+// no synchronisation.
+inline int64_t blocks_for(int64_t n) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int64_t resident =
+      int64_t(prop->multiProcessorCount) * (prop->maxThreadsPerMultiProcessor / kThreads);
+  const int64_t wanted = (n + kThreads - 1) / kThreads;
+  const int64_t cap = resident < 1 ? 1 : resident;
+  return wanted < 1 ? 1 : (wanted > cap ? cap : wanted);
 }
+
+// Calls body(i) for i in [0, n), spread over the whole grid, each thread
+// taking every (gridDim.x * blockDim.x)-th index.
+template <typename Body>
+__device__ __forceinline__ void grid_stride(int64_t n, const Body& body) {
+  const int64_t step = int64_t(blockDim.x) * gridDim.x;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += step) {
+    body(i);
+  }
+}
+
+// The same over warps: body(w, lane) for warp-sized work items w in [0, n);
+// all 32 lanes of a warp see the same w (so warp shuffles inside are safe).
+template <typename Body>
+__device__ __forceinline__ void warp_stride(int64_t n, const Body& body) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps_per_grid = int64_t(blockDim.x) * gridDim.x / kWarp;
+  for (int64_t w = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp; w < n;
+       w += warps_per_grid) {
+    body(w, lane);
+  }
+}
+
+#endif  // __CUDACC__
 
 }  // namespace cuda
 }  // namespace nanobragg

@@ -5,15 +5,17 @@
 // Grid gradient: by default each in-range point adds its 64 weighted taps
 // with atomicAdd (order of additions, and so the last bits, vary between
 // runs). Under torch.use_deterministic_algorithms(True) it takes a gather
-// path instead: points are stably sorted by the node their stencil starts at,
-// and one thread per grid node sums, in a fixed order, the taps of the points
-// of the 64 stencils that cover it. That path holds O(points) sort keys.
+// path instead (tricubic_math.h, "deterministic grid gradient"): points are
+// radix-sorted by the node their stencil starts at, and one warp per grid
+// node sums the taps that land on it in a fixed order. That path holds
+// O(points) sort keys and samples. Nothing here waits for the host.
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/sort.h>
+#include <ATen/cuda/cub.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
@@ -36,6 +38,7 @@ constexpr const char* kForward = "nanobragg::tricubic_interp";
 constexpr const char* kBackward = "nanobragg::tricubic_interp_backward";
 constexpr const char* kDoubleBackward = "nanobragg::tricubic_interp_double_backward";
 using cuda::blocks_for;
+using cuda::grid_stride;
 using cuda::kThreads;
 
 template <typename T>
@@ -43,13 +46,12 @@ __global__ void forward_kernel(GridView<T> grid, const T* __restrict__ hkl,
                                int64_t hkl_last, PointOffsets<1> offsets,
                                int64_t n, OutOfRange mode, T fill,
                                T* __restrict__ out) {
-  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n;
-       p += int64_t(blockDim.x) * gridDim.x) {
+  grid_stride(n, [&](int64_t p) {
     int64_t off[1];
     offsets.get(p, off);
     const T* x = hkl + off[0];
     out[p] = tricubic_value<T>(grid, x[0], x[hkl_last], x[2 * hkl_last], mode, fill);
-  }
+  });
 }
 
 template <typename T>
@@ -57,14 +59,13 @@ __global__ void hkl_grad_kernel(GridView<T> grid, const T* __restrict__ hkl,
                                 int64_t hkl_last, const T* __restrict__ grad,
                                 PointOffsets<2> offsets, int64_t n,
                                 OutOfRange mode, T* __restrict__ grad_hkl) {
-  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n;
-       p += int64_t(blockDim.x) * gridDim.x) {
+  grid_stride(n, [&](int64_t p) {
     int64_t off[2];
     offsets.get(p, off);
     const T* x = hkl + off[0];
     tricubic_hkl_grad<T>(grid, x[0], x[hkl_last], x[2 * hkl_last], mode,
                          grad[off[1]], grad_hkl + 3 * p);
-  }
+  });
 }
 
 template <typename T>
@@ -79,18 +80,17 @@ __global__ void grid_grad_atomic_kernel(GridShape shape, const T* __restrict__ h
                                         PointOffsets<2> offsets, int64_t n,
                                         OutOfRange mode, T* grad_grid) {
   AtomicAdd<T> add{grad_grid};
-  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n;
-       p += int64_t(blockDim.x) * gridDim.x) {
+  grid_stride(n, [&](int64_t p) {
     int64_t off[2];
     offsets.get(p, off);
     const T* x = hkl + off[0];
     tricubic_grid_grad_scatter<T>(shape.size, shape.lo, x[0], x[hkl_last],
                                   x[2 * hkl_last], mode, grad[off[1]], add);
-  }
+  });
 }
 
 // Reads point i's coordinates, gradient and (double backward) grad_hkl
-// cotangent for gather_node_grad. Offsets: hkl, grad, v.
+// cotangent. Offsets: hkl, grad, v.
 template <typename T>
 struct StridedPoints {
   const T* hkl;
@@ -114,26 +114,43 @@ struct StridedPoints {
 // Deterministic path, step 1: the sort key of each point.
 template <typename T>
 __global__ void sort_key_kernel(GridShape shape, StridedPoints<T> points, int64_t n,
-                                OutOfRange mode, int64_t* keys) {
-  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n;
-       p += int64_t(blockDim.x) * gridDim.x) {
+                                OutOfRange mode, int64_t* __restrict__ keys) {
+  grid_stride(n, [&](int64_t p) {
     const PointSample<T> s = points(p);
     keys[p] = point_sort_key<T>(shape, s.h, s.k, s.l, mode);
-  }
+  });
 }
 
-// Deterministic path, step 2: one thread per grid node.
+// Steps 2 and 3: each key's run, and the samples in sorted order.
 template <typename T, bool kSecondOrder>
-__global__ void grid_grad_gather_kernel(GridShape shape, StridedPoints<T> points, int64_t n,
-                                        const int64_t* __restrict__ sorted_keys,
-                                        const int64_t* __restrict__ order,
-                                        OutOfRange mode, T* __restrict__ grad_grid) {
+__global__ void sorted_samples_kernel(GridShape shape, StridedPoints<T> points, int64_t n,
+                                      OutOfRange mode, const int64_t* __restrict__ sorted_keys,
+                                      const int64_t* __restrict__ order,
+                                      int64_t* __restrict__ run_begin,
+                                      int64_t* __restrict__ run_end,
+                                      SortedSample<T, kSecondOrder>* __restrict__ samples) {
+  grid_stride(n, [&](int64_t i) {
+    mark_run(sorted_keys, n, i, run_begin, run_end);
+    samples[i] = make_sorted_sample<T, kSecondOrder>(shape, points(order[i]), mode);
+  });
+}
+
+// Step 4: one warp per grid node; its lanes' sums added in the fixed tree of
+// xor shuffles (what lane_tree_sum reproduces on the host).
+template <typename T, bool kSecondOrder>
+__global__ void grid_grad_gather_kernel(GridShape shape, const int64_t* __restrict__ run_begin,
+                                        const int64_t* __restrict__ run_end,
+                                        const SortedSample<T, kSecondOrder>* __restrict__ samples,
+                                        T* __restrict__ grad_grid) {
   const int64_t g_numel = shape.size[0] * shape.size[1] * shape.size[2];
-  for (int64_t node = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; node < g_numel;
-       node += int64_t(blockDim.x) * gridDim.x) {
-    grad_grid[node] =
-        gather_node_grad<T, kSecondOrder>(shape, node, sorted_keys, order, n, mode, points);
-  }
+  cuda::warp_stride(g_numel, [&](int64_t node, int lane) {
+    T v = gather_node_lane<T, kSecondOrder>(shape, node, lane, cuda::kWarp, run_begin, run_end,
+                                            samples);
+    for (int offset = cuda::kWarp / 2; offset > 0; offset /= 2) {
+      v += __shfl_xor_sync(0xffffffffu, v, offset);
+    }
+    if (lane == 0) grad_grid[node] = v;
+  });
 }
 
 // Double backward: d/dg and d/dhkl, one thread per point.
@@ -142,8 +159,7 @@ __global__ void double_backward_point_kernel(GridView<T> grid, GridView<T> gg,
                                              StridedPoints<T> points, int64_t n,
                                              OutOfRange mode, T* __restrict__ grad_grad_output,
                                              T* __restrict__ grad_hkl) {
-  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n;
-       p += int64_t(blockDim.x) * gridDim.x) {
+  grid_stride(n, [&](int64_t p) {
     const PointSample<T> s = points(p);
     T d_g, d_hkl[3];
     tricubic_double_backward_point<T>(grid, gg, s.h, s.k, s.l, mode, s.grad, s.v, d_g, d_hkl);
@@ -151,7 +167,7 @@ __global__ void double_backward_point_kernel(GridView<T> grid, GridView<T> gg,
     if (grad_hkl != nullptr) {
       for (int d = 0; d < 3; ++d) grad_hkl[3 * p + d] = d_hkl[d];
     }
-  }
+  });
 }
 
 // Double backward: d/dgrid by atomics.
@@ -159,29 +175,53 @@ template <typename T>
 __global__ void double_backward_grid_atomic_kernel(GridShape shape, StridedPoints<T> points,
                                                    int64_t n, OutOfRange mode, T* grad_grid) {
   AtomicAdd<T> add{grad_grid};
-  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n;
-       p += int64_t(blockDim.x) * gridDim.x) {
+  grid_stride(n, [&](int64_t p) {
     const PointSample<T> s = points(p);
     tricubic_double_backward_grid_scatter<T>(shape.size, shape.lo, s.h, s.k, s.l, mode, s.grad,
                                              s.v, add);
-  }
+  });
 }
 
-// A grid gradient in the deterministic order: sort the points by stencil,
-// then gather per node.
+// A grid gradient in the deterministic order (tricubic_math.h): sort, runs
+// and samples, then gather per node. Writes every node of grad_grid.
 template <typename T, bool kSecondOrder>
 void deterministic_grid_grad(const GridShape& shape, const StridedPoints<T>& points, int64_t n,
                              OutOfRange mode, at::Tensor& grad_grid, cudaStream_t stream) {
-  at::Tensor keys = at::empty({n}, grad_grid.options().dtype(at::kLong));
+  const auto long_opts = grad_grid.options().dtype(at::kLong);
+  at::Tensor keys = at::empty({n}, long_opts);
   sort_key_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(shape, points, n, mode,
                                                              keys.mutable_data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // A stable sort keeps equal keys in point order: a fixed sum order.
-  auto [sorted, order] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  // A radix sort is stable (equal keys keep point order: a fixed sum order)
+  // and needs only the bits the largest key has.
+  const int64_t max_key = max_sort_key(shape.size);
+  at::Tensor sorted_keys = at::empty({n}, long_opts);
+  at::Tensor order = at::empty({n}, long_opts);
+  {
+    const at::Tensor index = at::arange(n, long_opts);
+    at::cuda::cub::radix_sort_pairs<int64_t, int64_t>(
+        keys.const_data_ptr<int64_t>(), sorted_keys.mutable_data_ptr<int64_t>(),
+        index.const_data_ptr<int64_t>(), order.mutable_data_ptr<int64_t>(), n,
+        /*descending=*/false, /*begin_bit=*/0,
+        /*end_bit=*/at::cuda::cub::get_num_bits(static_cast<uint64_t>(max_key)));
+  }
+  keys.reset();
+  at::Tensor run_begin = at::zeros({max_key + 1}, long_opts);
+  at::Tensor run_end = at::zeros({max_key + 1}, long_opts);
+  using Sample = SortedSample<T, kSecondOrder>;
+  at::Tensor samples = at::empty({n * static_cast<int64_t>(sizeof(Sample))},
+                                 grad_grid.options().dtype(at::kByte));
+  Sample* sample_ptr = reinterpret_cast<Sample*>(samples.mutable_data_ptr<uint8_t>());
+  sorted_samples_kernel<T, kSecondOrder><<<blocks_for(n), kThreads, 0, stream>>>(
+      shape, points, n, mode, sorted_keys.const_data_ptr<int64_t>(),
+      order.const_data_ptr<int64_t>(), run_begin.mutable_data_ptr<int64_t>(),
+      run_end.mutable_data_ptr<int64_t>(), sample_ptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t g_numel = grad_grid.numel();
-  grid_grad_gather_kernel<T, kSecondOrder><<<blocks_for(g_numel), kThreads, 0, stream>>>(
-      shape, points, n, sorted.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(), mode,
-      grad_grid.mutable_data_ptr<T>());
+  grid_grad_gather_kernel<T, kSecondOrder>
+      <<<blocks_for(g_numel * cuda::kWarp), kThreads, 0, stream>>>(
+          shape, run_begin.const_data_ptr<int64_t>(), run_end.const_data_ptr<int64_t>(),
+          sample_ptr, grad_grid.mutable_data_ptr<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -456,9 +456,20 @@ NANOBRAGG_INLINE void tricubic_double_backward_grid_scatter(const int64_t size[3
 
 // ---------------------------------------------------------------------------
 // The deterministic grid gradient (CUDA under
-// torch.use_deterministic_algorithms): points are stably sorted by a key, and
-// each node gathers the taps that land on it in a fixed order. Shared here so
-// that the CPU tests check it too.
+// torch.use_deterministic_algorithms). Shared here so that the CPU tests run
+// the same arithmetic. The steps:
+//   1. each point's key (point_sort_key): the node its stencil starts at;
+//   2. a stable sort of (key, point index), so each key's points form a run
+//      in point order, and a table of each key's run [begin, end);
+//   3. each point's SortedSample, in sorted order (contiguous reads below);
+//   4. per grid node, one warp: lane l adds the taps of run positions
+//      begin + l, begin + l + 32, ... of each of the 64 stencil starts that
+//      cover the node, in the order (a, b, c); then the 32 lane sums are
+//      added in a fixed tree (lane_tree_sum).
+// Every sum has a fixed order, so the result is bitwise repeatable. The work
+// of a node is split 32 ways and reads samples contiguously, so clustered
+// lookups (many points per cell) do not serialise on one thread, and empty
+// nodes cost 64 table reads.
 
 // Grid extents and index origin, without the data.
 struct GridShape {
@@ -476,6 +487,9 @@ NANOBRAGG_INLINE int64_t stencil_key(const int64_t size[3], const int64_t first[
   return 2 * linear_node(size, first);
 }
 NANOBRAGG_INLINE int64_t nearest_key(int64_t node) { return 2 * node + 1; }
+NANOBRAGG_INLINE int64_t max_sort_key(const int64_t size[3]) {
+  return 2 * size[0] * size[1] * size[2];
+}
 
 template <typename T>
 NANOBRAGG_INLINE int64_t point_sort_key(const GridShape& shape, T h, T k, T l,
@@ -487,7 +501,7 @@ NANOBRAGG_INLINE int64_t point_sort_key(const GridShape& shape, T h, T k, T l,
   if (p.kind == PointKind::Nearest) {
     return nearest_key(linear_node(shape.size, p.first));
   }
-  return 2 * shape.size[0] * shape.size[1] * shape.size[2];
+  return max_sort_key(shape.size);
 }
 
 // Whether a stencil can start at node `first` (all 4x4x4 nodes inside).
@@ -500,38 +514,87 @@ NANOBRAGG_INLINE bool stencil_start_valid(const int64_t size[3], const int64_t f
   return true;
 }
 
-NANOBRAGG_INLINE int64_t lower_bound_key(const int64_t* sorted, int64_t n, int64_t key) {
-  int64_t lo = 0, hi = n;
-  while (lo < hi) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (sorted[mid] < key) {
-      lo = mid + 1;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo;
+// Step 2's table: position i of the sorted keys starts and/or ends its
+// key's run. run_begin/run_end have max_sort_key + 1 entries, zeroed (an
+// empty run) before.
+NANOBRAGG_INLINE void mark_run(const int64_t* sorted_keys, int64_t n, int64_t i,
+                               int64_t* run_begin, int64_t* run_end) {
+  const int64_t key = sorted_keys[i];
+  if (i == 0 || sorted_keys[i - 1] != key) run_begin[key] = i;
+  if (i == n - 1 || sorted_keys[i + 1] != key) run_end[key] = i + 1;
 }
 
-// What the gather needs of point i: its coordinates, incoming gradient and,
-// for the double backward's d/dgrid, the cotangent v of its grad_hkl.
+// What the gather needs of point i, in original order: its coordinates,
+// incoming gradient and, for the double backward's d/dgrid, the cotangent v
+// of its grad_hkl.
 template <typename T>
 struct PointSample {
   T h, k, l, grad;
   T v[3];
 };
 
-// dL/dgrid at one node: the sum, in the order (a, b, c) then sorted point
-// order, of grad * w_a w_b w_c over every point whose stencil puts tap (a, b,
-// c) on this node, then grad of every nearest point on it. `point(i)` gives
-// PointSample i (original order); sorted_keys/order come from a stable sort
-// of point_sort_key. kSecondOrder: the double backward's d/dgrid instead
-// (taps grad * second_order_tap; nearest points add nothing).
-template <typename T, bool kSecondOrder = false, typename PointFn>
-NANOBRAGG_INLINE T gather_node_grad(const GridShape& shape, int64_t node,
-                                          const int64_t* sorted_keys,
-                                          const int64_t* order, int64_t n,
-                                          OutOfRange mode, const PointFn& point) {
+// ... and in sorted order: fractional offsets (0 for a nearest point), the
+// gradient and (kSecondOrder) v.
+template <typename T, bool kSecondOrder>
+struct SortedSample {
+  T u[3];
+  T grad;
+  T v[kSecondOrder ? 3 : 1];
+};
+
+template <typename T, bool kSecondOrder>
+NANOBRAGG_INLINE SortedSample<T, kSecondOrder> make_sorted_sample(const GridShape& shape,
+                                                                  const PointSample<T>& s,
+                                                                  OutOfRange mode) {
+  const PointStencil<T> p = classify_point(shape.size, shape.lo, s.h, s.k, s.l, mode);
+  SortedSample<T, kSecondOrder> out;
+  for (int d = 0; d < 3; ++d) {
+    out.u[d] = p.u[d];  // 0 unless a stencil point
+  }
+  out.grad = s.grad;
+  for (int d = 0; d < (kSecondOrder ? 3 : 1); ++d) {
+    out.v[d] = kSecondOrder ? s.v[d] : T(0);
+  }
+  return out;
+}
+
+// w[i] of a 4-vector for an index known only at run time, without indexing
+// (on the GPU an indexed local array would go to local memory).
+template <typename T>
+NANOBRAGG_INLINE T pick(const T w[4], int i) {
+  return i == 0 ? w[0] : (i == 1 ? w[1] : (i == 2 ? w[2] : w[3]));
+}
+
+// The tap (a, b, c) of a stencil sample: grad w_a w_b w_c, or for the double
+// backward's d/dgrid grad * second_order_tap.
+template <typename T, bool kSecondOrder>
+NANOBRAGG_INLINE T sample_tap(const SortedSample<T, kSecondOrder>& s, int a, int b, int c) {
+  T wh[4], wk[4], wl[4];
+  lagrange_weights(s.u[0], wh);
+  lagrange_weights(s.u[1], wk);
+  lagrange_weights(s.u[2], wl);
+  if (!kSecondOrder) {
+    return s.grad * pick(wh, a) * pick(wk, b) * pick(wl, c);
+  }
+  T dh[4], dk[4], dl[4];
+  lagrange_weight_derivs(s.u[0], dh);
+  lagrange_weight_derivs(s.u[1], dk);
+  lagrange_weight_derivs(s.u[2], dl);
+  const T v2 = s.v[kSecondOrder ? 2 : 0];
+  const T v1 = s.v[kSecondOrder ? 1 : 0];
+  return s.grad * (s.v[0] * pick(dh, a) * pick(wk, b) * pick(wl, c) +
+                   v1 * pick(wh, a) * pick(dk, b) * pick(wl, c) +
+                   v2 * pick(wh, a) * pick(wk, b) * pick(dl, c));
+}
+
+// Lane `lane` of `lanes`' share of node `node`'s gradient (step 4): its run
+// positions of the 64 stencils covering the node, then (first order) of the
+// nearest points on it.
+template <typename T, bool kSecondOrder>
+NANOBRAGG_INLINE T gather_node_lane(const GridShape& shape, int64_t node, int lane, int lanes,
+                                    const int64_t* __restrict__ run_begin,
+                                    const int64_t* __restrict__ run_end,
+                                    const SortedSample<T, kSecondOrder>* __restrict__ samples) {
   const int64_t idx[3] = {node / (shape.size[1] * shape.size[2]),
                           (node / shape.size[2]) % shape.size[1], node % shape.size[2]};
   T total = T(0);
@@ -543,31 +606,36 @@ NANOBRAGG_INLINE T gather_node_grad(const GridShape& shape, int64_t node,
           continue;
         }
         const int64_t key = stencil_key(shape.size, first);
-        for (int64_t i = lower_bound_key(sorted_keys, n, key); i < n && sorted_keys[i] == key; ++i) {
-          const PointSample<T> s = point(order[i]);
-          const PointStencil<T> p = classify_point(shape.size, shape.lo, s.h, s.k, s.l, mode);
-          if (kSecondOrder) {
-            total += s.grad * second_order_tap(axis_weights(p.u[0]), axis_weights(p.u[1]),
-                                               axis_weights(p.u[2]), s.v, a, b, c);
-          } else {
-            T wh[4], wk[4], wl[4];
-            lagrange_weights(p.u[0], wh);
-            lagrange_weights(p.u[1], wk);
-            lagrange_weights(p.u[2], wl);
-            total += s.grad * wh[a] * wk[b] * wl[c];
-          }
+        const int64_t end = run_end[key];
+        for (int64_t i = run_begin[key] + lane; i < end; i += lanes) {
+          total += sample_tap<T, kSecondOrder>(samples[i], a, b, c);
         }
       }
     }
   }
-  if (kSecondOrder) {
-    return total;
-  }
-  const int64_t key = nearest_key(node);
-  for (int64_t i = lower_bound_key(sorted_keys, n, key); i < n && sorted_keys[i] == key; ++i) {
-    total += point(order[i]).grad;
+  if (!kSecondOrder) {  // a nearest point's gradient does not move with hkl
+    const int64_t key = nearest_key(node);
+    const int64_t end = run_end[key];
+    for (int64_t i = run_begin[key] + lane; i < end; i += lanes) {
+      total += samples[i].grad;
+    }
   }
   return total;
+}
+
+// The sum of 32 lane values in the tree a warp's xor shuffles form
+// (offsets 16, 8, 4, 2, 1), as lane 0 ends up with it: the host's
+// reproduction of the CUDA kernel's order.
+template <typename T>
+NANOBRAGG_INLINE T lane_tree_sum(const T (&lane_values)[32]) {
+  T v[32];
+  for (int l = 0; l < 32; ++l) v[l] = lane_values[l];
+  for (int offset = 16; offset > 0; offset /= 2) {
+    T next[32];
+    for (int l = 0; l < 32; ++l) next[l] = v[l] + v[l ^ offset];
+    for (int l = 0; l < 32; ++l) v[l] = next[l];
+  }
+  return v[0];
 }
 
 }  // namespace tricubic

@@ -8,9 +8,10 @@ code, ``torch.jit.script`` and ``torch.compile``).
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import torch
 
@@ -108,13 +109,25 @@ def tricubic_interp(
     )
 
 
-def _scalar_like(value: Union[float, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+def _scalar_like(
+    value: Union[float, torch.Tensor], like: torch.Tensor, valid: Callable[[float], bool]
+) -> torch.Tensor:
+    """A Python number as a 0-dim tensor for the operator; tensors pass as given
+    (no copy, wherever they live)."""
     if isinstance(value, torch.Tensor):
         return value
+    if not valid(float(value)):
+        # Outside the contract (thickness finite and >= 0, attenuation length
+        # > 0): as a CPU tensor, which the operator reads on the host and
+        # rejects with its error. On a GPU it could only give NaN.
+        return torch.tensor(float(value), dtype=torch.float64)
     # A half-precision intensity only works under autocast, which computes in
     # float32: keep the Python float's precision for that.
     dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
-    return torch.tensor(float(value), dtype=dtype, device=like.device)
+    # torch.full writes the value on the device (a fill kernel); torch.tensor
+    # would copy it from host memory, which waits for the GPU and cannot be
+    # captured in a CUDA graph.
+    return torch.full((), float(value), dtype=dtype, device=like.device)
 
 
 def detector_absorption(
@@ -170,8 +183,8 @@ def detector_absorption(
         intensity,
         pixel_coords,
         odet,
-        _scalar_like(thickness, intensity),
-        _scalar_like(attenuation_length, intensity),
+        _scalar_like(thickness, intensity, lambda t: 0 <= t < math.inf),
+        _scalar_like(attenuation_length, intensity, lambda a: a > 0),
         int(thicksteps),
         bool(oversample_thick),
         bool(per_layer),

@@ -1,0 +1,144 @@
+// The scalar inputs of detector_absorption (odet, thickness,
+// attenuation_length) and the chain rule between them and the per-pixel
+// parameters, for host and device alike. The CPU kernels evaluate these on
+// the host from values read there; the CUDA kernels evaluate them on the
+// device from values they read themselves (ScalarArgs), so no CUDA call waits
+// for the host. Only c10 macros and <cmath>.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "absorption/absorption_math.h"
+#include "common/dual.h"
+#include "common/macros.h"
+
+namespace nanobragg {
+namespace absorption {
+
+// odet x, y, z, thickness, attenuation_length, as doubles.
+struct ScalarValues {
+  double odet[3];
+  double thickness;
+  double attenuation_length;
+};
+
+// What the contract accepts: thickness finite and >= 0, attenuation length
+// > 0 (inf: nothing is absorbed). NaN fails both.
+NANOBRAGG_INLINE bool thickness_valid(double thickness) {
+  return thickness >= 0.0 && thickness < INFINITY;
+}
+NANOBRAGG_INLINE bool attenuation_length_valid(double attenuation_length) {
+  return attenuation_length > 0.0;
+}
+
+// Per-pixel parameters. Invalid scalars only get here when they live on the
+// GPU, where reading them for an error would stall the stream: then every
+// output (and gradient) is NaN rather than a plausible number.
+template <typename T>
+NANOBRAGG_INLINE AbsorptionParams<T> params_from(const ScalarValues& s, int64_t layers,
+                                                 bool oversample) {
+  AbsorptionParams<T> prm;
+  for (int d = 0; d < 3; ++d) {
+    prm.odet[d] = static_cast<T>(s.odet[d]);
+  }
+  const bool valid = thickness_valid(s.thickness) && attenuation_length_valid(s.attenuation_length);
+  prm.step = valid ? static_cast<T>(s.thickness / (static_cast<double>(layers) * s.attenuation_length))
+                   : static_cast<T>(NAN);
+  prm.layers = layers;
+  prm.thick = !valid || s.thickness > 0.0;
+  prm.oversample = oversample;
+  return prm;
+}
+
+// The same on duals whose derivative part is the direction `dir` (the
+// double backward's cotangents of the scalar gradients). With mu = 1 / att,
+// s = thickness mu / L and ds = (dthickness mu + thickness dmu) / L,
+// dmu = -datt mu^2 (0 for att = inf).
+template <typename T>
+NANOBRAGG_INLINE AbsorptionParams<Dual<T>> dual_params_from(const ScalarValues& s,
+                                                            const ScalarValues& dir,
+                                                            int64_t layers, bool oversample) {
+  const AbsorptionParams<T> v = params_from<T>(s, layers, oversample);
+  const double L = static_cast<double>(layers);
+  const double mu = 1.0 / s.attenuation_length;
+  const double dmu = -dir.attenuation_length * mu * mu;
+  AbsorptionParams<Dual<T>> prm;
+  for (int d = 0; d < 3; ++d) {
+    prm.odet[d] = Dual<T>(v.odet[d], static_cast<T>(dir.odet[d]));
+  }
+  prm.step = Dual<T>(v.step, static_cast<T>((dir.thickness * mu + s.thickness * dmu) / L));
+  prm.layers = v.layers;
+  prm.thick = v.thick;
+  prm.oversample = v.oversample;
+  return prm;
+}
+
+// Pixel sums of the backward: dL/ds, dL/dodet (x, y, z).
+constexpr int kBackwardTotals = 4;
+// Of the double backward: dL/ds (value, derivative), d(dL/dodet) (x, y, z).
+constexpr int kDoubleBackwardTotals = 5;
+
+// The backward's gradients of (odet x, y, z, thickness, att) from its pixel
+// sums: s = thickness / (L att), so ds/dT = 1 / (L att) and
+// ds/datt = -T / (L att^2), both 0 for att = inf.
+NANOBRAGG_INLINE void backward_scalar_grads(const double (&total)[kBackwardTotals],
+                                            const ScalarValues& s, int64_t layers,
+                                            double (&out)[5]) {
+  const double L = static_cast<double>(layers);
+  const double att = s.attenuation_length;
+  out[0] = total[1];
+  out[1] = total[2];
+  out[2] = total[3];
+  out[3] = total[0] / (L * att);
+  out[4] = -total[0] * s.thickness / (L * att * att);
+}
+
+// The double backward's: the chain rule above differentiated too. With
+// D = dL/ds, grad_thickness = D mu / L and grad_att = -D thickness mu^2 / L,
+// so their derivatives are (dD mu + D dmu) / L and
+// -(dD thickness mu^2 + D dthickness mu^2 + 2 D thickness mu dmu) / L.
+NANOBRAGG_INLINE void double_backward_scalar_grads(const double (&total)[kDoubleBackwardTotals],
+                                                   const ScalarValues& s,
+                                                   const ScalarValues& dir, int64_t layers,
+                                                   double (&out)[5]) {
+  const double L = static_cast<double>(layers);
+  const double mu = 1.0 / s.attenuation_length;
+  const double dmu = -dir.attenuation_length * mu * mu;
+  const double D = total[0], dD = total[1];
+  const double T = s.thickness;
+  out[0] = total[2];
+  out[1] = total[3];
+  out[2] = total[4];
+  out[3] = (dD * mu + D * dmu) / L;
+  out[4] = -(dD * T * mu * mu + D * dir.thickness * mu * mu + 2.0 * D * T * mu * dmu) / L;
+}
+
+// One scalar as a kernel receives it: a value read on the host (from a CPU
+// tensor, or absent: 0), or the address of a float32/float64 element in
+// device memory, read by the kernel itself.
+struct ScalarArg {
+  const void* device = nullptr;
+  bool is_double = false;
+  double host = 0.0;
+
+  NANOBRAGG_INLINE double get() const {
+    if (device == nullptr) return host;
+    return is_double ? *static_cast<const double*>(device)
+                     : static_cast<double>(*static_cast<const float*>(device));
+  }
+};
+
+// The five scalars of a call (odet x, y, z, thickness, attenuation_length).
+struct ScalarArgs {
+  ScalarArg arg[5];
+
+  NANOBRAGG_INLINE ScalarValues get() const {
+    return ScalarValues{{arg[0].get(), arg[1].get(), arg[2].get()}, arg[3].get(), arg[4].get()};
+  }
+};
+
+}  // namespace absorption
+}  // namespace nanobragg

@@ -1,0 +1,153 @@
+// The deterministic grid gradient's gather (what CUDA runs under
+// torch.use_deterministic_algorithms), executed here on the CPU through the
+// shared header, step by step as the CUDA kernels do it (sort keys, runs,
+// sorted samples, 32 lanes per node, the lanes' shuffle tree), against the
+// CPU kernels' scatter: first order (the backward op's grid gradient) and
+// second order (the double backward's grid gradient).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+#include "test_utils.h"
+#include "tricubic/tricubic_math.h"
+
+namespace nanobragg_test {
+namespace {
+
+using namespace nanobragg::tricubic;
+
+const std::array<int64_t, 3> kIndexMin = {3, -5, 0};
+
+at::Tensor backward_grid(const at::Tensor& grad, const at::Tensor& grid, const at::Tensor& hkl,
+                         const std::string& mode) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("nanobragg::tricubic_interp_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                    const at::Tensor&, c10::IntArrayRef,
+                                                    c10::string_view, std::array<bool, 2>)>();
+  return std::get<0>(op.call(grad, grid, hkl, kIndexMin, mode, {true, false}));
+}
+
+at::Tensor double_backward_grid(const at::Tensor& v, const at::Tensor& grad,
+                                const at::Tensor& grid, const at::Tensor& hkl,
+                                const std::string& mode) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("nanobragg::tricubic_interp_double_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::IntArrayRef,
+              c10::string_view, std::array<bool, 3>)>();
+  return std::get<1>(
+      op.call(std::nullopt, v, grad, grid, hkl, kIndexMin, mode, {false, true, false}));
+}
+
+// The four steps of the deterministic path, on the host.
+template <bool kSecondOrder>
+std::vector<double> gather_on_host(const at::Tensor& grid, const at::Tensor& hkl,
+                                   const at::Tensor& grad, const at::Tensor& v,
+                                   OutOfRange mode) {
+  const GridShape shape{{grid.size(0), grid.size(1), grid.size(2)},
+                        {double(kIndexMin[0]), double(kIndexMin[1]), double(kIndexMin[2])}};
+  const int64_t n = hkl.size(0);
+  auto h = hkl.accessor<double, 2>();
+  auto g = grad.accessor<double, 1>();
+  auto w = v.accessor<double, 2>();
+  auto point = [&](int64_t i) {
+    return PointSample<double>{h[i][0], h[i][1], h[i][2], g[i], {w[i][0], w[i][1], w[i][2]}};
+  };
+  // 1. keys; 2. stable sort and runs; 3. samples in sorted order.
+  at::Tensor keys = at::empty({n}, at::kLong);
+  for (int64_t i = 0; i < n; ++i) {
+    const PointSample<double> s = point(i);
+    keys[i] = point_sort_key<double>(shape, s.h, s.k, s.l, mode);
+  }
+  auto [sorted, order] = at::sort(keys, /*stable=*/true, 0, false);
+  const int64_t max_key = max_sort_key(shape.size);
+  std::vector<int64_t> run_begin(static_cast<size_t>(max_key + 1), 0);
+  std::vector<int64_t> run_end(static_cast<size_t>(max_key + 1), 0);
+  std::vector<SortedSample<double, kSecondOrder>> samples(static_cast<size_t>(n));
+  const int64_t* sk = sorted.const_data_ptr<int64_t>();
+  const int64_t* ord = order.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    mark_run(sk, n, i, run_begin.data(), run_end.data());
+    samples[static_cast<size_t>(i)] =
+        make_sorted_sample<double, kSecondOrder>(shape, point(ord[i]), mode);
+  }
+  // 4. per node, 32 lanes and their tree.
+  std::vector<double> out(static_cast<size_t>(grid.numel()));
+  for (int64_t node = 0; node < grid.numel(); ++node) {
+    double lanes[32];
+    for (int lane = 0; lane < 32; ++lane) {
+      lanes[lane] = gather_node_lane<double, kSecondOrder>(shape, node, lane, 32, run_begin.data(),
+                                                           run_end.data(), samples.data());
+    }
+    out[static_cast<size_t>(node)] = lane_tree_sum(lanes);
+  }
+  return out;
+}
+
+// Points clustered into a few cells (long runs, so every lane has work),
+// spread ones, one exactly on a node, NaN, and some outside the grid.
+at::Tensor clustered_points(int64_t n) {
+  at::Tensor hkl = at::rand({n, 3}, at::kDouble) * 14 + at::tensor({2.0, -6.0, -1.0}, at::kDouble);
+  const int64_t clustered = n / 2;
+  at::Tensor centres = at::tensor({7.3, -1.6, 4.2, 9.8, 0.4, 2.9}, at::kDouble).view({2, 3});
+  at::Tensor which = at::randint(0, 2, {clustered}, at::kLong);
+  hkl.slice(0, 0, clustered)
+      .copy_(centres.index_select(0, which) + at::rand({clustered, 3}, at::kDouble) * 0.3);
+  hkl[clustered][0] = 8.0;  // exactly on a node
+  hkl[clustered + 1][1] = NAN;
+  hkl[clustered + 2][2] = 1e30;
+  return hkl;
+}
+
+TEST(TricubicGatherMath, FirstOrderMatchesScatter) {
+  at::manual_seed(5);
+  at::Tensor grid = at::rand({9, 10, 11}, at::kDouble);
+  const int64_t n = 6000;
+  at::Tensor hkl = clustered_points(n);
+  at::Tensor grad = at::randn({n}, at::kDouble);
+  at::Tensor no_v = at::zeros({n, 3}, at::kDouble);
+  for (const std::string mode : {"default", "nearest"}) {
+    const OutOfRange m = mode == "nearest" ? OutOfRange::Nearest : OutOfRange::Default;
+    const std::vector<double> gathered = gather_on_host<false>(grid, hkl, grad, no_v, m);
+    const std::vector<double> expected = to_vector(backward_grid(grad, grid, hkl, mode));
+    EXPECT_LE(max_rel_error(gathered, expected, 1.0), 1e-12) << mode;
+    double norm = 0;
+    for (double x : expected) norm += std::abs(x);
+    EXPECT_GT(norm, 1.0) << "the reference gradient should not be empty";
+  }
+}
+
+TEST(TricubicGatherMath, SecondOrderMatchesScatter) {
+  at::manual_seed(6);
+  at::Tensor grid = at::rand({8, 9, 10}, at::kDouble);
+  const int64_t n = 5000;
+  at::Tensor hkl = clustered_points(n);
+  at::Tensor grad = at::randn({n}, at::kDouble);
+  at::Tensor v = at::randn({n, 3}, at::kDouble);
+  for (const std::string mode : {"default", "nearest"}) {
+    const OutOfRange m = mode == "nearest" ? OutOfRange::Nearest : OutOfRange::Default;
+    const std::vector<double> gathered = gather_on_host<true>(grid, hkl, grad, v, m);
+    const std::vector<double> expected = to_vector(double_backward_grid(v, grad, grid, hkl, mode));
+    EXPECT_LE(max_rel_error(gathered, expected, 1.0), 1e-12) << mode;
+  }
+}
+
+TEST(TricubicGatherMath, LaneTreeSumAddsInATree) {
+  // Lane 0 holds 1e8, the others 4 (float spacing at 1e8 is 8). Added left
+  // to right every +4 is a tie that rounds back to 1e8; in the tree lane 0
+  // first gets one 4 (lost), then partial sums of 1 + 2 + 4 + 8 + 16 lanes
+  // (8, 16, 32, 64, exact): 1e8 + 120. The exact sum is 1e8 + 124.
+  float lanes[32];
+  for (int l = 0; l < 32; ++l) lanes[l] = l == 0 ? 1e8f : 4.0f;
+  EXPECT_EQ(lane_tree_sum(lanes), 100000120.0f);
+}
+
+}  // namespace
+}  // namespace nanobragg_test
