@@ -20,4 +20,9 @@ echo "== the pip route: a wheel in a fresh venv =="
 "$ROOT/scripts/build_wheel.sh" || status=1
 echo "== pytest =="
 "$ROOT/.venv/bin/python" -m pytest tests/python -q -rs || status=1
+echo "== GPU check script: prepare + CPU dry run =="
+# scripts/gpu_check.sh: gpu_deps/ for the GPU machine, then its stages with
+# CPU-only settings (build-gpu-dryrun/; every CUDA case must skip), so that
+# the GPU check cannot rot between GPU sessions.
+{ "$ROOT/scripts/gpu_check.sh" --prepare >/dev/null && "$ROOT/scripts/gpu_check.sh" --dry-run; } || status=1
 exit "$status"

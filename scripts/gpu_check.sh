@@ -1,0 +1,517 @@
+#!/usr/bin/env bash
+# The whole GPU check as one prepared command (issue 14), for a GPU machine
+# that is lent for minutes and has no internet, no apt, no GoogleTest and no
+# nlohmann/json:
+#
+#   scripts/gpu_check.sh --prepare   (here, with internet) fills gpu_deps/
+#       (git-ignored, at most 64 MiB): GoogleTest sources, nlohmann/json
+#       headers, the Python wheels the GPU image lacks (expecttest), and
+#       gpu_deps/MANIFEST.txt.
+#   scripts/gpu_check.sh             (on the GPU machine, from the repository
+#       root, gpu_deps/ carried along) in at most 8 minutes, each stage under
+#       its own `timeout` and all of them under one deadline, going on after a
+#       failed stage: installs the carried wheels into a temporary directory
+#       on PYTHONPATH; configures and builds the library, the GoogleTest
+#       binary and the bench with CUDA for the local GPU's architecture only
+#       in build-gpu/ (Ninja, every core, the vendored dependencies); runs the
+#       CUDA GoogleTest cases; the bench on CUDA (both ops, 512² and 2048² × 9);
+#       then the CUDA pytest cases (pytest-xdist, 4 workers) while
+#       compute-sanitizer memcheck and racecheck run a few small CUDA cases.
+#       The summary goes to $OUT if set, else to reports/gpu/<UTC stamp>/.
+#   scripts/gpu_check.sh --dry-run   (any CPU machine, CI) the same stages with
+#       CPU-only settings in build-gpu-dryrun/: the CUDA cases must all skip;
+#       the bench runs on CPU at a tiny size; the summary goes to $OUT or
+#       reports/gpu/dryrun-<UTC stamp>/.
+#
+# Output folder (at most 8 files, the device tool's limit): gpu_check_summary.md,
+# perf_results.json, perf_summary.md, logs.tar.gz (every raw log), summary.json.
+# Exits non-zero when any stage failed. Environment overrides:
+#   GPU_CHECK_BUDGET_S     total wall-clock budget (GPU 470, dry run 1500)
+#   GPU_CHECK_PYTEST_WORKERS  pytest-xdist workers on the GPU (default 4 when
+#                          xdist is importable; 0 = no xdist)
+#   GPU_CHECK_BENCH_ARGS   the bench's arguments after --device/--outdir
+#   PYTHON                 the interpreter (GPU: python3; dry run: .venv/bin/python)
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+DEPS="$ROOT/gpu_deps"
+MAX_DEPS_BYTES=$((64 * 1024 * 1024))
+
+usage() {
+  sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
+}
+
+MODE=gpu
+case "${1:-}" in
+  "") ;;
+  --prepare) MODE=prepare ;;
+  --dry-run) MODE=dryrun ;;
+  -h | --help) usage; exit 0 ;;
+  *) echo "gpu_check.sh: unknown argument '$1' (--prepare, --dry-run or none)" >&2; exit 2 ;;
+esac
+if (($# > 1)); then
+  echo "gpu_check.sh: one argument at most" >&2
+  exit 2
+fi
+
+log() { echo "[gpu_check $(date -u +%H:%M:%S)] $*" >&2; }
+
+# ---------------------------------------------------------------------------
+# --prepare: the vendored dependencies, on a machine with apt and PyPI.
+prepare() {
+  set -e
+  local apt_missing=()
+  [[ -f /usr/src/googletest/CMakeLists.txt ]] || apt_missing+=(googletest)
+  [[ -f /usr/include/nlohmann/json.hpp ]] || apt_missing+=(nlohmann-json3-dev)
+  if ((${#apt_missing[@]})); then
+    log "installing ${apt_missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${apt_missing[@]}" >/dev/null
+  fi
+
+  # The wheels: every pin of requirements.txt that the GPU image lacks. Kept
+  # between runs (no download when the file is there already).
+  local wheels=(expecttest)
+  local tmp="$DEPS.tmp"
+  rm -rf "$tmp"
+  mkdir -p "$tmp/nlohmann_json/include" "$DEPS/wheels"
+  cp -rL /usr/src/googletest "$tmp/googletest"
+  cp -rL /usr/include/nlohmann "$tmp/nlohmann_json/include/nlohmann"
+  mv "$DEPS/wheels" "$tmp/wheels"
+  rm -rf "$DEPS"
+  mv "$tmp" "$DEPS"
+
+  local pip=(python3 -m pip)
+  if [[ -x "$ROOT/.venv/bin/python" ]]; then pip=("$ROOT/.venv/bin/python" -m pip); fi
+  local name pin wanted=()
+  for name in "${wheels[@]}"; do
+    pin="$(grep -E "^${name}==" requirements.txt | tr -d '[:space:]')"
+    [[ -n "$pin" ]] || { log "requirements.txt pins no $name"; return 1; }
+    wanted+=("${pin%%==*}-${pin##*==}-")
+    if ! compgen -G "$DEPS/wheels/${pin%%==*}-${pin##*==}-*.whl" >/dev/null; then
+      log "downloading $pin (Python 3.12 wheel)"
+      "${pip[@]}" download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        -d "$DEPS/wheels" "$pin"
+    fi
+  done
+  # Only the wanted versions stay (an older pin's wheel goes).
+  local whl keep w
+  for whl in "$DEPS"/wheels/*.whl; do
+    keep=0
+    for w in "${wanted[@]}"; do [[ "$(basename "$whl")" == "$w"* ]] && keep=1; done
+    ((keep)) || rm -f "$whl"
+  done
+
+  # The manifest: what is there, which version, how big.
+  local gtest_v json_v
+  gtest_v="$(dpkg-query -W -f='${Version}' googletest 2>/dev/null || echo unknown)"
+  json_v="$(dpkg-query -W -f='${Version}' nlohmann-json3-dev 2>/dev/null || echo unknown)"
+  {
+    echo "gpu_deps/ for scripts/gpu_check.sh (made by --prepare)"
+    echo "made: $(date -u +%Y-%m-%dT%H:%M:%SZ) at git $(git rev-parse --short=10 HEAD 2>/dev/null || echo unknown)"
+    echo
+    printf '%-44s %-12s %8s  %s\n' path version KiB from
+    printf '%-44s %-12s %8s  %s\n' googletest/ "$gtest_v" "$(du -sk "$DEPS/googletest" | cut -f1)" \
+      "/usr/src/googletest (Debian googletest)"
+    printf '%-44s %-12s %8s  %s\n' nlohmann_json/include/nlohmann/ "$json_v" \
+      "$(du -sk "$DEPS/nlohmann_json" | cut -f1)" "/usr/include/nlohmann (Debian nlohmann-json3-dev)"
+    for whl in "$DEPS"/wheels/*.whl; do
+      printf '%-44s %-12s %8s  %s\n' "wheels/$(basename "$whl")" \
+        "$(basename "$whl" | cut -d- -f2)" "$(du -sk "$whl" | cut -f1)" \
+        "PyPI, sha256 $(sha256sum "$whl" | cut -c1-16)…"
+    done
+  } >"$DEPS/MANIFEST.txt"
+  # The GPU machine's copy of the tree may have no .git: the revision here.
+  {
+    git rev-parse HEAD 2>/dev/null || echo unknown
+    git diff --quiet HEAD 2>/dev/null || echo "(with uncommitted changes when --prepare ran)"
+  } | paste -sd' ' >"$DEPS/SOURCE_REVISION"
+  local bytes
+  bytes="$(du -sb "$DEPS" | cut -f1)"
+  echo "total: $bytes bytes ($(find "$DEPS" -type f | wc -l) files), limit $MAX_DEPS_BYTES" >>"$DEPS/MANIFEST.txt"
+  cat "$DEPS/MANIFEST.txt"
+  if ((bytes > MAX_DEPS_BYTES)); then
+    log "gpu_deps/ is $bytes bytes, over the 64 MiB the device tool carries"
+    return 1
+  fi
+  set +e
+}
+
+if [[ $MODE == prepare ]]; then
+  (prepare) || { log "--prepare failed"; exit 1; }
+  exit 0
+fi
+
+# ---------------------------------------------------------------------------
+# The check (GPU or dry run). No `set -e`: every stage runs, each one's
+# outcome is recorded in $WORK/stages.tsv, and the exit status says whether
+# any failed.
+START_EPOCH="$(date +%s)"
+STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
+if [[ $MODE == gpu ]]; then
+  BUDGET="${GPU_CHECK_BUDGET_S:-470}"   # 8 minutes, less a margin
+  BUILD_DIR="$ROOT/build-gpu"
+  PY="${PYTHON:-python3}"
+  DEFAULT_REPORT="$ROOT/reports/gpu/$STAMP"
+else
+  BUDGET="${GPU_CHECK_BUDGET_S:-1500}"
+  BUILD_DIR="$ROOT/build-gpu-dryrun"
+  if [[ -x "$ROOT/.venv/bin/python" ]]; then PY="${PYTHON:-$ROOT/.venv/bin/python}"; else PY="${PYTHON:-python3}"; fi
+  DEFAULT_REPORT="$ROOT/reports/gpu/dryrun-$STAMP"
+fi
+PY="$(command -v "$PY" || echo "$PY")"
+DEADLINE=$((START_EPOCH + BUDGET))
+if [[ -n "${OUT:-}" ]]; then REPORT="$OUT"; else REPORT="$DEFAULT_REPORT"; fi
+mkdir -p "$REPORT"
+REPORT="$(cd "$REPORT" && pwd)"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"
+trap 'rm -rf "$WORK"' EXIT
+LOGS="$WORK/logs"
+mkdir -p "$LOGS"
+STAGES="$WORK/stages.tsv"   # name, status, seconds, note
+: >"$STAGES"
+NPROC="$(nproc 2>/dev/null || echo 2)"
+if [[ -d /usr/local/cuda/bin && ":$PATH:" != *":/usr/local/cuda/bin:"* ]]; then
+  export PATH="$PATH:/usr/local/cuda/bin"
+fi
+log "mode $MODE, budget ${BUDGET}s, build $BUILD_DIR, report $REPORT, python $PY"
+
+# A stage's own limit: on the GPU machine (16 cores), else in the dry run
+# (2 shared cores, a cold build).
+pick() { if [[ $MODE == gpu ]]; then echo "$1"; else echo "$2"; fi; }
+
+# Seconds a stage may take: its own limit, cut to what is left of the budget
+# less 20 s for the summary and less RESERVE seconds kept for the stages
+# after it. 0 when nothing is left.
+RESERVE=0
+stage_limit() {
+  local want=$1 left
+  left=$((DEADLINE - $(date +%s) - 20 - RESERVE))
+  ((left < 0)) && left=0
+  echo $((want < left ? want : left))
+}
+
+record() {  # name status seconds note
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "${4:-}" >>"${RECORD_TO:-$STAGES}"
+  log "stage $1: $2 (${3}s) ${4:-}"
+}
+
+# run_stage NAME LIMIT LOGFILE CMD...: runs CMD under `timeout`, its output
+# into LOGFILE; sets STAGE_RC (124 = timed out) and STAGE_SECS.
+run_stage() {
+  local name=$1 want=$2 logfile=$3
+  shift 3
+  local limit t0
+  limit="$(stage_limit "$want")"
+  t0="$(date +%s)"
+  if ((limit < 5)); then
+    echo "not run: too little left of the ${BUDGET}s budget" >"$logfile"
+    STAGE_RC=125
+    STAGE_SECS=0
+    return
+  fi
+  log "stage $name (limit ${limit}s): $(printf '%s ' "$@" | tr '\n' ' ' | cut -c1-240)"
+  # SIGINT first: pytest then still writes its summary and junit XML.
+  timeout -s INT -k 20 "$limit" "$@" >"$logfile" 2>&1
+  STAGE_RC=$?
+  STAGE_SECS=$(($(date +%s) - t0))
+}
+
+status_of() {  # rc -> PASS / FAIL / TIMEOUT / NOT RUN
+  case "$1" in
+    0) echo PASS ;;
+    124 | 137) echo TIMEOUT ;;
+    125) echo "NOT RUN" ;;
+    *) echo FAIL ;;
+  esac
+}
+
+# --- environment ------------------------------------------------------------
+{
+  echo "mode: $MODE"
+  echo "host: $(hostname)"
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  if git rev-parse HEAD >/dev/null 2>&1; then
+    echo "git: $(git rev-parse HEAD)$(git diff --quiet HEAD || echo ' (with uncommitted changes)')"
+  else
+    echo "git: $(cat "$DEPS/SOURCE_REVISION" 2>/dev/null || echo unknown) [no .git here: the revision --prepare saw]"
+  fi
+  echo "cpus: $NPROC"
+  echo "python: $PY ($("$PY" -V 2>&1))"
+  echo "cmake: $(cmake --version 2>/dev/null | head -1)"
+  echo "ninja: $(ninja --version 2>/dev/null || echo absent)"
+  echo "nvcc: $(command -v nvcc >/dev/null && nvcc --version | tail -1 || echo absent)"
+  if command -v nvidia-smi >/dev/null; then
+    echo "nvidia-smi:"
+    timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader 2>&1
+  else
+    echo "nvidia-smi: absent"
+  fi
+} >"$LOGS/environment.txt" 2>&1
+run_stage environment "$(pick 60 60)" "$LOGS/torch_info.txt" "$PY" -c '
+import torch
+print("torch:", torch.__version__, "cuda", torch.version.cuda)
+print("cuda_available:", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu:", torch.cuda.get_device_name(0))
+    print("capability: %d.%d" % torch.cuda.get_device_capability(0))
+    print("gpu_memory_gib: %.1f" % (p.total_memory / 2**30))
+    print("gpu_count:", torch.cuda.device_count())
+'
+ARCH=""
+if ((STAGE_RC == 0)); then
+  ARCH="$(sed -n 's/^capability: //p' "$LOGS/torch_info.txt")"
+fi
+if [[ $MODE == gpu ]]; then
+  if [[ -n $ARCH ]]; then
+    record environment PASS "$STAGE_SECS" "$(sed -n 's/^gpu: //p' "$LOGS/torch_info.txt"), sm_${ARCH/./}"
+  else
+    record environment FAIL "$STAGE_SECS" "torch sees no CUDA GPU (see torch_info.txt); building for 8.0;9.0+PTX"
+  fi
+else
+  record environment "$(status_of "$STAGE_RC")" "$STAGE_SECS" "dry run: CPU only"
+fi
+
+# --- the carried wheels -----------------------------------------------------
+SITE="$WORK/site"
+if compgen -G "$DEPS/wheels/*.whl" >/dev/null; then
+  run_stage wheels "$(pick 60 60)" "$LOGS/wheels.log" "$PY" -m pip install -q --no-index --no-deps \
+    --target "$SITE" "$DEPS"/wheels/*.whl
+  if ((STAGE_RC != 0 && STAGE_RC != 124)); then
+    # No pip: a pure-Python wheel is a zip of what goes into site-packages.
+    echo "pip failed ($STAGE_RC); unpacking the wheels instead" >>"$LOGS/wheels.log"
+    "$PY" -c 'import sys, zipfile
+for w in sys.argv[2:]: zipfile.ZipFile(w).extractall(sys.argv[1])' "$SITE" "$DEPS"/wheels/*.whl \
+      >>"$LOGS/wheels.log" 2>&1
+    STAGE_RC=$?
+  fi
+  record wheels "$(status_of "$STAGE_RC")" "$STAGE_SECS" "$(find "$DEPS/wheels" -name "*.whl" -printf "%f ")"
+else
+  echo "no $DEPS/wheels/*.whl" >"$LOGS/wheels.log"
+  record wheels FAIL 0 "gpu_deps/wheels is empty: run scripts/gpu_check.sh --prepare first"
+fi
+export PYTHONPATH="$SITE:$ROOT/torch_extension${PYTHONPATH:+:$PYTHONPATH}"
+
+# --- configure --------------------------------------------------------------
+GEN=(-G Ninja)
+KEEP_GOING=(-k 0)   # build what can be built: a broken bench leaves the tests
+if ! command -v ninja >/dev/null; then GEN=(-G "Unix Makefiles"); KEEP_GOING=(-k); fi
+CMAKE_ARGS=(-S "$ROOT" -B "$BUILD_DIR" "${GEN[@]}"
+  -DPython3_EXECUTABLE="$PY" -DNANOBRAGG_DEPS_DIR="$DEPS"
+  -DNANOBRAGG_BUILD_TESTS=ON -DNANOBRAGG_BUILD_BENCH=ON -DNANOBRAGG_BUILD_FUZZ=OFF
+  -DNANOBRAGG_PYTHON_PACKAGE=OFF -DNANOBRAGG_WERROR=OFF)
+# CMake 4 refuses projects that ask for a minimum below 3.5 and warns below
+# 3.10 (GoogleTest 1.12 asks for 3.5).
+if [[ "$(cmake --version 2>/dev/null | sed -n 's/^cmake version \([0-9]*\).*/\1/p')" -ge 4 ]]; then
+  CMAKE_ARGS+=(-DCMAKE_POLICY_VERSION_MINIMUM=3.10 -Wno-deprecated)
+fi
+if [[ $MODE == gpu ]]; then
+  CMAKE_ARGS+=(-DCMAKE_BUILD_TYPE=Release -DNANOBRAGG_CUDA=ON)
+  # torch's CMake takes the architectures from the environment.
+  export TORCH_CUDA_ARCH_LIST="${ARCH:-8.0;9.0+PTX}"
+else
+  # Unoptimised, no debug info: a third less compile time, and nothing in the
+  # dry run runs long enough for -O3 to matter (the CUDA cases skip).
+  CMAKE_ARGS+=(-DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG=-O0 -DNANOBRAGG_CUDA=OFF)
+fi
+if [[ ! -f "$DEPS/googletest/CMakeLists.txt" || ! -f "$DEPS/nlohmann_json/include/nlohmann/json.hpp" ]]; then
+  echo "gpu_deps/ lacks googletest/ or nlohmann_json/: run scripts/gpu_check.sh --prepare first" >"$LOGS/configure.log"
+  STAGE_RC=1 STAGE_SECS=0
+else
+  run_stage configure "$(pick 120 300)" "$LOGS/configure.log" cmake "${CMAKE_ARGS[@]}"
+fi
+CONFIGURED=$STAGE_RC
+record configure "$(status_of "$STAGE_RC")" "$STAGE_SECS" \
+  "$(sed -n 's/^-- nanobragg_ops: \(CUDA kernels .*\)/\1/p' "$LOGS/configure.log" | head -1)"
+
+# --- build ------------------------------------------------------------------
+TARGETS=(nanobragg_ops nanobragg_tests nanobragg_bench)
+if ((CONFIGURED == 0)); then
+  # Relinked every run, so that a failed build leaves no stale binary behind
+  # for the stages below (the objects stay: a second run compiles nothing).
+  rm -f "$BUILD_DIR"/lib/libnanobragg_ops.so* "$BUILD_DIR/tests/cpp/nanobragg_tests" \
+    "$BUILD_DIR/bench/nanobragg_bench"
+  run_stage build "$(pick 240 1200)" "$LOGS/build.log" cmake --build "$BUILD_DIR" --parallel "$NPROC" \
+    --target "${TARGETS[@]}" -- "${KEEP_GOING[@]}"
+  built=()
+  for f in lib/libnanobragg_ops.so tests/cpp/nanobragg_tests bench/nanobragg_bench; do
+    [[ -e "$BUILD_DIR/$f" ]] && built+=("${f##*/}")
+  done
+  record build "$(status_of "$STAGE_RC")" "$STAGE_SECS" "$NPROC jobs; built: ${built[*]:-nothing}$( \
+    ((STAGE_RC)) && grep -m1 -E '^FAILED: ' "$LOGS/build.log" | cut -c1-100 | sed 's/^/; /')"
+else
+  record build "NOT RUN" 0 "configure failed"
+fi
+TESTS_BIN="$BUILD_DIR/tests/cpp/nanobragg_tests"
+BENCH_BIN="$BUILD_DIR/bench/nanobragg_bench"
+LIB="$BUILD_DIR/lib/libnanobragg_ops.so"
+
+# --- GoogleTest: the CUDA cases ----------------------------------------------
+# Device-parametrised tests are instantiated as Devices/<Suite>.<Test>/cuda;
+# CUDA-only suites and tests have Cuda or CUDA in their names.
+GTEST_FILTER='*cuda*:*Cuda*:*CUDA*'
+if [[ -x $TESTS_BIN ]]; then
+  run_stage gtest "$(pick 120 300)" "$LOGS/gtest_cuda.log" "$TESTS_BIN" --gtest_filter="$GTEST_FILTER" \
+    --gtest_output="xml:$LOGS/gtest_cuda.xml"
+  record gtest "$(status_of "$STAGE_RC")" "$STAGE_SECS" "--gtest_filter=$GTEST_FILTER"
+else
+  record gtest "NOT RUN" 0 "no $TESTS_BIN"
+fi
+
+# --- bench ---------------------------------------------------------------------
+# Before pytest: its timings want the GPU to itself, and a bench cut short by
+# the budget reports nothing, while pytest cut short still counts what ran.
+if [[ $MODE == gpu ]]; then
+  # Both ops at 512² and 2048² (tricubic: × 9 lookups per pixel, 37.7 M points
+  # at 2048², aten_composite included: about 60 GB, which the GPU has).
+  read -r -a BENCH_ARGS <<<"${GPU_CHECK_BENCH_ARGS:---sizes 512 2048 --points-per-pixel 9 --repeats 30 --max-seconds-per-case 2 --no-scale}"
+  BENCH_DEVICE=cuda
+else
+  read -r -a BENCH_ARGS <<<"${GPU_CHECK_BENCH_ARGS:---sizes 64 --points-per-pixel 9 --repeats 3 --max-seconds-per-case 0.5 --no-scale}"
+  BENCH_DEVICE=cpu
+fi
+if [[ -x $BENCH_BIN ]]; then
+  # Two and a half minutes stay for pytest and the sanitizers whatever the
+  # build took; a bench that would get under a minute does not start.
+  RESERVE="$(pick 150 0)"
+  if (($(stage_limit 180) < 60)); then RESERVE=100000; fi
+  run_stage bench "$(pick 180 300)" "$LOGS/bench.log" "$BENCH_BIN" --device "$BENCH_DEVICE" "${BENCH_ARGS[@]}" \
+    --outdir "$WORK/bench"
+  RESERVE=0
+  bench_dir="$(find "$WORK/bench" -mindepth 1 -maxdepth 1 -type d 2>/dev/null | sort | tail -1)"
+  if [[ -f "$bench_dir/perf_results.json" ]]; then
+    cp "$bench_dir/perf_results.json" "$bench_dir/perf_summary.md" "$REPORT/"
+    # Whatever else the bench wrote (env.json, ...) goes with the logs.
+    for f in "$bench_dir"/*; do
+      case "${f##*/}" in perf_results.json | perf_summary.md) ;; *) cp -r "$f" "$LOGS/bench_${f##*/}" ;; esac
+    done
+  elif ((STAGE_RC == 0)); then
+    STAGE_RC=1
+  fi
+  record bench "$(status_of "$STAGE_RC")" "$STAGE_SECS" "--device $BENCH_DEVICE ${BENCH_ARGS[*]}"
+else
+  record bench "NOT RUN" 0 "no $BENCH_BIN"
+fi
+
+# --- compute-sanitizer (beside pytest) -----------------------------------------
+# A few small CUDA cases: each op's forward against its reference, tricubic's
+# backward (grid and hkl gradients, strided inputs; empty launches) and
+# absorption's gradients. memcheck: out-of-bounds and misaligned accesses,
+# errors of the CUDA API; racecheck: shared-memory hazards.
+SANITIZE_CASES=(
+  Devices/TricubicForward.MatchesPolin3Float32/cuda
+  Devices/TricubicBackward.StridedInputsAndExpandedGradient/cuda
+  Devices/TricubicBackward.EmptyPoints/cuda
+  Devices/Absorption.MatchesPortFormulation/cuda
+  Devices/Absorption.GradientsMatchFiniteDifferencesPerLayer/cuda
+)
+SANITIZE_FILTER="$(IFS=:; echo "${SANITIZE_CASES[*]}")"
+SANITIZER=""
+for c in compute-sanitizer /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
+  if command -v "$c" >/dev/null 2>&1; then SANITIZER="$(command -v "$c")"; break; fi
+done
+# The filter must still name existing tests (the names can change).
+SANITIZE_MATCHED=0
+if [[ -x $TESTS_BIN ]]; then
+  SANITIZE_MATCHED="$(timeout 60 "$TESTS_BIN" --gtest_list_tests --gtest_filter="$SANITIZE_FILTER" 2>/dev/null | grep -c '^  ')"
+fi
+# memcheck sees out-of-bounds accesses only at allocation boundaries: torch's
+# caching allocator is off for these runs, every tensor its own cudaMalloc.
+run_sanitizers() {
+  local tool log_ errors hazards ran skipped what
+  export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+  for tool in memcheck racecheck; do
+    if [[ ! -x $TESTS_BIN ]]; then
+      record "$tool" "NOT RUN" 0 "no $TESTS_BIN"
+      continue
+    fi
+    if ((SANITIZE_MATCHED != ${#SANITIZE_CASES[@]})); then
+      echo "the filter $SANITIZE_FILTER matches $SANITIZE_MATCHED tests, not ${#SANITIZE_CASES[@]}" \
+        >"$LOGS/sanitizer_$tool.log"
+      record "$tool" FAIL 0 "SANITIZE_CASES in gpu_check.sh name $SANITIZE_MATCHED existing tests of ${#SANITIZE_CASES[@]}"
+      continue
+    fi
+    if [[ -z $SANITIZER ]]; then
+      echo "compute-sanitizer: not found" >"$LOGS/sanitizer_$tool.log"
+      record "$tool" "NOT AVAILABLE" 0 "compute-sanitizer not found (${#SANITIZE_CASES[@]} cases would run)"
+      continue
+    fi
+    run_stage "$tool" "$(pick 90 120)" "$LOGS/sanitizer_$tool.log" "$SANITIZER" --tool "$tool" \
+      --print-limit 50 "$TESTS_BIN" --gtest_filter="$SANITIZE_FILTER"
+    log_="$LOGS/sanitizer_$tool.log"
+    # memcheck: "ERROR SUMMARY: N errors"; racecheck: "RACECHECK SUMMARY:
+    # H hazards displayed (E errors, W warnings)" (and ERROR SUMMARY, newer).
+    errors="$(sed -n 's/^=* *ERROR SUMMARY: \([0-9]*\) error.*/\1/p' "$log_" | tail -1)"
+    hazards="$(sed -n 's/^=* *RACECHECK SUMMARY: \([0-9]*\) hazard.*/\1/p' "$log_" | tail -1)"
+    if [[ -z $errors ]]; then
+      errors="$(sed -n 's/^=* *RACECHECK SUMMARY: .*(\([0-9]*\) error.*/\1/p' "$log_" | tail -1)"
+    fi
+    ran="$(grep -c -E '^\[       OK \]|^\[  FAILED  \] .*\([0-9]+ ms\)$' "$log_")"
+    skipped="$(grep -c -E '^\[  SKIPPED \] .*\([0-9]+ ms\)$' "$log_")"
+    what="$ran cases ran, $skipped skipped, ${errors:-no} errors reported${hazards:+, $hazards hazards}"
+    if grep -qi -E '^=+ .*(not supported|unsupported)' "$log_"; then
+      record "$tool" "NOT SUPPORTED" "$STAGE_SECS" "$(grep -i -m1 -E '^=+ .*(not supported|unsupported)' "$log_" | cut -c1-140)"
+    elif [[ -z $errors && -z $hazards ]] && grep -q -E '^=+ (Error|Internal)' "$log_" && ((STAGE_RC != 124)); then
+      # The tool itself could not run here (no summary at all): not our code.
+      record "$tool" "NOT SUPPORTED" "$STAGE_SECS" "$(grep -m1 -E '^=+ (Error|Internal)' "$log_" | cut -c1-140)"
+    elif ((STAGE_RC == 124 || STAGE_RC == 137 || STAGE_RC == 125)); then
+      record "$tool" "$(status_of "$STAGE_RC")" "$STAGE_SECS" "$what"
+    elif [[ -n $errors && $errors != 0 ]]; then
+      record "$tool" FAIL "$STAGE_SECS" "$what"
+    elif ((STAGE_RC != 0)); then
+      record "$tool" FAIL "$STAGE_SECS" "exit $STAGE_RC; $what"
+    elif [[ $MODE == gpu && $ran -eq 0 ]]; then
+      record "$tool" FAIL "$STAGE_SECS" "no case ran under the sanitizer; $what"
+    else
+      record "$tool" PASS "$STAGE_SECS" "$what"
+    fi
+  done
+}
+
+# --- pytest: the CUDA cases ---------------------------------------------------
+# Device-dependent tests take the `device`/`absorption_device` fixture
+# (params cpu, cuda), so their CUDA cases have "cuda" in their ids; the
+# CUDA-only tests live in test_cuda.py. `-k cuda` selects exactly those.
+PYTEST_ARGS=(-m pytest tests/python -q -rs -k cuda -p no:cacheprovider
+  --junitxml="$LOGS/pytest_cuda.xml" -o junit_family=xunit2)
+if [[ $MODE == gpu ]]; then
+  WORKERS="${GPU_CHECK_PYTEST_WORKERS:-4}"
+  if ((WORKERS > 0)) && "$PY" -c 'import xdist' 2>/dev/null; then
+    # Tests go to workers one at a time (--dist load), which balances the
+    # long test_cuda.py; each worker is a process of its own (CUDA context,
+    # caching allocator, sync-debug mode), so per-process checks still hold.
+    PYTEST_ARGS+=(-p xdist -n "$WORKERS" --dist load)
+  fi
+fi
+# The sanitizer runs go on at the same time: the GPU and 16 cores have room
+# for both, and it saves their minute or two of the 8.
+RECORD_TO="$WORK/stages_sanitizers.tsv" run_sanitizers &
+SANITIZERS_PID=$!
+if [[ -f $LIB ]]; then
+  export NANOBRAGG_OPS_LIBRARY="$LIB"   # the package loads this build
+  run_stage pytest "$(pick 180 600)" "$LOGS/pytest_cuda.log" "$PY" "${PYTEST_ARGS[@]}"
+  record pytest "$(status_of "$STAGE_RC")" "$STAGE_SECS" "-k cuda$(
+    [[ " ${PYTEST_ARGS[*]} " == *" -n "* ]] && echo ", xdist -n $WORKERS --dist load")"
+else
+  record pytest "NOT RUN" 0 "no $LIB"
+fi
+wait "$SANITIZERS_PID"
+cat "$WORK/stages_sanitizers.tsv" >>"$STAGES" 2>/dev/null
+
+# --- summary -------------------------------------------------------------------
+TOTAL=$(($(date +%s) - START_EPOCH))
+cp "$STAGES" "$LOGS/stages.tsv"
+[[ -f "$BUILD_DIR/CMakeCache.txt" ]] && cp "$BUILD_DIR/CMakeCache.txt" "$LOGS/CMakeCache.txt"
+tar -czf "$REPORT/logs.tar.gz" -C "$WORK" logs
+timeout 60 "$PY" "$ROOT/scripts/gpu_check_summary.py" --mode "$MODE" --stages "$STAGES" \
+  --logs "$LOGS" --report "$REPORT" --total-seconds "$TOTAL" --budget "$BUDGET"
+SUMMARY_RC=$?
+echo "summary: $REPORT/gpu_check_summary.md"
+if ((SUMMARY_RC != 0)); then
+  echo "gpu_check: the check failed (see the table above and $REPORT)"
+  exit 1
+fi
+exit 0
