@@ -5,15 +5,52 @@
 #   nanobragg::torch      an INTERFACE target to link against
 #   nanobragg::parallel   OpenMP when torch's at::parallel_for is OpenMP-based
 #
-# LibTorch comes from the torch Python wheel: its cmake prefix is asked from
-# the Python interpreter (Python3_EXECUTABLE, e.g. .venv/bin/python) unless
-# Torch_DIR or CMAKE_PREFIX_PATH already point at it.
+# LibTorch is found the way LibTorch's own guides say, first:
+#   1. Torch_DIR (CMake variable or environment variable): the folder of
+#      TorchConfig.cmake;
+#   2. Torch_ROOT, then CMAKE_PREFIX_PATH (CMake variable, then environment
+#      variable): a prefix holding share/cmake/Torch/TorchConfig.cmake (an
+#      unpacked LibTorch download) or Torch/TorchConfig.cmake (the torch
+#      wheel's torch.utils.cmake_prefix_path);
+# and only when none of them is given, from the torch Python wheel: its cmake
+# prefix is asked from the Python interpreter (Python3_EXECUTABLE, e.g.
+# .venv/bin/python). Torch's config file is located here, not run: a
+# CPU-only build against a CUDA build of torch must not run it (below).
+
+# The share/cmake-style prefix above a folder holding TorchConfig.cmake.
+function(_nanobragg_prefix_of_torch_dir dir out_var)
+  get_filename_component(_prefix "${dir}/.." ABSOLUTE)
+  set(${out_var} "${_prefix}" PARENT_SCOPE)
+endfunction()
 
 function(_nanobragg_torch_prefix out_var)
-  if(Torch_DIR)
-    get_filename_component(_prefix "${Torch_DIR}/.." ABSOLUTE)  # share/cmake
-    set(${out_var} "${_prefix}" PARENT_SCOPE)
-    return()
+  foreach(_dir IN ITEMS "${Torch_DIR}" "$ENV{Torch_DIR}")
+    if(_dir)
+      if(NOT EXISTS "${_dir}/TorchConfig.cmake")
+        message(FATAL_ERROR "nanobragg_ops: Torch_DIR=${_dir} holds no TorchConfig.cmake")
+      endif()
+      _nanobragg_prefix_of_torch_dir("${_dir}" _prefix)
+      set(${out_var} "${_prefix}" PARENT_SCOPE)
+      return()
+    endif()
+  endforeach()
+  file(TO_CMAKE_PATH "$ENV{Torch_ROOT}" _env_root)
+  file(TO_CMAKE_PATH "$ENV{CMAKE_PREFIX_PATH}" _env_prefixes)
+  set(_given ${Torch_ROOT} ${_env_root} ${CMAKE_PREFIX_PATH} ${_env_prefixes})
+  foreach(_p IN LISTS _given)
+    foreach(_sub IN ITEMS "share/cmake/Torch" "Torch" "lib/cmake/Torch" ".")
+      if(EXISTS "${_p}/${_sub}/TorchConfig.cmake")
+        get_filename_component(_dir "${_p}/${_sub}" ABSOLUTE)
+        _nanobragg_prefix_of_torch_dir("${_dir}" _prefix)
+        message(STATUS "nanobragg_ops: LibTorch from ${_dir} (given prefix ${_p})")
+        set(${out_var} "${_prefix}" PARENT_SCOPE)
+        return()
+      endif()
+    endforeach()
+  endforeach()
+  if(_given)
+    message(STATUS "nanobragg_ops: no TorchConfig.cmake under the given prefixes "
+                   "(${_given}); asking Python for torch")
   endif()
   find_package(Python3 COMPONENTS Interpreter REQUIRED)
   execute_process(
@@ -23,7 +60,9 @@ function(_nanobragg_torch_prefix out_var)
     RESULT_VARIABLE _rc)
   if(NOT _rc EQUAL 0)
     message(FATAL_ERROR "nanobragg_ops: cannot import torch with "
-            "${Python3_EXECUTABLE}; install the pinned torch (requirements.txt) "
+            "${Python3_EXECUTABLE}; install the pinned torch (requirements.txt), "
+            "or point CMAKE_PREFIX_PATH at LibTorch (an unpacked LibTorch, or "
+            "python -c 'import torch.utils; print(torch.utils.cmake_prefix_path)'), "
             "or pass -DTorch_DIR=<torch>/share/cmake/Torch")
   endif()
   set(${out_var} "${_prefix}" PARENT_SCOPE)

@@ -27,6 +27,19 @@ void check_floating(const char* op, const char* arg, const at::Tensor& t) {
                    : "");
 }
 
+// The geometry scalars of detector_absorption (odet, thickness,
+// attenuation_length) follow PyTorch's scalar rules: any floating dtype,
+// computed in intensity's dtype (their values are read as doubles).
+void check_floating_scalar(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), op, ": argument '", arg, "' must be a defined tensor");
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              op, ": argument '", arg,
+              "' must be a floating-point tensor (float16, bfloat16, float32 or float64), got ",
+              dtype);
+}
+
 void check_same_dtype(const char* op, const char* arg, const at::Tensor& t,
                       const char* ref_arg, const at::Tensor& ref) {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": argument '", arg,
@@ -94,7 +107,9 @@ void check_cotangent(const char* op, const char* arg,
   if (!t.has_value() || !t->defined()) {
     return;
   }
-  check_floating(op, arg, *t);
+  // `like` was checked already (odet, thickness and attenuation_length may
+  // be half precision), and the cotangent must have its dtype.
+  check_floating_scalar(op, arg, *t);
   check_same_dtype(op, arg, *t, like_arg, like);
   check_same_device(op, arg, *t, like_arg, like);
   TORCH_CHECK(t->sym_sizes() == like.sym_sizes(), op, ": argument '", arg,
@@ -146,13 +161,12 @@ AbsorptionLayout check_absorption_args(const char* op, const at::Tensor& intensi
                                        int64_t thicksteps, bool per_layer) {
   check_floating(op, "intensity", intensity);
   check_floating(op, "pixel_coords", pixel_coords);
-  check_floating(op, "odet", odet);
-  check_floating(op, "thickness", thickness);
-  check_floating(op, "attenuation_length", attenuation_length);
+  // odet, thickness and attenuation_length: any floating dtype (PyTorch's
+  // scalar rules; computed in intensity's dtype, each gradient in its own).
+  check_floating_scalar(op, "odet", odet);
+  check_floating_scalar(op, "thickness", thickness);
+  check_floating_scalar(op, "attenuation_length", attenuation_length);
   check_same_dtype(op, "pixel_coords", pixel_coords, "intensity", intensity);
-  check_same_dtype(op, "odet", odet, "intensity", intensity);
-  check_same_dtype(op, "thickness", thickness, "intensity", intensity);
-  check_same_dtype(op, "attenuation_length", attenuation_length, "intensity", intensity);
   check_same_device(op, "pixel_coords", pixel_coords, "intensity", intensity);
   check_same_device(op, "odet", odet, "intensity", intensity);
   check_scalar_device(op, "thickness", thickness, intensity);

@@ -24,6 +24,9 @@ std::string shape_string(c10::SymIntArrayRef shape);
 
 // float32 or float64 (the dtypes with kernels).
 void check_floating(const char* op, const char* arg, const at::Tensor& t);
+// float16, bfloat16, float32 or float64: the geometry scalars of
+// detector_absorption, read as doubles whatever their dtype.
+void check_floating_scalar(const char* op, const char* arg, const at::Tensor& t);
 void check_same_dtype(const char* op, const char* arg, const at::Tensor& t,
                       const char* ref_arg, const at::Tensor& ref);
 void check_same_device(const char* op, const char* arg, const at::Tensor& t,

@@ -133,6 +133,19 @@ inline ScalarValues read_host_scalars(const char* op, const at::Tensor& odet,
 // by the kernel (no copy to the host, no wait; CUDA graphs replay whatever
 // it holds then); a 0-dim CPU tensor is read here and checked here. `t`
 // holds `count` elements (odet: 3), each becoming one ScalarArg.
+inline ScalarDtype scalar_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return ScalarDtype::Float64;
+    case at::kFloat: return ScalarDtype::Float32;
+    case at::kHalf: return ScalarDtype::Float16;
+    case at::kBFloat16: return ScalarDtype::BFloat16;
+    default:
+      TORCH_INTERNAL_ASSERT(false, "nanobragg: scalar argument of dtype ", t,
+                            " passed the checks");
+  }
+  return ScalarDtype::Float32;  // not reached
+}
+
 inline void device_scalar_args(const at::Tensor& t, int count, ScalarArg* out) {
   if (t.is_cpu()) {
     const at::Tensor v = t.reshape({count}).to(at::kDouble).contiguous();
@@ -145,7 +158,7 @@ inline void device_scalar_args(const at::Tensor& t, int count, ScalarArg* out) {
   const int64_t stride = count == 1 ? 0 : t.stride(0);
   for (int i = 0; i < count; ++i) {
     out[i].device = base + i * stride * static_cast<int64_t>(t.element_size());
-    out[i].is_double = t.scalar_type() == at::kDouble;
+    out[i].dtype = scalar_dtype(t.scalar_type());
   }
 }
 

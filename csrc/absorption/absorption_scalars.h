@@ -3,10 +3,12 @@
 // parameters, for host and device alike. The CPU kernels evaluate these on
 // the host from values read there; the CUDA kernels evaluate them on the
 // device from values they read themselves (ScalarArgs), so no CUDA call waits
-// for the host. Only c10 macros and <cmath>.
+// for the host. Only c10 headers and <cmath>.
 #pragma once
 
 #include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cmath>
 #include <cstdint>
@@ -116,18 +118,33 @@ NANOBRAGG_INLINE void double_backward_scalar_grads(const double (&total)[kDouble
   out[4] = -(dD * T * mu * mu + D * dir.thickness * mu * mu + 2.0 * D * T * mu * dmu) / L;
 }
 
+// The dtypes a scalar argument may have in device memory (odet, thickness
+// and attenuation_length follow PyTorch's scalar rules: any floating dtype).
+enum class ScalarDtype : uint8_t { Float32, Float64, Float16, BFloat16 };
+
 // One scalar as a kernel receives it: a value read on the host (from a CPU
-// tensor, or absent: 0), or the address of a float32/float64 element in
-// device memory, read by the kernel itself.
+// tensor, or absent: 0), or the address of an element of `dtype` in device
+// memory, read by the kernel itself. c10::Half / c10::BFloat16 convert to
+// float on host and device alike.
 struct ScalarArg {
   const void* device = nullptr;
-  bool is_double = false;
+  ScalarDtype dtype = ScalarDtype::Float32;
   double host = 0.0;
 
   NANOBRAGG_INLINE double get() const {
     if (device == nullptr) return host;
-    return is_double ? *static_cast<const double*>(device)
-                     : static_cast<double>(*static_cast<const float*>(device));
+    switch (dtype) {
+      case ScalarDtype::Float64:
+        return *static_cast<const double*>(device);
+      case ScalarDtype::Float16:
+        return static_cast<double>(static_cast<float>(*static_cast<const c10::Half*>(device)));
+      case ScalarDtype::BFloat16:
+        return static_cast<double>(
+            static_cast<float>(*static_cast<const c10::BFloat16*>(device)));
+      case ScalarDtype::Float32:
+      default:
+        return static_cast<double>(*static_cast<const float*>(device));
+    }
   }
 };
 

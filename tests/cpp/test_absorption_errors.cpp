@@ -119,11 +119,41 @@ TEST_P(AbsorptionErrors, DtypesAndDevices) {
   b.P = b.P.to(at::kFloat);
   expect_error([&] { b.call(); }, {"'pixel_coords'", "dtype of 'intensity'"});
   Args c = args();
-  c.T = c.T.to(at::kFloat);
-  expect_error([&] { c.call(); }, {"'thickness'", "dtype of 'intensity'"});
+  c.T = c.T.to(at::kLong);  // any floating dtype is fine (PyTorch's scalar rules), not an integer
+  expect_error([&] { c.call(); }, {"'thickness'", "floating-point tensor", "Long"});
   Args d = args();
   d.o = d.o.to(at::kMeta);
   expect_error([&] { d.call(); }, {"'odet'", "device of 'intensity'"});
+}
+
+// Not errors (PyTorch's scalar rules): odet, thickness and attenuation_length
+// of any floating dtype, computed in intensity's dtype; a 0-dim CPU thickness
+// with data on another device.
+TEST_P(AbsorptionErrors, ScalarsOfAnyFloatingDtypeAreAccepted) {
+  const Args base = args();  // copies share its random intensity and pixels
+  const at::Tensor want = base.call();
+  for (const auto dtype : {at::kFloat, at::kHalf, at::kBFloat16}) {
+    Args a = base;
+    a.o = a.o.to(dtype);
+    a.T = a.T.to(dtype);
+    a.A = a.A.to(dtype);
+    const at::Tensor got = a.call();
+    EXPECT_EQ(got.scalar_type(), at::kDouble);
+    // The scalars' values rounded to `dtype`, then computed in float64.
+    Args b = base;
+    b.o = a.o.to(at::kDouble);
+    b.T = a.T.to(at::kDouble);
+    b.A = a.A.to(at::kDouble);
+    EXPECT_TRUE(at::allclose(got.cpu(), b.call().cpu(), 1e-14, 0.0)) << dtype;
+    EXPECT_TRUE(at::allclose(got.cpu(), want.cpu(), 1e-2, 0.0)) << dtype;
+  }
+  Args c = base;
+  c.T = c.T.to(at::kFloat);
+  const at::Tensor thickness_on_cpu = nanobragg_ops::detector_absorption(
+      c.I.to(c.device), c.P.to(c.device), c.o.to(c.device), c.T, c.A.to(c.device), c.L,
+      c.oversample, c.per_layer);
+  EXPECT_EQ(thickness_on_cpu.device(), c.I.to(c.device).device());
+  EXPECT_TRUE(at::allclose(thickness_on_cpu.cpu(), want.cpu(), 1e-6, 0.0));
 }
 
 INSTANTIATE_TEST_SUITE_P(Devices, AbsorptionErrors, ::testing::ValuesIn(test_devices()),

@@ -411,9 +411,16 @@ ERROR_CASES = {
         lambda i, p, o, t, a: dict(pixel_coords=p.float()),
         r"argument 'pixel_coords' must have the dtype of 'intensity'",
     ),
-    "thickness-dtype": (
-        lambda i, p, o, t, a: dict(thickness=t.float()),
-        r"argument 'thickness' must have the dtype of 'intensity'",
+    # odet, thickness and attenuation_length may have any floating dtype
+    # (test_absorption_scalar_rules.py); integers stay an error.
+    "thickness-integer": (
+        lambda i, p, o, t, a: dict(thickness=torch.ones((), dtype=torch.int64, device=t.device)),
+        r"argument 'thickness' must be a floating-point tensor \(float16, bfloat16, float32 or "
+        r"float64\), got Long",
+    ),
+    "odet-bool": (
+        lambda i, p, o, t, a: dict(odet=o > 0),
+        r"argument 'odet' must be a floating-point tensor",
     ),
     "pixel-last-dim": (
         lambda i, p, o, t, a: dict(pixel_coords=p[..., :2]),
