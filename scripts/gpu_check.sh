@@ -77,8 +77,9 @@ prepare() {
   local tmp="$DEPS.tmp"
   rm -rf "$tmp"
   mkdir -p "$tmp/nlohmann_json/include" "$DEPS/wheels"
-  cp -rL /usr/src/googletest "$tmp/googletest"
-  cp -rL /usr/include/nlohmann "$tmp/nlohmann_json/include/nlohmann"
+  # Timestamps kept: a second --prepare must not make builds recompile.
+  cp -rL --preserve=timestamps /usr/src/googletest "$tmp/googletest"
+  cp -rL --preserve=timestamps /usr/include/nlohmann "$tmp/nlohmann_json/include/nlohmann"
   mv "$DEPS/wheels" "$tmp/wheels"
   rm -rf "$DEPS"
   mv "$tmp" "$DEPS"
