@@ -150,19 +150,28 @@ def detector_absorption(
     and the result is ``sum_t c_t I_t`` (``oversample_thick=True``) or
     ``c_{L-1} * mean_t I_t`` (``False``, nanoBragg's "last value").
 
-    Units: ``pixel_coords``, ``thickness`` and ``attenuation_length`` share
-    one length unit (any: metres, mm, um); only their ratios matter.
+    Units: only ``thickness`` and ``attenuation_length`` share one length
+    unit (any: metres, mm, um; only their ratio matters); ``pixel_coords``
+    may be in any unit, since a pixel's position only gives its direction
+    ``p / |p|``.
 
     Args:
         intensity: pixel intensities, float32/float64.
-        pixel_coords: ``[..., 3]`` pixel positions relative to the sample.
+        pixel_coords: ``[..., 3]`` pixel positions relative to the sample,
+            dtype of ``intensity``.
         odet: ``[3]`` detector normal (unit vector, pointing away from the
             sample in the usual geometry; a flipped one gives negative
-            fractions, as in both references).
-        thickness: sensor thickness, a float or 0-dim tensor, >= 0; 0 means no
-            thickness modelling (``mean_t I_t`` is returned).
+            fractions, as in both references); any floating dtype, on
+            ``intensity``'s device.
+        thickness: sensor thickness, >= 0; 0 means no thickness modelling
+            (``mean_t I_t`` is returned). A Python number, or a 0-dim tensor
+            of any floating dtype on ``intensity``'s device or on the CPU.
         attenuation_length: ``1 / mu``, > 0; ``inf`` means nothing is absorbed
-            (every fraction, and the output, is 0).
+            (every fraction, and the output, is 0). Taken like ``thickness``.
+
+    As PyTorch's own ops treat wrapped scalars, ``odet``, ``thickness`` and
+    ``attenuation_length`` are computed in ``intensity``'s dtype and each
+    gradient comes back in its argument's own dtype and device.
         thicksteps: number of layers ``L`` >= 1.
         oversample_thick: sum the layers (True) or take the last one (False).
         per_layer: False: the same ``intensity`` and ``pixel_coords`` serve
