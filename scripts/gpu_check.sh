@@ -26,7 +26,7 @@
 # Output folder (at most 8 files, the device tool's limit): gpu_check_summary.md,
 # perf_results.json, perf_summary.md, logs.tar.gz (every raw log), summary.json.
 # Exits non-zero when any stage failed. Environment overrides:
-#   GPU_CHECK_BUDGET_S     total wall-clock budget (GPU 470, dry run 1500)
+#   GPU_CHECK_BUDGET_S     total wall-clock budget (GPU 455, dry run 1500)
 #   GPU_CHECK_PYTEST_WORKERS  pytest-xdist workers on the GPU (default 4 when
 #                          xdist is importable; 0 = no xdist)
 #   GPU_CHECK_BENCH_ARGS   the bench's arguments after --device/--outdir
@@ -152,7 +152,9 @@ fi
 START_EPOCH="$(date +%s)"
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 if [[ $MODE == gpu ]]; then
-  BUDGET="${GPU_CHECK_BUDGET_S:-470}"   # 8 minutes, less a margin
+  # 8 minutes less a margin: a stage that ignores its SIGINT gets 10 s more,
+  # then SIGKILL; the summary takes a few seconds.
+  BUDGET="${GPU_CHECK_BUDGET_S:-455}"
   BUILD_DIR="$ROOT/build-gpu"
   PY="${PYTHON:-python3}"
   DEFAULT_REPORT="$ROOT/reports/gpu/$STAMP"
@@ -215,7 +217,7 @@ run_stage() {
   fi
   log "stage $name (limit ${limit}s): $(printf '%s ' "$@" | tr '\n' ' ' | cut -c1-240)"
   # SIGINT first: pytest then still writes its summary and junit XML.
-  timeout -s INT -k 20 "$limit" "$@" >"$logfile" 2>&1
+  timeout -s INT -k 10 "$limit" "$@" >"$logfile" 2>&1
   STAGE_RC=$?
   STAGE_SECS=$(($(date +%s) - t0))
 }
@@ -375,9 +377,9 @@ else
   BENCH_DEVICE=cpu
 fi
 if [[ -x $BENCH_BIN ]]; then
-  # Two and a half minutes stay for pytest and the sanitizers whatever the
+  # Two minutes stay for pytest and the sanitizers whatever the
   # build took; a bench that would get under a minute does not start.
-  RESERVE="$(pick 150 0)"
+  RESERVE="$(pick 120 0)"
   if (($(stage_limit 180) < 60)); then RESERVE=100000; fi
   run_stage bench "$(pick 180 300)" "$LOGS/bench.log" "$BENCH_BIN" --device "$BENCH_DEVICE" "${BENCH_ARGS[@]}" \
     --outdir "$WORK/bench"
@@ -417,7 +419,7 @@ done
 # The filter must still name existing tests (the names can change).
 SANITIZE_MATCHED=0
 if [[ -x $TESTS_BIN ]]; then
-  SANITIZE_MATCHED="$(timeout 60 "$TESTS_BIN" --gtest_list_tests --gtest_filter="$SANITIZE_FILTER" 2>/dev/null | grep -c '^  ')"
+  SANITIZE_MATCHED="$(timeout 20 "$TESTS_BIN" --gtest_list_tests --gtest_filter="$SANITIZE_FILTER" 2>/dev/null | grep -c '^  ')"
 fi
 # memcheck sees out-of-bounds accesses only at allocation boundaries: torch's
 # caching allocator is off for these runs, every tensor its own cudaMalloc.
@@ -476,7 +478,7 @@ run_sanitizers() {
 # Device-dependent tests take the `device`/`absorption_device` fixture
 # (params cpu, cuda), so their CUDA cases have "cuda" in their ids; the
 # CUDA-only tests live in test_cuda.py. `-k cuda` selects exactly those.
-PYTEST_ARGS=(-m pytest tests/python -q -rs -k cuda -p no:cacheprovider
+PYTEST_ARGS=(-m pytest tests/python -q -rfEs -k cuda -p no:cacheprovider
   --junitxml="$LOGS/pytest_cuda.xml" -o junit_family=xunit2)
 if [[ $MODE == gpu ]]; then
   WORKERS="${GPU_CHECK_PYTEST_WORKERS:-4}"
@@ -504,6 +506,27 @@ cat "$WORK/stages_sanitizers.tsv" >>"$STAGES" 2>/dev/null
 
 # --- summary -------------------------------------------------------------------
 TOTAL=$(($(date +%s) - START_EPOCH))
+# The end of each failed stage's log, before the table (which stays last).
+while IFS=$'\t' read -r name status _; do
+  [[ $status == FAIL || $status == TIMEOUT ]] || continue
+  case $name in
+    environment) f=torch_info.txt ;;
+    wheels) f=wheels.log ;;
+    configure) f=configure.log ;;
+    build) f=build.log ;;
+    gtest) f=gtest_cuda.log ;;
+    bench) f=bench.log ;;
+    pytest) f=pytest_cuda.log ;;
+    memcheck | racecheck) f="sanitizer_$name.log" ;;
+    *) continue ;;
+  esac
+  echo "---- $name ($status): the end of $f ----"
+  if [[ $name == build ]]; then
+    grep -E -m 30 'FAILED:|error|Error' "$LOGS/$f" | cut -c1-300
+  else
+    grep -v -E '^SKIPPED \[|^\[  SKIPPED \]|^\[ RUN      \]|^\[       OK \]' "$LOGS/$f" | tail -25 | cut -c1-300
+  fi
+done <"$STAGES"
 cp "$STAGES" "$LOGS/stages.tsv"
 [[ -f "$BUILD_DIR/CMakeCache.txt" ]] && cp "$BUILD_DIR/CMakeCache.txt" "$LOGS/CMakeCache.txt"
 tar -czf "$REPORT/logs.tar.gz" -C "$WORK" logs
