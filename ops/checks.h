@@ -35,7 +35,7 @@ void check_same_device(const char* op, const char* arg, const at::Tensor& t,
 tricubic::OutOfRange parse_out_of_range(const char* op,
                                         c10::string_view out_of_range);
 
-// Everything SPEC section 1 asks of the forward's arguments.
+// Everything docs/CONTRACT.md §1 asks of the forward's arguments.
 tricubic::OutOfRange check_tricubic_args(const char* op, const at::Tensor& grid,
                                          const at::Tensor& hkl,
                                          c10::IntArrayRef index_min,
@@ -52,7 +52,7 @@ void check_cotangent(const char* op, const char* arg,
                      const std::optional<at::Tensor>& t, const char* like_arg,
                      const at::Tensor& like);
 
-// How detector_absorption's inputs line up (SPEC section 2).
+// How detector_absorption's inputs line up (docs/CONTRACT.md §2).
 struct AbsorptionLayout {
   int64_t layers = 1;                // L = thicksteps
   c10::SymDimVector pixel_shape;     // P, the output shape
@@ -62,7 +62,7 @@ struct AbsorptionLayout {
   bool coords_per_layer = false;
 };
 
-// Every check of SPEC section 2 that needs no tensor data (dtypes, devices,
+// Every check of docs/CONTRACT.md §2 that needs no tensor data (dtypes, devices,
 // shapes, broadcasting, thicksteps); the values of thickness and
 // attenuation_length are checked by check_absorption_values.
 AbsorptionLayout check_absorption_args(const char* op, const at::Tensor& intensity,

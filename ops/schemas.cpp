@@ -4,7 +4,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(nanobragg, m) {
-  // SPEC section 1.
+  // docs/CONTRACT.md §1.
   m.def(
       "tricubic_interp(Tensor grid, Tensor hkl, int[3] index_min, "
       "float default_value=0.0, str out_of_range=\"default\") -> Tensor",
@@ -30,7 +30,7 @@ TORCH_LIBRARY(nanobragg, m) {
       "-> (Tensor grad_grad_output, Tensor grad_grid, Tensor grad_hkl)",
       {at::Tag::pt2_compliant_tag});
 
-  // SPEC section 2.
+  // docs/CONTRACT.md §2.
   m.def(
       "detector_absorption(Tensor intensity, Tensor pixel_coords, Tensor odet, "
       "Tensor thickness, Tensor attenuation_length, int thicksteps, "

@@ -129,10 +129,7 @@ inline ScalarValues read_host_scalars(const char* op, const at::Tensor& odet,
   return s;
 }
 
-// The CUDA kernels' way: a scalar on the GPU is passed by address and read
-// by the kernel (no copy to the host, no wait; CUDA graphs replay whatever
-// it holds then); a 0-dim CPU tensor is read here and checked here. `t`
-// holds `count` elements (odet: 3), each becoming one ScalarArg.
+// The dtype tag of a scalar argument read on the device.
 inline ScalarDtype scalar_dtype(at::ScalarType t) {
   switch (t) {
     case at::kDouble: return ScalarDtype::Float64;
@@ -146,6 +143,10 @@ inline ScalarDtype scalar_dtype(at::ScalarType t) {
   return ScalarDtype::Float32;  // not reached
 }
 
+// The CUDA kernels' way: a scalar on the GPU is passed by address and read
+// by the kernel (no copy to the host, no wait; CUDA graphs replay whatever
+// it holds then); a 0-dim CPU tensor is read here and checked here. `t`
+// holds `count` elements (odet: 3), each becoming one ScalarArg.
 inline void device_scalar_args(const at::Tensor& t, int count, ScalarArg* out) {
   if (t.is_cpu()) {
     const at::Tensor v = t.reshape({count}).to(at::kDouble).contiguous();

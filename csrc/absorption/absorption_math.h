@@ -1,7 +1,7 @@
 // Per-pixel math of nanobragg::detector_absorption, shared by the CPU and
 // CUDA kernels. Only c10 macros and <cmath>.
 //
-// Contract: shared/SPEC.md section 2. Per pixel and layer t = 0..L-1:
+// Contract: docs/CONTRACT.md §2. Per pixel and layer t = 0..L-1:
 //   rho_t = dot(odet, p_t / max(|p_t|, 1e-10)), then |rho_t| >= 1e-10 kept
 //   a_t   = dz * mu / rho_t  with dz = thickness / L, mu = 1 / attenuation_length
 //   c_t   = exp(-t a_t) - exp(-(t+1) a_t)       capture fraction of layer t

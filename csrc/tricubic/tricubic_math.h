@@ -2,7 +2,7 @@
 // kernels (the way ATen's GridSampler.h serves both backends). Only c10
 // macros and <cmath>: no tensors, no allocation, no dispatch.
 //
-// Contract: shared/SPEC.md section 1. With n = floor(x) and u = x - n on each
+// Contract: docs/CONTRACT.md §1. With n = floor(x) and u = x - n on each
 // axis, the stencil is the 4 nodes n-1..n+2 and the value is
 //   F = sum_abc w_a(u_h) w_b(u_k) w_c(u_l) grid[n_h-1+a, n_k-1+b, n_l-1+c]
 // with the Lagrange weights on consecutive integers, the closed form of

@@ -1,4 +1,4 @@
-// Independent references for detector_absorption (SPEC section 2), sharing
+// Independent references for detector_absorption (docs/CONTRACT.md §2), sharing
 // no code with the operator:
 //  * port_reference: the PyTorch port's formulation, written with ATen ops
 //    (broadcast [L, *P] capture fractions, then sum or last value), for

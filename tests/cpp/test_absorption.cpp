@@ -1,5 +1,5 @@
 // detector_absorption: parity with the PyTorch port's formulation and a layer
-// loop (SPEC section 2), and gradients against central finite differences.
+// loop (docs/CONTRACT.md §2), and gradients against central finite differences.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <gtest/gtest.h>

@@ -1,4 +1,4 @@
-// detector_absorption's bad arguments (SPEC section 2): each a c10::Error
+// detector_absorption's bad arguments (docs/CONTRACT.md §2): each a c10::Error
 // naming the operator and the argument.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>

@@ -1,4 +1,4 @@
-// tricubic_interp forward: parity with the polin3 reference (SPEC section 1).
+// tricubic_interp forward: parity with the polin3 reference (docs/CONTRACT.md §1).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <gtest/gtest.h>

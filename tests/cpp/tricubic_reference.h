@@ -1,7 +1,7 @@
 // An independent scalar reference for tricubic_interp, written the way
 // nanoBragg writes it: polint (one 4-point Lagrange polynomial on absolute
 // node coordinates), polin2 (4 + 1 polint), polin3 (4 polin2 + 1 polint, 21
-// polint calls), with SPEC section 1's per-point range rules on top. It
+// polint calls), with docs/CONTRACT.md §1's per-point range rules on top. It
 // shares no code with the operator.
 #pragma once
 
@@ -45,7 +45,7 @@ inline double polin3(const double x1a[4], const double x2a[4],
   return polint(x1a, ymtmp, x1);
 }
 
-// One point by the SPEC's rules. `grid` is a CPU float64 tensor [Nh, Nk, Nl].
+// One point by the contract.s rules. `grid` is a CPU float64 tensor [Nh, Nk, Nl].
 inline double tricubic_reference(const at::Tensor& grid,
                                  const std::array<int64_t, 3>& index_min,
                                  const std::array<double, 3>& x,

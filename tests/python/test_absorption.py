@@ -1,6 +1,6 @@
 """detector_absorption from Python: gradcheck, opcheck, a pure-PyTorch
 reference (the PyTorch port's formulation), TorchScript, torch.compile and
-error messages. The contract is sections 2 and 3 of SPEC.md."""
+error messages. The contract is docs/CONTRACT.md §2 and §3."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def reference(
     intensity, pixel_coords, odet, thickness, attenuation_length, thicksteps, oversample_thick, per_layer=False
 ):
     """The PyTorch port's Simulator._apply_detector_absorption, extended to
-    per-layer inputs as SPEC.md section 2 describes; evaluated in float64."""
+    per-layer inputs as docs/CONTRACT.md §2 describes; evaluated in float64."""
     intensity, pixel_coords, odet, thickness, attenuation_length = (
         x.double() for x in (intensity, pixel_coords, odet, thickness, attenuation_length)
     )

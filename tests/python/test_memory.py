@@ -1,4 +1,4 @@
-"""Memory at scale, on CPU (SPEC section 3: nothing per point or per layer
+"""Memory at scale, on CPU (docs/CONTRACT.md §3: nothing per point or per layer
 is materialised; the extra memory is the output and the input gradients plus
 a small constant).
 

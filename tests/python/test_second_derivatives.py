@@ -1,4 +1,4 @@
-"""Second derivatives of both operators (SPEC section 3, "twice
+"""Second derivatives of both operators (docs/CONTRACT.md §3, "twice
 differentiable"): gradgradcheck in float64 on every differentiable input,
 mixed terms included; Hessian-vector products of a small refinement loss
 against finite differences; opcheck of the double-backward ops; and the

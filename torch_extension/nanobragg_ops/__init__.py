@@ -182,7 +182,7 @@ def detector_absorption(
     its layering pass ``thickness = N * T / (N - 1)``. C's last-value mode
     also multiplies the *sum* of the layers' intensities (L times the
     ``False`` branch here), and its ``-oversample_thick`` weights a running
-    sum; this operator follows the PyTorch port (SPEC section 2).
+    sum; this operator follows the PyTorch port (docs/CONTRACT.md §2).
 
     Returns:
         ``P``, dtype of ``intensity``; differentiable in ``intensity``,

@@ -1,7 +1,7 @@
 // nanobragg_ops: the public C++ API. Plain functions that call the operators
 // through the PyTorch dispatcher, so autograd, device dispatch (CPU, CUDA)
 // and tracing all apply, exactly as for torch.ops.nanobragg.* in Python.
-// The contract of each operator is shared/SPEC.md.
+// The contract of each operator is docs/CONTRACT.md.
 #pragma once
 
 #include <ATen/core/Tensor.h>
