@@ -10,6 +10,8 @@
 //   * detector_absorption with only intensity / pixel_coords batched.
 // Anything else (a batched grid, odet, thickness, ...) runs the operator once
 // per batch entry and stacks the results: correct, and as fast as B calls.
+// An empty batch (size 0) runs no backend kernel: its results' shapes come
+// from the Meta kernels.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/functorch/DynamicLayer.h>
@@ -17,7 +19,10 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 #include <vector>
+
+#include "op_traits.h"
 
 namespace nanobragg {
 namespace {
@@ -32,15 +37,34 @@ int64_t current_level(const c10::OperatorHandle& op) {
 }
 
 // The op's arguments with every tensor batched at `level` unwrapped and its
-// batch dimension moved to the front.
+// batch dimension moved to the front. The fold rules below find arguments
+// and returns by their schema names, not by position.
 struct Unwrapped {
+  const c10::FunctionSchema* schema = nullptr;
   std::vector<c10::IValue> args;
   std::vector<bool> batched;
   int64_t batch_size = -1;
+
+  size_t index(const char* name) const {
+    const auto i = schema->argumentIndexWithName(name);
+    TORCH_INTERNAL_ASSERT(i.has_value(), schema->name(), " has no argument ", name);
+    return static_cast<size_t>(*i);
+  }
+  size_t output_index(const char* name) const {
+    const auto& returns = schema->returns();
+    for (size_t i = 0; i < returns.size(); ++i) {
+      if (returns[i].name() == name) return i;
+    }
+    TORCH_INTERNAL_ASSERT(false, schema->name(), " has no return ", name);
+  }
+  const c10::IValue& arg(const char* name) const { return args[index(name)]; }
+  bool is_batched(const char* name) const { return batched[index(name)]; }
 };
 
-Unwrapped unwrap_arguments(const std::vector<c10::IValue>& args, int64_t level) {
+Unwrapped unwrap_arguments(const c10::OperatorHandle& op, const std::vector<c10::IValue>& args,
+                           int64_t level) {
   Unwrapped u;
+  u.schema = &op.schema();
   u.args = args;
   u.batched.assign(args.size(), false);
   for (size_t i = 0; i < args.size(); ++i) {
@@ -79,9 +103,34 @@ std::vector<at::Tensor> call_returning_tensors(const c10::OperatorHandle& op,
   return outs;
 }
 
+// An empty batch: the shapes and dtypes of one entry's results come from
+// the Meta kernels (which check the arguments as the backends do, without
+// reading any value), and each result is [0, ...] of them.
+std::vector<at::Tensor> empty_batch(const c10::OperatorHandle& op, const Unwrapped& u) {
+  std::optional<at::Device> device;
+  std::vector<c10::IValue> args = u.args;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (!args[i].isTensor()) continue;
+    const at::Tensor& t = u.args[i].toTensor();
+    if (!device) device = t.device();
+    args[i] = u.batched[i] ? at::empty(t.sizes().slice(1), t.options().device(at::kMeta))
+                           : at::empty_strided(t.sizes(), t.strides(),
+                                               t.options().device(at::kMeta));
+  }
+  auto outs = call_returning_tensors(op, std::move(args));
+  for (auto& t : outs) {
+    std::vector<int64_t> shape{0};
+    shape.insert(shape.end(), t.sizes().begin(), t.sizes().end());
+    t = at::empty(shape, t.options().device(device.value_or(at::Device(at::kCPU))));
+  }
+  return outs;
+}
+
 // The general rule: one call per batch entry, results stacked.
-void loop_over_batch(const c10::OperatorHandle& op, const Unwrapped& u, Stack* stack,
-                     int64_t level) {
+std::vector<at::Tensor> loop_over_batch(const c10::OperatorHandle& op, const Unwrapped& u) {
+  if (u.batch_size == 0) {
+    return empty_batch(op, u);
+  }
   std::vector<std::vector<at::Tensor>> per_output(op.schema().returns().size());
   for (int64_t b = 0; b < u.batch_size; ++b) {
     std::vector<c10::IValue> args = u.args;
@@ -99,48 +148,49 @@ void loop_over_batch(const c10::OperatorHandle& op, const Unwrapped& u, Stack* s
   for (auto& list : per_output) {
     stacked.push_back(at::stack(list));
   }
-  push_batched(stack, std::move(stacked), level);
+  return stacked;
 }
 
-// Boxed entry point: `fold(u)` returns the folded results, or nullopt when
-// the batch cannot be folded for these arguments.
-template <typename FoldFn>
-void batched_kernel(const c10::OperatorHandle& op, Stack* stack, const FoldFn& fold) {
+using MaybeOuts = std::optional<std::vector<at::Tensor>>;
+using FoldFn = MaybeOuts (*)(const c10::OperatorHandle&, const Unwrapped&);
+
+// Boxed entry point: `Fold(op, u)` returns the folded results, or nullopt
+// when the batch cannot be folded for these arguments.
+template <FoldFn Fold>
+void rule(const c10::OperatorHandle& op, Stack* stack) {
   c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
   const int64_t level = current_level(op);
   const size_t n = op.schema().arguments().size();
   std::vector<c10::IValue> args(stack->end() - n, stack->end());
   torch::jit::drop(*stack, n);
-  const Unwrapped u = unwrap_arguments(args, level);
+  const Unwrapped u = unwrap_arguments(op, args, level);
   if (u.batch_size < 0) {  // nothing batched at this level
     for (auto& t : call_returning_tensors(op, args)) stack->emplace_back(std::move(t));
     return;
   }
-  if (auto outs = fold(op, u)) {
-    push_batched(stack, std::move(*outs), level);
-    return;
-  }
-  loop_over_batch(op, u, stack, level);
+  MaybeOuts outs = u.batch_size > 0 ? Fold(op, u) : std::nullopt;
+  push_batched(stack, outs ? std::move(*outs) : loop_over_batch(op, u), level);
 }
-
-using MaybeOuts = std::optional<std::vector<at::Tensor>>;
 
 MaybeOuts no_fold(const c10::OperatorHandle&, const Unwrapped&) { return std::nullopt; }
 
 // tricubic_interp(grid, hkl, ...): a batched hkl is [B, ..., 3], more points.
 MaybeOuts fold_tricubic(const c10::OperatorHandle& op, const Unwrapped& u) {
-  if (u.batched[0]) return std::nullopt;
+  if (u.is_batched("grid")) return std::nullopt;
   return call_returning_tensors(op, u.args);
 }
 
-// tricubic_interp_backward(grad_output, grid, hkl, index_min, out_of_range,
-// output_mask): grad_hkl alone is per point, so grad_output and hkl (either
-// batched, the other expanded to B without copying) fold.
+// tricubic_interp_backward(grad_output, grid, hkl, ..., output_mask):
+// grad_hkl alone is per point, so grad_output and hkl (either batched, the
+// other expanded to B without copying) fold.
 MaybeOuts fold_tricubic_backward(const c10::OperatorHandle& op, const Unwrapped& u) {
-  const auto mask = u.args[5].toBoolList();
-  if (u.batched[1] || mask.get(0)) return std::nullopt;
+  const size_t grad_grid = u.output_index("grad_grid");
+  if (u.is_batched("grid") || u.arg("output_mask").toBoolList().get(grad_grid)) {
+    return std::nullopt;
+  }
   std::vector<c10::IValue> args = u.args;
-  for (int i : {0, 2}) {
+  for (const char* name : {"grad_output", "hkl"}) {
+    const size_t i = u.index(name);
     if (!u.batched[i]) {
       const at::Tensor t = args[i].toTensor();
       std::vector<int64_t> shape{u.batch_size};
@@ -150,7 +200,7 @@ MaybeOuts fold_tricubic_backward(const c10::OperatorHandle& op, const Unwrapped&
   }
   auto outs = call_returning_tensors(op, std::move(args));
   // grad_grid was not asked for: its placeholder is [0] per batch entry.
-  outs[0] = at::empty({u.batch_size, 0}, outs[0].options());
+  outs[grad_grid] = at::empty({u.batch_size, 0}, outs[grad_grid].options());
   return outs;
 }
 
@@ -161,15 +211,21 @@ MaybeOuts fold_tricubic_backward(const c10::OperatorHandle& op, const Unwrapped&
 // up with the other input's under broadcasting; per_layer keeps the layer
 // dim first.
 MaybeOuts fold_absorption(const c10::OperatorHandle& op, const Unwrapped& u) {
-  if (u.batched[2] || u.batched[3] || u.batched[4]) return std::nullopt;
-  const bool per_layer = u.args[7].toBool();
+  if (u.is_batched("odet") || u.is_batched("thickness") ||
+      u.is_batched("attenuation_length")) {
+    return std::nullopt;
+  }
+  const bool per_layer = u.arg("per_layer").toBool();
   const int64_t lead = per_layer ? 1 : 0;  // layer dim
-  at::Tensor intensity = u.args[0].toTensor(), coords = u.args[1].toTensor();
+  const size_t i_intensity = u.index("intensity"), i_coords = u.index("pixel_coords");
+  const at::Tensor intensity = u.args[i_intensity].toTensor();
+  const at::Tensor coords = u.args[i_coords].toTensor();
+  const bool b_intensity = u.batched[i_intensity], b_coords = u.batched[i_coords];
   auto pixel_rank = [&](const at::Tensor& t, bool batched, int64_t trailing) {
     return t.dim() - (batched ? 1 : 0) - lead - trailing;
   };
-  const int64_t rank = std::max(pixel_rank(intensity, u.batched[0], 0),
-                                pixel_rank(coords, u.batched[1], 1));
+  const int64_t rank =
+      std::max(pixel_rank(intensity, b_intensity, 0), pixel_rank(coords, b_coords, 1));
   auto place = [&](at::Tensor t, bool batched, int64_t trailing) {
     if (!batched) return t;
     if (per_layer) t = t.movedim(0, 1);  // [L, B, ...]
@@ -179,14 +235,21 @@ MaybeOuts fold_absorption(const c10::OperatorHandle& op, const Unwrapped& u) {
     return t;
   };
   std::vector<c10::IValue> args = u.args;
-  args[0] = place(intensity, u.batched[0], 0);
-  args[1] = place(coords, u.batched[1], 1);
+  args[i_intensity] = place(intensity, b_intensity, 0);
+  args[i_coords] = place(coords, b_coords, 1);
   return call_returning_tensors(op, std::move(args));  // [B, *P]
 }
 
-template <MaybeOuts (*Fold)(const c10::OperatorHandle&, const Unwrapped&)>
-void rule(const c10::OperatorHandle& op, Stack* stack) {
-  batched_kernel(op, stack, Fold);
+// The vmap rules of one operator's three levels (op_traits.h).
+template <typename Op, FoldFn Forward, FoldFn Backward, FoldFn DoubleBackward>
+void register_rules(torch::Library& m) {
+  const std::string name = Op::kName;
+  const std::string backward = name + "_backward";
+  const std::string double_backward = name + "_double_backward";
+  m.impl(name.c_str(), torch::CppFunction::makeFromBoxedFunction<&rule<Forward>>());
+  m.impl(backward.c_str(), torch::CppFunction::makeFromBoxedFunction<&rule<Backward>>());
+  m.impl(double_backward.c_str(),
+         torch::CppFunction::makeFromBoxedFunction<&rule<DoubleBackward>>());
 }
 
 }  // namespace
@@ -194,15 +257,6 @@ void rule(const c10::OperatorHandle& op, Stack* stack) {
 
 TORCH_LIBRARY_IMPL(nanobragg, FuncTorchBatched, m) {
   using namespace nanobragg;
-  m.impl("tricubic_interp", torch::CppFunction::makeFromBoxedFunction<&rule<&fold_tricubic>>());
-  m.impl("tricubic_interp_backward",
-         torch::CppFunction::makeFromBoxedFunction<&rule<&fold_tricubic_backward>>());
-  m.impl("tricubic_interp_double_backward",
-         torch::CppFunction::makeFromBoxedFunction<&rule<&no_fold>>());
-  m.impl("detector_absorption",
-         torch::CppFunction::makeFromBoxedFunction<&rule<&fold_absorption>>());
-  m.impl("detector_absorption_backward",
-         torch::CppFunction::makeFromBoxedFunction<&rule<&no_fold>>());
-  m.impl("detector_absorption_double_backward",
-         torch::CppFunction::makeFromBoxedFunction<&rule<&no_fold>>());
+  register_rules<op_traits::TricubicInterp, &fold_tricubic, &fold_tricubic_backward, &no_fold>(m);
+  register_rules<op_traits::DetectorAbsorption, &fold_absorption, &no_fold, &no_fold>(m);
 }

@@ -1,6 +1,10 @@
 // Every operator schema of the library, in one place. Backends register
 // their kernels next to the kernels (csrc/*/*_cpu.cpp, *_cuda.cu), the
 // Autograd kernels in autograd.cpp and the Meta kernels in meta.cpp.
+// Each operator's three schemas follow the argument convention written in
+// op_traits.h, where the operator is described once for the code that is
+// generic over operators (autograd, vmap, dispatcher handles); the first
+// lookup of a handle checks these schemas against that description.
 #include <torch/library.h>
 
 TORCH_LIBRARY(nanobragg, m) {

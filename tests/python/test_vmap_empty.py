@@ -1,0 +1,78 @@
+"""torch.func.vmap over a batch of size 0, for both operators and every
+level (op, backward, double backward): the results are [0, ...] of one
+entry's shape and dtype, folded or looped alike, and no backend kernel runs
+(the shapes come from the Meta kernels)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import grad, jacrev, vmap
+
+import nanobragg_ops
+from test_absorption import make_inputs as absorption_inputs
+from test_tricubic import INDEX_MIN, make_inputs as tricubic_inputs
+
+
+def empty_batch_of(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(0)[:0]
+
+
+def assert_empty_like(batched: torch.Tensor, one: torch.Tensor) -> None:
+    assert batched.shape == (0, *one.shape)
+    assert batched.dtype == one.dtype
+    assert batched.device == one.device
+
+
+def tricubic(grid, hkl):
+    return nanobragg_ops.tricubic_interp(grid, hkl, INDEX_MIN, 0.5, "nearest")
+
+
+@pytest.mark.parametrize("batched", ["hkl", "grid", "both"])
+def test_tricubic_forward_and_grad(device, batched):
+    grid, hkl = tricubic_inputs(device, n=10, outside=3)
+    in_dims = {"hkl": (None, 0), "grid": (0, None), "both": (0, 0)}[batched]
+    args = [empty_batch_of(x) if d == 0 else x for x, d in zip((grid, hkl), in_dims)]
+    assert_empty_like(vmap(tricubic, in_dims=in_dims)(*args), tricubic(grid, hkl))
+
+    loss = lambda g, h: tricubic(g, h).pow(2).sum()  # noqa: E731
+    grads = vmap(grad(loss, argnums=(0, 1)), in_dims=in_dims)(*args)
+    assert_empty_like(grads[0], grid)
+    assert_empty_like(grads[1], hkl)
+    # Second derivatives (the double backward under vmap).
+    gnorm = lambda g, h: grad(loss, argnums=1)(g, h).pow(2).sum()  # noqa: E731
+    gg = vmap(grad(gnorm, argnums=(0, 1)), in_dims=in_dims)(*args)
+    assert_empty_like(gg[0], grid)
+    assert_empty_like(gg[1], hkl)
+
+
+def test_tricubic_jacrev_of_no_points(device):
+    # jacrev's vmap over a basis of size 0: no output, no row of the Jacobian.
+    grid, hkl = tricubic_inputs(device, n=10, outside=3)
+    jac = jacrev(tricubic, argnums=1)(grid, hkl[:0])
+    assert jac.shape == (0, 0, 3)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+@pytest.mark.parametrize("batched", ["intensity", "pixel_coords", "thickness", "all"])
+def test_absorption_forward_and_grad(absorption_device, per_layer, batched):
+    inputs = absorption_inputs(
+        absorption_device, odet="tilted", per_layer=per_layer, pixel_layers=1 if per_layer else None
+    )
+    names = ["intensity", "pixel_coords", "odet", "thickness", "attenuation_length"]
+    in_dims = tuple(0 if batched in (name, "all") else None for name in names)
+    args = [empty_batch_of(x) if d == 0 else x for x, d in zip(inputs, in_dims)]
+
+    def f(*xs):
+        return nanobragg_ops.detector_absorption(*xs, 3, True, per_layer)
+
+    assert_empty_like(vmap(f, in_dims=in_dims)(*args), f(*inputs))
+
+    loss = lambda *xs: f(*xs).pow(2).sum()  # noqa: E731
+    grads = vmap(grad(loss, argnums=(0, 1, 2, 3, 4)), in_dims=in_dims)(*args)
+    for g, x in zip(grads, inputs):
+        assert_empty_like(g, x)
+    gnorm = lambda *xs: grad(loss, argnums=3)(*xs).pow(2).sum()  # noqa: E731
+    gg = vmap(grad(gnorm, argnums=(0, 1, 2, 3, 4)), in_dims=in_dims)(*args)
+    for g, x in zip(gg, inputs):
+        assert_empty_like(g, x)
