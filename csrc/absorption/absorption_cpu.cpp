@@ -42,34 +42,37 @@ bool contiguous_shared(const ExpandedInputs& in, const PointOffsets<3>& offsets,
          offsets.strides[0][0] == 1 && offsets.strides[1][0] == 3 && in.coords.stride(-1) == 1;
 }
 
-// Pixels [begin, end) of the common case.
+// Pixels [begin, end) of the common case: out[p] = value[p * value_stride]
+// * capture (the forward with value = intensity; the intensity-only backward
+// with value = the incoming gradient).
 template <typename T>
-void shared_forward_range(const AbsorptionParams<T>& prm, const T* I, const T* C, T* out,
-                          int64_t begin, int64_t end) {
+void shared_forward_range(const AbsorptionParams<T>& prm, const T* value, int64_t value_stride,
+                          const T* C, T* out, int64_t begin, int64_t end) {
 #if NANOBRAGG_HAVE_AVX2_KERNELS
   if (cpu::use_avx2()) {
-    avx2::shared_forward(prm, I, C, out, begin, end);
+    avx2::shared_forward(prm, value, value_stride, C, out, begin, end);
     return;
   }
 #endif
   for (int64_t p = begin; p < end; ++p) {
     const T* c = C + 3 * p;
     out[p] = shared_pixel_value(prm.odet[0], prm.odet[1], prm.odet[2], prm.step, prm.layers,
-                                prm.oversample, I[p], c[0], c[1], c[2]);
+                                prm.oversample, value[p * value_stride], c[0], c[1], c[2]);
   }
 }
 
-// Gradients of pixels [begin, end) of the common case; adds the block's
-// dL/ds and dL/dodet to acc.
+// Gradients of pixels [begin, end) of the common case (incoming gradient of
+// pixel p at g[p * g_stride]); adds the block's dL/ds and dL/dodet to acc
+// when it is not null.
 template <typename T>
 void shared_backward_block(const AbsorptionParams<T>& prm, const PixelSource<T>& source,
-                           const T* g, T* gI, T* gP, int64_t begin, int64_t end,
-                           std::array<double, 4>& acc) {
+                           const T* g, int64_t g_stride, T* gI, T* gP, int64_t begin,
+                           int64_t end, double* acc) {
   const T* I = source.intensity;
   const T* C = source.coords;
 #if NANOBRAGG_HAVE_AVX2_KERNELS
   if (cpu::use_avx2()) {
-    avx2::shared_backward(prm, I, C, g, gI, gP, begin, end, acc.data());
+    avx2::shared_backward(prm, I, C, g, g_stride, gI, gP, begin, end, acc);
     return;
   }
 #endif
@@ -77,13 +80,15 @@ void shared_backward_block(const AbsorptionParams<T>& prm, const PixelSource<T>&
     const T* c = C + 3 * p;
     T grad_I, gp[3], d_step, go[3];
     shared_pixel_grad(prm.odet[0], prm.odet[1], prm.odet[2], prm.step, prm.layers, prm.oversample,
-                      I[p], c[0], c[1], c[2], g[p], grad_I, gp, d_step, go);
+                      I[p], c[0], c[1], c[2], g[p * g_stride], grad_I, gp, d_step, go);
     if (gI != nullptr) gI[p] = grad_I;
     if (gP != nullptr) {
       for (int d = 0; d < 3; ++d) gP[3 * p + d] = gp[d];
     }
-    acc[0] += static_cast<double>(d_step);
-    for (int d = 0; d < 3; ++d) acc[1 + d] += static_cast<double>(go[d]);
+    if (acc != nullptr) {
+      acc[0] += static_cast<double>(d_step);
+      for (int d = 0; d < 3; ++d) acc[1 + d] += static_cast<double>(go[d]);
+    }
   }
 }
 
@@ -113,7 +118,7 @@ at::Tensor detector_absorption_cpu(const at::Tensor& intensity,
       const scalar_t* I = source.intensity;
       const scalar_t* C = source.coords;
       at::parallel_for(0, in.num_pixels, kPixelGrain, [&](int64_t begin, int64_t end) {
-        shared_forward_range(prm, I, C, o, begin, end);
+        shared_forward_range(prm, I, 1, C, o, begin, end);
       });
       return;
     }
@@ -148,11 +153,28 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output,
   // the input has a layer dimension), so no two pixels write the same slot.
   const auto opts = intensity.options();
   const int64_t n = in.num_pixels;
-  const auto offsets = in.pixel_offsets(grad_output);
+  // The common case has its own loops for any layout of the incoming
+  // gradient: read through its one stride (1; 0 when expanded, as .sum()
+  // gives it; any other), or, when its layout does not merge into one
+  // dimension with the inputs', from a contiguous copy (one pass over P).
+  const bool shared =
+      n > 0 && contiguous_shared(in, in.pixel_offsets(in.intensity.select(0, 0)),
+                                 scalars.thickness > 0.0);
+  at::Tensor grad = grad_output;
+  PointOffsets<3> offsets = in.pixel_offsets(grad);
+  if (shared && offsets.ndim != 1) {
+    grad = grad_output.contiguous();
+    offsets = in.pixel_offsets(grad);
+  }
+  const bool fast = shared && offsets.ndim == 1;
+  const int64_t g_stride = offsets.strides[2][0];
+  // What is asked for: only intensity's gradient is g * capture, the
+  // forward's formula with g for the intensity; the others need the whole
+  // gradient, and the scalar sums only for odet, thickness or the
+  // attenuation length.
+  const bool need_sums = output_mask[2] || output_mask[3] || output_mask[4];
+  const bool intensity_only = !output_mask[1] && !need_sums;
   // The common case writes every slot once: no zeroing needed.
-  const bool fast = n > 0 &&
-                    contiguous_shared(in, offsets, scalars.thickness > 0.0) &&
-                    offsets.strides[2][0] == 1;
   FullGrads full = allocate_full_grads(in, output_mask, opts, /*zeroed=*/!fast);
   const int64_t blocks = (n + kReduceBlock - 1) / kReduceBlock;
   std::vector<std::array<double, 4>> partial(static_cast<size_t>(blocks), {0, 0, 0, 0});
@@ -160,15 +182,24 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output,
     AT_DISPATCH_FLOATING_TYPES(intensity.scalar_type(), "detector_absorption_backward_cpu", [&] {
       const auto prm = params_from<scalar_t>(scalars, thicksteps, oversample_thick);
       const auto source = in.source<scalar_t>();
-      const scalar_t* g = grad_output.const_data_ptr<scalar_t>();
+      const scalar_t* g = grad.const_data_ptr<scalar_t>();
       scalar_t* gI = full.intensity_ptr<scalar_t>();
       scalar_t* gP = full.coords_ptr<scalar_t>();
+      if (fast && intensity_only) {
+        if (gI != nullptr) {
+          at::parallel_for(0, n, kPixelGrain, [&](int64_t begin, int64_t end) {
+            shared_forward_range(prm, g, g_stride, source.coords, gI, begin, end);
+          });
+        }
+        return;
+      }
       at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
         for (int64_t b = block_begin; b < block_end; ++b) {
           std::array<double, 4> acc = {0, 0, 0, 0};
           const int64_t end = std::min(n, (b + 1) * kReduceBlock);
           if (fast) {
-            shared_backward_block(prm, source, g, gI, gP, b * kReduceBlock, end, acc);
+            shared_backward_block(prm, source, g, g_stride, gI, gP, b * kReduceBlock, end,
+                                  need_sums ? acc.data() : nullptr);
             partial[static_cast<size_t>(b)] = acc;
             continue;
           }

@@ -57,19 +57,32 @@ struct Lanes {
   static constexpr int64_t W = V::size();
   T x[W], y[W], z[W], value[W], grad[W];
 
-  int64_t load(const T* intensity, const T* coords, const T* g, int64_t p, int64_t end) {
+  int64_t load(const T* intensity, int64_t intensity_stride, const T* coords, const T* g,
+               int64_t g_stride, int64_t p, int64_t end) {
     const int64_t n = std::min(W, end - p);
     for (int64_t j = 0; j < W; ++j) {
       const bool in = j < n;
       x[j] = in ? coords[3 * (p + j)] : T(0);
       y[j] = in ? coords[3 * (p + j) + 1] : T(0);
       z[j] = in ? coords[3 * (p + j) + 2] : T(1);
-      value[j] = in ? intensity[p + j] : T(0);
-      grad[j] = (in && g != nullptr) ? g[p + j] : T(0);
+      value[j] = in ? intensity[(p + j) * intensity_stride] : T(0);
+      grad[j] = (in && g != nullptr) ? g[(p + j) * g_stride] : T(0);
     }
     return n;
   }
 };
+
+// W consecutive values of stride `stride`: one load (1), a broadcast (0, the
+// expanded gradient of .sum()), else element by element.
+template <typename T>
+inline at::vec::Vectorized<T> load_strided(const T* p, int64_t stride) {
+  using V = at::vec::Vectorized<T>;
+  if (stride == 1) return V::loadu(p);
+  if (stride == 0) return V(*p);
+  T buf[V::size()];
+  for (int64_t j = 0; j < V::size(); ++j) buf[j] = p[j * stride];
+  return V::loadu(buf);
+}
 
 // x, y, z of W consecutive pixels of a contiguous [P, 3] array, by AVX2
 // gathers (a full step; partial steps go through Lanes).
@@ -93,11 +106,29 @@ inline void load_xyz(const double* c, at::vec::Vectorized<double> xyz[3]) {
   }
 }
 
+// The inverse of load_xyz: x, y, z of W pixels written interleaved to a
+// contiguous [W, 3] array (float: three permutes, six blends, three stores).
+inline void store_xyz(const at::vec::Vectorized<float> xyz[3], float* c) {
+  const __m256 x = _mm256_permutevar8x32_ps(xyz[0], _mm256_setr_epi32(0, 3, 6, 1, 4, 7, 2, 5));
+  const __m256 y = _mm256_permutevar8x32_ps(xyz[1], _mm256_setr_epi32(5, 0, 3, 6, 1, 4, 7, 2));
+  const __m256 z = _mm256_permutevar8x32_ps(xyz[2], _mm256_setr_epi32(2, 5, 0, 3, 6, 1, 4, 7));
+  _mm256_storeu_ps(c, _mm256_blend_ps(_mm256_blend_ps(x, y, 0x92), z, 0x24));
+  _mm256_storeu_ps(c + 8, _mm256_blend_ps(_mm256_blend_ps(x, y, 0x24), z, 0x49));
+  _mm256_storeu_ps(c + 16, _mm256_blend_ps(_mm256_blend_ps(x, y, 0x49), z, 0x92));
+}
+inline void store_xyz(const at::vec::Vectorized<double> xyz[3], double* c) {
+  double lanes[3][4];
+  for (int d = 0; d < 3; ++d) xyz[d].store(lanes[d]);
+  for (int j = 0; j < 4; ++j) {
+    for (int d = 0; d < 3; ++d) c[3 * j + d] = lanes[d][j];
+  }
+}
+
 }  // namespace
 
 template <typename T>
-void shared_forward(const AbsorptionParams<T>& prm, const T* intensity, const T* coords, T* out,
-                    int64_t begin, int64_t end) {
+void shared_forward(const AbsorptionParams<T>& prm, const T* value, int64_t value_stride,
+                    const T* coords, T* out, int64_t begin, int64_t end) {
   using V = at::vec::Vectorized<T>;
   const V ox(prm.odet[0]), oy(prm.odet[1]), oz(prm.odet[2]), step(prm.step);
   constexpr int64_t W = Lanes<T>::W;
@@ -105,13 +136,14 @@ void shared_forward(const AbsorptionParams<T>& prm, const T* intensity, const T*
   for (; p + W <= end; p += W) {
     V xyz[3];
     load_xyz(coords + 3 * p, xyz);
-    shared_pixel_value<V>(ox, oy, oz, step, prm.layers, prm.oversample, V::loadu(intensity + p),
-                          xyz[0], xyz[1], xyz[2])
+    shared_pixel_value<V>(ox, oy, oz, step, prm.layers, prm.oversample,
+                          load_strided(value + p * value_stride, value_stride), xyz[0], xyz[1],
+                          xyz[2])
         .store(out + p);
   }
   Lanes<T> lanes;
   for (; p < end; p += W) {
-    const int64_t n = lanes.load(intensity, coords, nullptr, p, end);
+    const int64_t n = lanes.load(value, value_stride, coords, nullptr, 0, p, end);
     const V v = shared_pixel_value<V>(ox, oy, oz, step, prm.layers, prm.oversample,
                                       V::loadu(lanes.value), V::loadu(lanes.x),
                                       V::loadu(lanes.y), V::loadu(lanes.z));
@@ -121,8 +153,8 @@ void shared_forward(const AbsorptionParams<T>& prm, const T* intensity, const T*
 
 template <typename T>
 void shared_backward(const AbsorptionParams<T>& prm, const T* intensity, const T* coords,
-                     const T* grad, T* grad_intensity, T* grad_coords, int64_t begin,
-                     int64_t end, double sums[4]) {
+                     const T* grad, int64_t grad_stride, T* grad_intensity, T* grad_coords,
+                     int64_t begin, int64_t end, double* sums) {
   using V = at::vec::Vectorized<T>;
   constexpr int64_t W = Lanes<T>::W;
   const V ox(prm.odet[0]), oy(prm.odet[1]), oz(prm.odet[2]), step(prm.step);
@@ -131,12 +163,12 @@ void shared_backward(const AbsorptionParams<T>& prm, const T* intensity, const T
   T gp_lanes[3][W];
   for (int64_t p = begin; p < end; p += W) {
     const bool full = p + W <= end;
-    const int64_t n = full ? W : lanes.load(intensity, coords, grad, p, end);
+    const int64_t n = full ? W : lanes.load(intensity, 1, coords, grad, grad_stride, p, end);
     V xyz[3], value, g;
     if (full) {
       load_xyz(coords + 3 * p, xyz);
       value = V::loadu(intensity + p);
-      g = V::loadu(grad + p);
+      g = load_strided(grad + p * grad_stride, grad_stride);
     } else {
       xyz[0] = V::loadu(lanes.x);
       xyz[1] = V::loadu(lanes.y);
@@ -151,12 +183,16 @@ void shared_backward(const AbsorptionParams<T>& prm, const T* intensity, const T
       grad_I.store(grad_intensity + p, n);
     }
     if (grad_coords != nullptr) {
-      for (int d = 0; d < 3; ++d) {
-        gp[d].store(gp_lanes[d]);
-      }
-      for (int64_t j = 0; j < n; ++j) {
+      if (full) {
+        store_xyz(gp, grad_coords + 3 * p);
+      } else {
         for (int d = 0; d < 3; ++d) {
-          grad_coords[3 * (p + j) + d] = gp_lanes[d][j];
+          gp[d].store(gp_lanes[d]);
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          for (int d = 0; d < 3; ++d) {
+            grad_coords[3 * (p + j) + d] = gp_lanes[d][j];
+          }
         }
       }
     }
@@ -164,6 +200,9 @@ void shared_backward(const AbsorptionParams<T>& prm, const T* intensity, const T
     for (int d = 0; d < 3; ++d) {
       acc[1 + d] = acc[1 + d] + go[d];
     }
+  }
+  if (sums == nullptr) {
+    return;
   }
   T lane_sums[W];
   for (int k = 0; k < 4; ++k) {
@@ -174,15 +213,16 @@ void shared_backward(const AbsorptionParams<T>& prm, const T* intensity, const T
   }
 }
 
-template void shared_forward<float>(const AbsorptionParams<float>&, const float*, const float*,
-                                    float*, int64_t, int64_t);
-template void shared_forward<double>(const AbsorptionParams<double>&, const double*,
+template void shared_forward<float>(const AbsorptionParams<float>&, const float*, int64_t,
+                                    const float*, float*, int64_t, int64_t);
+template void shared_forward<double>(const AbsorptionParams<double>&, const double*, int64_t,
                                      const double*, double*, int64_t, int64_t);
 template void shared_backward<float>(const AbsorptionParams<float>&, const float*, const float*,
-                                     const float*, float*, float*, int64_t, int64_t, double[4]);
+                                     const float*, int64_t, float*, float*, int64_t, int64_t,
+                                     double*);
 template void shared_backward<double>(const AbsorptionParams<double>&, const double*,
-                                      const double*, const double*, double*, double*, int64_t,
-                                      int64_t, double[4]);
+                                      const double*, const double*, int64_t, double*, double*,
+                                      int64_t, int64_t, double*);
 
 }  // namespace avx2
 }  // namespace absorption
