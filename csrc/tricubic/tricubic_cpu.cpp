@@ -136,6 +136,37 @@ void hkl_grad_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
   });
 }
 
+// Both gradients in one pass (tricubic_backward_point): each point's block
+// is read once, for the hkl gradient and the grid scatter, in the lanes of
+// accumulate_grid_grad (each point's hkl gradient is its own, so the lanes
+// change nothing in it).
+template <typename T>
+void both_grads_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
+                       const at::Tensor& hkl_in, c10::IntArrayRef index_min, OutOfRange mode,
+                       at::Tensor& grad_grid, at::Tensor& grad_hkl) {
+  at::Tensor hkl = hkl_in;
+  at::Tensor grad = grad_output;
+  const auto point_shape = point_shape_of(hkl);
+  const auto offsets = point_offsets_or_contiguous<2>(point_shape, {&hkl, &grad});
+  const GridView<T> view = make_grid_view<T>(grid, index_min);
+  const T* hkl_data = hkl.const_data_ptr<T>();
+  const T* grad_data = grad.const_data_ptr<T>();
+  const int64_t hkl_last = hkl.stride(-1);
+  T* out = grad_hkl.mutable_data_ptr<T>();  // contiguous [..., 3]
+  with_unit_l_stride(view.stride[2] == 1, [&](auto unit_l) {
+    accumulate_grid_grad<T>(
+        c10::multiply_integers(point_shape), grad_grid,
+        [&](int64_t p, auto& add) NANOBRAGG_LAMBDA_INLINE {
+          int64_t off[2];
+          offsets.get(p, off);
+          const T* x = hkl_data + off[0];
+          tricubic_backward_point<T, decltype(unit_l)::value>(
+              view, x[0], x[hkl_last], x[2 * hkl_last], mode, grad_data[off[1]], out + 3 * p,
+              add);
+        });
+  });
+}
+
 }  // namespace
 
 at::Tensor tricubic_interp_cpu(const at::Tensor& grid, const at::Tensor& hkl_in,
@@ -187,6 +218,10 @@ std::tuple<at::Tensor, at::Tensor> tricubic_interp_backward_cpu(
     return {grad_grid, grad_hkl};
   }
   AT_DISPATCH_FLOATING_TYPES(grid.scalar_type(), "tricubic_interp_backward_cpu", [&] {
+    if (output_mask[0] && output_mask[1]) {
+      both_grads_kernel<scalar_t>(grad_output, grid, hkl, index_min, mode, grad_grid, grad_hkl);
+      return;
+    }
     if (output_mask[0]) {
       grid_grad_kernel<scalar_t>(grad_output, hkl, index_min, mode, grad_grid);
     }

@@ -194,14 +194,20 @@ NANOBRAGG_INLINE T contract_stencil(const T* g, const int64_t stride[3],
 
 // Gradient of the contraction with respect to (u_h, u_k, u_l) in one pass:
 // three row accumulators (weights w'_h w_k, w_h w'_k, w_h w_k), then dots
-// with wl, wl and w'_l.
-template <typename T, bool kUnitL = false>
+// with wl, wl and w'_l. `row(a, b)` is called once per row of the block, in
+// the same pass (the one-pass backward scatters the grid gradient there);
+// NoRowVisit does nothing.
+struct NoRowVisit {
+  NANOBRAGG_INLINE void operator()(int, int) const {}
+};
+
+template <typename T, bool kUnitL = false, typename RowFn = NoRowVisit>
 NANOBRAGG_INLINE void contract_stencil_grad(const T* g,
                                                   const int64_t stride[3],
                                                   const T wh[4], const T wk[4],
                                                   const T wl[4], const T dwh[4],
                                                   const T dwk[4], const T dwl[4],
-                                                  T grad[3]) {
+                                                  T grad[3], const RowFn& row = RowFn()) {
   const int64_t sl = l_stride<kUnitL>(stride);
   T acc[4] = {T(0), T(0), T(0), T(0)};
   T acc_h[4] = {T(0), T(0), T(0), T(0)};
@@ -213,14 +219,15 @@ NANOBRAGG_INLINE void contract_stencil_grad(const T* g,
       const T w = wh[a] * wk[b];
       const T w_h = dwh[a] * wk[b];
       const T w_k = wh[a] * dwk[b];
-      const T* row = g + a * stride[0] + b * stride[1];
+      const T* r = g + a * stride[0] + b * stride[1];
       NANOBRAGG_UNROLL
       for (int c = 0; c < 4; ++c) {
-        const T v = row[c * sl];
+        const T v = r[c * sl];
         acc[c] += w * v;
         acc_h[c] += w_h * v;
         acc_k[c] += w_k * v;
       }
+      row(a, b);
     }
   }
   grad[0] = wl[0] * acc_h[0] + wl[1] * acc_h[1] + wl[2] * acc_h[2] + wl[3] * acc_h[3];
@@ -358,6 +365,63 @@ NANOBRAGG_UNROLL
         add(row + c, gab * wl[c]);
       }
     }
+  }
+}
+
+// The row (a, b) of a point's grid-gradient scatter: grad_out w_a w_b w_c
+// added at row + c, c = 0..3, in tricubic_grid_grad_scatter's arithmetic.
+template <typename T, typename AddFn>
+struct ScatterRow {
+  AddFn& add;
+  int64_t base;
+  const int64_t* stride;  // of the grid gradient (contiguous)
+  T grad_out;
+  const T* wh;
+  const T* wk;
+  const T* wl;
+
+  NANOBRAGG_INLINE void operator()(int a, int b) const {
+    const T gab = grad_out * wh[a] * wk[b];
+    const int64_t r = base + a * stride[0] + b * stride[1];
+    NANOBRAGG_UNROLL
+    for (int c = 0; c < 4; ++c) {
+      add(r + c, gab * wl[c]);
+    }
+  }
+};
+
+// The whole backward of one point in one pass over its 4x4x4 block: dF/dhkl
+// scaled by grad_out into grad_hkl (derivative weights, as tricubic_hkl_grad)
+// and grad_out w_a w_b w_c scattered into the grid gradient through `add`
+// (value weights, as tricubic_grid_grad_scatter, with the same arithmetic).
+template <typename T, bool kUnitL, typename AddFn>
+NANOBRAGG_INLINE void tricubic_backward_point(const GridView<T>& grid, T h, T k, T l,
+                                              OutOfRange mode, T grad_out, T grad_hkl[3],
+                                              AddFn& add) {
+  grad_hkl[0] = grad_hkl[1] = grad_hkl[2] = T(0);
+  const PointStencil<T> p = classify_point(grid.size, grid.lo, h, k, l, mode);
+  if (p.kind == PointKind::Default) {
+    return;
+  }
+  const int64_t out_stride[3] = {grid.size[1] * grid.size[2], grid.size[2], 1};
+  const int64_t base = node_offset<T>(out_stride, p.first);
+  if (p.kind == PointKind::Nearest) {
+    add(base, grad_out);
+    return;
+  }
+  T wh[4], wk[4], wl[4], dwh[4], dwk[4], dwl[4];
+  lagrange_weights(p.u[0], wh);
+  lagrange_weights(p.u[1], wk);
+  lagrange_weights(p.u[2], wl);
+  lagrange_weight_derivs(p.u[0], dwh);
+  lagrange_weight_derivs(p.u[1], dwk);
+  lagrange_weight_derivs(p.u[2], dwl);
+  const ScatterRow<T, AddFn> row{add, base, out_stride, grad_out, wh, wk, wl};
+  T g[3];
+  contract_stencil_grad<T, kUnitL>(grid.data + node_offset<T>(grid.stride, p.first),
+                                   grid.stride, wh, wk, wl, dwh, dwk, dwl, g, row);
+  for (int d = 0; d < 3; ++d) {
+    grad_hkl[d] = grad_out * g[d];
   }
 }
 
