@@ -2,7 +2,7 @@
 // TorchScript and C++. Each operator has three levels, each an op with its
 // own backend kernels:
 //   op  --backward-->  op_backward  --backward-->  op_double_backward
-// so create_graph=True gives exact second derivatives (SPEC section 3).
+// so create_graph=True gives exact second derivatives (docs/CONTRACT.md §4).
 // The double backward is linear in the cotangents it is given, and its
 // derivative with respect to them is again made of the backward and the
 // double backward (the Hessian is symmetric), so that part is exact too;
