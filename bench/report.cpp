@@ -1,5 +1,7 @@
 #include "report.h"
 
+#include "common/cpu_capability.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/detail/CUDAHooksInterface.h>
 #include <c10/util/Exception.h>
@@ -10,6 +12,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -236,6 +239,13 @@ EnvInfo collect_env(const std::string& source_dir, const std::string& build_type
   env["cuda_devices"] = names;
   env["cpu_model"] = cpu_model();
   env["threads"] = at::get_num_threads();
+  // The build of the CPU kernels that ran (csrc/common/cpu_capability.h):
+  // chosen by CPU features, or by ATEN_CPU_CAPABILITY.
+  env["cpu_capability"] = nanobragg::cpu::capability_name(nanobragg::cpu::capability());
+  env["cpu_capability_best"] =
+      nanobragg::cpu::capability_name(nanobragg::cpu::best_supported_capability());
+  const char* forced = std::getenv("ATEN_CPU_CAPABILITY");
+  env["aten_cpu_capability_env"] = forced == nullptr ? "" : forced;
   env["memory_bytes"] = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
   env["parallel_info"] = at::get_parallel_info();
   env["compiler"] = std::string("g++ ") + __VERSION__;
@@ -246,7 +256,8 @@ EnvInfo collect_env(const std::string& source_dir, const std::string& build_type
   EnvInfo info;
   info.json = env.dump(2);
   info.summary_line = "torch " + std::string(TORCH_VERSION) + ", " + env["cpu_model"].get<std::string>() +
-                      ", " + std::to_string(at::get_num_threads()) + " threads" +
+                      ", " + std::to_string(at::get_num_threads()) + " threads, CPU kernels " +
+                      env["cpu_capability"].get<std::string>() +
                       (names.empty() ? "" : ", GPU " + names.front()) + ", " + build_type +
                       " build, git " + env["git_revision"].get<std::string>().substr(0, 10) +
                       (env["git_dirty"].get<bool>() ? " (dirty)" : "");

@@ -5,7 +5,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <array>
@@ -13,16 +12,26 @@
 #include <type_traits>
 #include <vector>
 
-#include "absorption/absorption_cpu_avx2.h"
 #include "absorption/absorption_layout.h"
 #include "absorption/absorption_math.h"
 #include "absorption/absorption_scalars.h"
 #include "checks.h"
-#include "common/cpu_dispatch.h"
+#include "common/cpu_kernels.h"
+#include "common/cpu_capability.h"
 #include "common/point_offsets.h"
+
+#ifndef CPU_CAPABILITY
+#error "compiled once per CPU capability by CMakeLists.txt (nanobragg_cpu_kernels), never alone"
+#endif
+#if !defined(CPU_CAPABILITY_DEFAULT)
+#include "absorption/absorption_cpu_vec.h"
+#endif
+
+NANOBRAGG_DECLARE_CPU_KERNELS(CPU_CAPABILITY)
 
 namespace nanobragg {
 namespace absorption {
+namespace CPU_CAPABILITY {
 namespace {
 
 constexpr const char* kForward = "nanobragg::detector_absorption";
@@ -48,11 +57,9 @@ bool contiguous_shared(const ExpandedInputs& in, const PointOffsets<3>& offsets,
 template <typename T>
 void shared_forward_range(const AbsorptionParams<T>& prm, const T* value, int64_t value_stride,
                           const T* C, T* out, int64_t begin, int64_t end) {
-#if NANOBRAGG_HAVE_AVX2_KERNELS
-  if (cpu::use_avx2()) {
-    avx2::shared_forward(prm, value, value_stride, C, out, begin, end);
-    return;
-  }
+#if !defined(CPU_CAPABILITY_DEFAULT)
+  vec::shared_forward(prm, value, value_stride, C, out, begin, end);
+  return;
 #endif
   for (int64_t p = begin; p < end; ++p) {
     const T* c = C + 3 * p;
@@ -70,11 +77,9 @@ void shared_backward_block(const AbsorptionParams<T>& prm, const PixelSource<T>&
                            int64_t end, double* acc) {
   const T* I = source.intensity;
   const T* C = source.coords;
-#if NANOBRAGG_HAVE_AVX2_KERNELS
-  if (cpu::use_avx2()) {
-    avx2::shared_backward(prm, I, C, g, g_stride, gI, gP, begin, end, acc);
-    return;
-  }
+#if !defined(CPU_CAPABILITY_DEFAULT)
+  vec::shared_backward(prm, I, C, g, g_stride, gI, gP, begin, end, acc);
+  return;
 #endif
   for (int64_t p = begin; p < end; ++p) {
     const T* c = C + 3 * p;
@@ -311,14 +316,6 @@ detector_absorption_double_backward_cpu(
       output_mask, opts);
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace absorption
 }  // namespace nanobragg
-
-TORCH_LIBRARY_IMPL(nanobragg, CPU, m) {
-  m.impl("detector_absorption",
-         TORCH_FN(nanobragg::absorption::detector_absorption_cpu));
-  m.impl("detector_absorption_backward",
-         TORCH_FN(nanobragg::absorption::detector_absorption_backward_cpu));
-  m.impl("detector_absorption_double_backward",
-         TORCH_FN(nanobragg::absorption::detector_absorption_double_backward_cpu));
-}

@@ -1,13 +1,19 @@
-// AVX2 kernels of the common absorption case; see absorption_cpu_avx2.h.
-// This file is compiled with -mavx2 -mfma and CPU_CAPABILITY_AVX2, so that
-// at::vec::Vectorized is the AVX2 one (as in ATen's own kernels).
-#include "absorption/absorption_cpu_avx2.h"
+// The vectorised kernels of the common absorption case (intensity and
+// position shared by every layer, contiguous [P] and [P, 3]): the formulas of
+// absorption_math.h on at::vec::Vectorized, W pixels at a time (AVX2: 8
+// float / 4 double; AVX-512: 16 / 8), with SLEEF's vectorised exp/expm1.
+// Included only by absorption_cpu.cpp in its AVX2 and AVX-512 builds
+// (common/cpu_capability.h); the default build runs the scalar loops.
+#pragma once
 
 #include <ATen/cpu/vec/vec.h>
 
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdint>
+
+#include "absorption/absorption_math.h"
 
 namespace nanobragg {
 namespace absorption {
@@ -46,8 +52,8 @@ NANOBRAGG_VEC_PRIMITIVES(float)
 NANOBRAGG_VEC_PRIMITIVES(double)
 #undef NANOBRAGG_VEC_PRIMITIVES
 
-namespace avx2 {
-namespace {
+namespace CPU_CAPABILITY {
+namespace vec {
 
 // Lane buffers of one step: W pixels, de-interleaved; a partial last step is
 // padded with a harmless pixel (on the axis, zero intensity and gradient).
@@ -84,10 +90,31 @@ inline at::vec::Vectorized<T> load_strided(const T* p, int64_t stride) {
   return V::loadu(buf);
 }
 
-// x, y, z of W consecutive pixels of a contiguous [P, 3] array, by AVX2
-// gathers (a full step; partial steps go through Lanes).
-// float: three contiguous loads, two blends and a lane permute per component
-// (cheaper than gathers).
+// x, y, z of W consecutive pixels of a contiguous [P, 3] array (a full
+// step; partial steps go through Lanes). Any width: through lane buffers.
+template <typename T>
+inline void load_xyz(const T* c, at::vec::Vectorized<T> xyz[3]) {
+  constexpr int64_t W = at::vec::Vectorized<T>::size();
+  T lanes[3][W];
+  for (int64_t j = 0; j < W; ++j) {
+    for (int d = 0; d < 3; ++d) lanes[d][j] = c[3 * j + d];
+  }
+  for (int d = 0; d < 3; ++d) xyz[d] = at::vec::Vectorized<T>::loadu(lanes[d]);
+}
+// ... and back: x, y, z of W pixels written interleaved.
+template <typename T>
+inline void store_xyz(const at::vec::Vectorized<T> xyz[3], T* c) {
+  constexpr int64_t W = at::vec::Vectorized<T>::size();
+  T lanes[3][W];
+  for (int d = 0; d < 3; ++d) xyz[d].store(lanes[d]);
+  for (int64_t j = 0; j < W; ++j) {
+    for (int d = 0; d < 3; ++d) c[3 * j + d] = lanes[d][j];
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX2)
+// AVX2, float: three contiguous loads, two blends and a lane permute per
+// component (cheaper than gathers); double: gathers.
 inline void load_xyz(const float* c, at::vec::Vectorized<float> xyz[3]) {
   const __m256 v0 = _mm256_loadu_ps(c), v1 = _mm256_loadu_ps(c + 8), v2 = _mm256_loadu_ps(c + 16);
   // x_j sits in v0 at 0, 3, 6; v1 at 1, 4, 7; v2 at 2, 5 (and y, z shifted by one).
@@ -116,18 +143,10 @@ inline void store_xyz(const at::vec::Vectorized<float> xyz[3], float* c) {
   _mm256_storeu_ps(c + 8, _mm256_blend_ps(_mm256_blend_ps(x, y, 0x24), z, 0x49));
   _mm256_storeu_ps(c + 16, _mm256_blend_ps(_mm256_blend_ps(x, y, 0x49), z, 0x92));
 }
-inline void store_xyz(const at::vec::Vectorized<double> xyz[3], double* c) {
-  double lanes[3][4];
-  for (int d = 0; d < 3; ++d) xyz[d].store(lanes[d]);
-  for (int j = 0; j < 4; ++j) {
-    for (int d = 0; d < 3; ++d) c[3 * j + d] = lanes[d][j];
-  }
-}
-
-}  // namespace
+#endif  // CPU_CAPABILITY_AVX2
 
 template <typename T>
-void shared_forward(const AbsorptionParams<T>& prm, const T* value, int64_t value_stride,
+inline void shared_forward(const AbsorptionParams<T>& prm, const T* value, int64_t value_stride,
                     const T* coords, T* out, int64_t begin, int64_t end) {
   using V = at::vec::Vectorized<T>;
   const V ox(prm.odet[0]), oy(prm.odet[1]), oz(prm.odet[2]), step(prm.step);
@@ -152,7 +171,7 @@ void shared_forward(const AbsorptionParams<T>& prm, const T* value, int64_t valu
 }
 
 template <typename T>
-void shared_backward(const AbsorptionParams<T>& prm, const T* intensity, const T* coords,
+inline void shared_backward(const AbsorptionParams<T>& prm, const T* intensity, const T* coords,
                      const T* grad, int64_t grad_stride, T* grad_intensity, T* grad_coords,
                      int64_t begin, int64_t end, double* sums) {
   using V = at::vec::Vectorized<T>;
@@ -213,17 +232,7 @@ void shared_backward(const AbsorptionParams<T>& prm, const T* intensity, const T
   }
 }
 
-template void shared_forward<float>(const AbsorptionParams<float>&, const float*, int64_t,
-                                    const float*, float*, int64_t, int64_t);
-template void shared_forward<double>(const AbsorptionParams<double>&, const double*, int64_t,
-                                     const double*, double*, int64_t, int64_t);
-template void shared_backward<float>(const AbsorptionParams<float>&, const float*, const float*,
-                                     const float*, int64_t, float*, float*, int64_t, int64_t,
-                                     double*);
-template void shared_backward<double>(const AbsorptionParams<double>&, const double*,
-                                      const double*, const double*, int64_t, double*, double*,
-                                      int64_t, int64_t, double*);
-
-}  // namespace avx2
+}  // namespace vec
+}  // namespace CPU_CAPABILITY
 }  // namespace absorption
 }  // namespace nanobragg

@@ -5,20 +5,27 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <array>
 #include <tuple>
 
 #include "checks.h"
-#include "common/cpu_dispatch.h"
+#include "common/cpu_kernels.h"
+#include "common/cpu_capability.h"
 #include "common/point_offsets.h"
 #include "tricubic/tricubic_layout.h"
 #include "tricubic/tricubic_math.h"
 
+#ifndef CPU_CAPABILITY
+#error "compiled once per CPU capability by CMakeLists.txt (nanobragg_cpu_kernels), never alone"
+#endif
+
+NANOBRAGG_DECLARE_CPU_KERNELS(CPU_CAPABILITY)
+
 namespace nanobragg {
 namespace tricubic {
+namespace CPU_CAPABILITY {
 namespace {
 
 constexpr const char* kForward = "nanobragg::tricubic_interp";
@@ -304,13 +311,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tricubic_interp_double_backward_c
   return {grad_grad_output, grad_grid, grad_hkl};
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace tricubic
 }  // namespace nanobragg
-
-TORCH_LIBRARY_IMPL(nanobragg, CPU, m) {
-  m.impl("tricubic_interp", TORCH_FN(nanobragg::tricubic::tricubic_interp_cpu));
-  m.impl("tricubic_interp_backward",
-         TORCH_FN(nanobragg::tricubic::tricubic_interp_backward_cpu));
-  m.impl("tricubic_interp_double_backward",
-         TORCH_FN(nanobragg::tricubic::tricubic_interp_double_backward_cpu));
-}
