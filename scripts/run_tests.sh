@@ -19,7 +19,8 @@ echo "== examples against the installed package =="
 echo "== the pip route: a wheel in a fresh venv =="
 "$ROOT/scripts/build_wheel.sh" || status=1
 echo "== pytest =="
-"$ROOT/.venv/bin/python" -m pytest tests/python -q -rs || status=1
+# (What the steps above built must be there: a missing example fails.)
+NANOBRAGG_REQUIRE_BUILT=1 "$ROOT/.venv/bin/python" -m pytest tests/python -q -rs || status=1
 echo "== GPU check script: prepare + CPU dry run =="
 # scripts/gpu_check.sh: gpu_deps/ for the GPU machine, then its stages with
 # CPU-only settings (build-gpu-dryrun/; every CUDA case must skip), so that

@@ -116,10 +116,46 @@ TEST(Reliability, TelescopedFormMatchesTheLayerLoopForTinyAbsorption) {
 namespace nanobragg_test {
 namespace {
 
-TEST(Reliability, MoreThan2To31GatheredElementsInTheBackward) {
+TEST(Reliability, ElementOffsetsBeyond2To31InStridedViews) {
+  // Views into an 8 GiB float32 buffer that is never touched except where
+  // the views lie (the allocation is virtual until written): the second
+  // hkl point and the grid's last h-slab sit more than 2^31 elements from
+  // the buffer's start, so any 32-bit offset arithmetic reads elsewhere.
+  const int64_t big = (int64_t(1) << 31) + 64;
+  at::Tensor buffer = at::empty({big}, at::kFloat);
+  at::manual_seed(31);
+  const at::Tensor grid_ref = at::rand({6, 6, 6}, at::kFloat) * 4 + 1;
+  const at::Tensor hkl_ref = at::tensor({2.3, 2.6, 1.9, 2.7, 1.2, 2.4}, at::kFloat).view({2, 3});
+  // hkl: point 1 starts at element 2^31 + 3.
+  at::Tensor hkl = buffer.as_strided({2, 3}, {(int64_t(1) << 31) + 3, 1});
+  hkl.copy_(hkl_ref);
+  // grid: h-stride ceil(2^31 / 5), so slab 5 starts past 2^31.
+  const int64_t h_stride = ((int64_t(1) << 31) + 4) / 5;
+  ASSERT_GT(5 * h_stride, int64_t(1) << 31);
+  ASSERT_LT(5 * h_stride + 36, big);
+  at::Tensor grid = buffer.as_strided({6, 6, 6}, {h_stride, 6, 1}, 8);
+  grid.copy_(grid_ref);
+  ASSERT_TRUE(at::equal(hkl, hkl_ref) && at::equal(grid, grid_ref));
+  auto run = [](const at::Tensor& g, const at::Tensor& h) {
+    at::Tensor gg = g.detach().requires_grad_(true);
+    at::Tensor hh = h.detach().requires_grad_(true);
+    at::Tensor out = nanobragg_ops::tricubic_interp(gg, hh, {0, 0, 0});
+    auto grads = torch::autograd::grad({(out * out).sum()}, {gg, hh});
+    return std::vector<at::Tensor>{out, grads[0], grads[1]};
+  };
+  const auto got = run(grid, hkl);
+  const auto want = run(grid_ref, hkl_ref);
+  for (size_t i = 0; i < got.size(); ++i) {
+    EXPECT_TRUE(at::equal(got[i], want[i])) << "output " << i;
+  }
+  EXPECT_GT(want[0].abs().min().item<float>(), 0.5f);  // both points interpolate
+}
+
+TEST(Reliability, MoreThan2To31ScatteredAddsInTheBackward) {
   // 2^25 + 7 points (a stride-0 view of one point, so no memory for hkl or
-  // the incoming gradient), 64 taps each: 2^31 + 448 scattered elements. All
-  // points are the same, so the grid gradient is N times that of one point.
+  // the incoming gradient), 64 taps each: 2^31 + 448 additions into the
+  // grid gradient, which a 32-bit tap counter would get wrong. All points
+  // are the same, so the grid gradient is N times that of one point.
   const int64_t n = (int64_t(1) << 25) + 7;
   at::Tensor grid = at::rand({8, 8, 8}, at::kDouble).requires_grad_(true);
   at::Tensor one = at::tensor({3.3, 4.6, 3.9}, at::kDouble);

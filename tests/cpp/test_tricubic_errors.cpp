@@ -104,14 +104,18 @@ INSTANTIATE_TEST_SUITE_P(Devices, TricubicErrors, ::testing::ValuesIn(test_devic
 namespace nanobragg_test {
 namespace {
 
+// Every op of the library: each operator, its backward, its double backward.
+constexpr const char* kAllOps[] = {
+    "nanobragg::tricubic_interp",           "nanobragg::tricubic_interp_backward",
+    "nanobragg::tricubic_interp_double_backward", "nanobragg::detector_absorption",
+    "nanobragg::detector_absorption_backward", "nanobragg::detector_absorption_double_backward"};
+
 // The CUDA kernels are compiled whenever the build has nvcc and a CUDA torch
 // (as CI does), even where no GPU can run them; they must reach the
 // dispatcher then.
 TEST(Registration, CudaKernelsAreRegisteredWhenBuilt) {
 #ifdef NANOBRAGG_WITH_CUDA
-  for (const char* op : {"nanobragg::tricubic_interp", "nanobragg::tricubic_interp_backward",
-                         "nanobragg::detector_absorption",
-                         "nanobragg::detector_absorption_backward"}) {
+  for (const char* op : kAllOps) {
     EXPECT_TRUE(op_has_kernel(op, c10::DispatchKey::CUDA)) << op;
   }
 #else
@@ -120,9 +124,7 @@ TEST(Registration, CudaKernelsAreRegisteredWhenBuilt) {
 }
 
 TEST(Registration, EveryOpHasCpuMetaAndAutogradKernels) {
-  for (const char* op : {"nanobragg::tricubic_interp", "nanobragg::tricubic_interp_backward",
-                         "nanobragg::detector_absorption",
-                         "nanobragg::detector_absorption_backward"}) {
+  for (const char* op : kAllOps) {
     for (auto key : {c10::DispatchKey::CPU, c10::DispatchKey::Meta, c10::DispatchKey::Autograd}) {
       EXPECT_TRUE(op_has_kernel(op, key)) << op << " " << key;
     }

@@ -3,6 +3,9 @@ CUDA cases skip, saying why, where CUDA cannot run."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,10 +20,35 @@ def cuda_unavailable_reason(op: str) -> str | None:
     return None
 
 
-@pytest.fixture(params=["cpu", "cuda"])
-def device(request) -> str:
-    if request.param == "cuda":
-        reason = cuda_unavailable_reason("nanobragg::tricubic_interp")
+def _device_for(op: str, param: str) -> str:
+    if param == "cuda":
+        reason = cuda_unavailable_reason(op)
         if reason:
             pytest.skip(reason)
-    return request.param
+    return param
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request) -> str:
+    """For tricubic_interp tests (and tests of both ops: CUDA kernels of both
+    are built together)."""
+    return _device_for("nanobragg::tricubic_interp", request.param)
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def absorption_device(request) -> str:
+    """For detector_absorption tests: asks about its own CUDA kernels."""
+    return _device_for("nanobragg::detector_absorption", request.param)
+
+
+def require_built(path: Path, how: str) -> Path:
+    """A file that another step of the test command builds (the installed-package
+    examples, the wheel's venv). Run alone, pytest skips what needs it, saying
+    how to build it; under scripts/run_tests.sh (NANOBRAGG_REQUIRE_BUILT=1) a
+    missing file is a failure."""
+    if not path.exists():
+        message = f"{path} is missing: run {how} (scripts/run_tests.sh does)"
+        if os.environ.get("NANOBRAGG_REQUIRE_BUILT") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

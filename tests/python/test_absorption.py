@@ -25,18 +25,6 @@ THICKNESS = 3e-4
 ATTENUATION = 2e-4  # thickness / attenuation = 1.5: far from both trivial limits
 
 
-@pytest.fixture(params=["cpu", "cuda"])
-def absorption_device(request) -> str:
-    # conftest's `device` asks about tricubic_interp's CUDA kernels, which
-    # may be built when these are not (or the other way round).
-    if request.param == "cuda":
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, "CUDA"):
-            pytest.skip(f"CUDA kernels of {OP_NAME} are not built")
-        if not torch.cuda.is_available():
-            pytest.skip("no CUDA GPU on this machine")
-    return request.param
-
-
 def unit(v) -> torch.Tensor:
     v = torch.tensor(v, dtype=torch.float64)
     return v / v.norm()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import nanobragg_ops
-from test_absorption import OP, absorption_device, make_inputs  # noqa: F401  (fixture)
+from test_absorption import OP, make_inputs
 
 SCALAR_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # A gradient computed in float64 and rounded to its argument's dtype.

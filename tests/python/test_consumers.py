@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import nanobragg_ops
+from conftest import require_built
 
 # torch 2.11 deprecates TorchScript (the design card still supports it); its
 # tests expect the warning instead of hiding it.
@@ -23,9 +24,7 @@ EXAMPLES = ROOT / "build" / "examples"
 
 
 def example(name: str) -> Path:
-    path = EXAMPLES / name
-    assert path.is_file(), f"{path} is missing: run scripts/build_examples.sh (run_tests.sh does)"
-    return path
+    return require_built(EXAMPLES / name, "scripts/build_examples.sh")
 
 
 class RefinementLoss(torch.nn.Module):
@@ -101,7 +100,7 @@ def test_pip_installed_wheel_in_a_fresh_venv(tmp_path):
     # installed (scripts/build_wheel.sh, run by the test command); run from
     # outside the repository so that nothing of the source tree is on the path.
     python = ROOT / "build" / "pip-venv" / "bin" / "python"
-    assert python.is_file(), "build/pip-venv is missing: run scripts/build_wheel.sh"
+    require_built(python, "scripts/build_wheel.sh")
     code = (
         "import torch, nanobragg_ops\n"
         "assert 'pip-venv' in str(nanobragg_ops.library_path), nanobragg_ops.library_path\n"

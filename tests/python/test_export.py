@@ -69,7 +69,7 @@ def test_aotinductor_package_from_python_and_from_cpp(tmp_path):
         torch.testing.assert_close(runner(*inputs(size)), model(*inputs(size)), rtol=1e-5, atol=0)
 
     binary = Path(__file__).resolve().parents[2] / "build" / "examples" / "run_aoti"
-    assert binary.is_file(), f"{binary} is missing: run scripts/build_examples.sh"
+    require_built(binary, "scripts/build_examples.sh")
     hkl, pixels = inputs(33)
     hkl.numpy().tofile(tmp_path / "hkl.bin")
     pixels.numpy().tofile(tmp_path / "pixels.bin")

@@ -40,11 +40,11 @@ def test_gradgradcheck_tricubic_broadcast_points(device):
 @pytest.mark.parametrize(
     "layout", ["shared", "broadcast_intensity", "per_layer", "per_layer_shared_pixels"]
 )
-def test_gradgradcheck_absorption(device, oversample_thick, layout):
+def test_gradgradcheck_absorption(absorption_device, oversample_thick, layout):
     per_layer = layout.startswith("per_layer")
     inputs = list(
         absorption_inputs(
-            device, odet="tilted", thicksteps=3, per_layer=per_layer,
+            absorption_device, odet="tilted", thicksteps=3, per_layer=per_layer,
             pixel_layers=1 if layout == "per_layer_shared_pixels" else None,
         )
     )
@@ -101,9 +101,9 @@ def test_opcheck_tricubic_double_backward(device, mask):
 
 
 @pytest.mark.parametrize("per_layer", [False, True])
-def test_opcheck_absorption_double_backward(device, per_layer):
-    inputs = absorption_inputs(device, odet="tilted", thicksteps=3, per_layer=per_layer, pixel_layers=1)
-    grad = torch.randn(inputs[0].shape[-2:], dtype=torch.float64, device=device)
+def test_opcheck_absorption_double_backward(absorption_device, per_layer):
+    inputs = absorption_inputs(absorption_device, odet="tilted", thicksteps=3, per_layer=per_layer, pixel_layers=1)
+    grad = torch.randn(inputs[0].shape[-2:], dtype=torch.float64, device=absorption_device)
     cotangents = [torch.randn_like(x) for x in inputs]
     torch.library.opcheck(ABSORPTION_DD, (*cotangents, grad, *inputs, 3, True, per_layer, [True] * 6))
     cotangents[0] = cotangents[3] = None
