@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# Mutation smoke run: plants one known fault at a time in the per-element
+# math headers and the CPU kernels, rebuilds the library and the GoogleTest
+# suite CPU-only, runs the suite, and counts the faults it catches. Every
+# one must be caught; a survivor means a missing test (add the test, do not
+# weaken the mutant). Not part of CI; its last result is in
+# docs/RELIABILITY.md.
+#
+#   scripts/mutants.sh            # all mutants
+#   scripts/mutants.sh --check    # only check that every mutant still applies
+#   MUTANTS=3,7 scripts/mutants.sh        # a subset (1-based numbers)
+#   MUTANTS_PYTEST="tests/python/test_tricubic.py" scripts/mutants.sh
+#                                 # also run these pytest files per mutant
+#
+# It works on a private copy of the working tree (build-mutants/src, the
+# tracked and untracked-but-not-ignored files, refreshed each run), builds in
+# build-mutants/build (objects are reused between mutants and runs), and
+# never touches the working tree itself. Each mutated file is restored from
+# a copy (cp, in a trap) before the next mutant. Exit status: 0 when every
+# mutant was caught, 1 when one survived, 2 when a mutant no longer applies
+# (its text is not found exactly once) or the unmutated build fails.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+WORK="${MUTANTS_DIR:-$ROOT/build-mutants}"
+SRC="$WORK/src"
+BUILD="$WORK/build"
+PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
+JOBS="${JOBS:-2}"
+# -O1: the mutants build in about half the time of -O3 and the suite's
+# tolerances do not depend on the optimisation level.
+OPT_FLAGS="${MUTANTS_OPT_FLAGS:--O1 -DNDEBUG}"
+
+# One mutant per line: file|original text|mutated text|description. The
+# original text (\n for a line break) must occur exactly once in the file.
+MUTANT_LIST=$(cat <<'EOF'
+csrc/tricubic/tricubic_math.h|w[0] = -u * um1 * um2 * T(1.0 / 6.0);|w[0] = u * um1 * um2 * T(1.0 / 6.0);|a Lagrange weight's sign
+csrc/tricubic/tricubic_math.h|const double offset = n - 1.0 - lo;|const double offset = n - 2.0 - lo;|the stencil start off by one
+csrc/tricubic/tricubic_math.h|const T w = wh[a] * wk[b];\n      const T* row = g + a * stride[0] + b * stride[1];|const T w = wh[a] * wk[b];\n      const T* row = g + a * stride[1] + b * stride[0];|h and k axes swapped in the forward contraction
+csrc/tricubic/tricubic_math.h|dw[3] = (u2 - T(1)) * T(1.0 / 6.0);|dw[3] = (u2 + T(1)) * T(1.0 / 6.0);|a wrong derivative of the weights
+csrc/tricubic/tricubic_math.h|d2w[3] = u;|d2w[3] = T(1) - u;|a wrong second derivative of the weights
+csrc/tricubic/tricubic_math.h|if (mode == OutOfRange::Nearest) {|if (mode != OutOfRange::Nearest) {|the wrong out-of-range branch
+csrc/tricubic/tricubic_math.h|j.hess[4] = dot(acc[1], wl.dw);|j.hess[4] = dot(acc[2], wl.dw);|a wrong Hessian entry (hl for kl)
+csrc/tricubic/tricubic_math.h|return s.grad * pick(wh, a) * pick(wk, b) * pick(wl, c);|return s.grad * pick(wh, a) * pick(wk, c) * pick(wl, b);|the deterministic gather's tap (k and l taps swapped)
+csrc/tricubic/tricubic_cpu.cpp|const scalar_t fill = static_cast<scalar_t>(default_value);|const scalar_t fill = static_cast<scalar_t>(0);|the CPU kernel ignores default_value
+csrc/absorption/absorption_math.h|for (int64_t t = 0; t < L; ++t) {\n    const T a = prm.step / pixel_parallax(prm.odet, px, t);|for (int64_t t = 0; t < L - 1; ++t) {\n    const T a = prm.step / pixel_parallax(prm.odet, px, t);|a dropped absorption layer (per-layer pixel positions)
+csrc/absorption/absorption_math.h|expm1_(T(-static_cast<double>(layers)) * a)|expm1_(T(-static_cast<double>(layers - 1)) * a)|the telescoped sum's exponent
+csrc/absorption/absorption_math.h|grad_p[0] = g * (ox - r * px);|grad_p[0] = g * ox;|a missing gradient term (pixel x)
+csrc/absorption/absorption_math.h|const T clamped = select_(rho < T(0), T(-kMinParallax), T(kMinParallax));|const T clamped = select_(rho < T(0), T(kMinParallax), T(-kMinParallax));|the parallax clamp's sign
+csrc/absorption/absorption_math.h|step * select_(dot < T(0), T(-1.0 / kMinParallax), T(1.0 / kMinParallax));|step * select_(dot < T(0), T(1.0 / kMinParallax), T(-1.0 / kMinParallax));|the shared-position parallax clamp's sign
+csrc/absorption/absorption_scalars.h|out[3] = total[0] / (L * att);|out[3] = total[0] / L;|the thickness chain rule (d step / d thickness)
+csrc/absorption/absorption_scalars.h|out[3] = (dD * mu + D * dmu) / L;|out[3] = (dD * mu) / L;|a missing term of the thickness second derivative
+csrc/absorption/absorption_cpu.cpp|shared_pixel_value(prm.odet[0], prm.odet[1], prm.odet[2],|shared_pixel_value(prm.odet[1], prm.odet[0], prm.odet[2],|odet axes swapped in the CPU kernel
+EOF
+)
+
+check_only=0
+[[ "${1:-}" == "--check" ]] && check_only=1
+
+mapfile -t LINES < <(printf '%s\n' "$MUTANT_LIST")
+TOTAL=${#LINES[@]}
+
+field() {  # field LINE N
+  printf '%s' "$1" | awk -F'|' -v n="$2" '{print $n}'
+}
+
+# Applies mutant text to FILE in place; fails unless ORIG occurs exactly once.
+apply_mutant() {  # FILE ORIG NEW [--dry]
+  python3 - "$@" <<'PY'
+import sys
+path, orig, new = sys.argv[1], sys.argv[2].replace("\\n", "\n"), sys.argv[3].replace("\\n", "\n")
+dry = len(sys.argv) > 4
+text = open(path).read()
+count = text.count(orig)
+if count != 1:
+    sys.exit(f"mutant text found {count} times (must be once) in {path}: {sys.argv[2]!r}")
+if not dry:
+    open(path, "w").write(text.replace(orig, new))
+PY
+}
+
+# Every mutant must still apply, to the working tree as it is now.
+bad=0
+for i in "${!LINES[@]}"; do
+  line="${LINES[$i]}"
+  if [[ $(awk -F'|' '{print NF}' <<<"$line") -ne 4 ]]; then
+    echo "mutant $((i + 1)): not file|original|mutated|description: $line" >&2
+    bad=1
+    continue
+  fi
+  if ! apply_mutant "$ROOT/$(field "$line" 1)" "$(field "$line" 2)" "$(field "$line" 3)" --dry; then
+    echo "mutant $((i + 1)) ($(field "$line" 4)) no longer applies" >&2
+    bad=1
+  fi
+done
+if [[ $bad -ne 0 ]]; then
+  echo "mutants.sh: update the mutant list above to the current sources" >&2
+  exit 2
+fi
+echo "mutants.sh: all $TOTAL mutants apply"
+[[ $check_only -eq 1 ]] && exit 0
+
+# A private copy of the working tree (mtimes kept, so that unchanged files
+# do not rebuild).
+rm -rf "$SRC"
+mkdir -p "$SRC" "$BUILD"
+(
+  cd "$ROOT"
+  git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
+    [[ -e "$f" ]] && printf '%s\0' "$f"
+  done | xargs -0 cp --parents -p -t "$SRC"
+)
+
+if [[ ! -f "$BUILD/build.ninja" ]]; then
+  cmake -S "$SRC" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    "-DCMAKE_CXX_FLAGS_RELEASE=$OPT_FLAGS" -DPython3_EXECUTABLE="$PYTHON" \
+    -DNANOBRAGG_CUDA=OFF -DNANOBRAGG_WERROR=OFF -DNANOBRAGG_BUILD_BENCH=OFF \
+    -DNANOBRAGG_BUILD_TESTS=ON >"$WORK/cmake.log" 2>&1 ||
+    { tail -30 "$WORK/cmake.log"; echo "mutants.sh: cmake failed" >&2; exit 2; }
+fi
+
+build() { ninja -C "$BUILD" -j "$JOBS" nanobragg_tests >"$WORK/build.log" 2>&1; }
+
+TESTS="$BUILD/tests/cpp/nanobragg_tests"
+FILTER="*"
+# Runs the suite; prints the failing tests' names; status 1 when one failed.
+run_tests() {
+  local log="$WORK/test.log" failed=0
+  "$TESTS" --gtest_brief=1 "--gtest_filter=$FILTER" >"$log" 2>&1 || failed=1
+  grep -E '^\[  FAILED  \] [^ ]+' "$log" | grep -v ' listed below' | awk '{print $4}' |
+    sort -u | tr -d ',' || true
+  if [[ -n "${MUTANTS_PYTEST:-}" ]]; then
+    # shellcheck disable=SC2086
+    (cd "$SRC" && NANOBRAGG_OPS_LIBRARY="$BUILD/lib/libnanobragg_ops.so" \
+      "$PYTHON" -m pytest -q -x -p no:cacheprovider $MUTANTS_PYTEST >"$WORK/pytest.log" 2>&1) ||
+      { failed=1; echo "pytest: $(grep -m1 -E '^FAILED' "$WORK/pytest.log" || echo failed)"; }
+  fi
+  return $failed
+}
+
+# The unmutated tree: it must build, and the tests that fail without any
+# mutant (someone's work in progress) are left out, loudly, so that they
+# cannot count as catches.
+echo "mutants.sh: building the unmutated tree in $BUILD"
+build || { tail -30 "$WORK/build.log"; echo "mutants.sh: the unmutated tree does not build" >&2; exit 2; }
+if ! baseline_failures=$(run_tests); then
+  echo "mutants.sh: WARNING: these tests fail without any mutant and are left out:" >&2
+  printf '  %s\n' $baseline_failures >&2
+  if [[ -n "${MUTANTS_PYTEST:-}" ]] && grep -q -E '^FAILED|error' "$WORK/pytest.log"; then
+    echo "mutants.sh: pytest fails without any mutant ($WORK/pytest.log)" >&2
+    exit 2
+  fi
+  FILTER="*-$(printf '%s:' $baseline_failures)"
+fi
+
+BACKUP="$(mktemp -d)"
+current=""
+restore() {
+  if [[ -n "$current" ]]; then
+    cp "$BACKUP/file" "$SRC/$current"  # a fresh mtime: the next build recompiles it
+    current=""
+  fi
+}
+trap 'restore; rm -rf "$BACKUP"' EXIT
+trap 'exit 130' INT TERM
+
+selected=()
+if [[ -n "${MUTANTS:-}" ]]; then
+  IFS=',' read -r -a selected <<<"$MUTANTS"
+else
+  for ((i = 1; i <= TOTAL; ++i)); do selected+=("$i"); done
+fi
+
+caught=0
+ran=0
+summary=()
+for n in "${selected[@]}"; do
+  line="${LINES[$((n - 1))]}"
+  file="$(field "$line" 1)"
+  desc="$(field "$line" 4)"
+  cp -p "$SRC/$file" "$BACKUP/file"
+  current="$file"
+  apply_mutant "$SRC/$file" "$(field "$line" 2)" "$(field "$line" 3)" || exit 2
+  ran=$((ran + 1))
+  if ! build; then
+    tail -20 "$WORK/build.log"
+    echo "mutants.sh: mutant $n ($desc) does not compile; fix the mutant" >&2
+    exit 2
+  fi
+  if failures=$(run_tests); then
+    status="SURVIVED"
+  else
+    status="caught"
+    caught=$((caught + 1))
+  fi
+  first="$(printf '%s\n' "$failures" | head -1)"
+  nfail="$(printf '%s\n' "$failures" | grep -c . || true)"
+  summary+=("$(printf '%2d  %-8s  %-58s  %s' "$n" "$status" "$desc" "${first:+by $first}${nfail:+ ($nfail failing)}")")
+  echo "${summary[-1]}"
+  restore
+done
+
+echo
+echo "mutants.sh: $caught/$ran mutants caught ($(date -u +%Y-%m-%d), $(git -C "$ROOT" rev-parse --short HEAD))"
+printf '%s\n' "${summary[@]}"
+[[ $caught -eq $ran ]]
