@@ -1,6 +1,7 @@
 #include "report.h"
 
-#include "common/cpu_capability.h"
+#include "nanobragg_ops/ops.h"
+
 
 #include <ATen/Parallel.h>
 #include <ATen/detail/CUDAHooksInterface.h>
@@ -239,11 +240,10 @@ EnvInfo collect_env(const std::string& source_dir, const std::string& build_type
   env["cuda_devices"] = names;
   env["cpu_model"] = cpu_model();
   env["threads"] = at::get_num_threads();
-  // The build of the CPU kernels that ran (csrc/common/cpu_capability.h):
-  // chosen by CPU features, or by ATEN_CPU_CAPABILITY.
-  env["cpu_capability"] = nanobragg::cpu::capability_name(nanobragg::cpu::capability());
-  env["cpu_capability_best"] =
-      nanobragg::cpu::capability_name(nanobragg::cpu::best_supported_capability());
+  // The build of the CPU kernels that ran: chosen by CPU features, or by
+  // ATEN_CPU_CAPABILITY.
+  env["cpu_capability"] = nanobragg_ops::cpu_capability();
+  env["cpu_capability_best"] = nanobragg_ops::best_cpu_capability();
   const char* forced = std::getenv("ATEN_CPU_CAPABILITY");
   env["aten_cpu_capability_env"] = forced == nullptr ? "" : forced;
   env["memory_bytes"] = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);

@@ -103,7 +103,7 @@ AbsorptionInputs make_absorption_inputs(int64_t size, const at::TensorOptions& o
 namespace {
 
 // polint/polin3 are the tests' nanoBragg-style reference
-// (tests/cpp/tricubic_reference.h): the loop below is that reference, timed.
+// (tests/reference/tricubic_reference.h): the loop below is that reference, timed.
 using nanobragg_test::polin3;
 
 template <typename T>

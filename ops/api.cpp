@@ -1,6 +1,7 @@
 // The public C++ API (csrc/include/nanobragg_ops/ops.h): dispatcher calls.
 #include "nanobragg_ops/ops.h"
 
+#include "common/cpu_capability.h"
 #include "dispatch.h"
 
 namespace nanobragg_ops {
@@ -22,6 +23,14 @@ at::Tensor detector_absorption(const at::Tensor& intensity,
   return nanobragg::dispatch::detector_absorption().call(
       intensity, pixel_coords, odet, thickness, attenuation_length, thicksteps,
       oversample_thick, per_layer);
+}
+
+std::string cpu_capability() {
+  return nanobragg::cpu::capability_name(nanobragg::cpu::capability());
+}
+
+std::string best_cpu_capability() {
+  return nanobragg::cpu::capability_name(nanobragg::cpu::best_supported_capability());
 }
 
 }  // namespace nanobragg_ops

@@ -3,7 +3,7 @@
 // it: Lagrange weights of fractional Miller indices, exp of thickness/mu)
 // and return the dtype of the data argument, so that a float16/bfloat16 model
 // keeps working. Outside autocast, half-precision inputs are an error that
-// says so (ops/checks.cpp). Gradients flow through the casts.
+// says so (csrc/common/checks.cpp). Gradients flow through the casts.
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>

@@ -8,7 +8,7 @@
 #include <array>
 #include <tuple>
 
-#include "checks.h"
+#include "common/checks.h"
 
 namespace nanobragg {
 namespace {

@@ -15,7 +15,7 @@
 #include "absorption/absorption_layout.h"
 #include "absorption/absorption_math.h"
 #include "absorption/absorption_scalars.h"
-#include "checks.h"
+#include "common/checks.h"
 #include "common/cpu_kernels.h"
 #include "common/cpu_capability.h"
 #include "common/point_offsets.h"

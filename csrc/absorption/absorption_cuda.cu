@@ -25,7 +25,7 @@
 #include "absorption/absorption_layout.h"
 #include "absorption/absorption_math.h"
 #include "absorption/absorption_scalars.h"
-#include "checks.h"
+#include "common/checks.h"
 #include "common/cuda_launch.h"
 #include "common/point_offsets.h"
 

@@ -17,7 +17,7 @@
 #include <tuple>
 #include <vector>
 
-#include "checks.h"
+#include "common/checks.h"
 #include "absorption/absorption_math.h"
 #include "absorption/absorption_scalars.h"
 #include "common/point_offsets.h"

@@ -4,7 +4,7 @@
 // CPU_CAPABILITY_<name> defined (CMakeLists.txt, nanobragg_cpu_kernels), so
 // its functions live in namespace CPU_CAPABILITY (DEFAULT, AVX2, AVX512) and
 // at::vec::Vectorized is that capability's (8/4 lanes with AVX2, 16/8 with
-// AVX-512, a plain array by default). ops/cpu_kernels.cpp registers one CPU
+// AVX-512, a plain array by default). ops/cpu_registration.cpp registers one CPU
 // kernel per op that calls the build chosen here, once per process: the best
 // the CPU has, or the one ATEN_CPU_CAPABILITY names (default, avx2, avx512,
 // as ATen reads it; capped at what the CPU has).

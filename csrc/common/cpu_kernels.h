@@ -1,7 +1,7 @@
 // The CPU kernels' entry points, declared for each capability's build
 // (common/cpu_capability.h): NANOBRAGG_DECLARE_CPU_KERNELS(DEFAULT) declares
 // nanobragg::tricubic::DEFAULT::tricubic_interp_cpu, ... The kernel sources
-// define them in namespace CPU_CAPABILITY; ops/cpu_kernels.cpp registers the
+// define them in namespace CPU_CAPABILITY; ops/cpu_registration.cpp registers the
 // dispatching kernels.
 #pragma once
 

@@ -10,7 +10,7 @@
 #include <array>
 #include <tuple>
 
-#include "checks.h"
+#include "common/checks.h"
 #include "common/cpu_kernels.h"
 #include "common/cpu_capability.h"
 #include "common/point_offsets.h"

@@ -24,7 +24,7 @@
 #include <array>
 #include <tuple>
 
-#include "checks.h"
+#include "common/checks.h"
 #include "common/cuda_launch.h"
 #include "common/point_offsets.h"
 #include "tricubic/tricubic_layout.h"

@@ -15,7 +15,7 @@
 #include <tuple>
 #include <type_traits>
 
-#include "checks.h"
+#include "common/checks.h"
 #include "common/point_offsets.h"
 #include "tricubic/tricubic_math.h"
 

@@ -8,6 +8,8 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/string_view.h>
 
+#include <string>
+
 namespace nanobragg_ops {
 
 // Tricubic (4-point Lagrange) interpolation of a structure-factor grid, as
@@ -49,5 +51,12 @@ at::Tensor detector_absorption(const at::Tensor& intensity,
                                const at::Tensor& attenuation_length,
                                int64_t thicksteps, bool oversample_thick,
                                bool per_layer = false);
+
+// The build of the CPU kernels that runs in this process: "default", "avx2"
+// or "avx512", the best this CPU and build support unless the environment
+// variable ATEN_CPU_CAPABILITY names a lower one (as for ATen's own
+// kernels); and that best one.
+std::string cpu_capability();
+std::string best_cpu_capability();
 
 }  // namespace nanobragg_ops
