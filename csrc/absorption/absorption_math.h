@@ -345,6 +345,12 @@ NANOBRAGG_INLINE T absorbed_pixel(const AbsorptionParams<T>& prm, const Pixel& p
     return mean_intensity<T>(px);
   }
   const int64_t L = prm.layers;
+  if (px.coords_layers == 1 && px.intensity_layers == 1) {
+    // One intensity and position for every layer: the formula the CPU's
+    // vector loops run, so that every backend rounds alike.
+    return shared_pixel_value(prm.odet[0], prm.odet[1], prm.odet[2], prm.step, L, prm.oversample,
+                              px.intensity_at(0), px.coord(0, 0), px.coord(0, 1), px.coord(0, 2));
+  }
   if (!prm.oversample) {
     const T rho = pixel_parallax(prm.odet, px, px.coords_layers == 1 ? 0 : L - 1);
     return layer_capture(prm.step / rho, L - 1) * mean_intensity<T>(px);
@@ -441,6 +447,19 @@ NANOBRAGG_INLINE void absorbed_pixel_backward(const AbsorptionParams<T>& prm, co
   if (!prm.thick) {
     for (int64_t t = 0; t < LI; ++t) {
       add_intensity(t, g / T(LI));
+    }
+    return;
+  }
+  if (px.coords_layers == 1 && LI == 1) {  // as absorbed_pixel: the shared formula
+    T grad_I, gp[3], d_step, go[3];
+    shared_pixel_grad(prm.odet[0], prm.odet[1], prm.odet[2], prm.step, L, prm.oversample,
+                      px.intensity_at(0), px.coord(0, 0), px.coord(0, 1), px.coord(0, 2), g, grad_I,
+                      gp, d_step, go);
+    out.add_intensity(0, grad_I);
+    out.add_coords(0, gp);
+    out.d_step += d_step;
+    for (int d = 0; d < 3; ++d) {
+      out.odet[d] += go[d];
     }
     return;
   }
