@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Mutation smoke run: plants one known fault at a time in the per-element
 # math headers and the CPU kernels, rebuilds the library and the GoogleTest
-# suite CPU-only, runs the suite, and counts the faults it catches. Every
+# suite CPU-only, runs the suite (with the machine's best CPU capability and
+# with the baseline one), and counts the faults it catches. Every
 # one must be caught; a survivor means a missing test (add the test, do not
 # weaken the mutant). Not part of CI; its last result is in
 # docs/RELIABILITY.md.
@@ -50,7 +51,8 @@ csrc/absorption/absorption_math.h|const T clamped = select_(rho < T(0), T(-kMinP
 csrc/absorption/absorption_math.h|step * select_(dot < T(0), T(-1.0 / kMinParallax), T(1.0 / kMinParallax));|step * select_(dot < T(0), T(1.0 / kMinParallax), T(-1.0 / kMinParallax));|the shared-position parallax clamp's sign
 csrc/absorption/absorption_scalars.h|out[3] = total[0] / (L * att);|out[3] = total[0] / L;|the thickness chain rule (d step / d thickness)
 csrc/absorption/absorption_scalars.h|out[3] = (dD * mu + D * dmu) / L;|out[3] = (dD * mu) / L;|a missing term of the thickness second derivative
-csrc/absorption/absorption_cpu.cpp|shared_pixel_value(prm.odet[0], prm.odet[1], prm.odet[2],|shared_pixel_value(prm.odet[1], prm.odet[0], prm.odet[2],|odet axes swapped in the CPU kernel
+csrc/absorption/absorption_cpu.cpp|shared_pixel_value(prm.odet[0], prm.odet[1], prm.odet[2],|shared_pixel_value(prm.odet[1], prm.odet[0], prm.odet[2],|odet x/y swapped in the CPU kernel (baseline ISA)
+csrc/absorption/absorption_cpu_vec.h|const V ox(prm.odet[0]), oy(prm.odet[1]), oz(prm.odet[2]), step(prm.step);\n  V acc[4]|const V ox(prm.odet[1]), oy(prm.odet[0]), oz(prm.odet[2]), step(prm.step);\n  V acc[4]|odet x/y swapped in the vector backward kernel
 EOF
 )
 
@@ -123,12 +125,24 @@ build() { ninja -C "$BUILD" -j "$JOBS" nanobragg_tests >"$WORK/build.log" 2>&1; 
 
 TESTS="$BUILD/tests/cpp/nanobragg_tests"
 FILTER="*"
+# The CPU kernels are built once per capability and one is chosen per
+# process (ATEN_CPU_CAPABILITY): the suite runs with the best this machine
+# has (native) and with the baseline loops (default), as CTest's
+# cpu_baseline_isa_* entries do.
+CAPABILITIES="${MUTANTS_CPU_CAPABILITIES:-native default}"
 # Runs the suite; prints the failing tests' names; status 1 when one failed.
 run_tests() {
-  local log="$WORK/test.log" failed=0
-  "$TESTS" --gtest_brief=1 "--gtest_filter=$FILTER" >"$log" 2>&1 || failed=1
-  grep -E '^\[  FAILED  \] [^ ]+' "$log" | grep -v ' listed below' | awk '{print $4}' |
-    sort -u | tr -d ',' || true
+  local log="$WORK/test.log" failed=0 cap
+  for cap in $CAPABILITIES; do
+    if [[ $cap == native ]]; then
+      "$TESTS" --gtest_brief=1 "--gtest_filter=$FILTER" >"$log" 2>&1 || failed=1
+    else
+      ATEN_CPU_CAPABILITY=$cap "$TESTS" --gtest_brief=1 "--gtest_filter=$FILTER" >"$log" 2>&1 ||
+        failed=1
+    fi
+    grep -E '^\[  FAILED  \] [^ ]+' "$log" | grep -v ' listed below' | awk '{print $4}' |
+      sort -u | tr -d ',' | sed "s/\$/@$cap/" || true
+  done
   if [[ -n "${MUTANTS_PYTEST:-}" ]]; then
     # shellcheck disable=SC2086
     (cd "$SRC" && NANOBRAGG_OPS_LIBRARY="$BUILD/lib/libnanobragg_ops.so" \
@@ -150,7 +164,7 @@ if ! baseline_failures=$(run_tests); then
     echo "mutants.sh: pytest fails without any mutant ($WORK/pytest.log)" >&2
     exit 2
   fi
-  FILTER="*-$(printf '%s:' $baseline_failures)"
+  FILTER="*-$(printf '%s:' $baseline_failures | sed 's/@[a-z0-9]*:/:/g')"
 fi
 
 BACKUP="$(mktemp -d)"
