@@ -1,6 +1,6 @@
-// Tests added for faults that scripts/mutants.sh planted and the rest of the
-// suite missed (docs/RELIABILITY.md, "Mutation smoke run"). CPU, float64,
-// against the independent references of absorption_reference.h.
+// Tests written for faults that scripts/mutants.sh plants (docs/RELIABILITY.md,
+// "Mutation smoke run"), where the rest of the suite's cover was thin. CPU,
+// float64, against the independent references of absorption_reference.h.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 #include <torch/autograd.h>
