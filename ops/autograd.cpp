@@ -47,9 +47,9 @@
 namespace nanobragg {
 namespace {
 
+using dispatch::Repeat;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
-using dispatch::Repeat;
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -110,8 +110,12 @@ std::shared_ptr<NodeT> adopt(NodeT* node) {
 }
 
 // A parameter as a Node keeps it: by value.
-inline std::vector<int64_t> own(c10::IntArrayRef v) { return v.vec(); }
-inline std::string own(c10::string_view s) { return std::string(s); }
+inline std::vector<int64_t> own(c10::IntArrayRef v) {
+  return v.vec();
+}
+inline std::string own(c10::string_view s) {
+  return std::string(s);
+}
 template <typename T>
 T own(T v) {
   return v;
@@ -185,8 +189,7 @@ template <typename Op, typename Seq = std::make_index_sequence<op_traits::kNumIn
 struct Autograd;
 
 template <typename Op, size_t... I, typename... F, typename... B>
-struct Autograd<Op, std::index_sequence<I...>, op_traits::Params<F...>,
-                op_traits::Params<B...>> {
+struct Autograd<Op, std::index_sequence<I...>, op_traits::Params<F...>, op_traits::Params<B...>> {
   static constexpr size_t N = sizeof...(I);
   using Sigs = dispatch::Signatures<Op>;
   using Params = std::tuple<Owned<B>...>;  // the derivatives' parameters
@@ -195,13 +198,11 @@ struct Autograd<Op, std::index_sequence<I...>, op_traits::Params<F...>,
   using Primals = std::array<at::Tensor, N + 1>;
   using Cotangents = std::array<std::optional<at::Tensor>, N>;
 
-  static std::string node_name(const char* suffix) {
-    return std::string(Op::kNodeName) + suffix;
-  }
+  static std::string node_name(const char* suffix) { return std::string(Op::kNodeName) + suffix; }
 
   // The backward of (g; inputs) at the saved parameters.
   static std::array<at::Tensor, N> call_backward(const at::Tensor& g, const Inputs& in,
-                                                  const Params& p, std::array<bool, N> mask) {
+                                                 const Params& p, std::array<bool, N> mask) {
     const auto out = std::apply(
         [&](const auto&... b) { return dispatch::backward<Op>().call(g, in[I]..., b..., mask); },
         p);
@@ -346,17 +347,17 @@ struct Autograd<Op, std::index_sequence<I...>, op_traits::Params<F...>,
     typename Sigs::BackwardResult out;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      out = dispatch::backward<Op>().redispatch(ks & c10::after_autograd_keyset, grad_output,
-                                                in..., b..., output_mask);
+      out = dispatch::backward<Op>().redispatch(ks & c10::after_autograd_keyset, grad_output, in...,
+                                                b..., output_mask);
     }
     if (node) {
       torch::autograd::set_history(as_list(out), node);
     }
     if (any_forward_grad(grad_output, in...)) {
       // Forward-over-reverse (torch.func.hessian).
-      const auto tangent = backward_along(
-          grad_output._fw_grad(0), {maybe(in._fw_grad(0))...},
-          {grad_output._fw_primal(0), in._fw_primal(0)...}, Params{own(b)...}, output_mask);
+      const auto tangent = backward_along(grad_output._fw_grad(0), {maybe(in._fw_grad(0))...},
+                                          {grad_output._fw_primal(0), in._fw_primal(0)...},
+                                          Params{own(b)...}, output_mask);
       const auto outs = as_list(out);
       for (size_t i = 0; i < N; ++i) {
         if (output_mask[i]) outs[i]._set_fw_grad(tangent[i], /*level=*/0, /*is_inplace_op=*/false);

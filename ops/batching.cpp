@@ -113,9 +113,9 @@ std::vector<at::Tensor> empty_batch(const c10::OperatorHandle& op, const Unwrapp
     if (!args[i].isTensor()) continue;
     const at::Tensor& t = u.args[i].toTensor();
     if (!device) device = t.device();
-    args[i] = u.batched[i] ? at::empty(t.sizes().slice(1), t.options().device(at::kMeta))
-                           : at::empty_strided(t.sizes(), t.strides(),
-                                               t.options().device(at::kMeta));
+    args[i] = u.batched[i]
+                  ? at::empty(t.sizes().slice(1), t.options().device(at::kMeta))
+                  : at::empty_strided(t.sizes(), t.strides(), t.options().device(at::kMeta));
   }
   auto outs = call_returning_tensors(op, std::move(args));
   for (auto& t : outs) {
@@ -172,7 +172,9 @@ void rule(const c10::OperatorHandle& op, Stack* stack) {
   push_batched(stack, outs ? std::move(*outs) : loop_over_batch(op, u), level);
 }
 
-MaybeOuts no_fold(const c10::OperatorHandle&, const Unwrapped&) { return std::nullopt; }
+MaybeOuts no_fold(const c10::OperatorHandle&, const Unwrapped&) {
+  return std::nullopt;
+}
 
 // tricubic_interp(grid, hkl, ...): a batched hkl is [B, ..., 3], more points.
 MaybeOuts fold_tricubic(const c10::OperatorHandle& op, const Unwrapped& u) {
@@ -211,8 +213,7 @@ MaybeOuts fold_tricubic_backward(const c10::OperatorHandle& op, const Unwrapped&
 // up with the other input's under broadcasting; per_layer keeps the layer
 // dim first.
 MaybeOuts fold_absorption(const c10::OperatorHandle& op, const Unwrapped& u) {
-  if (u.is_batched("odet") || u.is_batched("thickness") ||
-      u.is_batched("attenuation_length")) {
+  if (u.is_batched("odet") || u.is_batched("thickness") || u.is_batched("attenuation_length")) {
     return std::nullopt;
   }
   const bool per_layer = u.arg("per_layer").toBool();

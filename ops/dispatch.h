@@ -37,8 +37,7 @@ template <typename Op, typename Seq = std::make_index_sequence<op_traits::kNumIn
 struct Signatures;
 
 template <typename Op, size_t... I, typename... F, typename... B>
-struct Signatures<Op, std::index_sequence<I...>, op_traits::Params<F...>,
-                  op_traits::Params<B...>> {
+struct Signatures<Op, std::index_sequence<I...>, op_traits::Params<F...>, op_traits::Params<B...>> {
   static constexpr size_t N = sizeof...(I);
   using Forward = at::Tensor(Repeat<I, const at::Tensor&>..., F...);
   using BackwardResult = std::tuple<Repeat<I, at::Tensor>...>;
@@ -112,8 +111,7 @@ const c10::TypedOperatorHandle<typename Signatures<Op>::Forward>& forward() {
 
 template <typename Op>
 const c10::TypedOperatorHandle<typename Signatures<Op>::Backward>& backward() {
-  static const auto handle =
-      detail::find<typename Signatures<Op>::Backward, Op>(Level::kBackward);
+  static const auto handle = detail::find<typename Signatures<Op>::Backward, Op>(Level::kBackward);
   return handle;
 }
 
@@ -125,12 +123,18 @@ const c10::TypedOperatorHandle<typename Signatures<Op>::DoubleBackward>& double_
 }
 
 // By name, for the public API and autocast.
-inline const auto& tricubic_interp() { return forward<op_traits::TricubicInterp>(); }
-inline const auto& tricubic_interp_backward() { return backward<op_traits::TricubicInterp>(); }
+inline const auto& tricubic_interp() {
+  return forward<op_traits::TricubicInterp>();
+}
+inline const auto& tricubic_interp_backward() {
+  return backward<op_traits::TricubicInterp>();
+}
 inline const auto& tricubic_interp_double_backward() {
   return double_backward<op_traits::TricubicInterp>();
 }
-inline const auto& detector_absorption() { return forward<op_traits::DetectorAbsorption>(); }
+inline const auto& detector_absorption() {
+  return forward<op_traits::DetectorAbsorption>();
+}
 inline const auto& detector_absorption_backward() {
   return backward<op_traits::DetectorAbsorption>();
 }

@@ -60,8 +60,8 @@ struct DetectorAbsorption {
                                                              "per_layer"};
   using BackwardParams = ForwardParams;
   static constexpr std::array<const char*, 3> kBackwardParams = kForwardParams;
-  static std::tuple<int64_t, bool, bool> backward_params(int64_t thicksteps,
-                                                         bool oversample_thick, bool per_layer) {
+  static std::tuple<int64_t, bool, bool> backward_params(int64_t thicksteps, bool oversample_thick,
+                                                         bool per_layer) {
     return {thicksteps, oversample_thick, per_layer};
   }
 };

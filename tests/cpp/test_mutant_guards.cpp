@@ -47,13 +47,12 @@ TEST(MutantGuards, SharedPositionWithTiltedNormalsMatchesPortValuesAndGradients)
             c.intensity, c.coords, c.odet, c.thickness, c.attenuation_length, L, oversample,
             /*per_layer=*/false);
         const at::Tensor ref = port_reference(c);
-        SCOPED_TRACE(::testing::Message() << "L=" << L << " oversample=" << oversample
-                                          << " odet=" << odet);
+        SCOPED_TRACE(::testing::Message()
+                     << "L=" << L << " oversample=" << oversample << " odet=" << odet);
         ASSERT_TRUE(at::allclose(out, ref, 1e-12, 0.0)) << (out - ref).abs().max();
         const at::Tensor w = at::rand({S, F}, f64);
         const auto got = torch::autograd::grad({(out * w).sum()}, {c.intensity, c.coords, c.odet});
-        const auto want =
-            torch::autograd::grad({(ref * w).sum()}, {c.intensity, c.coords, c.odet});
+        const auto want = torch::autograd::grad({(ref * w).sum()}, {c.intensity, c.coords, c.odet});
         const char* names[3] = {"intensity", "pixel_coords", "odet"};
         for (size_t i = 0; i < 3; ++i) {
           EXPECT_TRUE(at::allclose(got[i], want[i], 1e-10, 1e-14))
