@@ -41,15 +41,17 @@ namespace {
 
 constexpr int64_t kSize = 2048, kPerPixel = 9;
 constexpr double kCell = 30.0;  // A: the whole 2048² detector inside the 64³ grid (workloads.h)
-constexpr double kForwardGoal = 10.0;          // G lookups/s
-constexpr double kForwardBackwardGoal = 2.0;   // G lookups/s
-constexpr double kDeterministicGoal = 2.0;     // × the atomic grid gradient's time
-constexpr double kBandwidthGoal = 0.5;         // of the measured copy bandwidth (issue 14)
+constexpr double kForwardGoal = 10.0;         // G lookups/s
+constexpr double kForwardBackwardGoal = 2.0;  // G lookups/s
+constexpr double kDeterministicGoal = 2.0;    // × the atomic grid gradient's time
+constexpr double kBandwidthGoal = 0.5;        // of the measured copy bandwidth (issue 14)
 constexpr int64_t kCopyBytes = int64_t(1) << 30;
 
 using Clock = std::chrono::steady_clock;
 
-double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+double since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
 
 // GPU seconds per call. The host clock around a synchronised call counts the
 // launch and the synchronisation too, which is most of an absorption call
@@ -77,7 +79,8 @@ void time_on_gpu(Row& r, const std::function<void()>& call, int64_t repeats, dou
   at::cuda::CUDAEvent start(cudaEventDefault), end(cudaEventDefault);
   std::vector<double> per_call;
   const auto begin = Clock::now();
-  while (static_cast<int64_t>(per_call.size()) < repeats && (per_call.size() < 3 || since(begin) < max_seconds)) {
+  while (static_cast<int64_t>(per_call.size()) < repeats &&
+         (per_call.size() < 3 || since(begin) < max_seconds)) {
     at::cuda::sleep(cycles);
     start.record();
     for (int64_t i = 0; i < batch; ++i) call();
@@ -128,7 +131,8 @@ double in_range_fraction(const TricubicInputs& in) {
   at::Tensor inside = at::ones({in.hkl.size(0)}, in.hkl.options().dtype(at::kBool));
   for (int d = 0; d < 3; ++d) {
     const at::Tensor fd = f.select(1, d);
-    inside = inside & (fd - 1 >= in.index_min[d]) & (fd + 2 <= in.index_min[d] + in.grid.size(d) - 1);
+    inside =
+        inside & (fd - 1 >= in.index_min[d]) & (fd + 2 <= in.index_min[d] + in.grid.size(d) - 1);
   }
   return inside.to(at::kDouble).mean().item<double>();
 }
@@ -150,8 +154,11 @@ std::vector<Row> run_cuda_goals(int64_t repeats, double max_seconds) {
               << r.points << " points) ... " << std::flush;
     try {
       body(r);
-      std::cerr << std::fixed << std::setprecision(4) << r.warm_seconds * 1e3 << " ms GPU time per call";
-      if (r.goal) std::cerr << "; " << r.goal->name << " " << std::setprecision(3) << r.goal->value << " " << r.goal->unit;
+      std::cerr << std::fixed << std::setprecision(4) << r.warm_seconds * 1e3
+                << " ms GPU time per call";
+      if (r.goal)
+        std::cerr << "; " << r.goal->name << " " << std::setprecision(3) << r.goal->value << " "
+                  << r.goal->unit;
       std::cerr << "\n";
     } catch (const std::exception& e) {
       r.error = message_of(e);
@@ -186,20 +193,26 @@ std::vector<Row> run_cuda_goals(int64_t repeats, double max_seconds) {
 
     measure(row("forward"), [&](Row& r) {
       const TricubicInputs& x = inputs();
-      time_on_gpu(r, [&] { nanobragg_ops::tricubic_interp(x.grid, x.hkl, x.index_min); }, repeats, max_seconds);
+      time_on_gpu(
+          r, [&] { nanobragg_ops::tricubic_interp(x.grid, x.hkl, x.index_min); }, repeats,
+          max_seconds);
       r.goal = Goal{"tricubic forward throughput", "G lookups/s", lookups(r), kForwardGoal, false};
     });
     measure(row("forward_backward"), [&](Row& r) {
       const TricubicInputs& x = inputs();
-      const at::Tensor g = x.grid.clone().requires_grad_(true), h = x.hkl.clone().requires_grad_(true);
+      const at::Tensor g = x.grid.clone().requires_grad_(true),
+                       h = x.hkl.clone().requires_grad_(true);
       const at::Tensor ones = at::ones({n}, opts);
-      time_on_gpu(r, [&] {
-        g.mutable_grad().reset();
-        h.mutable_grad().reset();
-        nanobragg_ops::tricubic_interp(g, h, x.index_min).backward(ones);
-      }, repeats, max_seconds);
-      r.goal = Goal{"tricubic forward+backward throughput (gradients to hkl and grid)", "G lookups/s",
-                    lookups(r), kForwardBackwardGoal, false};
+      time_on_gpu(
+          r,
+          [&] {
+            g.mutable_grad().reset();
+            h.mutable_grad().reset();
+            nanobragg_ops::tricubic_interp(g, h, x.index_min).backward(ones);
+          },
+          repeats, max_seconds);
+      r.goal = Goal{"tricubic forward+backward throughput (gradients to hkl and grid)",
+                    "G lookups/s", lookups(r), kForwardBackwardGoal, false};
     });
 
     // The grid gradient alone, through the backward op itself: the forward
@@ -215,7 +228,8 @@ std::vector<Row> run_cuda_goals(int64_t repeats, double max_seconds) {
     measure(row("grid_gradient_atomic"), [&](Row& r) {
       const TricubicInputs& x = inputs();
       const at::Tensor ones = at::ones({n}, opts);
-      time_on_gpu(r, [&] { grid_gradient(x, ones); }, repeats, max_seconds);
+      time_on_gpu(
+          r, [&] { grid_gradient(x, ones); }, repeats, max_seconds);
       atomic_grad = grid_gradient(x, ones);
       atomic_seconds = r.warm_seconds;
     });
@@ -223,14 +237,16 @@ std::vector<Row> run_cuda_goals(int64_t repeats, double max_seconds) {
       const TricubicInputs& x = inputs();
       const at::Tensor ones = at::ones({n}, opts);
       const DeterministicAlgorithms deterministic;
-      time_on_gpu(r, [&] { grid_gradient(x, ones); }, repeats, max_seconds);
+      time_on_gpu(
+          r, [&] { grid_gradient(x, ones); }, repeats, max_seconds);
       if (atomic_grad.defined()) {
         // The two orders of summation must agree to rounding.
         r.check_rel_err = relative_difference(grid_gradient(x, ones), atomic_grad);
         r.check_tolerance = check_tolerance(at::kFloat);
         r.check_what = "grid gradients (deterministic vs atomic)";
       }
-      if (atomic_seconds <= 0) throw std::runtime_error("no atomic grid-gradient time to compare with");
+      if (atomic_seconds <= 0)
+        throw std::runtime_error("no atomic grid-gradient time to compare with");
       r.goal = Goal{"deterministic grid gradient, × the atomic one's time", "×",
                     r.warm_seconds / atomic_seconds, kDeterministicGoal, true};
     });
@@ -241,7 +257,8 @@ std::vector<Row> run_cuda_goals(int64_t repeats, double max_seconds) {
   measure(goal_row("device_copy", "aten_copy_", "copy", 0, kCopyBytes / 4), [&](Row& r) {
     const at::Tensor src = at::rand({kCopyBytes / 4}, opts);
     at::Tensor dst = at::empty_like(src);
-    time_on_gpu(r, [&] { dst.copy_(src); }, repeats, max_seconds);
+    time_on_gpu(
+        r, [&] { dst.copy_(src); }, repeats, max_seconds);
     const double bytes = 2.0 * kCopyBytes;  // read + written
     copy_bandwidth = bytes / r.warm_seconds;
     r.fields["bytes_per_call"] = bytes;
@@ -261,11 +278,15 @@ std::vector<Row> run_cuda_goals(int64_t repeats, double max_seconds) {
       P.push_back(a.pixel_coords.clone());
     }
     size_t next = 0;
-    time_on_gpu(r, [&] {
-      const size_t i = next++ % copies;
-      out[i] = nanobragg_ops::detector_absorption(I[i], P[i], a.odet, a.thickness, a.attenuation_length,
-                                                  a.thicksteps, a.oversample_thick);
-    }, repeats, max_seconds);
+    time_on_gpu(
+        r,
+        [&] {
+          const size_t i = next++ % copies;
+          out[i] = nanobragg_ops::detector_absorption(I[i], P[i], a.odet, a.thickness,
+                                                      a.attenuation_length, a.thicksteps,
+                                                      a.oversample_thick);
+        },
+        repeats, max_seconds);
     // intensity and positions read, the output written (odet and the two
     // scalars are 20 bytes).
     const double bytes = static_cast<double>(in_bytes + a.intensity.nbytes());

@@ -79,7 +79,8 @@ struct Options {
   std::cerr << "nanobragg_bench: " << why
             << "\nusage: nanobragg_bench [--ops tricubic_interp detector_absorption] "
                "[--sizes 256 512] [--points-per-pixel N] [--repeats N] [--device cpu|cuda] "
-               "[--dtype float32|float64] [--outdir DIR] [--max-seconds-per-case S (default 10 on cpu, 2 on cuda)] "
+               "[--dtype float32|float64] [--outdir DIR] [--max-seconds-per-case S (default 10 on "
+               "cpu, 2 on cuda)] "
                "[--scale | --no-scale]\n";
   std::exit(2);
 }
@@ -180,9 +181,11 @@ Workload make_workload(const std::string& op, int64_t size, int64_t per_pixel,
                        const at::TensorOptions& opts) {
   Workload w;
   if (op == "tricubic_interp") {
-    w.tricubic = std::make_shared<const nb::TricubicInputs>(nb::make_tricubic_inputs(size, per_pixel, opts));
+    w.tricubic =
+        std::make_shared<const nb::TricubicInputs>(nb::make_tricubic_inputs(size, per_pixel, opts));
   } else {
-    w.absorption = std::make_shared<const nb::AbsorptionInputs>(nb::make_absorption_inputs(size, opts));
+    w.absorption =
+        std::make_shared<const nb::AbsorptionInputs>(nb::make_absorption_inputs(size, opts));
   }
   return w;
 }
@@ -216,14 +219,16 @@ Call make_call(const Case& c, const Workload& w, const at::TensorOptions& opts) 
   if (c.op == "tricubic_interp") {
     const auto in = w.tricubic;
     const int64_t n = in->hkl.size(0);
-    if (c.impl == "scalar_reference") return [in]() -> std::vector<at::Tensor> { return {nb::tricubic_scalar_reference(*in)}; };
+    if (c.impl == "scalar_reference")
+      return [in]() -> std::vector<at::Tensor> { return {nb::tricubic_scalar_reference(*in)}; };
     if (c.impl == "grid_sample_trilinear") {
       if (!fb) {
         return [in]() -> std::vector<at::Tensor> {
           return {nb::grid_sample_trilinear(in->grid_sample_input, in->grid_sample_coords)};
         };
       }
-      const at::Tensor gi = leaves->add(in->grid_sample_input), gc = leaves->add(in->grid_sample_coords);
+      const at::Tensor gi = leaves->add(in->grid_sample_input),
+                       gc = leaves->add(in->grid_sample_coords);
       const at::Tensor ones = at::ones({1, 1, n, 1, 1}, opts);
       return [leaves, gi, gc, ones] {
         leaves->clear_grads();
@@ -235,7 +240,8 @@ Call make_call(const Case& c, const Workload& w, const at::TensorOptions& opts) 
     const bool fused = c.impl == "fused";
     const std::array<int64_t, 3> imin = in->index_min;
     auto f = [fused, imin](const at::Tensor& g, const at::Tensor& h) {
-      return fused ? nanobragg_ops::tricubic_interp(g, h, imin) : nb::tricubic_aten_composite(g, h, imin);
+      return fused ? nanobragg_ops::tricubic_interp(g, h, imin)
+                   : nb::tricubic_aten_composite(g, h, imin);
     };
     if (!fb) return [in, f]() -> std::vector<at::Tensor> { return {f(in->grid, in->hkl)}; };
     const at::Tensor g = leaves->add(in->grid), h = leaves->add(in->hkl);
@@ -248,7 +254,8 @@ Call make_call(const Case& c, const Workload& w, const at::TensorOptions& opts) 
     };
   }
   const auto in = w.absorption;
-  if (c.impl == "scalar_reference") return [in]() -> std::vector<at::Tensor> { return {nb::absorption_scalar_reference(*in)}; };
+  if (c.impl == "scalar_reference")
+    return [in]() -> std::vector<at::Tensor> { return {nb::absorption_scalar_reference(*in)}; };
   const bool fused = c.impl == "fused";
   auto f = [fused, steps = in->thicksteps, over = in->oversample_thick](
                const at::Tensor& I, const at::Tensor& P, const at::Tensor& od, const at::Tensor& T,
@@ -315,14 +322,16 @@ void time_call(const Options& o, const Call& fn, nb::Row& r) {
   std::vector<double> warm;
   const auto start = Clock::now();
   while (static_cast<int64_t>(warm.size()) < o.repeats &&
-         (warm.size() < 3 || std::chrono::duration<double>(Clock::now() - start).count() < o.max_seconds)) {
+         (warm.size() < 3 ||
+          std::chrono::duration<double>(Clock::now() - start).count() < o.max_seconds)) {
     t0 = Clock::now();
     fn();
     synchronize(o.device);
     warm.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
   }
   nb::set_warm_times(r, warm);
-  std::cerr << std::fixed << std::setprecision(3) << r.warm_seconds * 1e3 << " ms (" << r.repeats << " repeats)";
+  std::cerr << std::fixed << std::setprecision(3) << r.warm_seconds * 1e3 << " ms (" << r.repeats
+            << " repeats)";
 }
 
 // Before a baseline is timed, its result is compared with the fused op's on
@@ -335,7 +344,8 @@ void time_call(const Options& o, const Call& fn, nb::Row& r) {
 // give the grid's value: that checks that it reads the same grid at the same
 // points. Nodes whose stencil leaves the grid (the fused op gives 0 there;
 // the grid itself is positive) are left out.
-void check_against_fused(const Case& c, const Workload& w, const at::TensorOptions& opts, nb::Row& r) {
+void check_against_fused(const Case& c, const Workload& w, const at::TensorOptions& opts,
+                         nb::Row& r) {
   std::vector<at::Tensor> got, ref;
   if (c.impl == "grid_sample_trilinear") {
     const nb::TricubicInputs& in = *w.tricubic;
@@ -343,7 +353,9 @@ void check_against_fused(const Case& c, const Workload& w, const at::TensorOptio
     const at::Tensor fused = nanobragg_ops::tricubic_interp(in.grid, nodes, in.index_min);
     const at::Tensor coords = nb::grid_sample_coords(nodes, in.index_min, in.grid.sizes()).to(opts);
     const at::Tensor inside = fused != 0;
-    got = {nb::grid_sample_trilinear(in.grid_sample_input, coords).reshape({-1}).masked_select(inside)};
+    got = {nb::grid_sample_trilinear(in.grid_sample_input, coords)
+               .reshape({-1})
+               .masked_select(inside)};
     ref = {fused.masked_select(inside)};
     r.check_what = "outputs at the grid's nodes";
   } else {
@@ -353,11 +365,12 @@ void check_against_fused(const Case& c, const Workload& w, const at::TensorOptio
     got = make_call(c, w, opts)();
     r.check_what = got.size() > 1 ? "outputs and input gradients" : "outputs";
   }
-  TORCH_CHECK(got.size() == ref.size(), c.impl, " returned ", got.size(), " tensors, the fused op ", ref.size());
+  TORCH_CHECK(got.size() == ref.size(), c.impl, " returned ", got.size(), " tensors, the fused op ",
+              ref.size());
   double worst = 0;
   for (size_t i = 0; i < got.size(); ++i) {
-    TORCH_CHECK(got[i].device() == opts.device(), c.impl, " computed on ", got[i].device(), ", not on ",
-                opts.device());
+    TORCH_CHECK(got[i].device() == opts.device(), c.impl, " computed on ", got[i].device(),
+                ", not on ", opts.device());
     const double d = nb::relative_difference(got[i], ref[i]);
     worst = std::isnan(worst) || std::isnan(d) ? d + worst : std::max(worst, d);  // NaN sticks
   }
@@ -392,15 +405,25 @@ int64_t estimated_peak(const Case& c, const std::string& dtype, const std::vecto
     }
   }
   if (probe != nullptr) {
-    estimate = std::max(estimate, static_cast<int64_t>(static_cast<double>(probe->peak_bytes) / probe->points * n));
+    estimate = std::max(
+        estimate, static_cast<int64_t>(static_cast<double>(probe->peak_bytes) / probe->points * n));
   }
   return estimate;
 }
 
 // The arguments that make this executable measure one case's memory.
 std::vector<std::string> single_case_args(const Options& o, const Case& c) {
-  return {"--single-case", c.op,           c.impl,   c.pass,    std::to_string(c.size),
-          "--points-per-pixel", std::to_string(c.per_pixel), "--device", o.device, "--dtype", o.dtype};
+  return {"--single-case",
+          c.op,
+          c.impl,
+          c.pass,
+          std::to_string(c.size),
+          "--points-per-pixel",
+          std::to_string(c.per_pixel),
+          "--device",
+          o.device,
+          "--dtype",
+          o.dtype};
 }
 
 // One case: not run if its estimated memory does not fit; else a baseline's
@@ -410,15 +433,16 @@ std::vector<std::string> single_case_args(const Options& o, const Case& c) {
 nb::Row run_case(const Options& o, const Case& c, const Workload& w, const at::TensorOptions& opts,
                  const std::vector<nb::Row>& done) {
   nb::Row r = row_of(o, c);
-  std::cerr << "  " << c.op << " " << c.pass << " " << c.impl << " size " << c.size << " (" << r.points
-            << " points) ... " << std::flush;
+  std::cerr << "  " << c.op << " " << c.pass << " " << c.impl << " size " << c.size << " ("
+            << r.points << " points) ... " << std::flush;
   if (const int64_t estimate = estimated_peak(c, o.dtype, done); estimate > 0) {
     const int64_t memory = nb::available_memory_bytes(o.device);
     if (estimate > kMemoryFraction * memory) {
       std::ostringstream why;
       why << std::fixed << std::setprecision(1) << "needs ≈ " << estimate / 1073741824.0
-          << " GiB (estimated), over " << kMemoryFraction * 100 << "% of the " << memory / 1073741824.0
-          << " GiB of " << (o.device == "cuda" ? "free GPU memory" : "RAM");
+          << " GiB (estimated), over " << kMemoryFraction * 100 << "% of the "
+          << memory / 1073741824.0 << " GiB of "
+          << (o.device == "cuda" ? "free GPU memory" : "RAM");
       r.not_run = why.str();
       r.peak_bytes = estimate;
       r.peak_method = "estimated";
@@ -449,8 +473,8 @@ nb::Row run_case(const Options& o, const Case& c, const Workload& w, const at::T
   }
   if (!r.error.empty()) std::cerr << (r.ran() ? ", " : "") << "FAILED: " << r.error;
   if (r.check_failed()) {
-    std::cerr << ", CHECK FAILED: " << r.check_what << " differ from the fused op's by " << std::scientific
-              << r.check_rel_err << std::fixed;
+    std::cerr << ", CHECK FAILED: " << r.check_what << " differ from the fused op's by "
+              << std::scientific << r.check_rel_err << std::fixed;
   }
   std::cerr << "\n";
   return r;
@@ -520,8 +544,8 @@ void run_scale(const Options& o, const at::TensorOptions& opts, std::vector<nb::
   info.formula_bytes = nb::tricubic_aten_composite_peak_bytes(info.points, info.element_size);
   info.probe_points = measured.points;
   info.probe_peak_bytes = measured.peak_bytes;
-  info.extrapolated_bytes = static_cast<int64_t>(
-      static_cast<double>(measured.peak_bytes) / measured.points * info.points);
+  info.extrapolated_bytes = static_cast<int64_t>(static_cast<double>(measured.peak_bytes) /
+                                                 measured.points * info.points);
   info.memory_bytes = nb::available_memory_bytes(o.device);
   info.limit_bytes = static_cast<int64_t>(kMemoryFraction * info.memory_bytes);
   info.grid_numel = nb::kGridNodes;
@@ -593,8 +617,11 @@ int main(int argc, char** argv) {
   nb::write_report(dir, rows, env, command_line, scale);
   std::cout << dir << "\n";
   // A goal missed is a finding; a case that failed or a mismatch is not.
-  const bool failed = std::any_of(rows.begin(), rows.end(),
-                                  [](const nb::Row& r) { return !r.error.empty() || r.check_failed(); });
-  if (failed) std::cerr << "nanobragg_bench: some cases failed; see Failures in " << dir << "/perf_summary.md\n";
+  const bool failed = std::any_of(rows.begin(), rows.end(), [](const nb::Row& r) {
+    return !r.error.empty() || r.check_failed();
+  });
+  if (failed)
+    std::cerr << "nanobragg_bench: some cases failed; see Failures in " << dir
+              << "/perf_summary.md\n";
   return failed ? 1 : 0;
 }

@@ -81,9 +81,8 @@ void write_peak(const std::string& path, const Peak& peak) {
 }
 
 Peak peak_in_child(const std::vector<std::string>& args) {
-  const std::filesystem::path out =
-      std::filesystem::temp_directory_path() /
-      ("nanobragg_bench_peak_" + std::to_string(getpid()) + ".json");
+  const std::filesystem::path out = std::filesystem::temp_directory_path() /
+                                    ("nanobragg_bench_peak_" + std::to_string(getpid()) + ".json");
   std::filesystem::remove(out);
   std::vector<std::string> argv_s = {"/proc/self/exe"};
   argv_s.insert(argv_s.end(), args.begin(), args.end());
@@ -97,7 +96,8 @@ Peak peak_in_child(const std::vector<std::string>& args) {
   for (const auto& a : args) what += " " + a;
   pid_t pid = 0;
   const int rc = posix_spawn(&pid, "/proc/self/exe", nullptr, nullptr, argv.data(), environ);
-  if (rc != 0) throw std::runtime_error("cannot start the memory child:" + what + ": " + std::strerror(rc));
+  if (rc != 0)
+    throw std::runtime_error("cannot start the memory child:" + what + ": " + std::strerror(rc));
   int status = 0;
   while (waitpid(pid, &status, 0) < 0) {
     if (errno != EINTR) throw std::runtime_error("waitpid failed for the memory child:" + what);

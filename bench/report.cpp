@@ -2,7 +2,6 @@
 
 #include "nanobragg_ops/ops.h"
 
-
 #include <ATen/Parallel.h>
 #include <ATen/detail/CUDAHooksInterface.h>
 #include <c10/util/Exception.h>
@@ -39,7 +38,8 @@ void set_warm_times(Row& r, const std::vector<double>& seconds) {
 }
 
 std::string message_of(const std::exception& e) {
-  if (const auto* c10_error = dynamic_cast<const c10::Error*>(&e)) return c10_error->what_without_backtrace();
+  if (const auto* c10_error = dynamic_cast<const c10::Error*>(&e))
+    return c10_error->what_without_backtrace();
   return e.what();
 }
 
@@ -91,7 +91,9 @@ std::string mib(int64_t bytes) {
   return fmt(m, m < 10 ? 2 : 1);
 }
 
-std::string gib(int64_t bytes) { return fmt(bytes / 1073741824.0, 1); }
+std::string gib(int64_t bytes) {
+  return fmt(bytes / 1073741824.0, 1);
+}
 
 std::string sci(double v) {
   std::ostringstream s;
@@ -100,7 +102,9 @@ std::string sci(double v) {
 }
 
 // A row of the main tables (not --scale, not a GPU goal).
-bool main_row(const Row& r) { return !r.scale && !r.cuda_goal; }
+bool main_row(const Row& r) {
+  return !r.scale && !r.cuda_goal;
+}
 
 // The check column: the baseline's relative difference from the fused op.
 std::string check_cell(const Row& r) {
@@ -123,7 +127,8 @@ const Row* find(const std::vector<Row>& rows, const std::string& op, const std::
 
 // The --scale section: its rows, and aten_composite at full scale measured
 // or, where it was not run, estimated.
-void write_scale_section(std::ostringstream& md, const std::vector<Row>& rows, const ScaleInfo& sc) {
+void write_scale_section(std::ostringstream& md, const std::vector<Row>& rows,
+                         const ScaleInfo& sc) {
   const int64_t s = sc.element_size;
   md << "\n## Scale: tricubic forward+backward, " << sc.size << "² × " << sc.per_pixel << " = "
      << sc.points << " points\n\n"
@@ -144,8 +149,8 @@ void write_scale_section(std::ostringstream& md, const std::vector<Row>& rows, c
   }
   const int64_t estimate = std::max(sc.formula_bytes, sc.extrapolated_bytes);
   if (!sc.aten_composite_ran) {
-    md << "| aten_composite | " << sc.points << " | not run | | | | **≈ " << mib(estimate)
-       << "** (" << gib(estimate) << " GiB, estimated) | " << fmt(double(estimate) / sc.points, 1) << " | "
+    md << "| aten_composite | " << sc.points << " | not run | | | | **≈ " << mib(estimate) << "** ("
+       << gib(estimate) << " GiB, estimated) | " << fmt(double(estimate) / sc.points, 1) << " | "
        << mib(floor_bytes(sc.points)) << " |\n";
   }
   md << "\naten_composite's peak, counted from its code (bench/workloads.cpp, "
@@ -159,13 +164,14 @@ void write_scale_section(std::ostringstream& md, const std::vector<Row>& rows, c
      << sc.probe_points << " points: " << fmt(double(sc.probe_peak_bytes) / sc.probe_points, 1)
      << " bytes per point, i.e. " << gib(sc.extrapolated_bytes) << " GiB at full scale. ";
   if (sc.aten_composite_ran) {
-    md << "The larger of the two, " << gib(estimate) << " GiB, was within "
-       << gib(sc.limit_bytes) << " GiB (60% of " << gib(sc.memory_bytes)
+    md << "The larger of the two, " << gib(estimate) << " GiB, was within " << gib(sc.limit_bytes)
+       << " GiB (60% of " << gib(sc.memory_bytes)
        << " GiB), so it ran; its row above is measured.\n";
   } else {
     md << "The larger of the two, " << gib(estimate) << " GiB, is over " << gib(sc.limit_bytes)
        << " GiB (60% of the " << gib(sc.memory_bytes)
-       << " GiB of memory there is: RAM, or on CUDA the GPU's free memory), so it was not run: its row "
+       << " GiB of memory there is: RAM, or on CUDA the GPU's free memory), so it was not run: its "
+          "row "
           "is that estimate.\n";
   }
 }
@@ -174,7 +180,8 @@ void write_scale_section(std::ostringstream& md, const std::vector<Row>& rows, c
 // GB/s, everything else as it is.
 std::string field_cell(const std::string& name, double v) {
   const std::string per_s = "bytes_per_second";
-  if (name.size() >= per_s.size() && name.compare(name.size() - per_s.size(), per_s.size(), per_s) == 0) {
+  if (name.size() >= per_s.size() &&
+      name.compare(name.size() - per_s.size(), per_s.size(), per_s) == 0) {
     return name.substr(0, name.size() - per_s.size()) + "GB/s " + fmt(v / 1e9, 1);
   }
   std::ostringstream o;
@@ -197,14 +204,15 @@ void write_cuda_goals_section(std::ostringstream& md, const std::vector<Row>& ro
         "+ written per call / time; the copy is a 1 GiB device-to-device `copy_`, 2 GiB moved. "
         "Time per call: CUDA events around a batch of calls queued behind a sleep kernel "
         "(so the launch rate does not count), the median of `repeats` batches after a warm-up; "
-        "absorption rotates over several input copies, so that its inputs are not served from L2.\n\n"
+        "absorption rotates over several input copies, so that its inputs are not served from "
+        "L2.\n\n"
      << "| goal | measured | target | met |\n|---|---:|---:|:---:|\n";
   for (const Row& r : rows) {
     if (!r.cuda_goal) continue;
     if (r.goal) {
       md << "| " << r.goal->name << " | " << fmt(r.goal->value, 3) << " " << r.goal->unit << " | "
-         << (r.goal->at_most ? "≤ " : "≥ ") << fmt(r.goal->target, 2) << " " << r.goal->unit << " | "
-         << (r.goal->met() ? "yes" : "**no**") << " |\n";
+         << (r.goal->at_most ? "≤ " : "≥ ") << fmt(r.goal->target, 2) << " " << r.goal->unit
+         << " | " << (r.goal->met() ? "yes" : "**no**") << " |\n";
     } else if (!r.error.empty()) {
       md << "| " << r.op << " " << r.pass << " | failed: " << r.error << " | | **no** |\n";
     }
@@ -214,13 +222,15 @@ void write_cuda_goals_section(std::ostringstream& md, const std::vector<Row>& ro
   for (const Row& r : rows) {
     if (!r.cuda_goal || !r.ran()) continue;
     std::string figures;
-    for (const auto& [name, value] : r.fields) figures += (figures.empty() ? "" : ", ") + field_cell(name, value);
+    for (const auto& [name, value] : r.fields)
+      figures += (figures.empty() ? "" : ", ") + field_cell(name, value);
     if (r.check_rel_err >= 0) {
-      figures += (figures.empty() ? "" : ", ") + r.check_what + " differ by " + sci(r.check_rel_err) +
-                 (r.check_failed() ? " **MISMATCH**" : "");
+      figures += (figures.empty() ? "" : ", ") + r.check_what + " differ by " +
+                 sci(r.check_rel_err) + (r.check_failed() ? " **MISMATCH**" : "");
     }
-    md << "| " << r.op << " | " << r.pass << " | " << r.points << " | " << fmt(r.warm_seconds * 1e3, 4)
-       << " | " << fmt(r.warm_std_seconds * 1e3, 4) << " | " << r.repeats << " | " << figures << " |\n";
+    md << "| " << r.op << " | " << r.pass << " | " << r.points << " | "
+       << fmt(r.warm_seconds * 1e3, 4) << " | " << fmt(r.warm_std_seconds * 1e3, 4) << " | "
+       << r.repeats << " | " << figures << " |\n";
   }
 }
 
@@ -233,7 +243,8 @@ EnvInfo collect_env(const std::string& source_dir, const std::string& build_type
   env["cuda_available"] = cuda.hasCUDA();
   std::vector<std::string> names;
   if (cuda.hasCUDA()) {
-    const std::string smi = run_command("nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null");
+    const std::string smi =
+        run_command("nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null");
     std::istringstream s(smi);
     for (std::string line; std::getline(s, line);) names.push_back(line);
   }
@@ -252,15 +263,16 @@ EnvInfo collect_env(const std::string& source_dir, const std::string& build_type
   env["build_type"] = build_type;
   const std::string git = "git -C '" + source_dir + "' ";
   env["git_revision"] = run_command(git + "rev-parse HEAD 2>/dev/null");
-  env["git_dirty"] = !run_command(git + "status --porcelain --untracked-files=no 2>/dev/null").empty();
+  env["git_dirty"] =
+      !run_command(git + "status --porcelain --untracked-files=no 2>/dev/null").empty();
   EnvInfo info;
   info.json = env.dump(2);
-  info.summary_line = "torch " + std::string(TORCH_VERSION) + ", " + env["cpu_model"].get<std::string>() +
-                      ", " + std::to_string(at::get_num_threads()) + " threads, CPU kernels " +
-                      env["cpu_capability"].get<std::string>() +
-                      (names.empty() ? "" : ", GPU " + names.front()) + ", " + build_type +
-                      " build, git " + env["git_revision"].get<std::string>().substr(0, 10) +
-                      (env["git_dirty"].get<bool>() ? " (dirty)" : "");
+  info.summary_line =
+      "torch " + std::string(TORCH_VERSION) + ", " + env["cpu_model"].get<std::string>() + ", " +
+      std::to_string(at::get_num_threads()) + " threads, CPU kernels " +
+      env["cpu_capability"].get<std::string>() + (names.empty() ? "" : ", GPU " + names.front()) +
+      ", " + build_type + " build, git " + env["git_revision"].get<std::string>().substr(0, 10) +
+      (env["git_dirty"].get<bool>() ? " (dirty)" : "");
   return info;
 }
 
@@ -279,7 +291,8 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
     // What was not measured is null, not 0: a case not run or failed has no
     // times, and the GPU-goal rows and failed memory children no peak.
     const bool timed = r.ran();
-    const bool peak = !r.peak_method.empty() && r.peak_method != "not_measured" && r.peak_method != "child_failed";
+    const bool peak = !r.peak_method.empty() && r.peak_method != "not_measured" &&
+                      r.peak_method != "child_failed";
     j["cold_seconds"] = timed ? nlohmann::json(r.cold_seconds) : nlohmann::json();
     j["warm_seconds"] = timed ? nlohmann::json(r.warm_seconds) : nlohmann::json();
     j["warm_std_seconds"] = timed ? nlohmann::json(r.warm_std_seconds) : nlohmann::json();
@@ -301,9 +314,12 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
       j["cuda_goal"] = true;
       for (const auto& [name, value] : r.fields) j[name] = value;
       if (r.goal) {
-        j["goal"] = {{"name", r.goal->name},   {"unit", r.goal->unit},
-                     {"value", r.goal->value}, {"target", r.goal->target},
-                     {"comparison", r.goal->at_most ? "<=" : ">="}, {"met", r.goal->met()}};
+        j["goal"] = {{"name", r.goal->name},
+                     {"unit", r.goal->unit},
+                     {"value", r.goal->value},
+                     {"target", r.goal->target},
+                     {"comparison", r.goal->at_most ? "<=" : ">="},
+                     {"met", r.goal->met()}};
       }
     }
     for (const auto& [impl, ratio] : r.speedup_vs) j["speedup_vs_" + impl] = ratio;
@@ -316,7 +332,8 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
   }
 
   std::ostringstream md;
-  md << "# Performance summary\n\n" << env.summary_line << ".\n\nCommand: `" << command_line
+  md << "# Performance summary\n\n"
+     << env.summary_line << ".\n\nCommand: `" << command_line
      << "`\n\nWarm time is the median of `repeats` calls after one cold (first) call, each "
         "followed by a device synchronise; speedup = the other implementation's warm time / "
         "this one's, from the same run. Peak is the peak extra memory of one call, the output "
@@ -347,26 +364,30 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
   std::vector<std::string> groups;
   for (const Row& r : rows) {
     if (!main_row(r)) continue;
-    const std::string g = r.op + " / " + r.pass + " / " + r.device + " / " + r.dtype +
-                          " / size " + std::to_string(r.size) + " (" + std::to_string(r.points) +
-                          " points)";
+    const std::string g = r.op + " / " + r.pass + " / " + r.device + " / " + r.dtype + " / size " +
+                          std::to_string(r.size) + " (" + std::to_string(r.points) + " points)";
     if (std::find(groups.begin(), groups.end(), g) == groups.end()) {
       groups.push_back(g);
-      md << "\n### " << g << "\n\n| impl | cold ms | warm ms | ± std ms | repeats | Mpoints/s | peak MiB | speedups (vs) | check vs fused |\n|---|---:|---:|---:|---:|---:|---:|---|---|\n";
+      md << "\n### " << g
+         << "\n\n| impl | cold ms | warm ms | ± std ms | repeats | Mpoints/s | peak MiB | speedups "
+            "(vs) | check vs fused |\n|---|---:|---:|---:|---:|---:|---:|---|---|\n";
       for (const Row& s : rows) {
         if (!main_row(s) || s.op != r.op || s.pass != r.pass || s.device != r.device ||
-            s.dtype != r.dtype || s.size != r.size || s.points != r.points) continue;
+            s.dtype != r.dtype || s.size != r.size || s.points != r.points)
+          continue;
         if (!s.not_run.empty()) {
-          md << "| " << s.impl << " | not run | | | | | ≈ " << mib(s.peak_bytes) << " (estimated) | "
-             << s.not_run << " | |\n";
+          md << "| " << s.impl << " | not run | | | | | ≈ " << mib(s.peak_bytes)
+             << " (estimated) | " << s.not_run << " | |\n";
           continue;
         }
         if (!s.ran()) {
-          md << "| " << s.impl << " | failed | | | | | | " << s.error << " | " << check_cell(s) << " |\n";
+          md << "| " << s.impl << " | failed | | | | | | " << s.error << " | " << check_cell(s)
+             << " |\n";
           continue;
         }
         std::string sp;
-        for (const auto& [impl, ratio] : s.speedup_vs) sp += (sp.empty() ? "" : ", ") + impl + " " + fmt(ratio, 2) + "×";
+        for (const auto& [impl, ratio] : s.speedup_vs)
+          sp += (sp.empty() ? "" : ", ") + impl + " " + fmt(ratio, 2) + "×";
         md << "| " << s.impl << " | " << fmt(s.cold_seconds * 1e3, 3) << " | "
            << fmt(s.warm_seconds * 1e3, 3) << " | " << fmt(s.warm_std_seconds * 1e3, 3) << " | "
            << s.repeats << " | " << fmt(s.points_per_second / 1e6, 2) << " | "
@@ -395,15 +416,18 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
            << (ratio >= need ? "yes" : "**no**") << " |\n";
       }
     };
-    target("tricubic forward ≥ 20× aten_composite", "tricubic_interp", "forward", "aten_composite", 20, false);
-    target("tricubic forward ≥ 5× scalar_reference", "tricubic_interp", "forward", "scalar_reference", 5, false);
+    target("tricubic forward ≥ 20× aten_composite", "tricubic_interp", "forward", "aten_composite",
+           20, false);
+    target("tricubic forward ≥ 5× scalar_reference", "tricubic_interp", "forward",
+           "scalar_reference", 5, false);
     target("tricubic forward ≤ 3× the time of grid_sample_trilinear", "tricubic_interp", "forward",
            "grid_sample_trilinear", 3, true);
     target("tricubic forward+backward ≥ 10× aten_composite", "tricubic_interp", "forward_backward",
            "aten_composite", 10, false);
-    target("absorption forward ≥ 5× aten_composite", "detector_absorption", "forward", "aten_composite", 5, false);
-    target("absorption forward+backward ≥ 5× aten_composite", "detector_absorption", "forward_backward",
+    target("absorption forward ≥ 5× aten_composite", "detector_absorption", "forward",
            "aten_composite", 5, false);
+    target("absorption forward+backward ≥ 5× aten_composite", "detector_absorption",
+           "forward_backward", "aten_composite", 5, false);
     for (const Row& r : rows) {
       if (main_row(r) && r.ran() && r.impl == "fused" && r.size == 512 && r.dtype == "float32" &&
           r.device == device) {
@@ -425,7 +449,8 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
     if (!main_row(r) || !r.ran() || r.impl != "fused" || r.pass != "forward") continue;
     const double ns = 1e9 / r.points_per_second;
     if (r.op == "tricubic_interp") {
-      const Row* gs = find(rows, r.op, "grid_sample_trilinear", "forward", r.size, r.dtype, r.device);
+      const Row* gs =
+          find(rows, r.op, "grid_sample_trilinear", "forward", r.size, r.dtype, r.device);
       md << "* " << r.device << " " << r.dtype << " size " << r.size << ": tricubic forward takes "
          << fmt(ns, 2) << " ns per point (64 gathered taps and ~100 flops each, i.e. "
          << fmt(64 / ns, 2) << " taps/ns)";

@@ -13,8 +13,8 @@ namespace nanobragg_bench {
 
 // A goal of the GPU issue (cuda_goals.h), with what was measured for it.
 struct Goal {
-  std::string name;      // e.g. "tricubic forward throughput"
-  std::string unit;      // of value and target, e.g. "G lookups/s"
+  std::string name;  // e.g. "tricubic forward throughput"
+  std::string unit;  // of value and target, e.g. "G lookups/s"
   double value = 0, target = 0;
   bool at_most = false;  // met when value <= target; else when value >= target
   bool met() const { return at_most ? value <= target : value >= target; }
@@ -41,7 +41,7 @@ struct Row {
   // the largest |fused value|, in float64, the worst of the compared
   // tensors; negative where nothing was checked (the fused rows).
   double check_rel_err = -1, check_tolerance = 0;
-  std::string check_what;   // what was compared
+  std::string check_what;  // what was compared
   bool check_failed() const { return check_rel_err >= 0 && !(check_rel_err <= check_tolerance); }
   bool ran() const { return not_run.empty() && repeats > 0; }  // has times
   // The rows of the GPU goals (cuda_goals.h): the goal a row measures, if
@@ -56,11 +56,11 @@ struct Row {
 struct ScaleInfo {
   bool requested = false;
   int64_t size = 0, per_pixel = 0, points = 0, element_size = 0;
-  int64_t grid_numel = 0;                      // structure-factor grid
-  int64_t formula_bytes = 0;                   // tricubic_aten_composite_peak_bytes
+  int64_t grid_numel = 0;                          // structure-factor grid
+  int64_t formula_bytes = 0;                       // tricubic_aten_composite_peak_bytes
   int64_t probe_points = 0, probe_peak_bytes = 0;  // aten_composite measured at fewer points
-  int64_t extrapolated_bytes = 0;              // the probe's bytes per point × points
-  int64_t memory_bytes = 0, limit_bytes = 0;   // RAM (on CUDA free GPU memory) and the share allowed
+  int64_t extrapolated_bytes = 0;                  // the probe's bytes per point × points
+  int64_t memory_bytes = 0, limit_bytes = 0;  // RAM (on CUDA free GPU memory) and the share allowed
   bool aten_composite_ran = false;
 };
 

@@ -14,10 +14,10 @@ at::Tensor rotation(std::array<double, 3> axis, double angle) {
   const double n = std::sqrt(axis[0] * axis[0] + axis[1] * axis[1] + axis[2] * axis[2]);
   const double x = axis[0] / n, y = axis[1] / n, z = axis[2] / n;
   const double c = std::cos(angle), s = std::sin(angle), t = 1 - c;
-  return at::tensor({t * x * x + c, t * x * y - s * z, t * x * z + s * y,
-                     t * x * y + s * z, t * y * y + c, t * y * z - s * x,
-                     t * x * z - s * y, t * y * z + s * x, t * z * z + c},
-                    at::kDouble)
+  return at::tensor(
+             {t * x * x + c, t * x * y - s * z, t * x * z + s * y, t * x * y + s * z, t * y * y + c,
+              t * y * z - s * x, t * x * z - s * y, t * y * z + s * x, t * z * z + c},
+             at::kDouble)
       .view({3, 3});
 }
 
@@ -34,15 +34,16 @@ at::Tensor detector_pixels(int64_t size, const at::Device& device) {
 
 }  // namespace
 
-TricubicInputs make_tricubic_inputs(int64_t size, int64_t per_pixel,
-                                    const at::TensorOptions& opts, double cell) {
+TricubicInputs make_tricubic_inputs(int64_t size, int64_t per_pixel, const at::TensorOptions& opts,
+                                    double cell) {
   at::manual_seed(7);
   TricubicInputs in;
   in.index_min = {-32, -32, -32};
   // Structure factors: a Wilson-like fall-off with random amplitudes, drawn
   // on the CPU so that every device gets the same grid.
   at::Tensor idx = at::arange(-32, 32, at::kDouble);
-  at::Tensor r2 = idx.view({64, 1, 1}).pow(2) + idx.view({1, 64, 1}).pow(2) + idx.view({1, 1, 64}).pow(2);
+  at::Tensor r2 =
+      idx.view({64, 1, 1}).pow(2) + idx.view({1, 64, 1}).pow(2) + idx.view({1, 1, 64}).pow(2);
   at::Tensor grid = 100 * at::exp(-r2 / 800) * (0.5 + at::rand({64, 64, 64}, at::kDouble));
 
   // The Miller indices are computed in float64 where they will live: at
@@ -52,7 +53,8 @@ TricubicInputs make_tricubic_inputs(int64_t size, int64_t per_pixel,
   const double wavelength = 1.0;  // A
   at::Tensor p = detector_pixels(size, device).view({-1, 3});
   at::Tensor s = p / p.norm(2, -1, true);
-  at::Tensor q = (s - at::tensor({0.0, 0.0, 1.0}, at::kDouble).to(device)) / wavelength;  // [P, 3], 1/A
+  at::Tensor q =
+      (s - at::tensor({0.0, 0.0, 1.0}, at::kDouble).to(device)) / wavelength;  // [P, 3], 1/A
   at::Tensor U = rotation({0.3, -0.5, 0.8}, 0.7);
   std::vector<at::Tensor> domains;
   for (int64_t d = 0; d < per_pixel; ++d) {
@@ -74,13 +76,13 @@ at::Tensor grid_sample_coords(const at::Tensor& hkl, const std::array<int64_t, 3
                               at::IntArrayRef grid_sizes) {
   // align_corners=true maps -1 and 1 to the first and last node; the last
   // coordinate indexes the last (l) dimension, hence the flip.
-  const at::Tensor lo = at::tensor({double(index_min[0]), double(index_min[1]), double(index_min[2])},
-                                   at::kDouble)
-                            .to(hkl.device());
-  const at::Tensor span = at::tensor({double(grid_sizes[0] - 1), double(grid_sizes[1] - 1),
-                                      double(grid_sizes[2] - 1)},
-                                     at::kDouble)
-                              .to(hkl.device());
+  const at::Tensor lo =
+      at::tensor({double(index_min[0]), double(index_min[1]), double(index_min[2])}, at::kDouble)
+          .to(hkl.device());
+  const at::Tensor span =
+      at::tensor({double(grid_sizes[0] - 1), double(grid_sizes[1] - 1), double(grid_sizes[2] - 1)},
+                 at::kDouble)
+          .to(hkl.device());
   const at::Tensor norm = 2 * (hkl.to(at::kDouble) - lo) / span - 1;
   return norm.flip(-1).contiguous().view({1, -1, 1, 1, 3});
 }
@@ -135,7 +137,8 @@ void tricubic_scalar_loop(const TricubicInputs& in, at::Tensor& out) {
       for (int a = 0; a < 4; ++a)
         for (int b = 0; b < 4; ++b)
           for (int c = 0; c < 4; ++c)
-            sub[a][b][c] = grid[((h0 - 1 + a - hmin) * nk + (k0 - 1 + b - kmin)) * nl + (l0 - 1 + c - lmin)];
+            sub[a][b][c] =
+                grid[((h0 - 1 + a - hmin) * nk + (k0 - 1 + b - kmin)) * nl + (l0 - 1 + c - lmin)];
       o[i] = static_cast<T>(polin3(ha, ka, la, sub, h, k, l));
     }
   });
@@ -161,7 +164,8 @@ void absorption_scalar_loop(const AbsorptionInputs& in, at::Tensor& out) {
       const double parallax = (o[0] * x + o[1] * y + o[2] * z) / r;
       double capture = 0.0;
       for (int64_t t = 0; t < L; ++t) {
-        const double c = std::exp(-t * dz * mu / parallax) - std::exp(-(t + 1) * dz * mu / parallax);
+        const double c =
+            std::exp(-t * dz * mu / parallax) - std::exp(-(t + 1) * dz * mu / parallax);
         capture = oversample ? capture + c : c;
       }
       result[i] = static_cast<T>(intensity[i] * capture);
@@ -212,8 +216,8 @@ at::Tensor tricubic_aten_composite(const at::Tensor& grid, const at::Tensor& hkl
     idx[d] = (first.unsqueeze(1) + offsets).clamp(0, grid.size(d) - 1);  // [N, 4]
   }
   // [N, 4, 4, 4] neighbourhood by advanced indexing.
-  const at::Tensor sub = grid.index({idx[0].view({-1, 4, 1, 1}), idx[1].view({-1, 1, 4, 1}),
-                                     idx[2].view({-1, 1, 1, 4})});
+  const at::Tensor sub = grid.index(
+      {idx[0].view({-1, 4, 1, 1}), idx[1].view({-1, 1, 4, 1}), idx[2].view({-1, 1, 1, 4})});
   const at::Tensor wh = lagrange_weights(u.select(1, 0));
   const at::Tensor wk = lagrange_weights(u.select(1, 1));
   const at::Tensor wl = lagrange_weights(u.select(1, 2));
@@ -265,10 +269,10 @@ at::Tensor absorption_aten_composite(const at::Tensor& intensity, const at::Tens
                                      bool oversample_thick) {
   const at::Tensor dist = pixel_coords.norm(2, -1, true).clamp_min(1e-10);
   at::Tensor parallax = (pixel_coords / dist * odet).sum(-1);
-  parallax = at::where(parallax.abs() < 1e-10,
-                       at::where(parallax < 0, at::full_like(parallax, -1e-10),
-                                 at::full_like(parallax, 1e-10)),
-                       parallax);
+  parallax = at::where(
+      parallax.abs() < 1e-10,
+      at::where(parallax < 0, at::full_like(parallax, -1e-10), at::full_like(parallax, 1e-10)),
+      parallax);
   const at::Tensor dz = thickness / thicksteps;
   const at::Tensor mu = 1 / attenuation_length;
   const at::Tensor t = at::arange(thicksteps, intensity.options()).view({-1, 1, 1});
@@ -290,7 +294,9 @@ double relative_difference(const at::Tensor& got, const at::Tensor& ref) {
   return scale > 0 ? diff / scale : diff;
 }
 
-double check_tolerance(at::ScalarType dtype) { return dtype == at::kDouble ? 1e-9 : 1e-3; }
+double check_tolerance(at::ScalarType dtype) {
+  return dtype == at::kDouble ? 1e-9 : 1e-3;
+}
 
 at::Tensor grid_sample_trilinear(const at::Tensor& input, const at::Tensor& coords) {
   return at::grid_sampler(input, coords, /*interpolation_mode=*/0, /*padding_mode=*/0,

@@ -14,11 +14,11 @@ namespace nanobragg_bench {
 // size x size detector of 0.1 mm pixels at 100 mm, and `per_pixel` lookups
 // per pixel (mosaic domains: small random rotations of the crystal).
 struct TricubicInputs {
-  at::Tensor grid;                 // [64, 64, 64], h, k, l in [-32, 31]
-  at::Tensor hkl;                  // [size * size * per_pixel, 3]
+  at::Tensor grid;  // [64, 64, 64], h, k, l in [-32, 31]
+  at::Tensor hkl;   // [size * size * per_pixel, 3]
   std::array<int64_t, 3> index_min;
-  at::Tensor grid_sample_input;    // grid as [1, 1, Nh, Nk, Nl]
-  at::Tensor grid_sample_coords;   // hkl normalised to [-1, 1], [1, N, 1, 1, 3]
+  at::Tensor grid_sample_input;   // grid as [1, 1, Nh, Nk, Nl]
+  at::Tensor grid_sample_coords;  // hkl normalised to [-1, 1], [1, N, 1, 1, 3]
 };
 
 constexpr int64_t kGridNodes = 64 * 64 * 64;  // TricubicInputs::grid
@@ -27,8 +27,8 @@ constexpr int64_t kGridNodes = 64 * 64 * 64;  // TricubicInputs::grid
 // 50 A, a 2048² detector (2θ up to 55°) reaches |h| ≈ 46, so part of it
 // falls outside the 64³ grid (those lookups cost no taps); with 30 A every
 // lookup of a 2048² detector is inside.
-TricubicInputs make_tricubic_inputs(int64_t size, int64_t per_pixel,
-                                    const at::TensorOptions& opts, double cell = 50.0);
+TricubicInputs make_tricubic_inputs(int64_t size, int64_t per_pixel, const at::TensorOptions& opts,
+                                    double cell = 50.0);
 
 // grid_sample's [1, N, 1, 1, 3] coordinates (align_corners=true) of the
 // points hkl [N, 3] in a grid of `grid_sizes` whose first node is index_min.
@@ -38,9 +38,9 @@ at::Tensor grid_sample_coords(const at::Tensor& hkl, const std::array<int64_t, 3
 // A size x size image on the same detector, pixel positions in metres,
 // a 450 um sensor with a 234 um attenuation length, 5 layers.
 struct AbsorptionInputs {
-  at::Tensor intensity;            // [size, size]
-  at::Tensor pixel_coords;         // [size, size, 3]
-  at::Tensor odet;                 // [3], slightly tilted
+  at::Tensor intensity;                      // [size, size]
+  at::Tensor pixel_coords;                   // [size, size, 3]
+  at::Tensor odet;                           // [3], slightly tilted
   at::Tensor thickness, attenuation_length;  // 0-dim
   int64_t thicksteps = 5;
   bool oversample_thick = true;

@@ -25,10 +25,9 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr int64_t kMaxNumel = 2048;
 
 double value(FuzzedDataProvider& in, double lo = -12.0, double hi = 12.0) {
-  static const double specials[] = {0.0,   -0.0,    1.0,     -1.0,   0.5,     -0.5,
-                                    1.5,   2.5,     kNaN,    kInf,   -kInf,   1e308,
-                                    -1e308, 4.9e-324, -4.9e-324, 1e-310, 1e30, -1e30,
-                                    3.0,   7.999999999, 1e-10, -1e-10};
+  static const double specials[] = {
+      0.0,   -0.0,   1.0,      -1.0,      0.5,    -0.5, 1.5,   2.5, kNaN,        kInf,  -kInf,
+      1e308, -1e308, 4.9e-324, -4.9e-324, 1e-310, 1e30, -1e30, 3.0, 7.999999999, 1e-10, -1e-10};
   if (in.ConsumeBool()) {
     return specials[in.ConsumeIntegralInRange<size_t>(0, std::size(specials) - 1)];
   }
@@ -36,11 +35,16 @@ double value(FuzzedDataProvider& in, double lo = -12.0, double hi = 12.0) {
 }
 
 int64_t index_value(FuzzedDataProvider& in) {
-  static const int64_t specials[] = {0, -3, 5, -8, std::numeric_limits<int64_t>::min(),
+  static const int64_t specials[] = {0,
+                                     -3,
+                                     5,
+                                     -8,
+                                     std::numeric_limits<int64_t>::min(),
                                      std::numeric_limits<int64_t>::max(),
                                      std::numeric_limits<int64_t>::max() - 2,
                                      std::numeric_limits<int64_t>::min() + 1,
-                                     int64_t(1) << 53, -(int64_t(1) << 53)};
+                                     int64_t(1) << 53,
+                                     -(int64_t(1) << 53)};
   if (in.ConsumeBool()) {
     return specials[in.ConsumeIntegralInRange<size_t>(0, std::size(specials) - 1)];
   }
@@ -86,8 +90,9 @@ at::Tensor tensor(FuzzedDataProvider& in, std::vector<int64_t> shape, at::Scalar
   if (layout == 1 && !shape.empty()) {
     t = t.slice(0, 1, alloc[0], 2);
   } else if (layout == 2 && shape.size() >= 2) {
-    t = t.transpose(0, static_cast<int64_t>(shape.size()) - 1).contiguous().transpose(
-        0, static_cast<int64_t>(shape.size()) - 1);
+    t = t.transpose(0, static_cast<int64_t>(shape.size()) - 1)
+            .contiguous()
+            .transpose(0, static_cast<int64_t>(shape.size()) - 1);
   } else if (layout == 3 && !shape.empty() && shape[0] > 0) {
     t = t.narrow(0, 0, 1).expand(shape);
   }
@@ -117,11 +122,13 @@ void fuzz_tricubic(FuzzedDataProvider& in) {
   at::Tensor grid = tensor(in, gshape, type, finite_grid, -1e3, 1e3);
   std::vector<int64_t> hshape = shape(in, 3, 6);
   hshape.push_back(in.ConsumeIntegralInRange<int>(0, 15) == 0 ? 2 : 3);
-  at::Tensor hkl = tensor(in, hshape, in.ConsumeIntegralInRange<int>(0, 15) == 0 ? dtype(in) : type);
+  at::Tensor hkl =
+      tensor(in, hshape, in.ConsumeIntegralInRange<int>(0, 15) == 0 ? dtype(in) : type);
   std::vector<int64_t> imin = {index_value(in), index_value(in), index_value(in)};
   if (in.ConsumeIntegralInRange<int>(0, 15) == 0) imin.pop_back();
   const double fill = in.ConsumeBool() ? 0.0 : value(in);
-  const std::string mode = in.ConsumeBool() ? "default" : (in.ConsumeIntegralInRange<int>(0, 7) ? "nearest" : "wrap");
+  const std::string mode =
+      in.ConsumeBool() ? "default" : (in.ConsumeIntegralInRange<int>(0, 7) ? "nearest" : "wrap");
   const int order = in.ConsumeIntegralInRange<int>(0, 2);  // derivatives taken
   const bool backward = order > 0;
   if (backward) {
@@ -159,7 +166,8 @@ void fuzz_absorption(FuzzedDataProvider& in) {
   const at::ScalarType type = dtype(in);
   const bool per_layer = in.ConsumeBool();
   int64_t thicksteps = in.ConsumeIntegralInRange<int64_t>(-1, 6);
-  if (in.ConsumeIntegralInRange<int>(0, 15) == 0) thicksteps = in.ConsumeIntegralInRange<int64_t>(1, 100000);
+  if (in.ConsumeIntegralInRange<int>(0, 15) == 0)
+    thicksteps = in.ConsumeIntegralInRange<int64_t>(1, 100000);
   std::vector<int64_t> pix = shape(in, 2, 5);
   std::vector<int64_t> ishape = pix, cshape = pix;
   if (per_layer) {
@@ -167,7 +175,8 @@ void fuzz_absorption(FuzzedDataProvider& in) {
     auto layers = [&] {
       const int pick = in.ConsumeIntegralInRange<int>(0, 4);
       return pick == 0 ? in.ConsumeIntegralInRange<int64_t>(0, 4)
-                       : (pick == 1 ? int64_t(1) : std::min<int64_t>(std::max<int64_t>(thicksteps, 0), 64));
+                       : (pick == 1 ? int64_t(1)
+                                    : std::min<int64_t>(std::max<int64_t>(thicksteps, 0), 64));
     };
     ishape.insert(ishape.begin(), layers());
     cshape.insert(cshape.begin(), layers());
@@ -176,7 +185,8 @@ void fuzz_absorption(FuzzedDataProvider& in) {
   cshape.push_back(in.ConsumeIntegralInRange<int>(0, 15) == 0 ? 2 : 3);
   at::Tensor intensity = tensor(in, ishape, type);
   at::Tensor coords = tensor(in, cshape, type, false, -1.0, 1.0);
-  at::Tensor odet = tensor(in, {in.ConsumeIntegralInRange<int>(0, 15) == 0 ? 2 : 3}, type, false, -1.0, 1.0);
+  at::Tensor odet =
+      tensor(in, {in.ConsumeIntegralInRange<int>(0, 15) == 0 ? 2 : 3}, type, false, -1.0, 1.0);
   auto scalar = [&](double lo, double hi) {
     at::Tensor s = at::scalar_tensor(value(in, lo, hi), at::kDouble).to(type);
     return in.ConsumeIntegralInRange<int>(0, 15) == 0 ? s.reshape({1}) : s;
@@ -191,8 +201,8 @@ void fuzz_absorption(FuzzedDataProvider& in) {
       *t = t->detach().requires_grad_(true);
     }
   }
-  at::Tensor out = nanobragg_ops::detector_absorption(intensity, coords, odet, thickness, attenuation,
-                                                      thicksteps, oversample, per_layer);
+  at::Tensor out = nanobragg_ops::detector_absorption(
+      intensity, coords, odet, thickness, attenuation, thicksteps, oversample, per_layer);
   if (backward && out.numel() > 0) {
     const std::vector<at::Tensor> inputs = {intensity, coords, odet, thickness, attenuation};
     auto g = torch::autograd::grad({out.sum()}, inputs, {}, order > 1, order > 1);

@@ -34,8 +34,8 @@ struct Autocast {
                                         bool oversample_thick, bool per_layer) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(kKey);
     return dispatch::detector_absorption()
-        .call(f32(intensity), f32(pixel_coords), f32(odet), f32(thickness),
-              f32(attenuation_length), thicksteps, oversample_thick, per_layer)
+        .call(f32(intensity), f32(pixel_coords), f32(odet), f32(thickness), f32(attenuation_length),
+              thicksteps, oversample_thick, per_layer)
         .to(intensity.scalar_type());
   }
 };

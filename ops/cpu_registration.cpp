@@ -23,11 +23,11 @@ NANOBRAGG_DECLARE_CPU_KERNELS(AVX512)
 namespace nanobragg {
 namespace cpu_stub {
 
-#define NANOBRAGG_STUB_FN(ns, fn, ret, params, args)                                       \
-  ret fn params {                                                                          \
+#define NANOBRAGG_STUB_FN(ns, fn, ret, params, args)                                            \
+  ret fn params {                                                                               \
     static const auto chosen = ::nanobragg::cpu::pick<decltype(&::nanobragg::ns::DEFAULT::fn)>( \
         &::nanobragg::ns::DEFAULT::fn, NANOBRAGG_AVX2_FN(ns, fn), NANOBRAGG_AVX512_FN(ns, fn)); \
-    return chosen args;                                                                    \
+    return chosen args;                                                                         \
   }
 
 using T = at::Tensor;
@@ -62,16 +62,15 @@ NANOBRAGG_STUB_FN(absorption, detector_absorption_backward_cpu, Tuple5,
                    bool oversample_thick, bool per_layer, std::array<bool, 5> output_mask),
                   (grad_output, intensity, pixel_coords, odet, thickness, attenuation_length,
                    thicksteps, oversample_thick, per_layer, output_mask))
-NANOBRAGG_STUB_FN(absorption, detector_absorption_double_backward_cpu,
-                  Tuple6,
+NANOBRAGG_STUB_FN(absorption, detector_absorption_double_backward_cpu, Tuple6,
                   (const OT& gg_intensity, const OT& gg_coords, const OT& gg_odet,
                    const OT& gg_thickness, const OT& gg_att, const T& grad_output,
                    const T& intensity, const T& pixel_coords, const T& odet, const T& thickness,
                    const T& attenuation_length, int64_t thicksteps, bool oversample_thick,
                    bool per_layer, std::array<bool, 6> output_mask),
                   (gg_intensity, gg_coords, gg_odet, gg_thickness, gg_att, grad_output, intensity,
-                   pixel_coords, odet, thickness, attenuation_length, thicksteps,
-                   oversample_thick, per_layer, output_mask))
+                   pixel_coords, odet, thickness, attenuation_length, thicksteps, oversample_thick,
+                   per_layer, output_mask))
 
 }  // namespace cpu_stub
 }  // namespace nanobragg

@@ -8,6 +8,9 @@ cd "$ROOT"
 BUILD_DIR="${BUILD_DIR:-build}"
 
 status=0
+echo "== format (clang-format, .clang-format) and layers (scripts/check_layers.py) =="
+"$ROOT/scripts/check_format.sh" || status=1
+python3 "$ROOT/scripts/check_layers.py" || status=1
 echo "== GoogleTest (ctest) =="
 ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$(nproc)" || status=1
 echo "== GoogleTest under AddressSanitizer + UndefinedBehaviorSanitizer =="

@@ -14,7 +14,8 @@ VENV="$ROOT/.venv"
 log() { echo "[setup] $*" >&2; }
 
 # 1. System packages.
-APT_PACKAGES=(cmake ninja-build g++ libgtest-dev nlohmann-json3-dev python3-venv clang libclang-rt-14-dev)
+APT_PACKAGES=(cmake ninja-build g++ libgtest-dev nlohmann-json3-dev python3-venv clang libclang-rt-14-dev
+              clang-format binutils)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

@@ -72,9 +72,9 @@ void shared_forward_range(const AbsorptionParams<T>& prm, const T* value, int64_
 // pixel p at g[p * g_stride]); adds the block's dL/ds and dL/dodet to acc
 // when it is not null.
 template <typename T>
-void shared_backward_block(const AbsorptionParams<T>& prm, const PixelSource<T>& source,
-                           const T* g, int64_t g_stride, T* gI, T* gP, int64_t begin,
-                           int64_t end, double* acc) {
+void shared_backward_block(const AbsorptionParams<T>& prm, const PixelSource<T>& source, const T* g,
+                           int64_t g_stride, T* gI, T* gP, int64_t begin, int64_t end,
+                           double* acc) {
   const T* I = source.intensity;
   const T* C = source.coords;
 #if !defined(CPU_CAPABILITY_DEFAULT)
@@ -99,15 +99,12 @@ void shared_backward_block(const AbsorptionParams<T>& prm, const PixelSource<T>&
 
 }  // namespace
 
-at::Tensor detector_absorption_cpu(const at::Tensor& intensity,
-                                   const at::Tensor& pixel_coords,
-                                   const at::Tensor& odet,
-                                   const at::Tensor& thickness,
-                                   const at::Tensor& attenuation_length,
-                                   int64_t thicksteps, bool oversample_thick,
-                                   bool per_layer) {
+at::Tensor detector_absorption_cpu(const at::Tensor& intensity, const at::Tensor& pixel_coords,
+                                   const at::Tensor& odet, const at::Tensor& thickness,
+                                   const at::Tensor& attenuation_length, int64_t thicksteps,
+                                   bool oversample_thick, bool per_layer) {
   PreparedCall call = prepare_call(kForward, nullptr, intensity, pixel_coords, odet, thickness,
-                                    attenuation_length, thicksteps, per_layer);
+                                   attenuation_length, thicksteps, per_layer);
   const ScalarValues scalars = read_host_scalars(kForward, odet, thickness, attenuation_length);
   ExpandedInputs& in = call.in;
   at::Tensor out = at::empty(in.pixel_shape, intensity.options());
@@ -141,16 +138,13 @@ at::Tensor detector_absorption_cpu(const at::Tensor& intensity,
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-detector_absorption_backward_cpu(const at::Tensor& grad_output,
-                                 const at::Tensor& intensity,
-                                 const at::Tensor& pixel_coords,
-                                 const at::Tensor& odet,
-                                 const at::Tensor& thickness,
-                                 const at::Tensor& attenuation_length,
-                                 int64_t thicksteps, bool oversample_thick,
-                                 bool per_layer, std::array<bool, 5> output_mask) {
+detector_absorption_backward_cpu(const at::Tensor& grad_output, const at::Tensor& intensity,
+                                 const at::Tensor& pixel_coords, const at::Tensor& odet,
+                                 const at::Tensor& thickness, const at::Tensor& attenuation_length,
+                                 int64_t thicksteps, bool oversample_thick, bool per_layer,
+                                 std::array<bool, 5> output_mask) {
   PreparedCall call = prepare_call(kBackward, &grad_output, intensity, pixel_coords, odet,
-                                    thickness, attenuation_length, thicksteps, per_layer);
+                                   thickness, attenuation_length, thicksteps, per_layer);
   const ScalarValues scalars = read_host_scalars(kBackward, odet, thickness, attenuation_length);
   ExpandedInputs& in = call.in;
 
@@ -162,9 +156,8 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output,
   // gradient: read through its one stride (1; 0 when expanded, as .sum()
   // gives it; any other), or, when its layout does not merge into one
   // dimension with the inputs', from a contiguous copy (one pass over P).
-  const bool shared =
-      n > 0 && contiguous_shared(in, in.pixel_offsets(in.intensity.select(0, 0)),
-                                 scalars.thickness > 0.0);
+  const bool shared = n > 0 && contiguous_shared(in, in.pixel_offsets(in.intensity.select(0, 0)),
+                                                 scalars.thickness > 0.0);
   at::Tensor grad = grad_output;
   PointOffsets<3> offsets = in.pixel_offsets(grad);
   if (shared && offsets.ndim != 1) {
@@ -235,8 +228,8 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output,
   backward_scalar_grads(total, scalars, thicksteps, grads);
   return finish_backward(
       in, full,
-      scalar_grad_tensors(grads, {output_mask[2], output_mask[3], output_mask[4]}, odet,
-                          thickness, attenuation_length),
+      scalar_grad_tensors(grads, {output_mask[2], output_mask[3], output_mask[4]}, odet, thickness,
+                          attenuation_length),
       output_mask, opts);
 }
 
@@ -264,42 +257,43 @@ detector_absorption_double_backward_cpu(
   const auto opts = intensity.options();
   const int64_t n = in.num_pixels;
   const int64_t blocks = (n + kReduceBlock - 1) / kReduceBlock;
-  std::vector<std::array<double, kDoubleBackwardTotals>> partial(static_cast<size_t>(blocks), {0, 0, 0, 0, 0});
+  std::vector<std::array<double, kDoubleBackwardTotals>> partial(static_cast<size_t>(blocks),
+                                                                 {0, 0, 0, 0, 0});
   if (n > 0) {
     const auto offsets = dual_pixel_offsets(in, dir.tangent, grad_output);
-    AT_DISPATCH_FLOATING_TYPES(intensity.scalar_type(), "detector_absorption_double_backward_cpu",
-                               [&] {
-      using T = scalar_t;
-      const auto prm = dual_params_from<T>(scalars, dir_scalars, thicksteps, oversample_thick);
-      const auto source = in.source<T>();
-      const auto tangent = dir.tangent.source<T>();
-      const T* g = grad_output.const_data_ptr<T>();
-      T* ggo = output_mask[0] ? grad_grad_output.mutable_data_ptr<T>() : nullptr;
-      T* gI = full.intensity_ptr<T>();
-      T* gP = full.coords_ptr<T>();
-      at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-        for (int64_t b = block_begin; b < block_end; ++b) {
-          std::array<double, kDoubleBackwardTotals> acc = {0, 0, 0, 0, 0};
-          cpu::for_each_index(
-              [&](int64_t p) NANOBRAGG_LAMBDA_INLINE {
-                int64_t off[5];
-                offsets.get(p, off);
-                const DualPixel<T> px(source.at(off[0], off[1]), tangent.at(off[3], off[4]));
-                DualPixelGrads<T> out(pixel_grads_at(gI, gP, p, n));
-                const T d_g =
-                    absorbed_pixel_double_backward(prm, px, g[off[2]], input_grads, out);
-                if (ggo != nullptr) ggo[p] = d_g;
-                acc[0] += static_cast<double>(out.d_step.v);
-                acc[1] += static_cast<double>(out.d_step.d);
-                for (int d = 0; d < 3; ++d) {
-                  acc[2 + d] += static_cast<double>(out.odet[d].d);
-                }
-              },
-              b * kReduceBlock, std::min(n, (b + 1) * kReduceBlock));
-          partial[static_cast<size_t>(b)] = acc;
-        }
-      });
-    });
+    AT_DISPATCH_FLOATING_TYPES(
+        intensity.scalar_type(), "detector_absorption_double_backward_cpu", [&] {
+          using T = scalar_t;
+          const auto prm = dual_params_from<T>(scalars, dir_scalars, thicksteps, oversample_thick);
+          const auto source = in.source<T>();
+          const auto tangent = dir.tangent.source<T>();
+          const T* g = grad_output.const_data_ptr<T>();
+          T* ggo = output_mask[0] ? grad_grad_output.mutable_data_ptr<T>() : nullptr;
+          T* gI = full.intensity_ptr<T>();
+          T* gP = full.coords_ptr<T>();
+          at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+            for (int64_t b = block_begin; b < block_end; ++b) {
+              std::array<double, kDoubleBackwardTotals> acc = {0, 0, 0, 0, 0};
+              cpu::for_each_index(
+                  [&](int64_t p) NANOBRAGG_LAMBDA_INLINE {
+                    int64_t off[5];
+                    offsets.get(p, off);
+                    const DualPixel<T> px(source.at(off[0], off[1]), tangent.at(off[3], off[4]));
+                    DualPixelGrads<T> out(pixel_grads_at(gI, gP, p, n));
+                    const T d_g =
+                        absorbed_pixel_double_backward(prm, px, g[off[2]], input_grads, out);
+                    if (ggo != nullptr) ggo[p] = d_g;
+                    acc[0] += static_cast<double>(out.d_step.v);
+                    acc[1] += static_cast<double>(out.d_step.d);
+                    for (int d = 0; d < 3; ++d) {
+                      acc[2 + d] += static_cast<double>(out.odet[d].d);
+                    }
+                  },
+                  b * kReduceBlock, std::min(n, (b + 1) * kReduceBlock));
+              partial[static_cast<size_t>(b)] = acc;
+            }
+          });
+        });
   }
   double total[kDoubleBackwardTotals] = {0, 0, 0, 0, 0};
   for (const auto& block : partial) {  // fixed order
@@ -311,8 +305,8 @@ detector_absorption_double_backward_cpu(
   double_backward_scalar_grads(total, scalars, dir_scalars, thicksteps, grads);
   return finish_double_backward(
       in, grad_grad_output, full,
-      scalar_grad_tensors(grads, {output_mask[3], output_mask[4], output_mask[5]}, odet,
-                          thickness, attenuation_length),
+      scalar_grad_tensors(grads, {output_mask[3], output_mask[4], output_mask[5]}, odet, thickness,
+                          attenuation_length),
       output_mask, opts);
 }
 

@@ -19,33 +19,33 @@ namespace nanobragg {
 namespace absorption {
 
 // The primitives of absorption_math.h for vectors.
-#define NANOBRAGG_VEC_PRIMITIVES(T)                                                      \
-  template <>                                                                            \
-  NANOBRAGG_INLINE at::vec::Vectorized<T> sqrt_(at::vec::Vectorized<T> x) {              \
-    return x.sqrt();                                                                     \
-  }                                                                                      \
-  template <>                                                                            \
-  NANOBRAGG_INLINE at::vec::Vectorized<T> abs_(at::vec::Vectorized<T> x) {               \
-    return x.abs();                                                                      \
-  }                                                                                      \
-  template <>                                                                            \
-  NANOBRAGG_INLINE at::vec::Vectorized<T> max_(at::vec::Vectorized<T> a,                 \
-                                               at::vec::Vectorized<T> b) {               \
-    return at::vec::maximum(a, b);                                                       \
-  }                                                                                      \
-  template <>                                                                            \
-  NANOBRAGG_INLINE at::vec::Vectorized<T> select_(                                       \
-      at::vec::Vectorized<T> condition, at::vec::Vectorized<T> if_true,                  \
-      at::vec::Vectorized<T> if_false) {                                                 \
-    return at::vec::Vectorized<T>::blendv(if_false, if_true, condition);                 \
-  }                                                                                      \
-  template <>                                                                            \
-  NANOBRAGG_INLINE at::vec::Vectorized<T> exp_(at::vec::Vectorized<T> x) {               \
-    return x.exp();                                                                      \
-  }                                                                                      \
-  template <>                                                                            \
-  NANOBRAGG_INLINE at::vec::Vectorized<T> expm1_(at::vec::Vectorized<T> x) {             \
-    return x.expm1();                                                                    \
+#define NANOBRAGG_VEC_PRIMITIVES(T)                                                  \
+  template <>                                                                        \
+  NANOBRAGG_INLINE at::vec::Vectorized<T> sqrt_(at::vec::Vectorized<T> x) {          \
+    return x.sqrt();                                                                 \
+  }                                                                                  \
+  template <>                                                                        \
+  NANOBRAGG_INLINE at::vec::Vectorized<T> abs_(at::vec::Vectorized<T> x) {           \
+    return x.abs();                                                                  \
+  }                                                                                  \
+  template <>                                                                        \
+  NANOBRAGG_INLINE at::vec::Vectorized<T> max_(at::vec::Vectorized<T> a,             \
+                                               at::vec::Vectorized<T> b) {           \
+    return at::vec::maximum(a, b);                                                   \
+  }                                                                                  \
+  template <>                                                                        \
+  NANOBRAGG_INLINE at::vec::Vectorized<T> select_(at::vec::Vectorized<T> condition,  \
+                                                  at::vec::Vectorized<T> if_true,    \
+                                                  at::vec::Vectorized<T> if_false) { \
+    return at::vec::Vectorized<T>::blendv(if_false, if_true, condition);             \
+  }                                                                                  \
+  template <>                                                                        \
+  NANOBRAGG_INLINE at::vec::Vectorized<T> exp_(at::vec::Vectorized<T> x) {           \
+    return x.exp();                                                                  \
+  }                                                                                  \
+  template <>                                                                        \
+  NANOBRAGG_INLINE at::vec::Vectorized<T> expm1_(at::vec::Vectorized<T> x) {         \
+    return x.expm1();                                                                \
   }
 
 NANOBRAGG_VEC_PRIMITIVES(float)
@@ -147,7 +147,7 @@ inline void store_xyz(const at::vec::Vectorized<float> xyz[3], float* c) {
 
 template <typename T>
 inline void shared_forward(const AbsorptionParams<T>& prm, const T* value, int64_t value_stride,
-                    const T* coords, T* out, int64_t begin, int64_t end) {
+                           const T* coords, T* out, int64_t begin, int64_t end) {
   using V = at::vec::Vectorized<T>;
   const V ox(prm.odet[0]), oy(prm.odet[1]), oz(prm.odet[2]), step(prm.step);
   constexpr int64_t W = Lanes<T>::W;
@@ -163,17 +163,17 @@ inline void shared_forward(const AbsorptionParams<T>& prm, const T* value, int64
   Lanes<T> lanes;
   for (; p < end; p += W) {
     const int64_t n = lanes.load(value, value_stride, coords, nullptr, 0, p, end);
-    const V v = shared_pixel_value<V>(ox, oy, oz, step, prm.layers, prm.oversample,
-                                      V::loadu(lanes.value), V::loadu(lanes.x),
-                                      V::loadu(lanes.y), V::loadu(lanes.z));
+    const V v =
+        shared_pixel_value<V>(ox, oy, oz, step, prm.layers, prm.oversample, V::loadu(lanes.value),
+                              V::loadu(lanes.x), V::loadu(lanes.y), V::loadu(lanes.z));
     v.store(out + p, n);
   }
 }
 
 template <typename T>
 inline void shared_backward(const AbsorptionParams<T>& prm, const T* intensity, const T* coords,
-                     const T* grad, int64_t grad_stride, T* grad_intensity, T* grad_coords,
-                     int64_t begin, int64_t end, double* sums) {
+                            const T* grad, int64_t grad_stride, T* grad_intensity, T* grad_coords,
+                            int64_t begin, int64_t end, double* sums) {
   using V = at::vec::Vectorized<T>;
   constexpr int64_t W = Lanes<T>::W;
   const V ox(prm.odet[0]), oy(prm.odet[1]), oz(prm.odet[2]), step(prm.step);

@@ -104,8 +104,7 @@ struct FinishBackward {
 struct FinishDoubleBackward {
   ScalarArgs scalars, dir;
   int64_t layers;
-  __device__ void operator()(const double (&total)[kDoubleBackwardTotals],
-                             double (&out)[5]) const {
+  __device__ void operator()(const double (&total)[kDoubleBackwardTotals], double (&out)[5]) const {
     double_backward_scalar_grads(total, scalars.get(), dir.get(), layers, out);
   }
 };
@@ -188,15 +187,12 @@ bool any_scalar_grad(const std::array<bool, N>& mask) {
 
 }  // namespace
 
-at::Tensor detector_absorption_cuda(const at::Tensor& intensity,
-                                    const at::Tensor& pixel_coords,
-                                    const at::Tensor& odet,
-                                    const at::Tensor& thickness,
-                                    const at::Tensor& attenuation_length,
-                                    int64_t thicksteps, bool oversample_thick,
-                                    bool per_layer) {
+at::Tensor detector_absorption_cuda(const at::Tensor& intensity, const at::Tensor& pixel_coords,
+                                    const at::Tensor& odet, const at::Tensor& thickness,
+                                    const at::Tensor& attenuation_length, int64_t thicksteps,
+                                    bool oversample_thick, bool per_layer) {
   PreparedCall call = prepare_call(kForward, nullptr, intensity, pixel_coords, odet, thickness,
-                                    attenuation_length, thicksteps, per_layer);
+                                   attenuation_length, thicksteps, per_layer);
   const ScalarArgs scalars = device_scalars(kForward, odet, thickness, attenuation_length);
   ExpandedInputs& in = call.in;
   const c10::cuda::CUDAGuard guard(intensity.device());
@@ -217,16 +213,13 @@ at::Tensor detector_absorption_cuda(const at::Tensor& intensity,
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-detector_absorption_backward_cuda(const at::Tensor& grad_output,
-                                  const at::Tensor& intensity,
-                                  const at::Tensor& pixel_coords,
-                                  const at::Tensor& odet,
-                                  const at::Tensor& thickness,
-                                  const at::Tensor& attenuation_length,
-                                  int64_t thicksteps, bool oversample_thick,
-                                  bool per_layer, std::array<bool, 5> output_mask) {
+detector_absorption_backward_cuda(const at::Tensor& grad_output, const at::Tensor& intensity,
+                                  const at::Tensor& pixel_coords, const at::Tensor& odet,
+                                  const at::Tensor& thickness, const at::Tensor& attenuation_length,
+                                  int64_t thicksteps, bool oversample_thick, bool per_layer,
+                                  std::array<bool, 5> output_mask) {
   PreparedCall call = prepare_call(kBackward, &grad_output, intensity, pixel_coords, odet,
-                                    thickness, attenuation_length, thicksteps, per_layer);
+                                   thickness, attenuation_length, thicksteps, per_layer);
   const ScalarArgs scalars = device_scalars(kBackward, odet, thickness, attenuation_length);
   ExpandedInputs& in = call.in;
   const c10::cuda::CUDAGuard guard(intensity.device());
@@ -246,12 +239,13 @@ detector_absorption_backward_cuda(const at::Tensor& grad_output,
         full.coords_ptr<scalar_t>(), partials.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  const at::Tensor values =
-      any_scalar_grad(output_mask)
-          ? reduce_scalar_grads<kBackwardTotals>(partials, blocks, FinishBackward{scalars, thicksteps}, stream)
-          : at::Tensor();
-  const auto scalar_grads = scalar_grad_tensors(values, {output_mask[2], output_mask[3], output_mask[4]}, odet,
-                                                thickness, attenuation_length);
+  const at::Tensor values = any_scalar_grad(output_mask)
+                                ? reduce_scalar_grads<kBackwardTotals>(
+                                      partials, blocks, FinishBackward{scalars, thicksteps}, stream)
+                                : at::Tensor();
+  const auto scalar_grads =
+      scalar_grad_tensors(values, {output_mask[2], output_mask[3], output_mask[4]}, odet, thickness,
+                          attenuation_length);
   return finish_backward(in, full, scalar_grads, output_mask, opts);
 }
 
@@ -282,22 +276,24 @@ detector_absorption_double_backward_cuda(
   const int64_t blocks = blocks_for(n);
   at::Tensor partials = at::empty({blocks, kDoubleBackwardTotals}, opts.dtype(at::kDouble));
   const auto offsets = dual_pixel_offsets(in, dir.tangent, grad_output);
-  AT_DISPATCH_FLOATING_TYPES(intensity.scalar_type(), "detector_absorption_double_backward_cuda",
-                             [&] {
-    double_backward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-        scalars, dir_scalars, thicksteps, oversample_thick, in.source<scalar_t>(),
-        dir.tangent.source<scalar_t>(), grad_output.const_data_ptr<scalar_t>(), offsets, n,
-        input_grads, output_mask[0] ? grad_grad_output.mutable_data_ptr<scalar_t>() : nullptr,
-        full.intensity_ptr<scalar_t>(), full.coords_ptr<scalar_t>(),
-        partials.mutable_data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES(
+      intensity.scalar_type(), "detector_absorption_double_backward_cuda", [&] {
+        double_backward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+            scalars, dir_scalars, thicksteps, oversample_thick, in.source<scalar_t>(),
+            dir.tangent.source<scalar_t>(), grad_output.const_data_ptr<scalar_t>(), offsets, n,
+            input_grads, output_mask[0] ? grad_grad_output.mutable_data_ptr<scalar_t>() : nullptr,
+            full.intensity_ptr<scalar_t>(), full.coords_ptr<scalar_t>(),
+            partials.mutable_data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   const at::Tensor values =
       any_scalar_grad(output_mask)
-          ? reduce_scalar_grads<kDoubleBackwardTotals>(partials, blocks, FinishDoubleBackward{scalars, dir_scalars, thicksteps}, stream)
+          ? reduce_scalar_grads<kDoubleBackwardTotals>(
+                partials, blocks, FinishDoubleBackward{scalars, dir_scalars, thicksteps}, stream)
           : at::Tensor();
-  const auto scalar_grads = scalar_grad_tensors(values, {output_mask[3], output_mask[4], output_mask[5]}, odet,
-                                                thickness, attenuation_length);
+  const auto scalar_grads =
+      scalar_grad_tensors(values, {output_mask[3], output_mask[4], output_mask[5]}, odet, thickness,
+                          attenuation_length);
   return finish_double_backward(in, grad_grad_output, full, scalar_grads, output_mask, opts);
 }
 
@@ -305,8 +301,7 @@ detector_absorption_double_backward_cuda(
 }  // namespace nanobragg
 
 TORCH_LIBRARY_IMPL(nanobragg, CUDA, m) {
-  m.impl("detector_absorption",
-         TORCH_FN(nanobragg::absorption::detector_absorption_cuda));
+  m.impl("detector_absorption", TORCH_FN(nanobragg::absorption::detector_absorption_cuda));
   m.impl("detector_absorption_backward",
          TORCH_FN(nanobragg::absorption::detector_absorption_backward_cuda));
   m.impl("detector_absorption_double_backward",

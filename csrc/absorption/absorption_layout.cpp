@@ -17,8 +17,7 @@ PointOffsets<3> ExpandedInputs::pixel_offsets(const at::Tensor& third) const {
   PointOffsets<3> offsets;
   const bool ok = make_point_offsets<3>(
       pixel_shape,
-      {intensity.strides().slice(1, np), coords.strides().slice(1, np), third.strides()},
-      offsets);
+      {intensity.strides().slice(1, np), coords.strides().slice(1, np), third.strides()}, offsets);
   // Pixel shapes beyond kMaxPointDims non-mergeable dims are not worth a
   // second code path: the inputs' pixel dims come from torch tensors.
   TORCH_CHECK(ok, "nanobragg::detector_absorption: pixel shape of ", np,
@@ -43,10 +42,8 @@ at::Tensor pad_dims_after(const at::Tensor& t, int64_t after, int64_t dims) {
   return out;
 }
 
-ExpandedInputs expand_inputs(const at::Tensor& intensity,
-                                    const at::Tensor& pixel_coords,
-                                    const checks::AbsorptionLayout& layout,
-                                    bool per_layer) {
+ExpandedInputs expand_inputs(const at::Tensor& intensity, const at::Tensor& pixel_coords,
+                             const checks::AbsorptionLayout& layout, bool per_layer) {
   ExpandedInputs in;
   for (const auto& s : layout.pixel_shape) {
     in.pixel_shape.push_back(s.expect_int());
@@ -74,9 +71,8 @@ ExpandedInputs expand_inputs(const at::Tensor& intensity,
   return in;
 }
 
-ScalarValues read_host_scalars(const char* op, const at::Tensor& odet,
-                                      const at::Tensor& thickness,
-                                      const at::Tensor& attenuation_length) {
+ScalarValues read_host_scalars(const char* op, const at::Tensor& odet, const at::Tensor& thickness,
+                               const at::Tensor& attenuation_length) {
   const at::Tensor all =
       at::cat({odet.reshape({3}).to(at::kDouble), thickness.reshape({1}).to(at::kDouble),
                attenuation_length.reshape({1}).to(at::kDouble)})
@@ -89,13 +85,16 @@ ScalarValues read_host_scalars(const char* op, const at::Tensor& odet,
 
 ScalarDtype scalar_dtype(at::ScalarType t) {
   switch (t) {
-    case at::kDouble: return ScalarDtype::Float64;
-    case at::kFloat: return ScalarDtype::Float32;
-    case at::kHalf: return ScalarDtype::Float16;
-    case at::kBFloat16: return ScalarDtype::BFloat16;
+    case at::kDouble:
+      return ScalarDtype::Float64;
+    case at::kFloat:
+      return ScalarDtype::Float32;
+    case at::kHalf:
+      return ScalarDtype::Float16;
+    case at::kBFloat16:
+      return ScalarDtype::BFloat16;
     default:
-      TORCH_INTERNAL_ASSERT(false, "nanobragg: scalar argument of dtype ", t,
-                            " passed the checks");
+      TORCH_INTERNAL_ASSERT(false, "nanobragg: scalar argument of dtype ", t, " passed the checks");
   }
   return ScalarDtype::Float32;  // not reached
 }
@@ -116,9 +115,8 @@ void device_scalar_args(const at::Tensor& t, int count, ScalarArg* out) {
   }
 }
 
-ScalarArgs device_scalars(const char* op, const at::Tensor& odet,
-                                 const at::Tensor& thickness,
-                                 const at::Tensor& attenuation_length) {
+ScalarArgs device_scalars(const char* op, const at::Tensor& odet, const at::Tensor& thickness,
+                          const at::Tensor& attenuation_length) {
   ScalarArgs a;
   device_scalar_args(odet, 3, a.arg);
   device_scalar_args(thickness, 1, a.arg + 3);
@@ -131,10 +129,10 @@ ScalarArgs device_scalars(const char* op, const at::Tensor& odet,
 }
 
 PreparedCall prepare_call(const char* op, const at::Tensor* grad_output,
-                                 const at::Tensor& intensity, const at::Tensor& pixel_coords,
-                                 const at::Tensor& odet, const at::Tensor& thickness,
-                                 const at::Tensor& attenuation_length, int64_t thicksteps,
-                                 bool per_layer) {
+                          const at::Tensor& intensity, const at::Tensor& pixel_coords,
+                          const at::Tensor& odet, const at::Tensor& thickness,
+                          const at::Tensor& attenuation_length, int64_t thicksteps,
+                          bool per_layer) {
   const auto layout = checks::check_absorption_args(op, intensity, pixel_coords, odet, thickness,
                                                     attenuation_length, thicksteps, per_layer);
   if (grad_output != nullptr) {
@@ -144,10 +142,9 @@ PreparedCall prepare_call(const char* op, const at::Tensor* grad_output,
 }
 
 std::array<at::Tensor, 3> scalar_grad_tensors(const at::Tensor& values,
-                                                     const std::array<bool, 3>& mask,
-                                                     const at::Tensor& odet,
-                                                     const at::Tensor& thickness,
-                                                     const at::Tensor& attenuation_length) {
+                                              const std::array<bool, 3>& mask,
+                                              const at::Tensor& odet, const at::Tensor& thickness,
+                                              const at::Tensor& attenuation_length) {
   auto grad = [&](bool wanted, int64_t begin, int64_t end, const at::Tensor& like) {
     if (!wanted) {
       return at::empty({0}, like.options());
@@ -161,17 +158,16 @@ std::array<at::Tensor, 3> scalar_grad_tensors(const at::Tensor& values,
 }
 
 std::array<at::Tensor, 3> scalar_grad_tensors(const double (&values)[5],
-                                                     const std::array<bool, 3>& mask,
-                                                     const at::Tensor& odet,
-                                                     const at::Tensor& thickness,
-                                                     const at::Tensor& attenuation_length) {
+                                              const std::array<bool, 3>& mask,
+                                              const at::Tensor& odet, const at::Tensor& thickness,
+                                              const at::Tensor& attenuation_length) {
   at::Tensor host = at::empty({5}, at::TensorOptions().dtype(at::kDouble));
   std::copy(values, values + 5, host.mutable_data_ptr<double>());
   return scalar_grad_tensors(host, mask, odet, thickness, attenuation_length);
 }
 
 FullGrads allocate_full_grads(const ExpandedInputs& in, const std::array<bool, 5>& mask,
-                                     const at::TensorOptions& opts, bool zeroed) {
+                              const at::TensorOptions& opts, bool zeroed) {
   auto make = [&](at::IntArrayRef shape) {
     return zeroed ? at::zeros(shape, opts) : at::empty(shape, opts);
   };
@@ -190,11 +186,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_ba
   return {grad_intensity, grad_coords, scalar_grads[0], scalar_grads[1], scalar_grads[2]};
 }
 
-DualDirection make_direction(
-    const char* op, const std::array<std::optional<at::Tensor>, 5>& cotangents,
-    const at::Tensor& intensity, const at::Tensor& pixel_coords, const at::Tensor& odet,
-    const at::Tensor& thickness, const at::Tensor& attenuation_length,
-    const checks::AbsorptionLayout& layout, bool per_layer) {
+DualDirection make_direction(const char* op,
+                             const std::array<std::optional<at::Tensor>, 5>& cotangents,
+                             const at::Tensor& intensity, const at::Tensor& pixel_coords,
+                             const at::Tensor& odet, const at::Tensor& thickness,
+                             const at::Tensor& attenuation_length,
+                             const checks::AbsorptionLayout& layout, bool per_layer) {
   const std::array<at::Tensor, 5> inputs = {intensity, pixel_coords, odet, thickness,
                                             attenuation_length};
   checks::check_absorption_cotangents(op, cotangents, inputs);
@@ -208,9 +205,9 @@ DualDirection make_direction(
     return at::zeros({}, t.options()).expand(t.sizes());
   };
   DualDirection dir;
-  dir.tangent = expand_inputs(v[0].defined() ? v[0] : zeros_like_expanded(intensity),
-                              v[1].defined() ? v[1] : zeros_like_expanded(pixel_coords), layout,
-                              per_layer);
+  dir.tangent =
+      expand_inputs(v[0].defined() ? v[0] : zeros_like_expanded(intensity),
+                    v[1].defined() ? v[1] : zeros_like_expanded(pixel_coords), layout, per_layer);
   dir.odet = v[2];
   dir.thickness = v[3];
   dir.attenuation_length = v[4];
@@ -261,14 +258,13 @@ DoubleBackwardCall prepare_double_backward(
 }
 
 PointOffsets<5> dual_pixel_offsets(const ExpandedInputs& in, const ExpandedInputs& tangent,
-                                          const at::Tensor& grad_output) {
+                                   const at::Tensor& grad_output) {
   const size_t np = in.pixel_shape.size();
   PointOffsets<5> offsets;
   const bool ok = make_point_offsets<5>(
       in.pixel_shape,
-      {in.intensity.strides().slice(1, np), in.coords.strides().slice(1, np),
-       grad_output.strides(), tangent.intensity.strides().slice(1, np),
-       tangent.coords.strides().slice(1, np)},
+      {in.intensity.strides().slice(1, np), in.coords.strides().slice(1, np), grad_output.strides(),
+       tangent.intensity.strides().slice(1, np), tangent.coords.strides().slice(1, np)},
       offsets);
   TORCH_CHECK(ok, "nanobragg::detector_absorption_double_backward: pixel shape of ", np,
               " dimensions with incompatible strides is not supported; make the inputs "
@@ -277,13 +273,15 @@ PointOffsets<5> dual_pixel_offsets(const ExpandedInputs& in, const ExpandedInput
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-finish_double_backward(const ExpandedInputs& in, at::Tensor grad_grad_output,
-                       const FullGrads& full, std::array<at::Tensor, 3> scalar_grads,
-                       const std::array<bool, 6>& mask, const at::TensorOptions& opts) {
+finish_double_backward(const ExpandedInputs& in, at::Tensor grad_grad_output, const FullGrads& full,
+                       std::array<at::Tensor, 3> scalar_grads, const std::array<bool, 6>& mask,
+                       const at::TensorOptions& opts) {
   return {mask[0] ? grad_grad_output : at::empty({0}, opts),
           mask[1] ? in.reduce_to_intensity(full.intensity) : at::empty({0}, opts),
           mask[2] ? in.reduce_to_coords(full.coords) : at::empty({0}, opts),
-          scalar_grads[0], scalar_grads[1], scalar_grads[2]};
+          scalar_grads[0],
+          scalar_grads[1],
+          scalar_grads[2]};
 }
 
 }  // namespace absorption

@@ -21,8 +21,8 @@ namespace nanobragg {
 namespace absorption {
 
 struct ExpandedInputs {
-  at::Tensor intensity;        // [intensity_layers, *P]
-  at::Tensor coords;           // [coords_layers, *P, 3]
+  at::Tensor intensity;  // [intensity_layers, *P]
+  at::Tensor coords;     // [coords_layers, *P, 3]
   int64_t intensity_layers = 1;
   int64_t coords_layers = 1;
   std::vector<int64_t> pixel_shape;  // P
@@ -38,8 +38,12 @@ struct ExpandedInputs {
 
   template <typename T>
   PixelSource<T> source() const {
-    return PixelSource<T>{intensity.const_data_ptr<T>(), intensity.stride(0), intensity_layers,
-                          coords.const_data_ptr<T>(),    coords.stride(0),    coords_layers,
+    return PixelSource<T>{intensity.const_data_ptr<T>(),
+                          intensity.stride(0),
+                          intensity_layers,
+                          coords.const_data_ptr<T>(),
+                          coords.stride(0),
+                          coords_layers,
                           coords.stride(-1)};
   }
 
@@ -51,10 +55,8 @@ struct ExpandedInputs {
 // `t` with size-1 dims inserted after dim `after` until it has `dims` dims.
 at::Tensor pad_dims_after(const at::Tensor& t, int64_t after, int64_t dims);
 
-ExpandedInputs expand_inputs(const at::Tensor& intensity,
-                                    const at::Tensor& pixel_coords,
-                                    const checks::AbsorptionLayout& layout,
-                                    bool per_layer);
+ExpandedInputs expand_inputs(const at::Tensor& intensity, const at::Tensor& pixel_coords,
+                             const checks::AbsorptionLayout& layout, bool per_layer);
 
 // ---------------------------------------------------------------------------
 // The scalar inputs (absorption_scalars.h for the math).
@@ -62,9 +64,8 @@ ExpandedInputs expand_inputs(const at::Tensor& intensity,
 // odet, thickness and attenuation_length as host doubles, with the value
 // checks of the contract. The CPU kernels' way: their scalars are CPU
 // tensors, so this reads host memory and never waits for a device.
-ScalarValues read_host_scalars(const char* op, const at::Tensor& odet,
-                                      const at::Tensor& thickness,
-                                      const at::Tensor& attenuation_length);
+ScalarValues read_host_scalars(const char* op, const at::Tensor& odet, const at::Tensor& thickness,
+                               const at::Tensor& attenuation_length);
 
 // The dtype tag of a scalar argument read on the device.
 ScalarDtype scalar_dtype(at::ScalarType t);
@@ -75,9 +76,8 @@ ScalarDtype scalar_dtype(at::ScalarType t);
 // holds `count` elements (odet: 3), each becoming one ScalarArg.
 void device_scalar_args(const at::Tensor& t, int count, ScalarArg* out);
 
-ScalarArgs device_scalars(const char* op, const at::Tensor& odet,
-                                 const at::Tensor& thickness,
-                                 const at::Tensor& attenuation_length);
+ScalarArgs device_scalars(const char* op, const at::Tensor& odet, const at::Tensor& thickness,
+                          const at::Tensor& attenuation_length);
 
 // What every backend kernel starts from: the call checked (with its incoming
 // gradient, when grad_output is given) and the expanded views built. The
@@ -88,10 +88,9 @@ struct PreparedCall {
 };
 
 PreparedCall prepare_call(const char* op, const at::Tensor* grad_output,
-                                 const at::Tensor& intensity, const at::Tensor& pixel_coords,
-                                 const at::Tensor& odet, const at::Tensor& thickness,
-                                 const at::Tensor& attenuation_length, int64_t thicksteps,
-                                 bool per_layer);
+                          const at::Tensor& intensity, const at::Tensor& pixel_coords,
+                          const at::Tensor& odet, const at::Tensor& thickness,
+                          const at::Tensor& attenuation_length, int64_t thicksteps, bool per_layer);
 
 // The gradients of odet, thickness and attenuation_length from `values`
 // (float64 [5]: odet x, y, z, thickness, att, on the device that computed
@@ -99,17 +98,15 @@ PreparedCall prepare_call(const char* op, const at::Tensor* grad_output,
 // CUDA call gets its gradient copied back: the one host wait the contract
 // allows); shape-[0] tensors where mask is false.
 std::array<at::Tensor, 3> scalar_grad_tensors(const at::Tensor& values,
-                                                     const std::array<bool, 3>& mask,
-                                                     const at::Tensor& odet,
-                                                     const at::Tensor& thickness,
-                                                     const at::Tensor& attenuation_length);
+                                              const std::array<bool, 3>& mask,
+                                              const at::Tensor& odet, const at::Tensor& thickness,
+                                              const at::Tensor& attenuation_length);
 
 // The same from host values (CPU kernels).
 std::array<at::Tensor, 3> scalar_grad_tensors(const double (&values)[5],
-                                                     const std::array<bool, 3>& mask,
-                                                     const at::Tensor& odet,
-                                                     const at::Tensor& thickness,
-                                                     const at::Tensor& attenuation_length);
+                                              const std::array<bool, 3>& mask,
+                                              const at::Tensor& odet, const at::Tensor& thickness,
+                                              const at::Tensor& attenuation_length);
 
 // The backward's gradient buffers for the expanded inputs, one slot per pixel
 // (and layer, when the input has a layer dimension) so that no two pixels
@@ -119,14 +116,18 @@ struct FullGrads {
   at::Tensor coords;     // [coords_layers, *P, 3]
 
   template <typename T>
-  T* intensity_ptr() { return intensity.defined() ? intensity.mutable_data_ptr<T>() : nullptr; }
+  T* intensity_ptr() {
+    return intensity.defined() ? intensity.mutable_data_ptr<T>() : nullptr;
+  }
   template <typename T>
-  T* coords_ptr() { return coords.defined() ? coords.mutable_data_ptr<T>() : nullptr; }
+  T* coords_ptr() {
+    return coords.defined() ? coords.mutable_data_ptr<T>() : nullptr;
+  }
 };
 
 // zeroed=false when the kernel writes every slot (rather than adding to it).
 FullGrads allocate_full_grads(const ExpandedInputs& in, const std::array<bool, 5>& mask,
-                                     const at::TensorOptions& opts, bool zeroed = true);
+                              const at::TensorOptions& opts, bool zeroed = true);
 
 // The five gradients of the backward op, in schema order, from the filled
 // buffers and the scalar gradients.
@@ -148,11 +149,12 @@ struct DualDirection {
 };
 
 // `layout` is the inputs' (prepare_call's): the cotangents have their shapes.
-DualDirection make_direction(
-    const char* op, const std::array<std::optional<at::Tensor>, 5>& cotangents,
-    const at::Tensor& intensity, const at::Tensor& pixel_coords, const at::Tensor& odet,
-    const at::Tensor& thickness, const at::Tensor& attenuation_length,
-    const checks::AbsorptionLayout& layout, bool per_layer);
+DualDirection make_direction(const char* op,
+                             const std::array<std::optional<at::Tensor>, 5>& cotangents,
+                             const at::Tensor& intensity, const at::Tensor& pixel_coords,
+                             const at::Tensor& odet, const at::Tensor& thickness,
+                             const at::Tensor& attenuation_length,
+                             const checks::AbsorptionLayout& layout, bool per_layer);
 
 // The scalar direction as host doubles (CPU kernels); absent ones are 0.
 ScalarValues read_host_direction(const DualDirection& dir);
@@ -180,13 +182,13 @@ DoubleBackwardCall prepare_double_backward(
 // Offsets of each pixel in (intensity, coords, grad_output, tangent
 // intensity, tangent coords).
 PointOffsets<5> dual_pixel_offsets(const ExpandedInputs& in, const ExpandedInputs& tangent,
-                                          const at::Tensor& grad_output);
+                                   const at::Tensor& grad_output);
 
 // The six outputs of the double backward, in schema order.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-finish_double_backward(const ExpandedInputs& in, at::Tensor grad_grad_output,
-                       const FullGrads& full, std::array<at::Tensor, 3> scalar_grads,
-                       const std::array<bool, 6>& mask, const at::TensorOptions& opts);
+finish_double_backward(const ExpandedInputs& in, at::Tensor grad_grad_output, const FullGrads& full,
+                       std::array<at::Tensor, 3> scalar_grads, const std::array<bool, 6>& mask,
+                       const at::TensorOptions& opts);
 
 }  // namespace absorption
 }  // namespace nanobragg

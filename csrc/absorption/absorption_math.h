@@ -184,8 +184,8 @@ NANOBRAGG_INLINE T pixel_parallax(const T odet[3], const Pixel& px, int64_t laye
 // dL/dodet = g p with g = g_rho / max(|p|, 1e-10) and r = rho / |p| (0 where
 // |p| is clamped); both zero where rho was clamped.
 template <typename T>
-NANOBRAGG_INLINE void parallax_grad(T ox, T oy, T oz, T px, T py, T pz, T g_rho,
-                                    T grad_p[3], T grad_odet[3]) {
+NANOBRAGG_INLINE void parallax_grad(T ox, T oy, T oz, T px, T py, T pz, T g_rho, T grad_p[3],
+                                    T grad_odet[3]) {
   const T norm = sqrt_(px * px + py * py + pz * pz);
   const T inv = T(1) / max_(norm, T(kMinLength));
   const T rho = (ox * px + oy * py + oz * pz) * inv;
@@ -251,9 +251,9 @@ NANOBRAGG_INLINE T shared_pixel_value(T ox, T oy, T oz, T step, int64_t layers, 
 
 // Its gradients: dL/dI, dL/dp, and the contributions to dL/ds and dL/dodet.
 template <typename T>
-NANOBRAGG_INLINE void shared_pixel_grad(T ox, T oy, T oz, T step, int64_t layers,
-                                        bool oversample, T I, T px, T py, T pz, T g,
-                                        T& grad_I, T grad_p[3], T& d_step, T grad_odet[3]) {
+NANOBRAGG_INLINE void shared_pixel_grad(T ox, T oy, T oz, T step, int64_t layers, bool oversample,
+                                        T I, T px, T py, T pz, T g, T& grad_I, T grad_p[3],
+                                        T& d_step, T grad_odet[3]) {
   const T rho = parallax(ox, oy, oz, px, py, pz);
   const T a = step / rho;
   grad_I = g * shared_position_capture(a, layers, oversample);
@@ -266,10 +266,10 @@ NANOBRAGG_INLINE void shared_pixel_grad(T ox, T oy, T oz, T step, int64_t layers
 template <typename T>
 struct AbsorptionParams {
   T odet[3];
-  T step;            // s = dz * mu = thickness / (L * attenuation_length)
-  int64_t layers;    // L = thicksteps
-  bool thick;        // thickness > 0; else out = mean_t I_t
-  bool oversample;   // oversample_thick
+  T step;           // s = dz * mu = thickness / (L * attenuation_length)
+  int64_t layers;   // L = thicksteps
+  bool thick;       // thickness > 0; else out = mean_t I_t
+  bool oversample;  // oversample_thick
 };
 
 // One pixel's intensities (layer stride 0 when shared by every layer) and
@@ -281,7 +281,7 @@ struct PixelData {
   int64_t intensity_layers;  // 1 or L
   const T* coords;
   int64_t coords_layer_stride;
-  int64_t coords_layers;     // 1 or L
+  int64_t coords_layers;  // 1 or L
   int64_t comp_stride;
 
   // Intensity of intensity-layer t (< intensity_layers).
@@ -300,7 +300,9 @@ struct DualPixel {
   int64_t intensity_layers, coords_layers;
 
   NANOBRAGG_INLINE DualPixel(const PixelData<T>& v, const PixelData<T>& t)
-      : value(v), tangent(t), intensity_layers(v.intensity_layers),
+      : value(v),
+        tangent(t),
+        intensity_layers(v.intensity_layers),
         coords_layers(v.coords_layers) {}
   NANOBRAGG_INLINE Dual<T> intensity_at(int64_t t) const {
     return {value.intensity_at(t), tangent.intensity_at(t)};
@@ -323,8 +325,12 @@ struct PixelSource {
   int64_t comp_stride;
 
   NANOBRAGG_INLINE PixelData<T> at(int64_t intensity_offset, int64_t coords_offset) const {
-    return PixelData<T>{intensity + intensity_offset, intensity_layer_stride, intensity_layers,
-                        coords + coords_offset,       coords_layer_stride,    coords_layers,
+    return PixelData<T>{intensity + intensity_offset,
+                        intensity_layer_stride,
+                        intensity_layers,
+                        coords + coords_offset,
+                        coords_layer_stride,
+                        coords_layers,
                         comp_stride};
   }
 };
@@ -385,8 +391,8 @@ struct PixelGrads {
   T* coords;
   int64_t coords_layer_stride;
   int64_t comp_stride;
-  T d_step;      // dL/ds
-  T odet[3];     // dL/dodet
+  T d_step;   // dL/ds
+  T odet[3];  // dL/dodet
 
   NANOBRAGG_INLINE void add_intensity(int64_t t, T v) {
     if (intensity != nullptr) intensity[t * intensity_layer_stride] += v;
@@ -400,11 +406,15 @@ struct PixelGrads {
 // Pixel p's slots in contiguous full-shape gradients [layers, *P] and
 // [layers, *P, 3] of n pixels (either base may be null: not asked for).
 template <typename T>
-NANOBRAGG_INLINE PixelGrads<T> pixel_grads_at(T* grad_intensity, T* grad_coords,
-                                                    int64_t p, int64_t n) {
-  return PixelGrads<T>{grad_intensity == nullptr ? nullptr : grad_intensity + p, n,
-                       grad_coords == nullptr ? nullptr : grad_coords + 3 * p, 3 * n, 1,
-                       T(0), {T(0), T(0), T(0)}};
+NANOBRAGG_INLINE PixelGrads<T> pixel_grads_at(T* grad_intensity, T* grad_coords, int64_t p,
+                                              int64_t n) {
+  return PixelGrads<T>{grad_intensity == nullptr ? nullptr : grad_intensity + p,
+                       n,
+                       grad_coords == nullptr ? nullptr : grad_coords + 3 * p,
+                       3 * n,
+                       1,
+                       T(0),
+                       {T(0), T(0), T(0)}};
 }
 
 // The same slots for a backward run on dual numbers: what is stored is the
@@ -429,8 +439,8 @@ struct DualPixelGrads {
 // out's intensity / coords slots must start at zero for this pixel. Grads is
 // PixelGrads<T> (or DualPixelGrads for T = Dual).
 template <typename T, typename Pixel, typename Grads>
-NANOBRAGG_INLINE void absorbed_pixel_backward(const AbsorptionParams<T>& prm, const Pixel& px,
-                                              T g, Grads& out) {
+NANOBRAGG_INLINE void absorbed_pixel_backward(const AbsorptionParams<T>& prm, const Pixel& px, T g,
+                                              Grads& out) {
   const int64_t L = prm.layers;
   const int64_t LI = px.intensity_layers;
   auto add_intensity = [&](int64_t t, T v) { out.add_intensity(LI == 1 ? 0 : t, v); };

@@ -47,8 +47,9 @@ NANOBRAGG_INLINE AbsorptionParams<T> params_from(const ScalarValues& s, int64_t 
     prm.odet[d] = static_cast<T>(s.odet[d]);
   }
   const bool valid = thickness_valid(s.thickness) && attenuation_length_valid(s.attenuation_length);
-  prm.step = valid ? static_cast<T>(s.thickness / (static_cast<double>(layers) * s.attenuation_length))
-                   : static_cast<T>(NAN);
+  prm.step =
+      valid ? static_cast<T>(s.thickness / (static_cast<double>(layers) * s.attenuation_length))
+            : static_cast<T>(NAN);
   prm.layers = layers;
   prm.thick = !valid || s.thickness > 0.0;
   prm.oversample = oversample;
@@ -61,8 +62,8 @@ NANOBRAGG_INLINE AbsorptionParams<T> params_from(const ScalarValues& s, int64_t 
 // dmu = -datt mu^2 (0 for att = inf).
 template <typename T>
 NANOBRAGG_INLINE AbsorptionParams<Dual<T>> dual_params_from(const ScalarValues& s,
-                                                            const ScalarValues& dir,
-                                                            int64_t layers, bool oversample) {
+                                                            const ScalarValues& dir, int64_t layers,
+                                                            bool oversample) {
   const AbsorptionParams<T> v = params_from<T>(s, layers, oversample);
   const double L = static_cast<double>(layers);
   const double mu = 1.0 / s.attenuation_length;
@@ -103,9 +104,8 @@ NANOBRAGG_INLINE void backward_scalar_grads(const double (&total)[kBackwardTotal
 // so their derivatives are (dD mu + D dmu) / L and
 // -(dD thickness mu^2 + D dthickness mu^2 + 2 D thickness mu dmu) / L.
 NANOBRAGG_INLINE void double_backward_scalar_grads(const double (&total)[kDoubleBackwardTotals],
-                                                   const ScalarValues& s,
-                                                   const ScalarValues& dir, int64_t layers,
-                                                   double (&out)[5]) {
+                                                   const ScalarValues& s, const ScalarValues& dir,
+                                                   int64_t layers, double (&out)[5]) {
   const double L = static_cast<double>(layers);
   const double mu = 1.0 / s.attenuation_length;
   const double dmu = -dir.attenuation_length * mu * mu;
@@ -139,8 +139,7 @@ struct ScalarArg {
       case ScalarDtype::Float16:
         return static_cast<double>(static_cast<float>(*static_cast<const c10::Half*>(device)));
       case ScalarDtype::BFloat16:
-        return static_cast<double>(
-            static_cast<float>(*static_cast<const c10::BFloat16*>(device)));
+        return static_cast<double>(static_cast<float>(*static_cast<const c10::BFloat16*>(device)));
       case ScalarDtype::Float32:
       default:
         return static_cast<double>(*static_cast<const float*>(device));

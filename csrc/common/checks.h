@@ -27,18 +27,16 @@ void check_floating(const char* op, const char* arg, const at::Tensor& t);
 // float16, bfloat16, float32 or float64: the geometry scalars of
 // detector_absorption, read as doubles whatever their dtype.
 void check_floating_scalar(const char* op, const char* arg, const at::Tensor& t);
-void check_same_dtype(const char* op, const char* arg, const at::Tensor& t,
-                      const char* ref_arg, const at::Tensor& ref);
-void check_same_device(const char* op, const char* arg, const at::Tensor& t,
-                       const char* ref_arg, const at::Tensor& ref);
+void check_same_dtype(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
+                      const at::Tensor& ref);
+void check_same_device(const char* op, const char* arg, const at::Tensor& t, const char* ref_arg,
+                       const at::Tensor& ref);
 
-tricubic::OutOfRange parse_out_of_range(const char* op,
-                                        c10::string_view out_of_range);
+tricubic::OutOfRange parse_out_of_range(const char* op, c10::string_view out_of_range);
 
 // Everything docs/CONTRACT.md §1 asks of the forward's arguments.
 tricubic::OutOfRange check_tricubic_args(const char* op, const at::Tensor& grid,
-                                         const at::Tensor& hkl,
-                                         c10::IntArrayRef index_min,
+                                         const at::Tensor& hkl, c10::IntArrayRef index_min,
                                          c10::string_view out_of_range);
 
 // The incoming gradient of the backward: shape hkl.shape[:-1], grid's dtype
@@ -48,14 +46,13 @@ void check_tricubic_grad_output(const char* op, const at::Tensor& grad_output,
 
 // A cotangent given to a double backward (the incoming gradient of one of the
 // backward's outputs): when present, the shape, dtype and device of `like`.
-void check_cotangent(const char* op, const char* arg,
-                     const std::optional<at::Tensor>& t, const char* like_arg,
-                     const at::Tensor& like);
+void check_cotangent(const char* op, const char* arg, const std::optional<at::Tensor>& t,
+                     const char* like_arg, const at::Tensor& like);
 
 // How detector_absorption's inputs line up (docs/CONTRACT.md §2).
 struct AbsorptionLayout {
-  int64_t layers = 1;                // L = thicksteps
-  c10::SymDimVector pixel_shape;     // P, the output shape
+  int64_t layers = 1;             // L = thicksteps
+  c10::SymDimVector pixel_shape;  // P, the output shape
   // A leading layer dimension of size L (per layer) rather than 1 (shared);
   // always false when per_layer=false.
   bool intensity_per_layer = false;
@@ -66,18 +63,15 @@ struct AbsorptionLayout {
 // shapes, broadcasting, thicksteps); the values of thickness and
 // attenuation_length are checked by check_absorption_values.
 AbsorptionLayout check_absorption_args(const char* op, const at::Tensor& intensity,
-                                       const at::Tensor& pixel_coords,
-                                       const at::Tensor& odet,
+                                       const at::Tensor& pixel_coords, const at::Tensor& odet,
                                        const at::Tensor& thickness,
-                                       const at::Tensor& attenuation_length,
-                                       int64_t thicksteps, bool per_layer);
+                                       const at::Tensor& attenuation_length, int64_t thicksteps,
+                                       bool per_layer);
 
-void check_absorption_values(const char* op, double thickness,
-                             double attenuation_length);
+void check_absorption_values(const char* op, double thickness, double attenuation_length);
 
 void check_absorption_grad_output(const char* op, const at::Tensor& grad_output,
-                                  const at::Tensor& intensity,
-                                  const AbsorptionLayout& layout);
+                                  const at::Tensor& intensity, const AbsorptionLayout& layout);
 
 // The five cotangents of detector_absorption_double_backward against the
 // inputs whose gradients they belong to (intensity, pixel_coords, odet,

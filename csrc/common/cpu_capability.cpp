@@ -47,9 +47,12 @@ Capability capability() {
 
 const char* capability_name(Capability c) {
   switch (c) {
-    case Capability::AVX512: return "avx512";
-    case Capability::AVX2: return "avx2";
-    default: return "default";
+    case Capability::AVX512:
+      return "avx512";
+    case Capability::AVX2:
+      return "avx2";
+    default:
+      return "default";
   }
 }
 

@@ -19,13 +19,12 @@ constexpr int kMaxPointDims = 10;
 
 template <int NumOperands>
 struct PointOffsets {
-  int ndim = 0;                                  // after merging
-  int64_t sizes[kMaxPointDims] = {};             // innermost first
+  int ndim = 0;                       // after merging
+  int64_t sizes[kMaxPointDims] = {};  // innermost first
   int64_t strides[NumOperands][kMaxPointDims] = {};
 
   // Offsets (in elements) of point `index` (row-major over the point shape).
-  C10_HOST_DEVICE C10_ALWAYS_INLINE void get(int64_t index,
-                                  int64_t (&offsets)[NumOperands]) const {
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void get(int64_t index, int64_t (&offsets)[NumOperands]) const {
     for (int op = 0; op < NumOperands; ++op) {
       offsets[op] = 0;
     }
@@ -49,10 +48,9 @@ struct PointOffsets {
 // as `shape`). Returns false when more than kMaxPointDims dimensions remain
 // after merging; the caller then makes its operands contiguous.
 template <int NumOperands>
-inline bool make_point_offsets(
-    c10::IntArrayRef shape,
-    const std::array<c10::IntArrayRef, NumOperands>& operand_strides,
-    PointOffsets<NumOperands>& out) {
+inline bool make_point_offsets(c10::IntArrayRef shape,
+                               const std::array<c10::IntArrayRef, NumOperands>& operand_strides,
+                               PointOffsets<NumOperands>& out) {
   out = PointOffsets<NumOperands>();
   for (int64_t d = static_cast<int64_t>(shape.size()) - 1; d >= 0; --d) {
     const int64_t size = shape[d];
@@ -63,8 +61,8 @@ inline bool make_point_offsets(
       const int inner = out.ndim - 1;
       bool mergeable = true;
       for (int op = 0; op < NumOperands; ++op) {
-        mergeable = mergeable && operand_strides[op][d] ==
-                                     out.strides[op][inner] * out.sizes[inner];
+        mergeable =
+            mergeable && operand_strides[op][d] == out.strides[op][inner] * out.sizes[inner];
       }
       if (mergeable) {
         out.sizes[inner] *= size;

@@ -40,8 +40,7 @@ constexpr int64_t kPointGrain = 512;
 // and the result to the last bit, does not depend on how many threads run.
 // Bounded so that zeroing and reducing the partials costs at most an eighth
 // of the scatter (8 node updates per grid element) and at most 256 MiB.
-int64_t grid_grad_lane_count(int64_t num_points, int64_t grid_numel,
-                             int64_t element_bytes) {
+int64_t grid_grad_lane_count(int64_t num_points, int64_t grid_numel, int64_t element_bytes) {
   constexpr int64_t kMaxLanes = 16;
   constexpr int64_t kMinPointsPerLane = 4096;
   constexpr int64_t kPartialBudgetBytes = int64_t(256) << 20;
@@ -92,8 +91,7 @@ void accumulate_grid_grad(int64_t n, at::Tensor& grad_grid, const ScatterFn& sca
 
 template <typename T>
 void grid_grad_kernel(const at::Tensor& grad_output, const at::Tensor& hkl_in,
-                      c10::IntArrayRef index_min, OutOfRange mode,
-                      at::Tensor& grad_grid) {
+                      c10::IntArrayRef index_min, OutOfRange mode, at::Tensor& grad_grid) {
   at::Tensor hkl = hkl_in;
   at::Tensor grad = grad_output;
   const auto point_shape = point_shape_of(hkl);
@@ -102,21 +100,21 @@ void grid_grad_kernel(const at::Tensor& grad_output, const at::Tensor& hkl_in,
   const T* hkl_data = hkl.const_data_ptr<T>();
   const T* grad_data = grad.const_data_ptr<T>();
   const int64_t hkl_last = hkl.stride(-1);
-  accumulate_grid_grad<T>(
-      c10::multiply_integers(point_shape), grad_grid,
-      [&](int64_t p, auto& add) NANOBRAGG_LAMBDA_INLINE {
-        int64_t off[2];
-        offsets.get(p, off);
-        const T* x = hkl_data + off[0];
-        tricubic_grid_grad_scatter<T>(shape.size, shape.lo, x[0], x[hkl_last],
-                                      x[2 * hkl_last], mode, grad_data[off[1]], add);
-      });
+  accumulate_grid_grad<T>(c10::multiply_integers(point_shape), grad_grid,
+                          [&](int64_t p, auto& add) NANOBRAGG_LAMBDA_INLINE {
+                            int64_t off[2];
+                            offsets.get(p, off);
+                            const T* x = hkl_data + off[0];
+                            tricubic_grid_grad_scatter<T>(shape.size, shape.lo, x[0], x[hkl_last],
+                                                          x[2 * hkl_last], mode, grad_data[off[1]],
+                                                          add);
+                          });
 }
 
 template <typename T>
 void hkl_grad_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
-                     const at::Tensor& hkl_in, c10::IntArrayRef index_min,
-                     OutOfRange mode, at::Tensor& grad_hkl) {
+                     const at::Tensor& hkl_in, c10::IntArrayRef index_min, OutOfRange mode,
+                     at::Tensor& grad_hkl) {
   at::Tensor hkl = hkl_in;
   at::Tensor grad = grad_output;
   const auto point_shape = point_shape_of(hkl);
@@ -135,8 +133,8 @@ void hkl_grad_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
             int64_t off[2];
             offsets.get(p, off);
             const T* x = hkl_data + off[0];
-            tricubic_hkl_grad<T, decltype(unit_l)::value>(
-                view, x[0], x[hkl_last], x[2 * hkl_last], mode, grad_data[off[1]], out + 3 * p);
+            tricubic_hkl_grad<T, decltype(unit_l)::value>(view, x[0], x[hkl_last], x[2 * hkl_last],
+                                                          mode, grad_data[off[1]], out + 3 * p);
           },
           begin, end);
     });
@@ -161,16 +159,15 @@ void both_grads_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
   const int64_t hkl_last = hkl.stride(-1);
   T* out = grad_hkl.mutable_data_ptr<T>();  // contiguous [..., 3]
   with_unit_l_stride(view.stride[2] == 1, [&](auto unit_l) {
-    accumulate_grid_grad<T>(
-        c10::multiply_integers(point_shape), grad_grid,
-        [&](int64_t p, auto& add) NANOBRAGG_LAMBDA_INLINE {
-          int64_t off[2];
-          offsets.get(p, off);
-          const T* x = hkl_data + off[0];
-          tricubic_backward_point<T, decltype(unit_l)::value>(
-              view, x[0], x[hkl_last], x[2 * hkl_last], mode, grad_data[off[1]], out + 3 * p,
-              add);
-        });
+    accumulate_grid_grad<T>(c10::multiply_integers(point_shape), grad_grid,
+                            [&](int64_t p, auto& add) NANOBRAGG_LAMBDA_INLINE {
+                              int64_t off[2];
+                              offsets.get(p, off);
+                              const T* x = hkl_data + off[0];
+                              tricubic_backward_point<T, decltype(unit_l)::value>(
+                                  view, x[0], x[hkl_last], x[2 * hkl_last], mode, grad_data[off[1]],
+                                  out + 3 * p, add);
+                            });
   });
 }
 
@@ -213,9 +210,8 @@ at::Tensor tricubic_interp_cpu(const at::Tensor& grid, const at::Tensor& hkl_in,
 }
 
 std::tuple<at::Tensor, at::Tensor> tricubic_interp_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& grid,
-    const at::Tensor& hkl, c10::IntArrayRef index_min,
-    c10::string_view out_of_range, std::array<bool, 2> output_mask) {
+    const at::Tensor& grad_output, const at::Tensor& grid, const at::Tensor& hkl,
+    c10::IntArrayRef index_min, c10::string_view out_of_range, std::array<bool, 2> output_mask) {
   const OutOfRange mode =
       checks::check_tricubic_args(kBackward, grid, hkl, index_min, out_of_range);
   checks::check_tricubic_grad_output(kBackward, grad_output, grid, hkl);
@@ -240,13 +236,12 @@ std::tuple<at::Tensor, at::Tensor> tricubic_interp_backward_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tricubic_interp_double_backward_cpu(
-    const std::optional<at::Tensor>& grad_grad_grid,
-    const std::optional<at::Tensor>& grad_grad_hkl, const at::Tensor& grad_output,
-    const at::Tensor& grid, const at::Tensor& hkl_in, c10::IntArrayRef index_min,
-    c10::string_view out_of_range, std::array<bool, 3> output_mask) {
-  const DoubleBackwardCall call = prepare_double_backward(
-      kDoubleBackward, grad_grad_grid, grad_grad_hkl, grad_output, grid, hkl_in, index_min,
-      out_of_range, output_mask);
+    const std::optional<at::Tensor>& grad_grad_grid, const std::optional<at::Tensor>& grad_grad_hkl,
+    const at::Tensor& grad_output, const at::Tensor& grid, const at::Tensor& hkl_in,
+    c10::IntArrayRef index_min, c10::string_view out_of_range, std::array<bool, 3> output_mask) {
+  const DoubleBackwardCall call =
+      prepare_double_backward(kDoubleBackward, grad_grad_grid, grad_grad_hkl, grad_output, grid,
+                              hkl_in, index_min, out_of_range, output_mask);
   // (named references: lambdas cannot capture structured bindings)
   at::Tensor grad_grad_output = call.grad_grad_output;
   at::Tensor grad_grid = call.grad_grid;
@@ -303,8 +298,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tricubic_interp_double_backward_c
       accumulate_grid_grad<T>(n, grad_grid, [&](int64_t p, auto& add) NANOBRAGG_LAMBDA_INLINE {
         T x[3], g, vp[3];
         point(p, x, g, vp);
-        tricubic_double_backward_grid_scatter<T>(shape.size, shape.lo, x[0], x[1], x[2], mode,
-                                                 g, vp, add);
+        tricubic_double_backward_grid_scatter<T>(shape.size, shape.lo, x[0], x[1], x[2], mode, g,
+                                                 vp, add);
       });
     }
   });

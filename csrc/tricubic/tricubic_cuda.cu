@@ -42,9 +42,8 @@ using cuda::grid_stride;
 using cuda::kThreads;
 
 template <typename T>
-__global__ void forward_kernel(GridView<T> grid, const T* __restrict__ hkl,
-                               int64_t hkl_last, PointOffsets<1> offsets,
-                               int64_t n, OutOfRange mode, T fill,
+__global__ void forward_kernel(GridView<T> grid, const T* __restrict__ hkl, int64_t hkl_last,
+                               PointOffsets<1> offsets, int64_t n, OutOfRange mode, T fill,
                                T* __restrict__ out) {
   grid_stride(n, [&](int64_t p) {
     int64_t off[1];
@@ -55,16 +54,15 @@ __global__ void forward_kernel(GridView<T> grid, const T* __restrict__ hkl,
 }
 
 template <typename T>
-__global__ void hkl_grad_kernel(GridView<T> grid, const T* __restrict__ hkl,
-                                int64_t hkl_last, const T* __restrict__ grad,
-                                PointOffsets<2> offsets, int64_t n,
+__global__ void hkl_grad_kernel(GridView<T> grid, const T* __restrict__ hkl, int64_t hkl_last,
+                                const T* __restrict__ grad, PointOffsets<2> offsets, int64_t n,
                                 OutOfRange mode, T* __restrict__ grad_hkl) {
   grid_stride(n, [&](int64_t p) {
     int64_t off[2];
     offsets.get(p, off);
     const T* x = hkl + off[0];
-    tricubic_hkl_grad<T>(grid, x[0], x[hkl_last], x[2 * hkl_last], mode,
-                         grad[off[1]], grad_hkl + 3 * p);
+    tricubic_hkl_grad<T>(grid, x[0], x[hkl_last], x[2 * hkl_last], mode, grad[off[1]],
+                         grad_hkl + 3 * p);
   });
 }
 
@@ -77,15 +75,15 @@ struct AtomicAdd {
 template <typename T>
 __global__ void grid_grad_atomic_kernel(GridShape shape, const T* __restrict__ hkl,
                                         int64_t hkl_last, const T* __restrict__ grad,
-                                        PointOffsets<2> offsets, int64_t n,
-                                        OutOfRange mode, T* grad_grid) {
+                                        PointOffsets<2> offsets, int64_t n, OutOfRange mode,
+                                        T* grad_grid) {
   AtomicAdd<T> add{grad_grid};
   grid_stride(n, [&](int64_t p) {
     int64_t off[2];
     offsets.get(p, off);
     const T* x = hkl + off[0];
-    tricubic_grid_grad_scatter<T>(shape.size, shape.lo, x[0], x[hkl_last],
-                                  x[2 * hkl_last], mode, grad[off[1]], add);
+    tricubic_grid_grad_scatter<T>(shape.size, shape.lo, x[0], x[hkl_last], x[2 * hkl_last], mode,
+                                  grad[off[1]], add);
   });
 }
 
@@ -156,8 +154,8 @@ __global__ void grid_grad_gather_kernel(GridShape shape, const int64_t* __restri
 // Double backward: d/dg and d/dhkl, one thread per point.
 template <typename T>
 __global__ void double_backward_point_kernel(GridView<T> grid, GridView<T> gg,
-                                             StridedPoints<T> points, int64_t n,
-                                             OutOfRange mode, T* __restrict__ grad_grad_output,
+                                             StridedPoints<T> points, int64_t n, OutOfRange mode,
+                                             T* __restrict__ grad_grad_output,
                                              T* __restrict__ grad_hkl) {
   grid_stride(n, [&](int64_t p) {
     const PointSample<T> s = points(p);
@@ -177,8 +175,8 @@ __global__ void double_backward_grid_atomic_kernel(GridShape shape, StridedPoint
   AtomicAdd<T> add{grad_grid};
   grid_stride(n, [&](int64_t p) {
     const PointSample<T> s = points(p);
-    tricubic_double_backward_grid_scatter<T>(shape.size, shape.lo, s.h, s.k, s.l, mode, s.grad,
-                                             s.v, add);
+    tricubic_double_backward_grid_scatter<T>(shape.size, shape.lo, s.h, s.k, s.l, mode, s.grad, s.v,
+                                             add);
   });
 }
 
@@ -209,8 +207,8 @@ void deterministic_grid_grad(const GridShape& shape, const StridedPoints<T>& poi
   at::Tensor run_begin = at::zeros({max_key + 1}, long_opts);
   at::Tensor run_end = at::zeros({max_key + 1}, long_opts);
   using Sample = SortedSample<T, kSecondOrder>;
-  at::Tensor samples = at::empty({n * static_cast<int64_t>(sizeof(Sample))},
-                                 grad_grid.options().dtype(at::kByte));
+  at::Tensor samples =
+      at::empty({n * static_cast<int64_t>(sizeof(Sample))}, grad_grid.options().dtype(at::kByte));
   Sample* sample_ptr = reinterpret_cast<Sample*>(samples.mutable_data_ptr<uint8_t>());
   sorted_samples_kernel<T, kSecondOrder><<<blocks_for(n), kThreads, 0, stream>>>(
       shape, points, n, mode, sorted_keys.const_data_ptr<int64_t>(),
@@ -220,8 +218,8 @@ void deterministic_grid_grad(const GridShape& shape, const StridedPoints<T>& poi
   const int64_t g_numel = grad_grid.numel();
   grid_grad_gather_kernel<T, kSecondOrder>
       <<<blocks_for(g_numel * cuda::kWarp), kThreads, 0, stream>>>(
-          shape, run_begin.const_data_ptr<int64_t>(), run_end.const_data_ptr<int64_t>(),
-          sample_ptr, grad_grid.mutable_data_ptr<T>());
+          shape, run_begin.const_data_ptr<int64_t>(), run_end.const_data_ptr<int64_t>(), sample_ptr,
+          grad_grid.mutable_data_ptr<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -244,18 +242,16 @@ at::Tensor tricubic_interp_cuda(const at::Tensor& grid, const at::Tensor& hkl_in
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(grid.scalar_type(), "tricubic_interp_cuda", [&] {
     forward_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-        make_grid_view<scalar_t>(grid, index_min), hkl.const_data_ptr<scalar_t>(),
-        hkl.stride(-1), offsets, n, mode, static_cast<scalar_t>(default_value),
-        out.mutable_data_ptr<scalar_t>());
+        make_grid_view<scalar_t>(grid, index_min), hkl.const_data_ptr<scalar_t>(), hkl.stride(-1),
+        offsets, n, mode, static_cast<scalar_t>(default_value), out.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> tricubic_interp_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& grid,
-    const at::Tensor& hkl_in, c10::IntArrayRef index_min,
-    c10::string_view out_of_range, std::array<bool, 2> output_mask) {
+    const at::Tensor& grad_output, const at::Tensor& grid, const at::Tensor& hkl_in,
+    c10::IntArrayRef index_min, c10::string_view out_of_range, std::array<bool, 2> output_mask) {
   const OutOfRange mode =
       checks::check_tricubic_args(kBackward, grid, hkl_in, index_min, out_of_range);
   checks::check_tricubic_grad_output(kBackward, grad_output, grid, hkl_in);
@@ -290,8 +286,11 @@ std::tuple<at::Tensor, at::Tensor> tricubic_interp_backward_cuda(
       } else {
         // (grad stands in for the absent third operand, v.)
         const auto offsets3 = point_offsets_or_contiguous<3>(point_shape, {&hkl, &grad, &grad});
-        const StridedPoints<scalar_t> points{hkl.const_data_ptr<scalar_t>(), hkl.stride(-1),
-                                             grad.const_data_ptr<scalar_t>(), nullptr, 0,
+        const StridedPoints<scalar_t> points{hkl.const_data_ptr<scalar_t>(),
+                                             hkl.stride(-1),
+                                             grad.const_data_ptr<scalar_t>(),
+                                             nullptr,
+                                             0,
                                              offsets3};
         deterministic_grid_grad<scalar_t, false>(shape, points, n, mode, grad_grid, stream);
       }
@@ -301,13 +300,12 @@ std::tuple<at::Tensor, at::Tensor> tricubic_interp_backward_cuda(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tricubic_interp_double_backward_cuda(
-    const std::optional<at::Tensor>& grad_grad_grid,
-    const std::optional<at::Tensor>& grad_grad_hkl, const at::Tensor& grad_output,
-    const at::Tensor& grid, const at::Tensor& hkl_in, c10::IntArrayRef index_min,
-    c10::string_view out_of_range, std::array<bool, 3> output_mask) {
-  const DoubleBackwardCall call = prepare_double_backward(
-      kDoubleBackward, grad_grad_grid, grad_grad_hkl, grad_output, grid, hkl_in, index_min,
-      out_of_range, output_mask);
+    const std::optional<at::Tensor>& grad_grad_grid, const std::optional<at::Tensor>& grad_grad_hkl,
+    const at::Tensor& grad_output, const at::Tensor& grid, const at::Tensor& hkl_in,
+    c10::IntArrayRef index_min, c10::string_view out_of_range, std::array<bool, 3> output_mask) {
+  const DoubleBackwardCall call =
+      prepare_double_backward(kDoubleBackward, grad_grad_grid, grad_grad_hkl, grad_output, grid,
+                              hkl_in, index_min, out_of_range, output_mask);
   const c10::cuda::CUDAGuard guard(grid.device());
   // (named references: lambdas cannot capture structured bindings)
   at::Tensor grad_grad_output = call.grad_grad_output;
@@ -325,14 +323,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tricubic_interp_double_backward_c
   const GridShape shape = make_grid_shape(grid.sizes(), index_min);
   AT_DISPATCH_FLOATING_TYPES(grid.scalar_type(), "tricubic_interp_double_backward_cuda", [&] {
     using T = scalar_t;
-    const StridedPoints<T> points{hkl.const_data_ptr<T>(), hkl.stride(-1),
-                                  grad.const_data_ptr<T>(), v.const_data_ptr<T>(),
-                                  v.stride(-1), offsets};
+    const StridedPoints<T> points{hkl.const_data_ptr<T>(), hkl.stride(-1), grad.const_data_ptr<T>(),
+                                  v.const_data_ptr<T>(),   v.stride(-1),   offsets};
     if (output_mask[0] || output_mask[2]) {
       double_backward_point_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
           make_grid_view<T>(grid, index_min), make_cotangent_view<T>(call.gg_grid, index_min),
-          points, n, call.mode,
-          output_mask[0] ? grad_grad_output.mutable_data_ptr<T>() : nullptr,
+          points, n, call.mode, output_mask[0] ? grad_grad_output.mutable_data_ptr<T>() : nullptr,
           output_mask[2] ? grad_hkl.mutable_data_ptr<T>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -354,8 +350,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tricubic_interp_double_backward_c
 
 TORCH_LIBRARY_IMPL(nanobragg, CUDA, m) {
   m.impl("tricubic_interp", TORCH_FN(nanobragg::tricubic::tricubic_interp_cuda));
-  m.impl("tricubic_interp_backward",
-         TORCH_FN(nanobragg::tricubic::tricubic_interp_backward_cuda));
+  m.impl("tricubic_interp_backward", TORCH_FN(nanobragg::tricubic::tricubic_interp_backward_cuda));
   m.impl("tricubic_interp_double_backward",
          TORCH_FN(nanobragg::tricubic::tricubic_interp_double_backward_cuda));
 }

@@ -80,11 +80,13 @@ std::tuple<at::Tensor, at::Tensor> allocate_backward_outputs(
           output_mask[1] ? at::empty(hkl.sizes(), hkl.options()) : at::empty({0}, hkl.options())};
 }
 
-DoubleBackwardCall prepare_double_backward(
-    const char* op, const std::optional<at::Tensor>& grad_grad_grid,
-    const std::optional<at::Tensor>& grad_grad_hkl, const at::Tensor& grad_output,
-    const at::Tensor& grid, const at::Tensor& hkl, c10::IntArrayRef index_min,
-    c10::string_view out_of_range, const std::array<bool, 3>& output_mask) {
+DoubleBackwardCall prepare_double_backward(const char* op,
+                                           const std::optional<at::Tensor>& grad_grad_grid,
+                                           const std::optional<at::Tensor>& grad_grad_hkl,
+                                           const at::Tensor& grad_output, const at::Tensor& grid,
+                                           const at::Tensor& hkl, c10::IntArrayRef index_min,
+                                           c10::string_view out_of_range,
+                                           const std::array<bool, 3>& output_mask) {
   DoubleBackwardCall c;
   c.mode = checks::check_tricubic_args(op, grid, hkl, index_min, out_of_range);
   checks::check_tricubic_grad_output(op, grad_output, grid, hkl);

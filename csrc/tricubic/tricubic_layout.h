@@ -67,11 +67,13 @@ struct DoubleBackwardCall {
   int64_t num_points;
 };
 
-DoubleBackwardCall prepare_double_backward(
-    const char* op, const std::optional<at::Tensor>& grad_grad_grid,
-    const std::optional<at::Tensor>& grad_grad_hkl, const at::Tensor& grad_output,
-    const at::Tensor& grid, const at::Tensor& hkl, c10::IntArrayRef index_min,
-    c10::string_view out_of_range, const std::array<bool, 3>& output_mask);
+DoubleBackwardCall prepare_double_backward(const char* op,
+                                           const std::optional<at::Tensor>& grad_grad_grid,
+                                           const std::optional<at::Tensor>& grad_grad_hkl,
+                                           const at::Tensor& grad_output, const at::Tensor& grid,
+                                           const at::Tensor& hkl, c10::IntArrayRef index_min,
+                                           c10::string_view out_of_range,
+                                           const std::array<bool, 3>& output_mask);
 
 // Calls fn(std::true_type) for grids whose l axis is contiguous (the
 // contraction then uses a compile-time unit stride), else fn(std::false_type).

@@ -75,8 +75,7 @@ NANOBRAGG_INLINE AxisWeights<T> axis_weights(T u) {
 // Interpolation stencil: true when nodes n-1..n+2 are all inside the grid;
 // then `first` is the grid index of node n-1 and `u` the fractional offset.
 template <typename T>
-NANOBRAGG_INLINE bool locate_stencil(T x, double lo, int64_t size,
-                                           int64_t& first, T& u) {
+NANOBRAGG_INLINE bool locate_stencil(T x, double lo, int64_t size, int64_t& first, T& u) {
   const double xd = static_cast<double>(x);
   const double n = ::floor(xd);
   const double offset = n - 1.0 - lo;
@@ -92,8 +91,7 @@ NANOBRAGG_INLINE bool locate_stencil(T x, double lo, int64_t size,
 // nanoBragg's nearest node, ceil(x - 0.5) (1.5 -> 1, -0.5 -> -1); true when
 // that node is inside the grid, and then `index` is its grid index.
 template <typename T>
-NANOBRAGG_INLINE bool locate_nearest(T x, double lo, int64_t size,
-                                           int64_t& index) {
+NANOBRAGG_INLINE bool locate_nearest(T x, double lo, int64_t size, int64_t& index) {
   const double m = ::ceil(static_cast<double>(x) - 0.5);
   const double offset = m - lo;
   if (!(offset >= 0.0 && offset <= static_cast<double>(size) - 1.0)) {
@@ -123,10 +121,8 @@ struct PointStencil {
 };
 
 template <typename T>
-NANOBRAGG_INLINE PointStencil<T> classify_point(const int64_t size[3],
-                                                      const double lo[3],
-                                                      T h, T k, T l,
-                                                      OutOfRange mode) {
+NANOBRAGG_INLINE PointStencil<T> classify_point(const int64_t size[3], const double lo[3], T h, T k,
+                                                T l, OutOfRange mode) {
   PointStencil<T> p;
   const T x[3] = {h, k, l};
   bool inside = true;
@@ -156,8 +152,7 @@ NANOBRAGG_INLINE PointStencil<T> classify_point(const int64_t size[3],
 }
 
 template <typename T>
-NANOBRAGG_INLINE int64_t node_offset(const int64_t stride[3],
-                                           const int64_t first[3]) {
+NANOBRAGG_INLINE int64_t node_offset(const int64_t stride[3], const int64_t first[3]) {
   return first[0] * stride[0] + first[1] * stride[1] + first[2] * stride[2];
 }
 
@@ -172,9 +167,8 @@ NANOBRAGG_INLINE int64_t l_stride(const int64_t stride[3]) {
 // rows are summed with weights wh[a] wk[b] into one 4-vector along l (16
 // multiplies and 64 FMAs), which is then dotted with wl.
 template <typename T, bool kUnitL = false>
-NANOBRAGG_INLINE T contract_stencil(const T* g, const int64_t stride[3],
-                                          const T wh[4], const T wk[4],
-                                          const T wl[4]) {
+NANOBRAGG_INLINE T contract_stencil(const T* g, const int64_t stride[3], const T wh[4],
+                                    const T wk[4], const T wl[4]) {
   const int64_t sl = l_stride<kUnitL>(stride);
   T acc[4] = {T(0), T(0), T(0), T(0)};
   NANOBRAGG_UNROLL
@@ -202,12 +196,10 @@ struct NoRowVisit {
 };
 
 template <typename T, bool kUnitL = false, typename RowFn = NoRowVisit>
-NANOBRAGG_INLINE void contract_stencil_grad(const T* g,
-                                                  const int64_t stride[3],
-                                                  const T wh[4], const T wk[4],
-                                                  const T wl[4], const T dwh[4],
-                                                  const T dwk[4], const T dwl[4],
-                                                  T grad[3], const RowFn& row = RowFn()) {
+NANOBRAGG_INLINE void contract_stencil_grad(const T* g, const int64_t stride[3], const T wh[4],
+                                            const T wk[4], const T wl[4], const T dwh[4],
+                                            const T dwk[4], const T dwl[4], T grad[3],
+                                            const RowFn& row = RowFn()) {
   const int64_t sl = l_stride<kUnitL>(stride);
   T acc[4] = {T(0), T(0), T(0), T(0)};
   T acc_h[4] = {T(0), T(0), T(0), T(0)};
@@ -288,8 +280,8 @@ NANOBRAGG_INLINE StencilJet<T> contract_stencil_jet(const T* g, const int64_t st
 
 // Forward value of one point.
 template <typename T, bool kUnitL = false>
-NANOBRAGG_INLINE T tricubic_value(const GridView<T>& grid, T h, T k, T l,
-                                        OutOfRange mode, T default_value) {
+NANOBRAGG_INLINE T tricubic_value(const GridView<T>& grid, T h, T k, T l, OutOfRange mode,
+                                  T default_value) {
   const PointStencil<T> p = classify_point(grid.size, grid.lo, h, k, l, mode);
   if (p.kind == PointKind::Default) {
     return default_value;
@@ -307,9 +299,8 @@ NANOBRAGG_INLINE T tricubic_value(const GridView<T>& grid, T h, T k, T l,
 
 // dF/d(h,k,l) of one point, scaled by the incoming gradient.
 template <typename T, bool kUnitL = false>
-NANOBRAGG_INLINE void tricubic_hkl_grad(const GridView<T>& grid, T h,
-                                              T k, T l, OutOfRange mode,
-                                              T grad_out, T grad_hkl[3]) {
+NANOBRAGG_INLINE void tricubic_hkl_grad(const GridView<T>& grid, T h, T k, T l, OutOfRange mode,
+                                        T grad_out, T grad_hkl[3]) {
   grad_hkl[0] = grad_hkl[1] = grad_hkl[2] = T(0);
   const PointStencil<T> p = classify_point(grid.size, grid.lo, h, k, l, mode);
   if (p.kind != PointKind::Stencil) {
@@ -323,8 +314,8 @@ NANOBRAGG_INLINE void tricubic_hkl_grad(const GridView<T>& grid, T h,
   lagrange_weight_derivs(p.u[1], dwk);
   lagrange_weight_derivs(p.u[2], dwl);
   T g[3];
-  contract_stencil_grad<T, kUnitL>(grid.data + node_offset<T>(grid.stride, p.first),
-                        grid.stride, wh, wk, wl, dwh, dwk, dwl, g);
+  contract_stencil_grad<T, kUnitL>(grid.data + node_offset<T>(grid.stride, p.first), grid.stride,
+                                   wh, wk, wl, dwh, dwk, dwl, g);
   for (int d = 0; d < 3; ++d) {
     grad_hkl[d] = grad_out * g[d];
   }
@@ -334,11 +325,9 @@ NANOBRAGG_INLINE void tricubic_hkl_grad(const GridView<T>& grid, T h,
 // gradient through `add(offset, value)`: plain += on CPU (race-free by
 // construction there), an atomic or aggregated add on CUDA.
 template <typename T, typename AddFn>
-NANOBRAGG_INLINE void tricubic_grid_grad_scatter(const int64_t size[3],
-                                                       const double lo[3], T h,
-                                                       T k, T l,
-                                                       OutOfRange mode,
-                                                       T grad_out, AddFn& add) {
+NANOBRAGG_INLINE void tricubic_grid_grad_scatter(const int64_t size[3], const double lo[3], T h,
+                                                 T k, T l, OutOfRange mode, T grad_out,
+                                                 AddFn& add) {
   const PointStencil<T> p = classify_point(size, lo, h, k, l, mode);
   if (p.kind == PointKind::Default) {
     return;
@@ -353,14 +342,14 @@ NANOBRAGG_INLINE void tricubic_grid_grad_scatter(const int64_t size[3],
   lagrange_weights(p.u[0], wh);
   lagrange_weights(p.u[1], wk);
   lagrange_weights(p.u[2], wl);
-NANOBRAGG_UNROLL
+  NANOBRAGG_UNROLL
   for (int a = 0; a < 4; ++a) {
     const T ga = grad_out * wh[a];
-NANOBRAGG_UNROLL
+    NANOBRAGG_UNROLL
     for (int b = 0; b < 4; ++b) {
       const T gab = ga * wk[b];
       const int64_t row = base + a * stride[0] + b * stride[1];
-NANOBRAGG_UNROLL
+      NANOBRAGG_UNROLL
       for (int c = 0; c < 4; ++c) {
         add(row + c, gab * wl[c]);
       }
@@ -418,8 +407,8 @@ NANOBRAGG_INLINE void tricubic_backward_point(const GridView<T>& grid, T h, T k,
   lagrange_weight_derivs(p.u[2], dwl);
   const ScatterRow<T, AddFn> row{add, base, out_stride, grad_out, wh, wk, wl};
   T g[3];
-  contract_stencil_grad<T, kUnitL>(grid.data + node_offset<T>(grid.stride, p.first),
-                                   grid.stride, wh, wk, wl, dwh, dwk, dwl, g, row);
+  contract_stencil_grad<T, kUnitL>(grid.data + node_offset<T>(grid.stride, p.first), grid.stride,
+                                   wh, wk, wl, dwh, dwk, dwl, g, row);
   for (int d = 0; d < 3; ++d) {
     grad_hkl[d] = grad_out * g[d];
   }
@@ -438,10 +427,10 @@ NANOBRAGG_INLINE void tricubic_backward_point(const GridView<T>& grid, T h, T k,
 
 // d/dg and d/dhkl of one point. v may be all zero (no cotangent of grad_hkl).
 template <typename T, bool kUnitL = false>
-NANOBRAGG_INLINE void tricubic_double_backward_point(const GridView<T>& grid,
-                                                     const GridView<T>& gg, T h, T k, T l,
-                                                     OutOfRange mode, T grad_out, const T v[3],
-                                                     T& grad_grad_out, T grad_hkl[3]) {
+NANOBRAGG_INLINE void tricubic_double_backward_point(const GridView<T>& grid, const GridView<T>& gg,
+                                                     T h, T k, T l, OutOfRange mode, T grad_out,
+                                                     const T v[3], T& grad_grad_out,
+                                                     T grad_hkl[3]) {
   grad_grad_out = T(0);
   grad_hkl[0] = grad_hkl[1] = grad_hkl[2] = T(0);
   const PointStencil<T> p = classify_point(grid.size, grid.lo, h, k, l, mode);
@@ -460,8 +449,7 @@ NANOBRAGG_INLINE void tricubic_double_backward_point(const GridView<T>& grid,
   const StencilJet<T> f = contract_stencil_jet<T, kUnitL>(
       grid.data + node_offset<T>(grid.stride, p.first), grid.stride, wh, wk, wl);
   const T* H = f.hess;
-  T d_hkl[3] = {H[0] * v[0] + H[3] * v[1] + H[4] * v[2],
-                H[3] * v[0] + H[1] * v[1] + H[5] * v[2],
+  T d_hkl[3] = {H[0] * v[0] + H[3] * v[1] + H[4] * v[2], H[3] * v[0] + H[1] * v[1] + H[5] * v[2],
                 H[4] * v[0] + H[5] * v[1] + H[2] * v[2]};
   grad_grad_out = v[0] * f.grad[0] + v[1] * f.grad[1] + v[2] * f.grad[2];
   if (gg.data != nullptr) {
@@ -480,8 +468,7 @@ NANOBRAGG_INLINE void tricubic_double_backward_point(const GridView<T>& grid,
 // The weight of tap (a, b, c) in d/dgrid: sum_d v_d dW/dhkl_d.
 template <typename T>
 NANOBRAGG_INLINE T second_order_tap(const AxisWeights<T>& wh, const AxisWeights<T>& wk,
-                                    const AxisWeights<T>& wl, const T v[3], int a, int b,
-                                    int c) {
+                                    const AxisWeights<T>& wl, const T v[3], int a, int b, int c) {
   return v[0] * wh.dw[a] * wk.w[b] * wl.w[c] + v[1] * wh.w[a] * wk.dw[b] * wl.w[c] +
          v[2] * wh.w[a] * wk.w[b] * wl.dw[c];
 }
@@ -550,14 +537,15 @@ NANOBRAGG_INLINE int64_t linear_node(const int64_t size[3], const int64_t i[3]) 
 NANOBRAGG_INLINE int64_t stencil_key(const int64_t size[3], const int64_t first[3]) {
   return 2 * linear_node(size, first);
 }
-NANOBRAGG_INLINE int64_t nearest_key(int64_t node) { return 2 * node + 1; }
+NANOBRAGG_INLINE int64_t nearest_key(int64_t node) {
+  return 2 * node + 1;
+}
 NANOBRAGG_INLINE int64_t max_sort_key(const int64_t size[3]) {
   return 2 * size[0] * size[1] * size[2];
 }
 
 template <typename T>
-NANOBRAGG_INLINE int64_t point_sort_key(const GridShape& shape, T h, T k, T l,
-                                              OutOfRange mode) {
+NANOBRAGG_INLINE int64_t point_sort_key(const GridShape& shape, T h, T k, T l, OutOfRange mode) {
   const PointStencil<T> p = classify_point(shape.size, shape.lo, h, k, l, mode);
   if (p.kind == PointKind::Stencil) {
     return stencil_key(shape.size, p.first);
@@ -581,8 +569,8 @@ NANOBRAGG_INLINE bool stencil_start_valid(const int64_t size[3], const int64_t f
 // Step 2's table: position i of the sorted keys starts and/or ends its
 // key's run. run_begin/run_end have max_sort_key + 1 entries, zeroed (an
 // empty run) before.
-NANOBRAGG_INLINE void mark_run(const int64_t* sorted_keys, int64_t n, int64_t i,
-                               int64_t* run_begin, int64_t* run_end) {
+NANOBRAGG_INLINE void mark_run(const int64_t* sorted_keys, int64_t n, int64_t i, int64_t* run_begin,
+                               int64_t* run_end) {
   const int64_t key = sorted_keys[i];
   if (i == 0 || sorted_keys[i - 1] != key) run_begin[key] = i;
   if (i == n - 1 || sorted_keys[i + 1] != key) run_end[key] = i + 1;

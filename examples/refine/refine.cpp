@@ -19,7 +19,8 @@ int main() {
   const auto& h = grids[0];
   const auto& k = grids[1];
   const auto& l = grids[2];
-  const auto F = 10 * torch::exp(-(h * h + k * k + l * l) / 60) * (1 + 0.5 * torch::cos(h + 2 * k - l)) + 1;
+  const auto F =
+      10 * torch::exp(-(h * h + k * k + l * l) / 60) * (1 + 0.5 * torch::cos(h + 2 * k - l)) + 1;
 
   // A 48 x 48 detector, 0.2 m wide, 0.1 m from the sample, tilted by 40
   // degrees so that the parallax spans 0.59 to 1 (what makes T observable).
@@ -43,7 +44,8 @@ int main() {
                                               /*oversample_thick=*/true);
   };
   const double true_scale = 2.0, true_thickness_um = 100.0;
-  const auto observed = image(torch::tensor(true_scale, f64), torch::tensor(true_thickness_um, f64)).detach();
+  const auto observed =
+      image(torch::tensor(true_scale, f64), torch::tensor(true_thickness_um, f64)).detach();
   const auto norm = (observed * observed).mean();
 
   auto scale = torch::tensor(1.5, f64).requires_grad_(true);
@@ -65,8 +67,10 @@ int main() {
   const double s = scale.item<double>(), t = 100 * thickness_100um.item<double>();
   const double fall = first / last;
   const double err_s = std::abs(s / true_scale - 1), err_t = std::abs(t / true_thickness_um - 1);
-  std::printf("loss fell %.3g-fold; scale %.5f (truth %.1f, %.3f%% off), thickness %.3f um (truth %.1f, %.3f%% off)\n",
-              fall, s, true_scale, 100 * err_s, t, true_thickness_um, 100 * err_t);
+  std::printf(
+      "loss fell %.3g-fold; scale %.5f (truth %.1f, %.3f%% off), thickness %.3f um (truth %.1f, "
+      "%.3f%% off)\n",
+      fall, s, true_scale, 100 * err_s, t, true_thickness_um, 100 * err_t);
   const bool ok = fall >= 100 && err_s <= 0.01 && err_t <= 0.01;
   std::printf("%s\n", ok ? "recovered" : "NOT recovered");
   return ok ? 0 : 1;

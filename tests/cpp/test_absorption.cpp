@@ -19,8 +19,8 @@ constexpr const char* kOp = "nanobragg::detector_absorption";
 
 at::Tensor run(const AbsorptionCase& c) {
   return nanobragg_ops::detector_absorption(c.intensity, c.coords, c.odet, c.thickness,
-                                            c.attenuation_length, c.thicksteps,
-                                            c.oversample, c.per_layer);
+                                            c.attenuation_length, c.thicksteps, c.oversample,
+                                            c.per_layer);
 }
 
 // Relative error, with a floor well below the image's scale so that deep
@@ -134,10 +134,14 @@ TEST_P(Absorption, PerLayerMatchesLayerLoop) {
   const int64_t L = 4, S = 3, F = 5;
   at::Tensor base = plane(S, F);
   // Each layer's pixel moved to that layer's depth, as nanoBragg C does.
-  at::Tensor depth = at::arange(L, at::kDouble).view({L, 1, 1, 1}) * at::tensor({0.0, 0.0, 7.5e-5}, at::kDouble);
+  at::Tensor depth =
+      at::arange(L, at::kDouble).view({L, 1, 1, 1}) * at::tensor({0.0, 0.0, 7.5e-5}, at::kDouble);
   at::Tensor PL = base.unsqueeze(0) + depth;
   at::Tensor IL = at::rand({L, S, F}, at::kDouble) + 0.5;
-  struct Shapes { at::Tensor I, P; const char* what; };
+  struct Shapes {
+    at::Tensor I, P;
+    const char* what;
+  };
   const std::vector<Shapes> shapes = {
       {IL, PL, "both per layer"},
       {IL.slice(0, 0, 1), PL, "intensity shared (size 1)"},
@@ -166,7 +170,8 @@ TEST_P(Absorption, PerLayerWithSharedInputsEqualsNotPerLayer) {
   at::Tensor I = at::rand({4, 4}, at::kDouble) + 1;
   for (bool oversample : {true, false}) {
     at::Tensor a = run(make(I, P, unit({0.1, 0, 1}), 6, oversample, false));
-    at::Tensor b = run(make(I.unsqueeze(0), P.unsqueeze(0), unit({0.1, 0, 1}), 6, oversample, true));
+    at::Tensor b =
+        run(make(I.unsqueeze(0), P.unsqueeze(0), unit({0.1, 0, 1}), 6, oversample, true));
     EXPECT_LE(max_rel_error(to_vector(a), to_vector(b)), 1e-14);
   }
 }
@@ -185,7 +190,8 @@ TEST_P(Absorption, BroadcastStridedAndEmpty) {
   AbsorptionCase e = make(at::empty({0, 6}), at::empty({0, 6, 3}), unit({0, 0, 1}), 3, true, false);
   EXPECT_EQ(run(e).sizes(), at::IntArrayRef({0, 6}));
   // A 0-dim intensity and a single pixel.
-  AbsorptionCase one = make(at::scalar_tensor(2.0, at::kDouble), P[1][2], unit({0, 0, 1}), 2, false, false);
+  AbsorptionCase one =
+      make(at::scalar_tensor(2.0, at::kDouble), P[1][2], unit({0, 0, 1}), 2, false, false);
   EXPECT_EQ(run(one).dim(), 0);
   EXPECT_LE(image_rel_error(to_vector(run(one)), to_vector(port_reference(one))), 1e-12);
 }
@@ -198,7 +204,8 @@ TEST_P(Absorption, BitwiseIdenticalWithOneAndTwoThreads) {
   }
   auto grads = [&] {
     at::Tensor out = run(c);
-    return torch::autograd::grad({out}, {c.intensity, c.coords, c.odet, c.thickness, c.attenuation_length},
+    return torch::autograd::grad({out},
+                                 {c.intensity, c.coords, c.odet, c.thickness, c.attenuation_length},
                                  {at::ones_like(out)});
   };
   const int saved = at::get_num_threads();
@@ -265,12 +272,14 @@ TEST_P(Absorption, GradientsMatchFiniteDifferencesSharedLayers) {
   at::Tensor I = at::rand({2, 3}, at::kDouble) + 1;
   for (bool oversample : {true, false}) {
     for (const auto& o : {unit({0.3, -0.2, 1.0}), unit({0.2, 0.4, -1.0})}) {
-      expect_gradients_match_fd(make(I, P, o, 3, oversample, false),
-                                std::string("per_layer=false oversample=") + (oversample ? "1" : "0"));
+      expect_gradients_match_fd(
+          make(I, P, o, 3, oversample, false),
+          std::string("per_layer=false oversample=") + (oversample ? "1" : "0"));
     }
     // Broadcast: intensity [3] over the slow axis, odet not normalised.
-    expect_gradients_match_fd(make(I[0], P, at::tensor({0.1, 0.2, 0.9}, at::kDouble), 2, oversample, false),
-                              "broadcast intensity");
+    expect_gradients_match_fd(
+        make(I[0], P, at::tensor({0.1, 0.2, 0.9}, at::kDouble), 2, oversample, false),
+        "broadcast intensity");
     expect_gradients_match_fd(make(I, P, unit({0, 0, 1}), 1, oversample, false), "L=1");
   }
 }
@@ -282,20 +291,25 @@ TEST_P(Absorption, GradientsMatchFiniteDifferencesPerLayer) {
   at::Tensor IL = at::rand({L, 2, 2}, at::kDouble) + 1;
   for (bool oversample : {true, false}) {
     const std::string m = std::string(" oversample=") + (oversample ? "1" : "0");
-    expect_gradients_match_fd(make(IL, PL, unit({0.3, -0.2, 1.0}), L, oversample, true), "both per layer" + m);
-    expect_gradients_match_fd(make(IL.slice(0, 0, 1), PL, unit({0.3, -0.2, 1.0}), L, oversample, true),
-                              "intensity shared" + m);
-    expect_gradients_match_fd(make(IL, base.unsqueeze(0), unit({0.1, 0.2, -1.0}), L, oversample, true),
-                              "position shared" + m);
-    expect_gradients_match_fd(make(IL.select(1, 0), PL, unit({0.3, -0.2, 1.0}), L, oversample, true),
-                              "intensity [L, F] broadcast" + m);
+    expect_gradients_match_fd(make(IL, PL, unit({0.3, -0.2, 1.0}), L, oversample, true),
+                              "both per layer" + m);
+    expect_gradients_match_fd(
+        make(IL.slice(0, 0, 1), PL, unit({0.3, -0.2, 1.0}), L, oversample, true),
+        "intensity shared" + m);
+    expect_gradients_match_fd(
+        make(IL, base.unsqueeze(0), unit({0.1, 0.2, -1.0}), L, oversample, true),
+        "position shared" + m);
+    expect_gradients_match_fd(
+        make(IL.select(1, 0), PL, unit({0.3, -0.2, 1.0}), L, oversample, true),
+        "intensity [L, F] broadcast" + m);
   }
 }
 
 TEST_P(Absorption, GradientAtZeroThicknessAndInfiniteAttenuation) {
   // Zero thickness: out = mean_t I_t, so only intensity has a gradient.
   at::Tensor P = plane(2, 2);
-  AbsorptionCase c = make(at::rand({3, 2, 2}, at::kDouble), P.unsqueeze(0), unit({0, 0, 1}), 3, true, true, 0.0);
+  AbsorptionCase c =
+      make(at::rand({3, 2, 2}, at::kDouble), P.unsqueeze(0), unit({0, 0, 1}), 3, true, true, 0.0);
   for (auto* t : inputs_of(c)) t->requires_grad_(true);
   auto g = torch::autograd::grad({run(c).sum()}, {c.intensity, c.coords, c.thickness});
   EXPECT_LE(max_rel_error(to_vector(g[0]), std::vector<double>(12, 1.0 / 3)), 1e-15);
@@ -305,7 +319,8 @@ TEST_P(Absorption, GradientAtZeroThicknessAndInfiniteAttenuation) {
   AbsorptionCase d = make(at::rand({2, 2}, at::kDouble), P, unit({0, 0, 1}), 3, true, false, 3e-4,
                           std::numeric_limits<double>::infinity());
   for (auto* t : inputs_of(d)) t->requires_grad_(true);
-  auto gd = torch::autograd::grad({run(d).sum()}, {d.intensity, d.coords, d.thickness, d.attenuation_length});
+  auto gd = torch::autograd::grad({run(d).sum()},
+                                  {d.intensity, d.coords, d.thickness, d.attenuation_length});
   for (const auto& t : gd) {
     EXPECT_TRUE(at::isfinite(t).all().item<bool>());
   }

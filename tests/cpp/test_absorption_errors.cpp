@@ -149,9 +149,9 @@ TEST_P(AbsorptionErrors, ScalarsOfAnyFloatingDtypeAreAccepted) {
   }
   Args c = base;
   c.T = c.T.to(at::kFloat);
-  const at::Tensor thickness_on_cpu = nanobragg_ops::detector_absorption(
-      c.I.to(c.device), c.P.to(c.device), c.o.to(c.device), c.T, c.A.to(c.device), c.L,
-      c.oversample, c.per_layer);
+  const at::Tensor thickness_on_cpu =
+      nanobragg_ops::detector_absorption(c.I.to(c.device), c.P.to(c.device), c.o.to(c.device), c.T,
+                                         c.A.to(c.device), c.L, c.oversample, c.per_layer);
   EXPECT_EQ(thickness_on_cpu.device(), c.I.to(c.device).device());
   EXPECT_TRUE(at::allclose(thickness_on_cpu.cpu(), want.cpu(), 1e-6, 0.0));
 }

@@ -42,10 +42,10 @@ const std::array<int64_t, 3> kIndexMin = {-5, -6, -4};
 const std::array<int64_t, 3> kGridShape = {11, 12, 13};
 constexpr double kRtol = 1e-11;  // CUDA against CPU, float64
 
-#define NANOBRAGG_SKIP_UNLESS_CUDA()                          \
-  do {                                                        \
-    NANOBRAGG_SKIP_UNLESS_DEVICE("cuda", kTricubic);          \
-    NANOBRAGG_SKIP_UNLESS_DEVICE("cuda", kAbsorption);        \
+#define NANOBRAGG_SKIP_UNLESS_CUDA()                   \
+  do {                                                 \
+    NANOBRAGG_SKIP_UNLESS_DEVICE("cuda", kTricubic);   \
+    NANOBRAGG_SKIP_UNLESS_DEVICE("cuda", kAbsorption); \
   } while (0)
 
 using OptT = std::optional<at::Tensor>;
@@ -110,14 +110,13 @@ struct Absorption {
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("nanobragg::detector_absorption_double_backward", "")
             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                              at::Tensor>(const OptT&, const OptT&, const OptT&, const OptT&,
-                                          const OptT&, const at::Tensor&, const at::Tensor&,
-                                          const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          const at::Tensor&, int64_t, bool, bool,
-                                          std::array<bool, 6>)>();
-    auto r = op.call(c.at(0), c.at(1), c.at(2), c.at(3), c.at(4), g, intensity, coords, odet,
-                     thickness, att, layers, oversample, per_layer,
-                     {true, true, true, true, true, true});
+                              at::Tensor>(
+                const OptT&, const OptT&, const OptT&, const OptT&, const OptT&, const at::Tensor&,
+                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                const at::Tensor&, int64_t, bool, bool, std::array<bool, 6>)>();
+    auto r =
+        op.call(c.at(0), c.at(1), c.at(2), c.at(3), c.at(4), g, intensity, coords, odet, thickness,
+                att, layers, oversample, per_layer, {true, true, true, true, true, true});
     return {std::get<0>(r), std::get<1>(r), std::get<2>(r),
             std::get<3>(r), std::get<4>(r), std::get<5>(r)};
   }
@@ -181,7 +180,9 @@ void expect_all_close(const Tensors& actual, const Tensors& expected, double tol
   }
 }
 
-at::TensorOptions f64() { return at::TensorOptions().dtype(at::kDouble); }
+at::TensorOptions f64() {
+  return at::TensorOptions().dtype(at::kDouble);
+}
 const c10::Device kCuda("cuda");
 const c10::Device kCpu("cpu");
 
@@ -197,8 +198,8 @@ at::Tensor tricubic_grid() {
 at::Tensor tricubic_points(int64_t n, bool special) {
   at::Tensor hkl = at::empty({n, 3}, f64());
   for (int d = 0; d < 3; ++d) {
-    hkl.select(1, d).copy_(at::rand({n}, f64()) * double(kGridShape[d] - 2) +
-                           double(kIndexMin[d]) + 0.5);
+    hkl.select(1, d).copy_(at::rand({n}, f64()) * double(kGridShape[d] - 2) + double(kIndexMin[d]) +
+                           0.5);
   }
   const int64_t outside = n / 10;
   const double h_last = double(kIndexMin[0] + kGridShape[0] - 1);
@@ -210,10 +211,16 @@ at::Tensor tricubic_points(int64_t n, bool special) {
     const double lo0 = double(kIndexMin[0]), lo1 = double(kIndexMin[1]), lo2 = double(kIndexMin[2]);
     // the stencil n-1..n+2 fits while n <= lo + size - 3
     const double fit0 = lo0 + double(kGridShape[0]) - 3;
-    const std::vector<std::array<double, 3>> rows = {
-        {nan, 0.3, 0.2}, {0.1, inf, 0.2}, {0.1, 0.3, -inf}, {1e30, 0.3, 0.2}, {0.1, -1e30, 0.2},
-        {-2.0, 0.0, 1.0}, {lo0 + 1, lo1 + 1, lo2 + 1}, {fit0, 0.5, 0.5}, {fit0 + 1 - 1e-7, 0.5, 0.5},
-        {fit0 + 1, 0.5, 0.5}};
+    const std::vector<std::array<double, 3>> rows = {{nan, 0.3, 0.2},
+                                                     {0.1, inf, 0.2},
+                                                     {0.1, 0.3, -inf},
+                                                     {1e30, 0.3, 0.2},
+                                                     {0.1, -1e30, 0.2},
+                                                     {-2.0, 0.0, 1.0},
+                                                     {lo0 + 1, lo1 + 1, lo2 + 1},
+                                                     {fit0, 0.5, 0.5},
+                                                     {fit0 + 1 - 1e-7, 0.5, 0.5},
+                                                     {fit0 + 1, 0.5, 0.5}};
     for (size_t i = 0; i < rows.size(); ++i) {
       for (int d = 0; d < 3; ++d) hkl[static_cast<int64_t>(i)][d] = rows[i][static_cast<size_t>(d)];
     }
@@ -269,7 +276,8 @@ Tensors tricubic_all_ops(const TricubicCase& c, const std::string& mode) {
 
 TricubicCase tricubic_base(int64_t n, bool special) {
   return {tricubic_grid(), tricubic_points(n, special), at::randn({n}, f64()),
-          at::randn({kGridShape[0], kGridShape[1], kGridShape[2]}, f64()), at::randn({n, 3}, f64())};
+          at::randn({kGridShape[0], kGridShape[1], kGridShape[2]}, f64()),
+          at::randn({n, 3}, f64())};
 }
 
 // A detector plane at z = 0.1, pixels over +-0.05, jittered; with per_layer
@@ -387,8 +395,8 @@ TEST(CudaSmall, DeterministicGridGradient) {
   at::Tensor g = at::randn({4096}, f64());
   at::Tensor v = at::randn({4096, 3}, f64());
   const at::Tensor ref1 = tricubic_backward(g, grid, hkl, "nearest", {true, false})[0];
-  const at::Tensor ref2 = tricubic_double_backward(std::nullopt, v, g, grid, hkl, "nearest",
-                                                   {false, true, false})[1];
+  const at::Tensor ref2 =
+      tricubic_double_backward(std::nullopt, v, g, grid, hkl, "nearest", {false, true, false})[1];
   at::Tensor cg = grid.to(kCuda), ch = hkl.to(kCuda), cgo = g.to(kCuda), cv = v.to(kCuda);
   Tensors atomic, det1, det2;
   auto run = [&](Tensors& out) {
@@ -407,7 +415,8 @@ TEST(CudaSmall, DeterministicGridGradient) {
   }
   for (size_t order = 0; order < 2; ++order) {
     const std::string what = "order " + std::to_string(order + 1);
-    EXPECT_TRUE(bitwise_equal(det1[order], det2[order])) << what << ": deterministic path not repeatable";
+    EXPECT_TRUE(bitwise_equal(det1[order], det2[order]))
+        << what << ": deterministic path not repeatable";
     expect_close(det1[order], atomic[order], 1e-12, what + " deterministic vs atomic");
     expect_close(det1[order], order == 0 ? ref1 : ref2, 1e-12, what + " deterministic vs CPU");
     expect_close(atomic[order], order == 0 ? ref1 : ref2, 1e-12, what + " atomic vs CPU");
@@ -462,8 +471,8 @@ TEST(CudaParity, AbsorptionAllOpsMatchCpuOnLayouts) {
         const at::Tensor g = at::randn({6, 7}, f64());
         const Tensors c = absorption_cotangents(base);
         const Tensors want = absorption_all_ops(absorption_layout(base, layout, kCpu), g, c);
-        const Tensors got = absorption_all_ops(absorption_layout(base, layout, kCuda),
-                                               g.to(kCuda), to_device(c, kCuda));
+        const Tensors got = absorption_all_ops(absorption_layout(base, layout, kCuda), g.to(kCuda),
+                                               to_device(c, kCuda));
         expect_all_close(got, want, kRtol,
                          std::string("absorption ") + layout_name(layout) +
                              " per_layer=" + std::to_string(per_layer) +
@@ -494,7 +503,7 @@ TEST(CudaParity, AbsorptionEdgeValuesMatchCpu) {
           fi[1] = std::numeric_limits<double>::quiet_NaN();
           fi[2] = inf;
           fp[3] = at::tensor({0.1, 0.0, 0.0}, f64());  // grazing: parallax 0
-          fp[4].zero_();                                 // the sample position
+          fp[4].zero_();                               // the sample position
           what = "NaN/Inf/grazing";
         }
         const at::Tensor g = at::randn({5, 6}, f64());
@@ -516,9 +525,9 @@ TEST(CudaDeterminism, ContendedGridGradientDeterministicVsAtomic) {
   const int64_t n = 200000;
   const at::Tensor grid = tricubic_grid(), hkl = tricubic_points(n, false);
   const at::Tensor g = at::randn({n}, f64()), v = at::randn({n, 3}, f64());
-  const Tensors ref = {tricubic_backward(g, grid, hkl, "nearest", {true, false})[0],
-                       tricubic_double_backward(std::nullopt, v, g, grid, hkl, "nearest",
-                                                {false, true, false})[1]};
+  const Tensors ref = {
+      tricubic_backward(g, grid, hkl, "nearest", {true, false})[0],
+      tricubic_double_backward(std::nullopt, v, g, grid, hkl, "nearest", {false, true, false})[1]};
   for (auto dtype : {at::kFloat, at::kDouble}) {
     const auto o = at::TensorOptions().device(kCuda).dtype(dtype);
     const at::Tensor cg = grid.to(o), ch = hkl.to(o), cgo = g.to(o), cv = v.to(o);
@@ -539,18 +548,23 @@ TEST(CudaDeterminism, ContendedGridGradientDeterministicVsAtomic) {
     }
     const double tol = dtype == at::kFloat ? 1e-4 : 1e-12;
     for (size_t order = 0; order < 2; ++order) {
-      const std::string what = std::string(c10::toString(dtype)) + " order " + std::to_string(order + 1);
-      EXPECT_TRUE(bitwise_equal(d1[order], d2[order])) << what << ": deterministic path not repeatable";
+      const std::string what =
+          std::string(c10::toString(dtype)) + " order " + std::to_string(order + 1);
+      EXPECT_TRUE(bitwise_equal(d1[order], d2[order]))
+          << what << ": deterministic path not repeatable";
       // relative to the largest node (floor 1 of the scale): float32 sums of
       // thousands of terms per node
       EXPECT_LE(max_rel_error(to_vector(d1[order]), to_vector(atomic[order]),
-                              ref[order].abs().max().item<double>()), tol)
+                              ref[order].abs().max().item<double>()),
+                tol)
           << what << " deterministic vs atomic";
       EXPECT_LE(max_rel_error(to_vector(d1[order]), to_vector(ref[order]),
-                              ref[order].abs().max().item<double>()), tol)
+                              ref[order].abs().max().item<double>()),
+                tol)
           << what << " deterministic vs CPU float64";
       EXPECT_LE(max_rel_error(to_vector(atomic[order]), to_vector(ref[order]),
-                              ref[order].abs().max().item<double>()), tol)
+                              ref[order].abs().max().item<double>()),
+                tol)
           << what << " atomic vs CPU float64";
     }
   }
@@ -598,8 +612,9 @@ TEST(CudaGridStride, LargeNMatchesCpu) {
     Tensors got = {cpu.to(kCuda).forward()}, want = {cpu.forward()};
     for (const auto& t : cpu.to(kCuda).backward(g.to(kCuda))) got.push_back(t);
     for (const auto& t : cpu.backward(g)) want.push_back(t);
-    expect_all_close(got, want, kRtol, "absorption " + std::to_string(side) + "^2 oversample=" +
-                                           std::to_string(oversample));
+    expect_all_close(
+        got, want, kRtol,
+        "absorption " + std::to_string(side) + "^2 oversample=" + std::to_string(oversample));
   }
 }
 

@@ -60,8 +60,8 @@ std::vector<at::Tensor> absorption_backward(const AbsorptionArgs& a) {
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const at::Tensor&, int64_t, bool, bool, std::array<bool, 5>)>();
-  auto r = op.call(a.g, a.intensity, a.coords, a.odet, a.thickness, a.att, a.layers,
-                   a.oversample, a.per_layer, {true, true, true, true, true});
+  auto r = op.call(a.g, a.intensity, a.coords, a.odet, a.thickness, a.att, a.layers, a.oversample,
+                   a.per_layer, {true, true, true, true, true});
   return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r)};
 }
 
@@ -70,14 +70,13 @@ std::vector<at::Tensor> absorption_double_backward(const std::array<OptT, 5>& c,
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow(kAbsorptionDD, "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                            at::Tensor>(const OptT&, const OptT&, const OptT&, const OptT&,
-                                        const OptT&, const at::Tensor&, const at::Tensor&,
-                                        const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                        const at::Tensor&, int64_t, bool, bool,
-                                        std::array<bool, 6>)>();
-  auto r = op.call(c[0], c[1], c[2], c[3], c[4], a.g, a.intensity, a.coords, a.odet, a.thickness,
-                   a.att, a.layers, a.oversample, a.per_layer, {true, true, true, true, true, true});
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const OptT&, const OptT&, const OptT&, const OptT&, const OptT&, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, int64_t, bool, bool, std::array<bool, 6>)>();
+  auto r =
+      op.call(c[0], c[1], c[2], c[3], c[4], a.g, a.intensity, a.coords, a.odet, a.thickness, a.att,
+              a.layers, a.oversample, a.per_layer, {true, true, true, true, true, true});
   return {std::get<0>(r), std::get<1>(r), std::get<2>(r),
           std::get<3>(r), std::get<4>(r), std::get<5>(r)};
 }
@@ -114,7 +113,9 @@ double cotangent_loss(const AbsorptionArgs& a, const std::array<OptT, 5>& c) {
 
 class DoubleBackward : public ::testing::TestWithParam<std::string> {
  protected:
-  at::TensorOptions opts() const { return at::TensorOptions().dtype(at::kDouble).device(GetParam()); }
+  at::TensorOptions opts() const {
+    return at::TensorOptions().dtype(at::kDouble).device(GetParam());
+  }
 };
 
 class TricubicSecondDerivatives : public DoubleBackward {
@@ -130,7 +131,8 @@ class TricubicSecondDerivatives : public DoubleBackward {
     grid = (at::rand({8, 9, 10}, at::kDouble) * 4 - 2).to(opts());
     at::Tensor x = at::empty({n, 3}, at::kDouble);
     for (int d = 0; d < 3; ++d) {
-      at::Tensor ints = at::randint(kIndexMin[d] + 1, kIndexMin[d] + grid.size(d) - 2, {n}, at::kDouble);
+      at::Tensor ints =
+          at::randint(kIndexMin[d] + 1, kIndexMin[d] + grid.size(d) - 2, {n}, at::kDouble);
       x.select(1, d).copy_(ints + at::rand({n}, at::kDouble) * 0.8 + 0.1);
     }
     x.slice(0, 0, outside).select(1, 0).fill_(kIndexMin[0] + 7.3);  // last node is +7: nearest
@@ -152,9 +154,13 @@ TEST_P(TricubicSecondDerivatives, MatchesCentralDifferencesOfBackward) {
       return weighted_sum(bg, G) + weighted_sum(bh, v);
     };
     const double eps = 1e-5;
-    EXPECT_LT(max_rel_error(to_vector(d_g), to_vector(central_difference(loss, g, eps))), 1e-7) << mode;
-    EXPECT_LT(max_rel_error(to_vector(d_grid), to_vector(central_difference(loss, grid, eps))), 1e-7) << mode;
-    EXPECT_LT(max_rel_error(to_vector(d_hkl), to_vector(central_difference(loss, hkl, eps))), 1e-7) << mode;
+    EXPECT_LT(max_rel_error(to_vector(d_g), to_vector(central_difference(loss, g, eps))), 1e-7)
+        << mode;
+    EXPECT_LT(max_rel_error(to_vector(d_grid), to_vector(central_difference(loss, grid, eps))),
+              1e-7)
+        << mode;
+    EXPECT_LT(max_rel_error(to_vector(d_hkl), to_vector(central_difference(loss, hkl, eps))), 1e-7)
+        << mode;
     // Not vacuous: every output has non-zero entries.
     EXPECT_GT(d_g.abs().max().item<double>(), 0.1);
     EXPECT_GT(d_grid.abs().max().item<double>(), 0.1);
@@ -167,10 +173,12 @@ TEST_P(TricubicSecondDerivatives, AbsentCotangentIsZero) {
   for (const std::string mode : {"default", "nearest"}) {
     auto [a_g, a_grid, a_hkl] = tricubic_double_backward(std::nullopt, v, g, grid, hkl, mode);
     auto [b_g, b_grid, b_hkl] = tricubic_double_backward(at::zeros_like(G), v, g, grid, hkl, mode);
-    EXPECT_TRUE(at::allclose(a_g, b_g) && at::allclose(a_grid, b_grid) && at::allclose(a_hkl, b_hkl));
+    EXPECT_TRUE(at::allclose(a_g, b_g) && at::allclose(a_grid, b_grid) &&
+                at::allclose(a_hkl, b_hkl));
     auto [c_g, c_grid, c_hkl] = tricubic_double_backward(G, std::nullopt, g, grid, hkl, mode);
     auto [d_g, d_grid, d_hkl] = tricubic_double_backward(G, at::zeros_like(v), g, grid, hkl, mode);
-    EXPECT_TRUE(at::allclose(c_g, d_g) && at::allclose(c_grid, d_grid) && at::allclose(c_hkl, d_hkl));
+    EXPECT_TRUE(at::allclose(c_g, d_g) && at::allclose(c_grid, d_grid) &&
+                at::allclose(c_hkl, d_hkl));
     EXPECT_EQ(c_grid.abs().max().item<double>(), 0.0);  // d/dgrid comes from v only
   }
 }
@@ -218,12 +226,15 @@ class AbsorptionSecondDerivatives : public DoubleBackward {
     a.layers = L;
     a.oversample = oversample;
     a.per_layer = per_layer;
-    at::Tensor P = at::randn({per_layer ? (coords_per_layer ? L : 1) : 3, 3, 5, 3}, at::kDouble) * 0.3;
+    at::Tensor P =
+        at::randn({per_layer ? (coords_per_layer ? L : 1) : 3, 3, 5, 3}, at::kDouble) * 0.3;
     P.select(-1, 2).add_(1.0);
     if (!per_layer) P = P[0];
     a.coords = P.to(opts());
     a.intensity = (at::rand(per_layer ? std::vector<int64_t>{L, 3, 1} : std::vector<int64_t>{3, 1},
-                            at::kDouble) + 0.5).to(opts());
+                            at::kDouble) +
+                   0.5)
+                      .to(opts());
     a.odet = at::tensor({0.1, -0.2, 0.97}, at::kDouble).to(opts());
     a.thickness = at::scalar_tensor(0.4, opts());
     a.att = at::scalar_tensor(0.7, opts());

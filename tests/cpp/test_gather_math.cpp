@@ -23,25 +23,22 @@ const std::array<int64_t, 3> kIndexMin = {3, -5, 0};
 
 at::Tensor backward_grid(const at::Tensor& grad, const at::Tensor& grid, const at::Tensor& hkl,
                          const std::string& mode) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("nanobragg::tricubic_interp_backward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                    const at::Tensor&, c10::IntArrayRef,
-                                                    c10::string_view, std::array<bool, 2>)>();
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("nanobragg::tricubic_interp_backward", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 c10::IntArrayRef, c10::string_view, std::array<bool, 2>)>();
   return std::get<0>(op.call(grad, grid, hkl, kIndexMin, mode, {true, false}));
 }
 
-at::Tensor double_backward_grid(const at::Tensor& v, const at::Tensor& grad,
-                                const at::Tensor& grid, const at::Tensor& hkl,
-                                const std::string& mode) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("nanobragg::tricubic_interp_double_backward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::IntArrayRef,
-              c10::string_view, std::array<bool, 3>)>();
+at::Tensor double_backward_grid(const at::Tensor& v, const at::Tensor& grad, const at::Tensor& grid,
+                                const at::Tensor& hkl, const std::string& mode) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("nanobragg::tricubic_interp_double_backward", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                 const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 c10::IntArrayRef, c10::string_view, std::array<bool, 3>)>();
   return std::get<1>(
       op.call(std::nullopt, v, grad, grid, hkl, kIndexMin, mode, {false, true, false}));
 }
@@ -49,8 +46,7 @@ at::Tensor double_backward_grid(const at::Tensor& v, const at::Tensor& grad,
 // The four steps of the deterministic path, on the host.
 template <bool kSecondOrder>
 std::vector<double> gather_on_host(const at::Tensor& grid, const at::Tensor& hkl,
-                                   const at::Tensor& grad, const at::Tensor& v,
-                                   OutOfRange mode) {
+                                   const at::Tensor& grad, const at::Tensor& v, OutOfRange mode) {
   const GridShape shape{{grid.size(0), grid.size(1), grid.size(2)},
                         {double(kIndexMin[0]), double(kIndexMin[1]), double(kIndexMin[2])}};
   const int64_t n = hkl.size(0);

@@ -46,7 +46,8 @@ TEST(Reliability, ConcurrentCallersGetTheSerialResults) {
   std::vector<std::thread> threads;
   for (int t = 0; t < kThreads; ++t) {
     threads.emplace_back([&, t] {
-      for (int r = 0; r < kRounds; ++r) results[t].push_back(run_both(grid, hkl, pixels, intensity));
+      for (int r = 0; r < kRounds; ++r)
+        results[t].push_back(run_both(grid, hkl, pixels, intensity));
     });
   }
   for (auto& th : threads) th.join();
@@ -54,7 +55,8 @@ TEST(Reliability, ConcurrentCallersGetTheSerialResults) {
     for (int r = 0; r < kRounds; ++r) {
       ASSERT_EQ(results[t][r].size(), serial.size());
       for (size_t i = 0; i < serial.size(); ++i) {
-        EXPECT_TRUE(bitwise_equal(results[t][r][i], serial[i])) << "thread " << t << " round " << r << " output " << i;
+        EXPECT_TRUE(bitwise_equal(results[t][r][i], serial[i]))
+            << "thread " << t << " round " << r << " output " << i;
       }
     }
   }
@@ -62,8 +64,11 @@ TEST(Reliability, ConcurrentCallersGetTheSerialResults) {
 
 TEST(Reliability, Float32GradientsStayFiniteAtGrazingParallaxAndTheGridBorder) {
   // Pixels almost in the detector plane (parallax down to the 1e-10 clamp).
-  at::Tensor P = at::tensor({0.1, 0.0, 1e-7, 0.1, 0.0, 1e-12, 0.1, 0.0, 0.0, 0.05, 0.05, 1e-4},
-                            at::kDouble).view({4, 3}).to(at::kFloat).requires_grad_(true);
+  at::Tensor P =
+      at::tensor({0.1, 0.0, 1e-7, 0.1, 0.0, 1e-12, 0.1, 0.0, 0.0, 0.05, 0.05, 1e-4}, at::kDouble)
+          .view({4, 3})
+          .to(at::kFloat)
+          .requires_grad_(true);
   at::Tensor I = at::ones({4}, at::kFloat).requires_grad_(true);
   at::Tensor odet = at::tensor({0.0f, 0.0f, 1.0f}).requires_grad_(true);
   at::Tensor T = at::scalar_tensor(3e-4f).requires_grad_(true);
@@ -76,8 +81,10 @@ TEST(Reliability, Float32GradientsStayFiniteAtGrazingParallaxAndTheGridBorder) {
   }
   // Points whose stencil touches the first and last grid nodes.
   at::Tensor grid = (at::rand({8, 8, 8}) * 1e3).requires_grad_(true);
-  at::Tensor hkl = at::tensor({1.0f, 1.0f, 1.0f, 4.999999f, 4.999999f, 4.999999f, 1.000001f, 3.5f, 4.99f})
-                       .view({3, 3}).requires_grad_(true);
+  at::Tensor hkl =
+      at::tensor({1.0f, 1.0f, 1.0f, 4.999999f, 4.999999f, 4.999999f, 1.000001f, 3.5f, 4.99f})
+          .view({3, 3})
+          .requires_grad_(true);
   at::Tensor F = nanobragg_ops::tricubic_interp(grid, hkl, {0, 0, 0});
   auto g = torch::autograd::grad({F.sum()}, {grid, hkl});
   EXPECT_TRUE(at::isfinite(F).all().item<bool>());
@@ -97,14 +104,22 @@ TEST(Reliability, TelescopedFormMatchesTheLayerLoopForTinyAbsorption) {
   for (double x : {1e-14, 1e-10, 1e-7, 1e-5, 1e-3}) {
     at::Tensor T = at::scalar_tensor(x, at::kDouble);
     const int64_t L = 8;
-    const double telescoped = nanobragg_ops::detector_absorption(at::ones({1}, at::kDouble), P, odet, T, A, L, true).item<double>();
-    const double layered = nanobragg_ops::detector_absorption(at::ones({L, 1}, at::kDouble), P.unsqueeze(0), odet, T, A, L, true, true).item<double>();
+    const double telescoped =
+        nanobragg_ops::detector_absorption(at::ones({1}, at::kDouble), P, odet, T, A, L, true)
+            .item<double>();
+    const double layered =
+        nanobragg_ops::detector_absorption(at::ones({L, 1}, at::kDouble), P.unsqueeze(0), odet, T,
+                                           A, L, true, true)
+            .item<double>();
     const double series = x * (1 - x / 2 + x * x / 6 - x * x * x / 24 + x * x * x * x / 120);
     EXPECT_NEAR(telescoped / series, 1.0, 1e-13) << x;
     EXPECT_NEAR(layered / series, 1.0, 1e-13) << x;
     EXPECT_NEAR(layered / telescoped, 1.0, 1e-14) << x;  // the two forms, to rounding
     for (auto dtype : {at::kFloat}) {
-      const double t32 = nanobragg_ops::detector_absorption(at::ones({1}, dtype), P.to(dtype), odet.to(dtype), T.to(dtype), A.to(dtype), L, true).item<double>();
+      const double t32 =
+          nanobragg_ops::detector_absorption(at::ones({1}, dtype), P.to(dtype), odet.to(dtype),
+                                             T.to(dtype), A.to(dtype), L, true)
+              .item<double>();
       EXPECT_NEAR(t32 / series, 1.0, 1e-6) << x;
     }
   }
@@ -164,8 +179,10 @@ TEST(Reliability, MoreThan2To31ScatteredAddsInTheBackward) {
   ASSERT_EQ(out.numel(), n);
   auto g = torch::autograd::grad({out.sum()}, {grid});
   at::Tensor g1 = at::rand({8, 8, 8}, at::kDouble).requires_grad_(true);
-  auto single = torch::autograd::grad({nanobragg_ops::tricubic_interp(g1, one.view({1, 3}), {0, 0, 0}).sum()}, {g1});
-  EXPECT_LE(max_rel_error(to_vector(g[0]), to_vector(single[0] * static_cast<double>(n)), 1.0), 1e-9);
+  auto single = torch::autograd::grad(
+      {nanobragg_ops::tricubic_interp(g1, one.view({1, 3}), {0, 0, 0}).sum()}, {g1});
+  EXPECT_LE(max_rel_error(to_vector(g[0]), to_vector(single[0] * static_cast<double>(n)), 1.0),
+            1e-9);
   EXPECT_EQ(out[n - 1].item<double>(), out[0].item<double>());
 }
 

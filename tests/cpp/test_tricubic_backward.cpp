@@ -16,18 +16,15 @@ namespace {
 constexpr const char* kOp = "nanobragg::tricubic_interp_backward";
 const std::array<int64_t, 3> kIndexMin = {3, -5, 0};
 
-using BackwardOp = std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::IntArrayRef,
-    c10::string_view, std::array<bool, 2>);
+using BackwardOp = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                      const at::Tensor&, c10::IntArrayRef,
+                                                      c10::string_view, std::array<bool, 2>);
 
-std::tuple<at::Tensor, at::Tensor> backward_op(const at::Tensor& grad,
-                                               const at::Tensor& grid,
-                                               const at::Tensor& hkl,
-                                               const std::string& mode,
+std::tuple<at::Tensor, at::Tensor> backward_op(const at::Tensor& grad, const at::Tensor& grid,
+                                               const at::Tensor& hkl, const std::string& mode,
                                                std::array<bool, 2> mask) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow(kOp, "")
-                             .typed<BackwardOp>();
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow(kOp, "").typed<BackwardOp>();
   return op.call(grad, grid, hkl, kIndexMin, mode, mask);
 }
 
@@ -51,7 +48,8 @@ class TricubicBackward : public ::testing::TestWithParam<std::string> {
     at::Tensor base = at::empty({n, 3}, at::kDouble);
     for (int d = 0; d < 3; ++d) {
       // integer part chosen so that the stencil fits: n-1 >= lo, n+2 <= hi
-      at::Tensor ints = at::randint(kIndexMin[d] + 1, kIndexMin[d] + grid.size(d) - 2, {n}, at::kDouble);
+      at::Tensor ints =
+          at::randint(kIndexMin[d] + 1, kIndexMin[d] + grid.size(d) - 2, {n}, at::kDouble);
       at::Tensor frac = at::rand({n}, at::kDouble) * (1 - 2 * margin) + margin;
       base.select(1, d).copy_(ints + frac);
     }
@@ -61,8 +59,8 @@ class TricubicBackward : public ::testing::TestWithParam<std::string> {
 };
 
 // d(sum_i c_i F_i)/d grid by central differences, one node at a time.
-at::Tensor fd_grid_grad(const at::Tensor& grid, const at::Tensor& hkl,
-                        const at::Tensor& c, const std::string& mode) {
+at::Tensor fd_grid_grad(const at::Tensor& grid, const at::Tensor& hkl, const at::Tensor& c,
+                        const std::string& mode) {
   at::Tensor g = grid.clone();
   at::Tensor flat = g.view({-1});
   at::Tensor out = at::zeros_like(flat);
@@ -70,9 +68,11 @@ at::Tensor fd_grid_grad(const at::Tensor& grid, const at::Tensor& hkl,
   for (int64_t i = 0; i < flat.numel(); ++i) {
     const double v = flat[i].item<double>();
     flat[i] = v + eps;
-    const double up = (nanobragg_ops::tricubic_interp(g, hkl, kIndexMin, 0.0, mode) * c).sum().item<double>();
+    const double up =
+        (nanobragg_ops::tricubic_interp(g, hkl, kIndexMin, 0.0, mode) * c).sum().item<double>();
     flat[i] = v - eps;
-    const double down = (nanobragg_ops::tricubic_interp(g, hkl, kIndexMin, 0.0, mode) * c).sum().item<double>();
+    const double down =
+        (nanobragg_ops::tricubic_interp(g, hkl, kIndexMin, 0.0, mode) * c).sum().item<double>();
     flat[i] = v;
     out[i] = (up - down) / (2 * eps);
   }
@@ -80,8 +80,8 @@ at::Tensor fd_grid_grad(const at::Tensor& grid, const at::Tensor& hkl,
 }
 
 // d(sum_i c_i F_i)/d hkl: F_i depends only on point i.
-at::Tensor fd_hkl_grad(const at::Tensor& grid, const at::Tensor& hkl,
-                       const at::Tensor& c, const std::string& mode) {
+at::Tensor fd_hkl_grad(const at::Tensor& grid, const at::Tensor& hkl, const at::Tensor& c,
+                       const std::string& mode) {
   const double eps = 1e-6;
   at::Tensor out = at::zeros_like(hkl);
   for (int d = 0; d < 3; ++d) {
@@ -131,7 +131,8 @@ TEST_P(TricubicBackward, NearestScattersIntoOneNodeAndDefaultNowhere) {
   at::Tensor grid = random_grid({5, 5, 5});
   // h outside: (8.6 -> nearest h = 9 is outside too -> default),
   //            (7.2 -> h = 7, index 4: inside, nearest).
-  at::Tensor hkl = at::tensor({8.6, -3.0, 2.0, 7.2, -2.6, 1.4}, at::kDouble).view({2, 3}).to(opts());
+  at::Tensor hkl =
+      at::tensor({8.6, -3.0, 2.0, 7.2, -2.6, 1.4}, at::kDouble).view({2, 3}).to(opts());
   at::Tensor grad = at::tensor({1.5, 2.5}, at::kDouble).to(opts());
   auto [gg, gh] = backward_op(grad, grid, hkl, "nearest", {true, true});
   at::Tensor expected = at::zeros({5, 5, 5}, at::kDouble);
@@ -192,7 +193,9 @@ TEST_P(TricubicBackward, BitwiseIdenticalWithOneAndTwoThreads) {
   // several partial grids (see grid_grad_lane_count in tricubic_cpu.cpp).
   for (auto dtype : {at::kFloat, at::kDouble}) {
     at::Tensor grid = random_grid({16, 16, 16}, dtype);
-    at::Tensor hkl = (at::rand({60000, 3}, at::kDouble) * 14 + at::tensor({2.0, -4.0, 1.0}, at::kDouble)).to(opts(dtype));
+    at::Tensor hkl =
+        (at::rand({60000, 3}, at::kDouble) * 14 + at::tensor({2.0, -4.0, 1.0}, at::kDouble))
+            .to(opts(dtype));
     at::Tensor grad = at::randn({60000}, opts(dtype));
     // (On CUDA the thread count is moot; the deterministic path (sorted
     // gather) is what makes two runs agree bitwise there.)
@@ -211,8 +214,8 @@ TEST_P(TricubicBackward, BitwiseIdenticalWithOneAndTwoThreads) {
     // And the reduction agrees with a float64 sum (on CUDA: the atomic
     // path in float64, so this also compares the two CUDA paths, with a
     // tolerance).
-    auto [g64, h64] = backward_op(grad.to(at::kDouble), grid.to(at::kDouble),
-                                  hkl.to(at::kDouble), "nearest", {true, false});
+    auto [g64, h64] = backward_op(grad.to(at::kDouble), grid.to(at::kDouble), hkl.to(at::kDouble),
+                                  "nearest", {true, false});
     EXPECT_LE(max_rel_error(to_vector(g1), to_vector(g64), 1.0),
               dtype == at::kFloat ? 1e-3 : 1e-12);
   }
@@ -221,7 +224,9 @@ TEST_P(TricubicBackward, BitwiseIdenticalWithOneAndTwoThreads) {
 TEST_P(TricubicBackward, DeterministicAlgorithmsGiveRepeatableGridGradient) {
   // On CUDA this selects the sorted gather path instead of atomics.
   at::Tensor grid = random_grid({12, 13, 14}, at::kFloat);
-  at::Tensor hkl = (at::rand({20000, 3}, at::kDouble) * 16 + at::tensor({1.0, -7.0, -2.0}, at::kDouble)).to(opts(at::kFloat));
+  at::Tensor hkl =
+      (at::rand({20000, 3}, at::kDouble) * 16 + at::tensor({1.0, -7.0, -2.0}, at::kDouble))
+          .to(opts(at::kFloat));
   at::Tensor grad = at::randn({20000}, opts(at::kFloat));
   at::Tensor fast, d1, d2;
   {
@@ -239,13 +244,13 @@ TEST_P(TricubicBackward, DeterministicAlgorithmsGiveRepeatableGridGradient) {
   EXPECT_LE(max_rel_error(to_vector(d1), to_vector(fast), 1.0), 1e-4);
   auto [ref, unused] = backward_op(grad.to(at::kCPU, at::kDouble), grid.to(at::kCPU, at::kDouble),
                                    hkl.to(at::kCPU, at::kDouble), "nearest", {true, false});
-  EXPECT_LE(max_rel_error(to_vector(d1), to_vector(ref), 1.0), 1e-4) << "deterministic vs CPU float64";
+  EXPECT_LE(max_rel_error(to_vector(d1), to_vector(ref), 1.0), 1e-4)
+      << "deterministic vs CPU float64";
   EXPECT_LE(max_rel_error(to_vector(fast), to_vector(ref), 1.0), 1e-4) << "default vs CPU float64";
   EXPECT_GT(d1.abs().sum().item<double>(), 1.0);
 }
 
-INSTANTIATE_TEST_SUITE_P(Devices, TricubicBackward,
-                         ::testing::ValuesIn(test_devices()),
+INSTANTIATE_TEST_SUITE_P(Devices, TricubicBackward, ::testing::ValuesIn(test_devices()),
                          device_test_name);
 
 // The gather formulation of the grid gradient (CUDA's deterministic path)
@@ -269,8 +274,7 @@ TEST_P(TricubicDoubleBackward, SecondDerivativeRunsThirdSaysNotImplemented) {
                {"third derivatives are not implemented"});
 }
 
-INSTANTIATE_TEST_SUITE_P(Devices, TricubicDoubleBackward,
-                         ::testing::ValuesIn(test_devices()),
+INSTANTIATE_TEST_SUITE_P(Devices, TricubicDoubleBackward, ::testing::ValuesIn(test_devices()),
                          device_test_name);
 
 }  // namespace

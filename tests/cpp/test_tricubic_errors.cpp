@@ -24,20 +24,34 @@ class TricubicErrors : public ::testing::TestWithParam<std::string> {
 };
 
 TEST_P(TricubicErrors, GridMustBe3D) {
-  for (auto shape : {std::vector<int64_t>{6, 6}, std::vector<int64_t>{2, 6, 6, 6},
-                     std::vector<int64_t>{}}) {
-    expect_error([&] { nanobragg_ops::tricubic_interp(on_device(at::rand(shape, at::kDouble)), points(), kIndexMin); },
-                 {"nanobragg::tricubic_interp", "'grid'", "3-D"});
+  for (auto shape :
+       {std::vector<int64_t>{6, 6}, std::vector<int64_t>{2, 6, 6, 6}, std::vector<int64_t>{}}) {
+    expect_error(
+        [&] {
+          nanobragg_ops::tricubic_interp(on_device(at::rand(shape, at::kDouble)), points(),
+                                         kIndexMin);
+        },
+        {"nanobragg::tricubic_interp", "'grid'", "3-D"});
   }
 }
 
 TEST_P(TricubicErrors, HklLastDimensionMustBe3) {
-  expect_error([&] { nanobragg_ops::tricubic_interp(grid(), on_device(at::rand({4, 2}, at::kDouble)), kIndexMin); },
-               {"nanobragg::tricubic_interp", "'hkl'", "[4, 2]"});
-  expect_error([&] { nanobragg_ops::tricubic_interp(grid(), on_device(at::rand({3, 4}, at::kDouble)), kIndexMin); },
-               {"'hkl'", "[..., 3]"});
-  expect_error([&] { nanobragg_ops::tricubic_interp(grid(), on_device(at::scalar_tensor(1.0, at::kDouble)), kIndexMin); },
-               {"'hkl'", "[..., 3]"});
+  expect_error(
+      [&] {
+        nanobragg_ops::tricubic_interp(grid(), on_device(at::rand({4, 2}, at::kDouble)), kIndexMin);
+      },
+      {"nanobragg::tricubic_interp", "'hkl'", "[4, 2]"});
+  expect_error(
+      [&] {
+        nanobragg_ops::tricubic_interp(grid(), on_device(at::rand({3, 4}, at::kDouble)), kIndexMin);
+      },
+      {"'hkl'", "[..., 3]"});
+  expect_error(
+      [&] {
+        nanobragg_ops::tricubic_interp(grid(), on_device(at::scalar_tensor(1.0, at::kDouble)),
+                                       kIndexMin);
+      },
+      {"'hkl'", "[..., 3]"});
 }
 
 TEST_P(TricubicErrors, IntegerAndComplexDtypes) {
@@ -45,8 +59,9 @@ TEST_P(TricubicErrors, IntegerAndComplexDtypes) {
                {"nanobragg::tricubic_interp", "'grid'", "float32 or float64", "Int"});
   expect_error([&] { nanobragg_ops::tricubic_interp(grid(), points().to(at::kLong), kIndexMin); },
                {"'hkl'", "float32 or float64", "Long"});
-  expect_error([&] { nanobragg_ops::tricubic_interp(grid().to(at::kComplexDouble), points(), kIndexMin); },
-               {"'grid'", "float32 or float64"});
+  expect_error(
+      [&] { nanobragg_ops::tricubic_interp(grid().to(at::kComplexDouble), points(), kIndexMin); },
+      {"'grid'", "float32 or float64"});
 }
 
 TEST_P(TricubicErrors, MismatchedDtypes) {
@@ -63,34 +78,57 @@ TEST_P(TricubicErrors, MismatchedDevices) {
 }
 
 TEST_P(TricubicErrors, UnknownOutOfRangeMode) {
-  expect_error([&] { nanobragg_ops::tricubic_interp(grid(), points(), kIndexMin, 0.0, "clamp"); },
-               {"nanobragg::tricubic_interp", "'out_of_range'", "\"default\" or \"nearest\"", "clamp"});
+  expect_error(
+      [&] { nanobragg_ops::tricubic_interp(grid(), points(), kIndexMin, 0.0, "clamp"); },
+      {"nanobragg::tricubic_interp", "'out_of_range'", "\"default\" or \"nearest\"", "clamp"});
 }
 
 TEST_P(TricubicErrors, IndexMinNeedsThreeEntries) {
-  expect_error([&] { nanobragg_ops::tricubic_interp(grid(), points(), std::vector<int64_t>{0, 0}); },
-               {"nanobragg::tricubic_interp", "'index_min'", "3 entries"});
+  expect_error(
+      [&] {
+        nanobragg_ops::tricubic_interp(grid(), points(), std::vector<int64_t>{0, 0});
+      },
+      {"nanobragg::tricubic_interp", "'index_min'", "3 entries"});
 }
 
 TEST_P(TricubicErrors, BackwardChecksItsGradient) {
-  using Sig = std::tuple<at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::IntArrayRef,
-      c10::string_view, std::array<bool, 2>);
+  using Sig =
+      std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         c10::IntArrayRef, c10::string_view, std::array<bool, 2>);
   const auto op = c10::Dispatcher::singleton()
                       .findSchemaOrThrow("nanobragg::tricubic_interp_backward", "")
                       .typed<Sig>();
-  expect_error([&] { op.call(on_device(at::rand({5}, at::kDouble)), grid(), points(), kIndexMin, "default", {true, true}); },
-               {"nanobragg::tricubic_interp_backward", "'grad_output'", "[4]", "[5]"});
-  expect_error([&] { op.call(on_device(at::rand({4}, at::kFloat)), grid(), points(), kIndexMin, "default", {true, true}); },
-               {"nanobragg::tricubic_interp_backward", "'grad_output'", "dtype"});
-  expect_error([&] { op.call(on_device(at::rand({4}, at::kDouble)), grid(), points(), kIndexMin, "nope", {true, true}); },
-               {"nanobragg::tricubic_interp_backward", "'out_of_range'"});
+  expect_error(
+      [&] {
+        op.call(on_device(at::rand({5}, at::kDouble)), grid(), points(), kIndexMin, "default",
+                {true, true});
+      },
+      {"nanobragg::tricubic_interp_backward", "'grad_output'", "[4]", "[5]"});
+  expect_error(
+      [&] {
+        op.call(on_device(at::rand({4}, at::kFloat)), grid(), points(), kIndexMin, "default",
+                {true, true});
+      },
+      {"nanobragg::tricubic_interp_backward", "'grad_output'", "dtype"});
+  expect_error(
+      [&] {
+        op.call(on_device(at::rand({4}, at::kDouble)), grid(), points(), kIndexMin, "nope",
+                {true, true});
+      },
+      {"nanobragg::tricubic_interp_backward", "'out_of_range'"});
 }
 
 TEST_P(TricubicErrors, MetaKernelChecksLikeTheCpuKernel) {
-  expect_error([&] { nanobragg_ops::tricubic_interp(grid().to(at::kMeta), on_device(at::rand({4, 2}, at::kDouble)).to(at::kMeta), kIndexMin); },
-               {"nanobragg::tricubic_interp", "'hkl'", "[4, 2]"});
-  at::Tensor out = nanobragg_ops::tricubic_interp(grid().to(at::kMeta), at::rand({2, 5, 3}, at::kFloat).to(at::kMeta).to(at::kDouble), kIndexMin);
+  expect_error(
+      [&] {
+        nanobragg_ops::tricubic_interp(grid().to(at::kMeta),
+                                       on_device(at::rand({4, 2}, at::kDouble)).to(at::kMeta),
+                                       kIndexMin);
+      },
+      {"nanobragg::tricubic_interp", "'hkl'", "[4, 2]"});
+  at::Tensor out = nanobragg_ops::tricubic_interp(
+      grid().to(at::kMeta), at::rand({2, 5, 3}, at::kFloat).to(at::kMeta).to(at::kDouble),
+      kIndexMin);
   EXPECT_EQ(out.sizes(), at::IntArrayRef({2, 5}));
   EXPECT_TRUE(out.is_meta());
 }
@@ -105,10 +143,12 @@ namespace nanobragg_test {
 namespace {
 
 // Every op of the library: each operator, its backward, its double backward.
-constexpr const char* kAllOps[] = {
-    "nanobragg::tricubic_interp",           "nanobragg::tricubic_interp_backward",
-    "nanobragg::tricubic_interp_double_backward", "nanobragg::detector_absorption",
-    "nanobragg::detector_absorption_backward", "nanobragg::detector_absorption_double_backward"};
+constexpr const char* kAllOps[] = {"nanobragg::tricubic_interp",
+                                   "nanobragg::tricubic_interp_backward",
+                                   "nanobragg::tricubic_interp_double_backward",
+                                   "nanobragg::detector_absorption",
+                                   "nanobragg::detector_absorption_backward",
+                                   "nanobragg::detector_absorption_double_backward"};
 
 // The CUDA kernels are compiled whenever the build has nvcc and a CUDA torch
 // (as CI does), even where no GPU can run them; they must reach the

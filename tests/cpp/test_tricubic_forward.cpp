@@ -29,8 +29,7 @@ class TricubicForward : public ::testing::TestWithParam<std::string> {
     return (at::rand(shape, at::kDouble) * 9 + 1).to(opts(dtype));
   }
   // Points uniformly in [min - 3, max + 3] per axis: inside and outside.
-  at::Tensor random_points(int64_t n, const at::Tensor& grid,
-                           at::ScalarType dtype) const {
+  at::Tensor random_points(int64_t n, const at::Tensor& grid, at::ScalarType dtype) const {
     at::Tensor u = at::rand({n, 3}, at::kDouble);
     for (int d = 0; d < 3; ++d) {
       const double lo = kIndexMin[d] - 3.0;
@@ -71,8 +70,8 @@ TEST_P(TricubicForward, SomePointsInsideAndSomeOutside) {
   at::Tensor hkl = random_points(4000, grid, at::kDouble);
   const double sentinel = -12345.0;
   const auto ref = tricubic_reference(grid, hkl, kIndexMin, sentinel, "default");
-  const auto inside = std::count_if(ref.begin(), ref.end(),
-                                    [&](double v) { return v != sentinel; });
+  const auto inside =
+      std::count_if(ref.begin(), ref.end(), [&](double v) { return v != sentinel; });
   EXPECT_GT(inside, 100);
   EXPECT_LT(inside, 3900);
 }
@@ -98,7 +97,8 @@ TEST_P(TricubicForward, InterpolatesGridNodesExactly) {
   // with a full stencil the value is the grid value there.
   at::Tensor grid = random_grid({6, 6, 6}, at::kDouble);
   at::Tensor hkl = at::tensor({-2.0, 4.0, -1.0, -1.0, 5.0, 0.0}, at::kDouble)
-                       .reshape({2, 3}).to(opts(at::kDouble));
+                       .reshape({2, 3})
+                       .to(opts(at::kDouble));
   const auto out = to_vector(nanobragg_ops::tricubic_interp(grid, hkl, kIndexMin));
   const auto g = to_vector(grid);
   // (-2,4,-1) -> node (2,2,2); (-1,5,0) -> node (3,3,3) of a 6x6x6 grid.
@@ -122,8 +122,7 @@ TEST_P(TricubicForward, ReproducesCubicPolynomialsExactly) {
   for (int d = 0; d < 3; ++d) {
     pts.select(1, d).add_(kIndexMin[d] + 1.5);  // stencil always inside
   }
-  const at::Tensor expected =
-      f(pts.select(1, 0), pts.select(1, 1), pts.select(1, 2));
+  const at::Tensor expected = f(pts.select(1, 0), pts.select(1, 1), pts.select(1, 2));
   at::Tensor out = nanobragg_ops::tricubic_interp(grid, pts.to(opts(at::kDouble)), kIndexMin);
   EXPECT_LE(max_rel_error(to_vector(out), to_vector(expected)), 1e-12);
 }
@@ -133,9 +132,11 @@ TEST_P(TricubicForward, NearestRoundsLikeNanoBragg) {
   // so every point takes the nearest branch.
   at::Tensor grid = at::arange(4, at::kDouble).view({4, 1, 1}).to(opts(at::kDouble));
   const std::array<int64_t, 3> index_min = {-2, 0, 0};
-  at::Tensor hkl = at::tensor({1.5, 0.0, 0.0, -0.5, 0.0, 0.0, -1.5, 0.2, -0.4,
-                               0.49, 0.0, 0.0, 1.51, 0.0, 0.0},
-                              at::kDouble).reshape({5, 3}).to(opts(at::kDouble));
+  at::Tensor hkl =
+      at::tensor({1.5, 0.0, 0.0, -0.5, 0.0, 0.0, -1.5, 0.2, -0.4, 0.49, 0.0, 0.0, 1.51, 0.0, 0.0},
+                 at::kDouble)
+          .reshape({5, 3})
+          .to(opts(at::kDouble));
   const auto out = to_vector(nanobragg_ops::tricubic_interp(grid, hkl, index_min, -1.0, "nearest"));
   // grid value = index - h_min = h + 2; 1.51 -> 2 is outside (h_max = 1).
   EXPECT_EQ(out, (std::vector<double>{3.0, 1.0, 0.0, 2.0, -1.0}));
@@ -152,8 +153,8 @@ TEST_P(TricubicForward, NonFiniteAndHugeCoordinatesGetDefault) {
         at::Tensor hkl = at::tensor({-0.5, 5.5, 0.5}, at::kDouble);  // in range
         hkl[axis] = v;
         for (const std::string mode : {"default", "nearest"}) {
-          at::Tensor out = nanobragg_ops::tricubic_interp(
-              grid.to(dtype), hkl.to(opts(dtype)), kIndexMin, 42.0, mode);
+          at::Tensor out = nanobragg_ops::tricubic_interp(grid.to(dtype), hkl.to(opts(dtype)),
+                                                          kIndexMin, 42.0, mode);
           EXPECT_EQ(out.item<double>(), 42.0) << "value " << v << " axis " << axis << " " << mode;
         }
       }
@@ -169,15 +170,16 @@ TEST_P(TricubicForward, IndexMinNearInt64LimitsNeverIndexesOutOfBounds) {
   // hand in double); row 3 sits at 2^63, where double cannot tell the nodes
   // of a grid starting at big - 2 apart: any in-grid value is acceptable
   // there, an out-of-bounds read is not.
-  at::Tensor hkl = at::tensor({0.5, 0.5, 0.5, 1e19, -1e19, 9.2e18, -9.2e18, 3.0, 2.0,
-                               9.223372036854775808e18, 9.223372036854775808e18,
-                               9.223372036854775808e18},
-                              at::kDouble).reshape({4, 3}).to(opts(at::kDouble));
+  at::Tensor hkl =
+      at::tensor({0.5, 0.5, 0.5, 1e19, -1e19, 9.2e18, -9.2e18, 3.0, 2.0, 9.223372036854775808e18,
+                  9.223372036854775808e18, 9.223372036854775808e18},
+                 at::kDouble)
+          .reshape({4, 3})
+          .to(opts(at::kDouble));
   const auto g = to_vector(grid);
   for (const std::array<int64_t, 3>& imin :
        {std::array<int64_t, 3>{big - 2, big - 2, big - 2},
-        std::array<int64_t, 3>{small, small, small},
-        std::array<int64_t, 3>{big, small, 0}}) {
+        std::array<int64_t, 3>{small, small, small}, std::array<int64_t, 3>{big, small, 0}}) {
     for (const std::string mode : {"default", "nearest"}) {
       const auto out = to_vector(nanobragg_ops::tricubic_interp(grid, hkl, imin, -3.0, mode));
       for (int i = 0; i < 3; ++i) {
@@ -226,12 +228,14 @@ TEST_P(TricubicForward, AnyLeadingShapeAndEmpty) {
   EXPECT_LE(max_rel_error(to_vector(one), {ref[0]}), 1e-12);
 
   for (auto shape : {std::vector<int64_t>{0, 3}, std::vector<int64_t>{4, 0, 3}}) {
-    at::Tensor out = nanobragg_ops::tricubic_interp(grid, at::empty(shape, opts(at::kDouble)), kIndexMin);
+    at::Tensor out =
+        nanobragg_ops::tricubic_interp(grid, at::empty(shape, opts(at::kDouble)), kIndexMin);
     EXPECT_EQ(out.sizes(), at::IntArrayRef(shape).slice(0, shape.size() - 1));
   }
   // An empty grid: every point out of range.
   at::Tensor empty_grid = at::empty({0, 4, 4}, opts(at::kDouble));
-  const auto out_e = to_vector(nanobragg_ops::tricubic_interp(empty_grid, pts, kIndexMin, 5.0, "nearest"));
+  const auto out_e =
+      to_vector(nanobragg_ops::tricubic_interp(empty_grid, pts, kIndexMin, 5.0, "nearest"));
   EXPECT_EQ(out_e, std::vector<double>(pts.size(0), 5.0));
 }
 
@@ -247,8 +251,7 @@ TEST_P(TricubicForward, BitwiseIdenticalWithOneAndTwoThreads) {
   EXPECT_TRUE(bitwise_equal(one, two));
 }
 
-INSTANTIATE_TEST_SUITE_P(Devices, TricubicForward,
-                         ::testing::ValuesIn(test_devices()),
+INSTANTIATE_TEST_SUITE_P(Devices, TricubicForward, ::testing::ValuesIn(test_devices()),
                          device_test_name);
 
 }  // namespace

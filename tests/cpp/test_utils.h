@@ -16,10 +16,11 @@ namespace nanobragg_test {
 
 // Every device-dependent test is instantiated for these; the CUDA instances
 // skip, saying why, where CUDA cannot run.
-inline std::vector<std::string> test_devices() { return {"cpu", "cuda"}; }
+inline std::vector<std::string> test_devices() {
+  return {"cpu", "cuda"};
+}
 
-inline std::string device_test_name(
-    const ::testing::TestParamInfo<std::string>& param_info) {
+inline std::string device_test_name(const ::testing::TestParamInfo<std::string>& param_info) {
   return param_info.param;
 }
 
@@ -29,8 +30,7 @@ inline bool op_has_kernel(const char* op, c10::DispatchKey key) {
 }
 
 // Empty when the device can run the op, else the reason to skip.
-inline std::string device_unavailable(const std::string& device,
-                                      const char* op) {
+inline std::string device_unavailable(const std::string& device, const char* op) {
   if (device == "cpu") {
     return "";
   }
@@ -43,12 +43,12 @@ inline std::string device_unavailable(const std::string& device,
   return "";
 }
 
-#define NANOBRAGG_SKIP_UNLESS_DEVICE(device, op)                     \
-  do {                                                              \
+#define NANOBRAGG_SKIP_UNLESS_DEVICE(device, op)                             \
+  do {                                                                       \
     const std::string why_ = nanobragg_test::device_unavailable(device, op); \
-    if (!why_.empty()) {                                            \
-      GTEST_SKIP() << why_;                                         \
-    }                                                               \
+    if (!why_.empty()) {                                                     \
+      GTEST_SKIP() << why_;                                                  \
+    }                                                                        \
   } while (0)
 
 inline std::vector<double> to_vector(const at::Tensor& t) {
@@ -59,8 +59,8 @@ inline std::vector<double> to_vector(const at::Tensor& t) {
 
 // max_i |a_i - b_i| / max(|b_i|, floor): a relative error that does not blow
 // up where the reference crosses zero.
-inline double max_rel_error(const std::vector<double>& a,
-                            const std::vector<double>& b, double floor = 1.0) {
+inline double max_rel_error(const std::vector<double>& a, const std::vector<double>& b,
+                            double floor = 1.0) {
   EXPECT_EQ(a.size(), b.size());
   double worst = 0.0;
   for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
@@ -100,7 +100,9 @@ class DeterministicScope {
         saved_warn_only_(at::globalContext().deterministicAlgorithmsWarnOnly()) {
     at::globalContext().setDeterministicAlgorithms(on, false);
   }
-  ~DeterministicScope() { at::globalContext().setDeterministicAlgorithms(saved_, saved_warn_only_); }
+  ~DeterministicScope() {
+    at::globalContext().setDeterministicAlgorithms(saved_, saved_warn_only_);
+  }
   DeterministicScope(const DeterministicScope&) = delete;
   DeterministicScope& operator=(const DeterministicScope&) = delete;
 
@@ -116,7 +118,8 @@ inline void expect_same_grid_gradient(const at::Tensor& a, const at::Tensor& b, 
                                       const std::string& what = "") {
   if (a.is_cuda() && !at::globalContext().deterministicAlgorithms()) {
     EXPECT_EQ(a.sizes(), b.sizes()) << what;
-    EXPECT_LE(max_rel_error(to_vector(a), to_vector(b), 1.0), rtol) << what << " (CUDA atomic path)";
+    EXPECT_LE(max_rel_error(to_vector(a), to_vector(b), 1.0), rtol)
+        << what << " (CUDA atomic path)";
   } else {
     EXPECT_TRUE(bitwise_equal(a, b)) << what << " (expected bitwise equal)";
   }

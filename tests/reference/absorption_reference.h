@@ -60,7 +60,8 @@ inline std::vector<double> layer_loop_reference(const AbsorptionCase& c) {
   while (P.dim() < static_cast<int64_t>(pshape.size())) P = P.unsqueeze(1);
   I = I.expand(ishape).reshape({ishape[0], -1}).contiguous();
   P = P.expand(pshape).reshape({pshape[0], -1, 3}).contiguous();
-  const double o[3] = {c.odet[0].item<double>(), c.odet[1].item<double>(), c.odet[2].item<double>()};
+  const double o[3] = {c.odet[0].item<double>(), c.odet[1].item<double>(),
+                       c.odet[2].item<double>()};
   const double T = c.thickness.item<double>();
   const double mu = 1.0 / c.attenuation_length.item<double>();
   const double dz = T / static_cast<double>(L);

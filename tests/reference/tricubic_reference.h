@@ -26,8 +26,8 @@ inline double polint(const double xa[4], const double ya[4], double x) {
   return x0 + x1 + x2 + x3;
 }
 
-inline double polin2(const double x1a[4], const double x2a[4],
-                     const double ya[4][4], double x1, double x2) {
+inline double polin2(const double x1a[4], const double x2a[4], const double ya[4][4], double x1,
+                     double x2) {
   double ymtmp[4];
   for (int j = 0; j < 4; ++j) {
     ymtmp[j] = polint(x2a, ya[j], x2);
@@ -35,9 +35,8 @@ inline double polin2(const double x1a[4], const double x2a[4],
   return polint(x1a, ymtmp, x1);
 }
 
-inline double polin3(const double x1a[4], const double x2a[4],
-                     const double x3a[4], const double ya[4][4][4], double x1,
-                     double x2, double x3) {
+inline double polin3(const double x1a[4], const double x2a[4], const double x3a[4],
+                     const double ya[4][4][4], double x1, double x2, double x3) {
   double ymtmp[4];
   for (int j = 0; j < 4; ++j) {
     ymtmp[j] = polin2(x2a, x3a, ya[j], x2, x3);
@@ -46,10 +45,8 @@ inline double polin3(const double x1a[4], const double x2a[4],
 }
 
 // One point by the contract.s rules. `grid` is a CPU float64 tensor [Nh, Nk, Nl].
-inline double tricubic_reference(const at::Tensor& grid,
-                                 const std::array<int64_t, 3>& index_min,
-                                 const std::array<double, 3>& x,
-                                 double default_value,
+inline double tricubic_reference(const at::Tensor& grid, const std::array<int64_t, 3>& index_min,
+                                 const std::array<double, 3>& x, double default_value,
                                  const std::string& out_of_range) {
   auto g = grid.accessor<double, 3>();
   bool interpolate = true;
@@ -101,8 +98,7 @@ inline double tricubic_reference(const at::Tensor& grid,
 }
 
 // The whole [..., 3] tensor, as a flat vector of point values.
-inline std::vector<double> tricubic_reference(const at::Tensor& grid,
-                                              const at::Tensor& hkl,
+inline std::vector<double> tricubic_reference(const at::Tensor& grid, const at::Tensor& hkl,
                                               const std::array<int64_t, 3>& index_min,
                                               double default_value,
                                               const std::string& out_of_range) {
@@ -111,8 +107,8 @@ inline std::vector<double> tricubic_reference(const at::Tensor& grid,
   auto acc = h.accessor<double, 2>();
   std::vector<double> out(h.size(0));
   for (int64_t i = 0; i < h.size(0); ++i) {
-    out[i] = tricubic_reference(g, index_min, {acc[i][0], acc[i][1], acc[i][2]},
-                                default_value, out_of_range);
+    out[i] = tricubic_reference(g, index_min, {acc[i][0], acc[i][1], acc[i][2]}, default_value,
+                                out_of_range);
   }
   return out;
 }

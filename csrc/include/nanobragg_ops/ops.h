@@ -23,10 +23,8 @@ namespace nanobragg_ops {
 //              the nearest node, ceil(x - 0.5) per axis, or default_value if
 //              that node is outside the grid too). Decided per point.
 // Returns hkl.shape[:-1], grid's dtype. Differentiable in grid and hkl.
-at::Tensor tricubic_interp(const at::Tensor& grid, const at::Tensor& hkl,
-                           at::IntArrayRef index_min,
-                           double default_value = 0.0,
-                           c10::string_view out_of_range = "default");
+at::Tensor tricubic_interp(const at::Tensor& grid, const at::Tensor& hkl, at::IntArrayRef index_min,
+                           double default_value = 0.0, c10::string_view out_of_range = "default");
 
 // Capture fraction of a sensor of finite thickness split into L = thicksteps
 // layers, as nanoBragg's -detector_thick/-detector_abs/-thicksteps/
@@ -44,13 +42,10 @@ at::Tensor tricubic_interp(const at::Tensor& grid, const at::Tensor& hkl,
 //   odet:         [3] detector normal; thickness, attenuation_length: 0-dim.
 // Returns P, intensity's dtype. Differentiable in intensity, pixel_coords,
 // odet, thickness and attenuation_length.
-at::Tensor detector_absorption(const at::Tensor& intensity,
-                               const at::Tensor& pixel_coords,
-                               const at::Tensor& odet,
-                               const at::Tensor& thickness,
-                               const at::Tensor& attenuation_length,
-                               int64_t thicksteps, bool oversample_thick,
-                               bool per_layer = false);
+at::Tensor detector_absorption(const at::Tensor& intensity, const at::Tensor& pixel_coords,
+                               const at::Tensor& odet, const at::Tensor& thickness,
+                               const at::Tensor& attenuation_length, int64_t thicksteps,
+                               bool oversample_thick, bool per_layer = false);
 
 // The build of the CPU kernels that runs in this process: "default", "avx2"
 // or "avx512", the best this CPU and build support unless the environment

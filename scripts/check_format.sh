@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Fails when a C++/CUDA source of the repository differs from what
+# clang-format makes of it with .clang-format; --fix rewrites them instead.
+# The formatting is that of clang-format 14 (Debian 12's, which
+# scripts/setup.sh installs); other versions format some constructs
+# differently, so another version is an error, not a silent pass.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+if ! command -v clang-format >/dev/null; then
+  echo "check_format: clang-format is not installed (scripts/setup.sh installs it)" >&2
+  exit 1
+fi
+version="$(clang-format --version | grep -oE '[0-9]+\.[0-9]+\.[0-9]+' | head -1)"
+if [[ "${version%%.*}" != 14 ]]; then
+  echo "check_format: clang-format $version found; the repository is formatted with version 14" >&2
+  exit 1
+fi
+mapfile -t files < <(git ls-files '*.h' '*.cpp' '*.cu' '*.cuh')
+if [[ "${1:-}" == "--fix" ]]; then
+  clang-format -i "${files[@]}"
+  exit 0
+fi
+if ! clang-format --dry-run --Werror "${files[@]}" 2>/tmp/nanobragg_format.$$; then
+  grep -E '^[^ ].*(warning|error):' /tmp/nanobragg_format.$$ | cut -d: -f1 | sort -u | sed 's/^/  /' >&2
+  echo "check_format: the files above drift from .clang-format; scripts/check_format.sh --fix" >&2
+  rm -f /tmp/nanobragg_format.$$
+  exit 1
+fi
+rm -f /tmp/nanobragg_format.$$
+echo "check_format: ${#files[@]} files formatted as .clang-format says"
