@@ -1,5 +1,5 @@
 // nanobragg_bench: times the fused operators against their baselines on the
-// same inputs in one run and writes the report of SPEC section 4.
+// same inputs in one run and writes the report of docs/CONTRACT.md §5.
 //
 //   nanobragg_bench [--ops tricubic_interp detector_absorption] [--sizes 256 512]
 //                   [--points-per-pixel 1] [--repeats 200] [--device cpu|cuda]

@@ -1,4 +1,4 @@
-// Peak extra memory of one bench case (SPEC section 4's peak_bytes), each
+// Peak extra memory of one bench case (docs/CONTRACT.md §5's peak_bytes), each
 // case measured in a child process of its own so that no other case's
 // allocations, caches or freed-but-resident pages are charged to it or hide it.
 #pragma once

@@ -1,4 +1,4 @@
-// The bench report of SPEC section 4: perf_results.json, env.json and
+// The bench report of docs/CONTRACT.md §5: perf_results.json, env.json and
 // perf_summary.md in one folder per run.
 #pragma once
 

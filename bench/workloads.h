@@ -1,5 +1,5 @@
 // What the bench driver times: realistic inputs and the three baselines that
-// the fused operators are measured against (SPEC section 4).
+// the fused operators are measured against (docs/CONTRACT.md §5).
 #pragma once
 
 #include <ATen/ATen.h>
