@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 import nanobragg_ops  # noqa: F401
+from conftest import require_built
 
 
 class Detector(torch.nn.Module):
