@@ -55,11 +55,7 @@ using Tensors = std::vector<at::Tensor>;
 
 Tensors tricubic_backward(const at::Tensor& g, const at::Tensor& grid, const at::Tensor& hkl,
                           const std::string& mode, std::array<bool, 2> mask = {true, true}) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("nanobragg::tricubic_interp_backward", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(
-                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                 c10::IntArrayRef, c10::string_view, std::array<bool, 2>)>();
+  const auto& op = tricubic_backward_op();
   auto r = op.call(g, grid, hkl, kIndexMin, mode, mask);
   return {std::get<0>(r), std::get<1>(r)};
 }
@@ -68,12 +64,7 @@ Tensors tricubic_double_backward(const OptT& gg_grid, const OptT& gg_hkl, const 
                                  const at::Tensor& grid, const at::Tensor& hkl,
                                  const std::string& mode,
                                  std::array<bool, 3> mask = {true, true, true}) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("nanobragg::tricubic_interp_double_backward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-              const OptT&, const OptT&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              c10::IntArrayRef, c10::string_view, std::array<bool, 3>)>();
+  const auto& op = tricubic_double_backward_op();
   auto r = op.call(gg_grid, gg_hkl, g, grid, hkl, kIndexMin, mode, mask);
   return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
 }
@@ -95,25 +86,13 @@ struct Absorption {
                                               oversample, per_layer);
   }
   Tensors backward(const at::Tensor& g) const {
-    static const auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("nanobragg::detector_absorption_backward", "")
-            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                const at::Tensor&, const at::Tensor&, int64_t, bool, bool, std::array<bool, 5>)>();
+    const auto& op = absorption_backward_op();
     auto r = op.call(g, intensity, coords, odet, thickness, att, layers, oversample, per_layer,
                      {true, true, true, true, true});
     return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r)};
   }
   Tensors double_backward(const Tensors& c, const at::Tensor& g) const {
-    static const auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("nanobragg::detector_absorption_double_backward", "")
-            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                              at::Tensor>(
-                const OptT&, const OptT&, const OptT&, const OptT&, const OptT&, const at::Tensor&,
-                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                const at::Tensor&, int64_t, bool, bool, std::array<bool, 6>)>();
+    const auto& op = absorption_double_backward_op();
     auto r =
         op.call(c.at(0), c.at(1), c.at(2), c.at(3), c.at(4), g, intensity, coords, odet, thickness,
                 att, layers, oversample, per_layer, {true, true, true, true, true, true});

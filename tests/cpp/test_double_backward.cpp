@@ -26,23 +26,14 @@ using OptT = std::optional<at::Tensor>;
 std::tuple<at::Tensor, at::Tensor> tricubic_backward(const at::Tensor& g, const at::Tensor& grid,
                                                      const at::Tensor& hkl,
                                                      const std::string& mode) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("nanobragg::tricubic_interp_backward", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(
-                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                 c10::IntArrayRef, c10::string_view, std::array<bool, 2>)>();
+  const auto& op = tricubic_backward_op();
   return op.call(g, grid, hkl, kIndexMin, mode, {true, true});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tricubic_double_backward(
     const OptT& gg_grid, const OptT& gg_hkl, const at::Tensor& g, const at::Tensor& grid,
     const at::Tensor& hkl, const std::string& mode, std::array<bool, 3> mask = {true, true, true}) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow(kTricubicDD, "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-              const OptT&, const OptT&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              c10::IntArrayRef, c10::string_view, std::array<bool, 3>)>();
+  const auto& op = tricubic_double_backward_op();
   return op.call(gg_grid, gg_hkl, g, grid, hkl, kIndexMin, mode, mask);
 }
 
@@ -54,12 +45,7 @@ struct AbsorptionArgs {
 };
 
 std::vector<at::Tensor> absorption_backward(const AbsorptionArgs& a) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("nanobragg::detector_absorption_backward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, const at::Tensor&, int64_t, bool, bool, std::array<bool, 5>)>();
+  const auto& op = absorption_backward_op();
   auto r = op.call(a.g, a.intensity, a.coords, a.odet, a.thickness, a.att, a.layers, a.oversample,
                    a.per_layer, {true, true, true, true, true});
   return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r)};
@@ -67,13 +53,7 @@ std::vector<at::Tensor> absorption_backward(const AbsorptionArgs& a) {
 
 std::vector<at::Tensor> absorption_double_backward(const std::array<OptT, 5>& c,
                                                    const AbsorptionArgs& a) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow(kAbsorptionDD, "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-              const OptT&, const OptT&, const OptT&, const OptT&, const OptT&, const at::Tensor&,
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, int64_t, bool, bool, std::array<bool, 6>)>();
+  const auto& op = absorption_double_backward_op();
   auto r =
       op.call(c[0], c[1], c[2], c[3], c[4], a.g, a.intensity, a.coords, a.odet, a.thickness, a.att,
               a.layers, a.oversample, a.per_layer, {true, true, true, true, true, true});

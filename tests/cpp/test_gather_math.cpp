@@ -23,22 +23,13 @@ const std::array<int64_t, 3> kIndexMin = {3, -5, 0};
 
 at::Tensor backward_grid(const at::Tensor& grad, const at::Tensor& grid, const at::Tensor& hkl,
                          const std::string& mode) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("nanobragg::tricubic_interp_backward", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(
-                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                 c10::IntArrayRef, c10::string_view, std::array<bool, 2>)>();
+  const auto& op = tricubic_backward_op();
   return std::get<0>(op.call(grad, grid, hkl, kIndexMin, mode, {true, false}));
 }
 
 at::Tensor double_backward_grid(const at::Tensor& v, const at::Tensor& grad, const at::Tensor& grid,
                                 const at::Tensor& hkl, const std::string& mode) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("nanobragg::tricubic_interp_double_backward", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                                 const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                 c10::IntArrayRef, c10::string_view, std::array<bool, 3>)>();
+  const auto& op = tricubic_double_backward_op();
   return std::get<1>(
       op.call(std::nullopt, v, grad, grid, hkl, kIndexMin, mode, {false, true, false}));
 }

@@ -6,10 +6,13 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace nanobragg_test {
@@ -123,6 +126,45 @@ inline void expect_same_grid_gradient(const at::Tensor& a, const at::Tensor& b, 
   } else {
     EXPECT_TRUE(bitwise_equal(a, b)) << what << " (expected bitwise equal)";
   }
+}
+
+// Typed dispatcher handles of the backward and double-backward ops, for the
+// tests that call them directly (the forward ops are the public API's).
+using OptTensor = std::optional<at::Tensor>;
+using TricubicBackwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                               const at::Tensor&, c10::IntArrayRef,
+                                                               c10::string_view,
+                                                               std::array<bool, 2>);
+using TricubicDoubleBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const OptTensor&, const OptTensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    c10::IntArrayRef, c10::string_view, std::array<bool, 3>);
+using AbsorptionBackwardSig =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, const at::Tensor&, int64_t, bool, bool, std::array<bool, 5>);
+using AbsorptionDoubleBackwardSig =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, const at::Tensor&, int64_t, bool, bool, std::array<bool, 6>);
+
+template <typename Sig>
+const c10::TypedOperatorHandle<Sig>& typed_op(const char* name) {
+  // One handle per signature type: each signature belongs to one op here.
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+  return op;
+}
+inline const auto& tricubic_backward_op() {
+  return typed_op<TricubicBackwardSig>("nanobragg::tricubic_interp_backward");
+}
+inline const auto& tricubic_double_backward_op() {
+  return typed_op<TricubicDoubleBackwardSig>("nanobragg::tricubic_interp_double_backward");
+}
+inline const auto& absorption_backward_op() {
+  return typed_op<AbsorptionBackwardSig>("nanobragg::detector_absorption_backward");
+}
+inline const auto& absorption_double_backward_op() {
+  return typed_op<AbsorptionDoubleBackwardSig>("nanobragg::detector_absorption_double_backward");
 }
 
 // Runs `call`, expects a c10::Error whose message contains every `part`.
