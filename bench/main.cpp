@@ -60,6 +60,9 @@ namespace {
 struct Options {
   std::vector<std::string> ops = {"tricubic_interp", "detector_absorption"};
   std::vector<int64_t> sizes = {256, 512};
+  // CPU thread counts of the main section's cases; 0 is all the threads ATen
+  // has (OMP_NUM_THREADS or the cores). Default: 1 and all.
+  std::vector<int64_t> threads = {1, 0};
   int64_t per_pixel = 1;
   int64_t repeats = 200;
   std::string device = "cpu";
@@ -78,7 +81,8 @@ struct Options {
 [[noreturn]] void usage(const std::string& why) {
   std::cerr << "nanobragg_bench: " << why
             << "\nusage: nanobragg_bench [--ops tricubic_interp detector_absorption] "
-               "[--sizes 256 512] [--points-per-pixel N] [--repeats N] [--device cpu|cuda] "
+               "[--sizes 256 512] [--threads 1 0 (0: all)] [--points-per-pixel N] [--repeats N] "
+               "[--device cpu|cuda] "
                "[--dtype float32|float64] [--outdir DIR] [--max-seconds-per-case S (default 10 on "
                "cpu, 2 on cuda)] "
                "[--scale | --no-scale]\n";
@@ -111,6 +115,9 @@ Options parse(int argc, char** argv) {
         if (op == "absorption") op = "detector_absorption";
         if (op != "tricubic_interp" && op != "detector_absorption") usage("unknown op " + op);
       }
+    } else if (a == "--threads") {
+      o.threads.clear();
+      for (const auto& v : values()) o.threads.push_back(std::stoll(v));
     } else if (a == "--sizes") {
       o.sizes.clear();
       for (const auto& s : values()) o.sizes.push_back(integer(s));
@@ -164,7 +171,8 @@ void synchronize(const std::string& device) {
 struct Case {
   std::string op, impl, pass;
   int64_t size = 0, per_pixel = 1;
-  bool scale = false;  // the --scale section's rows
+  bool scale = false;   // the --scale section's rows
+  int64_t threads = 0;  // CPU threads it runs on; 0: all (at::get_num_threads at start)
 };
 
 int64_t points_of(const Case& c) {
@@ -213,7 +221,7 @@ struct Leaves {
 // output gradient); backward gives gradients to every differentiable input.
 // The fused and aten_composite calls of a case take the same leaves in the
 // same order, so that their results compare element by element.
-Call make_call(const Case& c, const Workload& w, const at::TensorOptions& opts) {
+Call make_call(const Case& c, const Workload& w) {
   const bool fb = c.pass == "forward_backward";
   auto leaves = std::make_shared<Leaves>();
   if (c.op == "tricubic_interp") {
@@ -221,19 +229,25 @@ Call make_call(const Case& c, const Workload& w, const at::TensorOptions& opts) 
     const int64_t n = in->hkl.size(0);
     if (c.impl == "scalar_reference")
       return [in]() -> std::vector<at::Tensor> { return {nb::tricubic_scalar_reference(*in)}; };
-    if (c.impl == "grid_sample_trilinear") {
+    if (c.impl == "grid_sample_trilinear" || c.impl == "grid_sample_split") {
+      // ATen's CPU grid_sampler parallelises over the batch only: the split
+      // variant gives it one batch entry per thread (the grid expanded, the
+      // points cut into that many equal parts), its fair share of threads.
+      const int64_t parts =
+          c.impl == "grid_sample_split" ? nb::grid_sample_parts(n, at::get_num_threads()) : 1;
+      const at::Tensor input = in->grid_sample_input.expand({parts, -1, -1, -1, -1});
+      const at::Tensor coords = in->grid_sample_coords.view({parts, n / parts, 1, 1, 3});
       if (!fb) {
-        return [in]() -> std::vector<at::Tensor> {
-          return {nb::grid_sample_trilinear(in->grid_sample_input, in->grid_sample_coords)};
+        return [input, coords]() -> std::vector<at::Tensor> {
+          return {nb::grid_sample_trilinear(input, coords).reshape({-1})};
         };
       }
-      const at::Tensor gi = leaves->add(in->grid_sample_input),
-                       gc = leaves->add(in->grid_sample_coords);
-      const at::Tensor ones = at::ones({1, 1, n, 1, 1}, opts);
-      return [leaves, gi, gc, ones] {
+      const at::Tensor gi = leaves->add(in->grid_sample_input), gc = leaves->add(coords);
+      return [leaves, gi, gc, parts] {
         leaves->clear_grads();
-        const at::Tensor out = nb::grid_sample_trilinear(gi, gc);
-        out.backward(ones);
+        const at::Tensor out =
+            nb::grid_sample_trilinear(gi.expand({parts, -1, -1, -1, -1}), gc).reshape({-1});
+        out.sum().backward();  // the common pattern: an expanded output gradient
         return leaves->results(out);
       };
     }
@@ -245,11 +259,10 @@ Call make_call(const Case& c, const Workload& w, const at::TensorOptions& opts) 
     };
     if (!fb) return [in, f]() -> std::vector<at::Tensor> { return {f(in->grid, in->hkl)}; };
     const at::Tensor g = leaves->add(in->grid), h = leaves->add(in->hkl);
-    const at::Tensor ones = at::ones({n}, opts);
-    return [leaves, g, h, ones, f] {
+    return [leaves, g, h, f] {
       leaves->clear_grads();
       const at::Tensor out = f(g, h);
-      out.backward(ones);
+      out.sum().backward();
       return leaves->results(out);
     };
   }
@@ -271,11 +284,10 @@ Call make_call(const Case& c, const Workload& w, const at::TensorOptions& opts) 
   const at::Tensor I = leaves->add(in->intensity), P = leaves->add(in->pixel_coords),
                    od = leaves->add(in->odet), T = leaves->add(in->thickness),
                    A = leaves->add(in->attenuation_length);
-  const at::Tensor ones = at::ones_like(in->intensity);
-  return [leaves, I, P, od, T, A, ones, f] {
+  return [leaves, I, P, od, T, A, f] {
     leaves->clear_grads();
     const at::Tensor out = f(I, P, od, T, A);
-    out.backward(ones);
+    out.sum().backward();
     return leaves->results(out);
   };
 }
@@ -285,13 +297,29 @@ std::vector<Case> cases_of(const Options& o, const std::string& op, int64_t size
   std::vector<std::pair<std::string, std::string>> impl_pass = {
       {"fused", "forward"}, {"scalar_reference", "forward"}, {"aten_composite", "forward"}};
   if (op == "tricubic_interp") impl_pass.emplace_back("grid_sample_trilinear", "forward");
+  if (op == "tricubic_interp" && o.device == "cpu")
+    impl_pass.emplace_back("grid_sample_split", "forward");
   impl_pass.emplace_back("fused", "forward_backward");
   impl_pass.emplace_back("aten_composite", "forward_backward");
   if (op == "tricubic_interp") impl_pass.emplace_back("grid_sample_trilinear", "forward_backward");
+  if (op == "tricubic_interp" && o.device == "cpu")
+    impl_pass.emplace_back("grid_sample_split", "forward_backward");
+  // Thread counts (CPU only), all threads last, duplicates dropped.
+  std::vector<int64_t> thread_counts;
+  for (int64_t t : o.device == "cpu" ? o.threads : std::vector<int64_t>{0}) {
+    const int64_t n = t <= 0 ? static_cast<int64_t>(at::get_num_threads()) : t;
+    if (std::find(thread_counts.begin(), thread_counts.end(), n) == thread_counts.end())
+      thread_counts.push_back(n);
+  }
   std::vector<Case> cases;
-  for (const auto& [impl, pass] : impl_pass) {
-    if (impl == "scalar_reference" && o.device != "cpu") continue;  // a CPU loop
-    cases.push_back(Case{op, impl, pass, size, o.per_pixel});
+  for (int64_t threads : thread_counts) {
+    for (const auto& [impl, pass] : impl_pass) {
+      if (impl == "scalar_reference" && o.device != "cpu") continue;  // a CPU loop
+      if (impl == "grid_sample_split" && threads == 1) continue;      // = grid_sample_trilinear
+      Case c{op, impl, pass, size, o.per_pixel};
+      c.threads = o.device == "cpu" ? threads : 0;
+      cases.push_back(c);
+    }
   }
   return cases;
 }
@@ -307,6 +335,7 @@ nb::Row row_of(const Options& o, const Case& c) {
   r.size = c.size;
   r.points = points_of(c);
   r.scale = c.scale;
+  r.threads = c.threads > 0 ? c.threads : at::get_num_threads();
   return r;
 }
 
@@ -347,13 +376,17 @@ void time_call(const Options& o, const Call& fn, nb::Row& r) {
 void check_against_fused(const Case& c, const Workload& w, const at::TensorOptions& opts,
                          nb::Row& r) {
   std::vector<at::Tensor> got, ref;
-  if (c.impl == "grid_sample_trilinear") {
+  if (c.impl == "grid_sample_trilinear" || c.impl == "grid_sample_split") {
     const nb::TricubicInputs& in = *w.tricubic;
     const at::Tensor nodes = in.hkl.round();
     const at::Tensor fused = nanobragg_ops::tricubic_interp(in.grid, nodes, in.index_min);
     const at::Tensor coords = nb::grid_sample_coords(nodes, in.index_min, in.grid.sizes()).to(opts);
     const at::Tensor inside = fused != 0;
-    got = {nb::grid_sample_trilinear(in.grid_sample_input, coords)
+    const int64_t n = coords.size(1);
+    const int64_t parts =
+        c.impl == "grid_sample_split" ? nb::grid_sample_parts(n, at::get_num_threads()) : 1;
+    got = {nb::grid_sample_trilinear(in.grid_sample_input.expand({parts, -1, -1, -1, -1}),
+                                     coords.view({parts, n / parts, 1, 1, 3}))
                .reshape({-1})
                .masked_select(inside)};
     ref = {fused.masked_select(inside)};
@@ -361,8 +394,8 @@ void check_against_fused(const Case& c, const Workload& w, const at::TensorOptio
   } else {
     Case fused = c;
     fused.impl = "fused";
-    ref = make_call(fused, w, opts)();
-    got = make_call(c, w, opts)();
+    ref = make_call(fused, w)();
+    got = make_call(c, w)();
     r.check_what = got.size() > 1 ? "outputs and input gradients" : "outputs";
   }
   TORCH_CHECK(got.size() == ref.size(), c.impl, " returned ", got.size(), " tensors, the fused op ",
@@ -423,7 +456,9 @@ std::vector<std::string> single_case_args(const Options& o, const Case& c) {
           "--device",
           o.device,
           "--dtype",
-          o.dtype};
+          o.dtype,
+          "--threads",
+          std::to_string(c.threads > 0 ? c.threads : at::get_num_threads())};
 }
 
 // One case: not run if its estimated memory does not fit; else a baseline's
@@ -434,7 +469,7 @@ nb::Row run_case(const Options& o, const Case& c, const Workload& w, const at::T
                  const std::vector<nb::Row>& done) {
   nb::Row r = row_of(o, c);
   std::cerr << "  " << c.op << " " << c.pass << " " << c.impl << " size " << c.size << " ("
-            << r.points << " points) ... " << std::flush;
+            << r.points << " points, " << r.threads << " threads) ... " << std::flush;
   if (const int64_t estimate = estimated_peak(c, o.dtype, done); estimate > 0) {
     const int64_t memory = nb::available_memory_bytes(o.device);
     if (estimate > kMemoryFraction * memory) {
@@ -450,13 +485,16 @@ nb::Row run_case(const Options& o, const Case& c, const Workload& w, const at::T
       return r;
     }
   }
+  const int threads_before = at::get_num_threads();
+  at::set_num_threads(static_cast<int>(r.threads));
   try {
     if (c.impl != "fused") check_against_fused(c, w, opts, r);
-    const Call call = make_call(c, w, opts);
+    const Call call = make_call(c, w);
     time_call(o, call, r);
   } catch (const std::exception& e) {
     r.error = nb::message_of(e);
   }
+  at::set_num_threads(threads_before);
   // The call's leaves and gradients are gone; what they left cached goes
   // back to the device too, since the child needs as much again.
   nb::release_cached_memory(o.device);
@@ -511,11 +549,11 @@ void run_single_case(const Options& o, const Case& c, const at::TensorOptions& o
     // (code paged in, thread pools, lazy initialisation, cuBLAS workspaces)
     // is not charged to the case.
     const Workload w = make_workload(c.op, 16, c.per_pixel, opts);
-    make_call(c, w, opts)();
+    make_call(c, w)();
     synchronize(o.device);
   }
   const Workload w = make_workload(c.op, c.size, c.per_pixel, opts);
-  const Call call = make_call(c, w, opts);
+  const Call call = make_call(c, w);
   synchronize(o.device);
   nb::write_peak(o.peak_out, nb::measure_peak(call, o.device));
 }
@@ -589,6 +627,8 @@ int main(int argc, char** argv) {
     if (!o.single_case.empty()) {
       if (o.peak_out.empty()) usage("--single-case needs --peak-out");
       const auto& sc = o.single_case;
+      if (!o.threads.empty() && o.threads.front() > 0)
+        at::set_num_threads(static_cast<int>(o.threads.front()));
       run_single_case(o, Case{sc[0], sc[1], sc[2], std::stoll(sc[3]), o.per_pixel}, opts);
       return 0;
     }

@@ -23,6 +23,7 @@ struct Goal {
 struct Row {
   std::string op, impl, pass, device, dtype;
   int64_t size = 0, points = 0;
+  int64_t threads = 1;  // CPU threads the case ran on (at::set_num_threads)
   double cold_seconds = 0, warm_seconds = 0, warm_std_seconds = 0;
   int64_t repeats = 0;
   double calls_per_second = 0, points_per_second = 0;

@@ -2,6 +2,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "tricubic_reference.h"
@@ -301,6 +302,13 @@ double check_tolerance(at::ScalarType dtype) {
 at::Tensor grid_sample_trilinear(const at::Tensor& input, const at::Tensor& coords) {
   return at::grid_sampler(input, coords, /*interpolation_mode=*/0, /*padding_mode=*/0,
                           /*align_corners=*/true);
+}
+
+int64_t grid_sample_parts(int64_t n, int64_t threads) {
+  for (int64_t parts = std::max<int64_t>(threads, 1); parts > 1; --parts) {
+    if (n % parts == 0) return parts;
+  }
+  return 1;
 }
 
 }  // namespace nanobragg_bench

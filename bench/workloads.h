@@ -76,6 +76,11 @@ at::Tensor absorption_aten_composite(const at::Tensor& intensity, const at::Tens
 // points (8 taps to our 64), a built-in reference for a gather-bound op.
 at::Tensor grid_sample_trilinear(const at::Tensor& input, const at::Tensor& coords);
 
+// How many batch entries grid_sample_split cuts n points into: the most,
+// up to `threads`, that divide n (ATen's CPU grid_sampler runs one batch
+// entry per thread).
+int64_t grid_sample_parts(int64_t n, int64_t threads);
+
 // How far a result is from the fused op's (the bench checks each baseline
 // before timing it): the largest |got - ref| over the largest |ref|,
 // computed in float64 on the tensors' device, so that the check's own

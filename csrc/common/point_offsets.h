@@ -23,6 +23,20 @@ struct PointOffsets {
   int64_t sizes[kMaxPointDims] = {};  // innermost first
   int64_t strides[NumOperands][kMaxPointDims] = {};
 
+  // The offset of operand `op` alone.
+  C10_HOST_DEVICE C10_ALWAYS_INLINE int64_t get_one(int64_t index, int op) const {
+    if (ndim == 1) {
+      return index * strides[op][0];
+    }
+    int64_t offset = 0;
+    for (int d = 0; d < ndim; ++d) {
+      const int64_t i = (d + 1 == ndim) ? index : index % sizes[d];
+      index /= sizes[d];
+      offset += i * strides[op][d];
+    }
+    return offset;
+  }
+
   // Offsets (in elements) of point `index` (row-major over the point shape).
   C10_HOST_DEVICE C10_ALWAYS_INLINE void get(int64_t index, int64_t (&offsets)[NumOperands]) const {
     for (int op = 0; op < NumOperands; ++op) {

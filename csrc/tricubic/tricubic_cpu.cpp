@@ -3,12 +3,18 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
+#include <cstring>
+#include <limits>
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
 #include "common/checks.h"
 #include "common/cpu_kernels.h"
@@ -35,6 +41,258 @@ constexpr const char* kDoubleBackward = "nanobragg::tricubic_interp_double_backw
 // Points per task of at::parallel_for: ~100 flops and 64 loads each.
 constexpr int64_t kPointGrain = 512;
 
+// Points go through the kernels in batches of one vector's lanes (8 floats
+// with AVX2, 16 with AVX-512). Where each point falls and its weights are
+// computed for the whole batch at once with at::vec::Vectorized, by the same
+// templates (tricubic_math.h) that the per-point path runs on scalars; then
+// each point whose stencil is inside the grid has its 4x4x4 block contracted
+// on its own (16 rows, each a short vector load). Points whose stencil
+// leaves the grid, or that the batch test cannot decide, take the per-point
+// path (tricubic_value, ...). A lane's arithmetic does not depend on its
+// position in a batch, so neither do the results on how the points are
+// split among threads.
+// What a kernel needs of a batch: row weight tables (tricubic_math.h's
+// OuterWeights, ScaledOuterWeights) for the value, the hkl slopes, the grid
+// gradient's scatter.
+enum LaneNeeds : int { kValueRows = 1, kSlopeRows = 2, kScatterRows = 4 };
+
+template <typename T, int kNeeds>
+struct LaneBatch {
+  using Vec = at::vec::Vectorized<T>;
+  using Int = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  static constexpr int kLanes = Vec::size();
+  static_assert(kLanes <= 64, "inside is a 64-bit mask");
+  enum Table { kValue, kSlopeH, kSlopeK, kScatter };
+
+  alignas(64) T x[3][kLanes];  // h, k, l
+  alignas(64) T g[kLanes];     // incoming gradient (kScatterRows)
+  alignas(64) T wl[4][kLanes];
+  alignas(64) T dwl[4][kLanes];       // (kSlopeRows)
+  alignas(64) T rows[4][16][kLanes];  // [table][4 a + b][lane]
+  alignas(64) Int first[3][kLanes];   // stencil's first node per axis
+  uint64_t inside = 0;                // bit j: lane j's stencil is in the grid
+
+  // Row weights of lane j in one table, as tricubic_math.h's row functions take them.
+  struct Rows {
+    const T* table;
+    int j;
+    C10_ALWAYS_INLINE T operator()(int a, int b) const { return table[(4 * a + b) * kLanes + j]; }
+  };
+
+  bool is_inside(int j) const { return (inside >> j) & 1; }
+  Rows table(Table t, int j) const { return Rows{&rows[t][0][0], j}; }
+  GradRowWeights<Rows> grad_rows(int j) const {
+    return {table(kValue, j), table(kSlopeH, j), table(kSlopeK, j)};
+  }
+  void lane_weights(const T (&w)[4][kLanes], int j, T out[4]) const {
+    for (int c = 0; c < 4; ++c) out[c] = w[c][j];
+  }
+  int64_t offset(int j, const int64_t stride[3]) const {
+    return int64_t(first[0][j]) * stride[0] + int64_t(first[1][j]) * stride[1] +
+           int64_t(first[2][j]) * stride[2];
+  }
+};
+
+// stencil_interval per axis in T; NaN, which no lane passes, on an axis
+// whose bounds T cannot hold exactly (index_min near the limits of T).
+template <typename T>
+struct LaneBounds {
+  T first_x[3], end_x[3];
+};
+
+template <typename T>
+LaneBounds<T> lane_bounds(const int64_t size[3], const double lo[3]) {
+  LaneBounds<T> b;
+  for (int d = 0; d < 3; ++d) {
+    double first_x, end_x;
+    stencil_interval(lo[d], size[d], first_x, end_x);
+    const bool exact = static_cast<double>(static_cast<T>(first_x)) == first_x &&
+                       static_cast<double>(static_cast<T>(end_x)) == end_x;
+    b.first_x[d] = exact ? static_cast<T>(first_x) : std::numeric_limits<T>::quiet_NaN();
+    b.end_x[d] = exact ? static_cast<T>(end_x) : std::numeric_limits<T>::quiet_NaN();
+  }
+  return b;
+}
+
+// Fills the batch's tables, first nodes and inside mask from x (and g).
+template <typename T, int kNeeds>
+C10_ALWAYS_INLINE void locate_lanes(LaneBatch<T, kNeeds>& b, const LaneBounds<T>& bounds,
+                                    int count) {
+  using Batch = LaneBatch<T, kNeeds>;
+  using Vec = typename Batch::Vec;
+  constexpr int kLanes = Batch::kLanes;
+  constexpr bool kSlopes = (kNeeds & kSlopeRows) != 0;
+  Vec w[3][4], dw[3][4], in_grid;
+  for (int d = 0; d < 3; ++d) {
+    const Vec x = Vec::loadu(b.x[d]);
+    const Vec lower(bounds.first_x[d]);
+    const Vec n = x.floor();
+    const Vec u = x - n;  // exact, as locate_stencil's
+    lagrange_weights(u, w[d]);
+    if constexpr (kSlopes) {
+      lagrange_weight_derivs(u, dw[d]);
+    }
+    // n - lower is an exact small integer in the lanes inside the grid.
+    at::vec::convert_to_int_of_same_size(n - lower).store(b.first[d]);
+    const Vec axis_in = (x >= lower) & (x < Vec(bounds.end_x[d]));
+    in_grid = d == 0 ? axis_in : (in_grid & axis_in);
+  }
+  for (int c = 0; c < 4; ++c) {
+    w[2][c].store(b.wl[c]);
+    if constexpr (kSlopes) dw[2][c].store(b.dwl[c]);
+  }
+  const Vec g = (kNeeds & kScatterRows) ? Vec::loadu(b.g) : Vec(T(0));
+  for (int a = 0; a < 4; ++a) {
+    const Vec ga = g * w[0][a];
+    for (int k = 0; k < 4; ++k) {
+      const int r = 4 * a + k;
+      if constexpr ((kNeeds & (kValueRows | kSlopeRows)) != 0) {
+        (w[0][a] * w[1][k]).store(b.rows[Batch::kValue][r]);
+      }
+      if constexpr (kSlopes) {
+        (dw[0][a] * w[1][k]).store(b.rows[Batch::kSlopeH][r]);
+        (w[0][a] * dw[1][k]).store(b.rows[Batch::kSlopeK][r]);
+      }
+      if constexpr ((kNeeds & kScatterRows) != 0) {
+        (ga * w[1][k]).store(b.rows[Batch::kScatter][r]);
+      }
+    }
+  }
+  const uint64_t all = count >= 64 ? ~uint64_t(0) : (uint64_t(1) << count) - 1;
+  const uint64_t outside = static_cast<uint64_t>(static_cast<uint32_t>(in_grid.zero_mask()));
+  b.inside = ~outside & all & (kLanes >= 64 ? ~uint64_t(0) : (uint64_t(1) << kLanes) - 1);
+}
+
+// For each point p in [begin, end): coords(p, h, k, l) reads its
+// coordinates (and grad(p) its incoming gradient, for kScatterRows); then
+// stencil(p, j, batch) runs for a point whose stencil is inside the grid
+// (lane j of the batch), per_point(p, h, k, l) for the others.
+template <typename T, int kNeeds, typename CoordsFn, typename GradFn, typename StencilFn,
+          typename PointFn>
+C10_ALWAYS_INLINE void for_each_point_in_lanes(int64_t begin, int64_t end,
+                                               const LaneBounds<T>& bounds, const CoordsFn& coords,
+                                               const GradFn& grad, const StencilFn& stencil,
+                                               const PointFn& per_point) {
+  LaneBatch<T, kNeeds> b;
+  constexpr int kLanes = LaneBatch<T, kNeeds>::kLanes;
+  for (int64_t i = begin; i < end; i += kLanes) {
+    const int count = static_cast<int>(std::min<int64_t>(kLanes, end - i));
+    for (int j = 0; j < kLanes; ++j) {
+      if (j < count) {
+        coords(i + j, b.x[0][j], b.x[1][j], b.x[2][j]);
+        if constexpr ((kNeeds & kScatterRows) != 0) b.g[j] = grad(i + j);
+      } else {
+        b.x[0][j] = b.x[1][j] = b.x[2][j] = b.g[j] = T(0);
+      }
+    }
+    locate_lanes(b, bounds, count);
+    for (int j = 0; j < count; ++j) {
+      if (b.is_inside(j)) {
+        stencil(i + j, j, b);
+      } else {
+        per_point(i + j, b.x[0][j], b.x[1][j], b.x[2][j]);
+      }
+    }
+  }
+}
+
+// Taps4 (tricubic_math.h) in one vector register: 4 floats (SSE), 4 doubles
+// (AVX2, or two SSE registers). The compilers do not vectorise Taps4's
+// 4-element loops themselves; the arithmetic per element is the same.
+// (GCC/Clang vector extensions; the attribute needs a concrete type.)
+typedef float Float4 __attribute__((vector_size(16)));
+typedef double Double4 __attribute__((vector_size(32)));
+
+template <typename T>
+struct SimdTaps4 {
+  using V = std::conditional_t<std::is_same_v<T, float>, Float4, Double4>;
+  static_assert(sizeof(V) == 4 * sizeof(T), "float or double");
+  V v;
+
+  static C10_ALWAYS_INLINE SimdTaps4 zero() { return SimdTaps4{V{}}; }
+  template <bool kUnitL>
+  static C10_ALWAYS_INLINE SimdTaps4 load(const T* row, const int64_t stride[3]) {
+    SimdTaps4 r;
+    if constexpr (kUnitL) {
+      std::memcpy(&r.v, row, sizeof(V));
+    } else {
+      const int64_t sl = stride[2];
+      r.v = V{row[0], row[sl], row[2 * sl], row[3 * sl]};
+    }
+    return r;
+  }
+  C10_ALWAYS_INLINE void add_scaled(T w, const SimdTaps4& r) { v += w * r.v; }
+  C10_ALWAYS_INLINE T dot(const T w[4]) const {
+    return w[0] * v[0] + w[1] * v[1] + w[2] * v[2] + w[3] * v[3];
+  }
+};
+
+// A row of 4 taps added at dest + r (g wl[c] at r + c), in one vector.
+template <typename T>
+C10_ALWAYS_INLINE void add_row_simd(T* dest, int64_t r, T g, const T wl[4]) {
+  using V = typename SimdTaps4<T>::V;
+  V d, w;
+  std::memcpy(&d, dest + r, sizeof(V));
+  std::memcpy(&w, wl, sizeof(V));
+  d += g * w;
+  std::memcpy(dest + r, &d, sizeof(V));
+}
+
+// One lane of accumulate_grid_grad: its points' grid gradient goes into the
+// zeroed output (lane 0) or into a partial grid of its own. A lazy partial
+// grid is zeroed one (h, k) row of Nl nodes at a time, when the row is first
+// written, and the reduction reads only the rows written: detector lookups
+// touch a few percent of the rows, and zeroing and reading whole partial
+// grids cost more than the scatter itself.
+template <typename T>
+struct GridGradLane {
+  T* dest;
+  int64_t nk = 0, nl = 0;
+  uint8_t* row_written = nullptr;  // [Nh * Nk]; null: every row zeroed already
+  uint8_t* block_ready = nullptr;  // [Nh * Nk]: the 4x4 rows from (h, k) written
+
+  C10_ALWAYS_INLINE void write_row(int64_t row) {
+    if (!row_written[row]) {
+      row_written[row] = 1;
+      std::fill_n(dest + row * nl, nl, T(0));
+    }
+  }
+  // Makes rows (h0 + a, k0 + b), a, b < 4, ready to be added into: before a
+  // stencil's scatter through add() (consecutive points mostly share h0, k0).
+  C10_ALWAYS_INLINE void prepare_block(int64_t h0, int64_t k0) {
+    if (row_written == nullptr) return;
+    const int64_t anchor = h0 * nk + k0;
+    if (block_ready[anchor]) return;
+    block_ready[anchor] = 1;
+    for (int64_t a = 0; a < 4; ++a) {
+      for (int64_t b = 0; b < 4; ++b) write_row((h0 + a) * nk + k0 + b);
+    }
+  }
+
+  // Adds into prepared rows: plain +=, the lane owns its destination.
+  struct Add {
+    T* dest;
+    C10_ALWAYS_INLINE void operator()(int64_t i, T v) const { dest[i] += v; }
+    C10_ALWAYS_INLINE void add_row(int64_t r, T g, const T wl[4]) const {
+      add_row_simd(dest, r, g, wl);
+    }
+  };
+  // Adds anywhere, making the row ready first (the per-point paths).
+  struct CheckedAdd {
+    GridGradLane* lane;
+    C10_ALWAYS_INLINE void operator()(int64_t i, T v) const {
+      if (lane->row_written != nullptr) lane->write_row(i / lane->nl);
+      lane->dest[i] += v;
+    }
+    C10_ALWAYS_INLINE void add_row(int64_t r, T g, const T wl[4]) const {
+      if (lane->row_written != nullptr) lane->write_row(r / lane->nl);
+      add_row_simd(lane->dest, r, g, wl);
+    }
+  };
+  Add add() const { return Add{dest}; }
+  CheckedAdd checked_add() { return CheckedAdd{this}; }
+};
+
 // How many partial grids the grid gradient is accumulated in. A function of
 // the problem size only, never of the thread count, so the summation order,
 // and the result to the last bit, does not depend on how many threads run.
@@ -53,40 +311,52 @@ int64_t grid_grad_lane_count(int64_t num_points, int64_t grid_numel, int64_t ele
   return std::max<int64_t>(lanes, 1);
 }
 
-// Adds scatter(p, add) of every point p < n into grad_grid (contiguous,
-// zeroed), in grid_grad_lane_count partial grids reduced in a fixed order.
+// Adds scatter(begin, end, lane), the grid gradient of points [begin, end)
+// through a GridGradLane, for every point p < n into grad_grid (contiguous,
+// zeroed), in grid_grad_lane_count partial grids reduced in a fixed order:
+// lane 0, 1, 2, ... for every node (a lane that wrote nothing into a row
+// adds nothing there, and x + 0 == x). `lazy`: partial grids are zeroed row
+// by row as they are written (the scatter calls prepare_block or adds
+// through checked_add), else all at once.
 template <typename T, typename ScatterFn>
-void accumulate_grid_grad(int64_t n, at::Tensor& grad_grid, const ScatterFn& scatter) {
+void accumulate_grid_grad(int64_t n, at::Tensor& grad_grid, bool lazy, const ScatterFn& scatter) {
   const int64_t g_numel = grad_grid.numel();
   const int64_t lanes = grid_grad_lane_count(n, g_numel, sizeof(T));
-  at::Tensor partials;
-  if (lanes > 1) {
-    partials = at::zeros({lanes - 1, g_numel}, grad_grid.options());
-  }
   T* out = grad_grid.mutable_data_ptr<T>();
-  T* partial_data = lanes > 1 ? partials.mutable_data_ptr<T>() : nullptr;
+  if (lanes == 1) {
+    GridGradLane<T> lane{out};
+    scatter(int64_t(0), n, lane);
+    return;
+  }
+  const int64_t nk = grad_grid.size(1), nl = grad_grid.size(2);
+  const int64_t rows = grad_grid.size(0) * nk;
+  at::Tensor partials = lazy ? at::empty({lanes - 1, g_numel}, grad_grid.options())
+                             : at::zeros({lanes - 1, g_numel}, grad_grid.options());
+  T* partial_data = partials.mutable_data_ptr<T>();
+  std::vector<uint8_t> flags(lazy ? 2 * (lanes - 1) * rows : 0, uint8_t(0));
 
   // Each lane owns a contiguous range of points and its own partial grid.
   at::parallel_for(0, lanes, 1, [&](int64_t lane_begin, int64_t lane_end) {
-    for (int64_t lane = lane_begin; lane < lane_end; ++lane) {
-      T* dest = lane == 0 ? out : partial_data + (lane - 1) * g_numel;
-      auto add = [dest](int64_t i, T v) { dest[i] += v; };
-      cpu::for_each_index([&](int64_t p) NANOBRAGG_LAMBDA_INLINE { scatter(p, add); },
-                          n * lane / lanes, n * (lane + 1) / lanes);
+    for (int64_t i = lane_begin; i < lane_end; ++i) {
+      GridGradLane<T> lane{i == 0 ? out : partial_data + (i - 1) * g_numel, nk, nl};
+      if (lazy && i > 0) {
+        lane.row_written = flags.data() + 2 * (i - 1) * rows;
+        lane.block_ready = lane.row_written + rows;
+      }
+      scatter(n * i / lanes, n * (i + 1) / lanes, lane);
     }
   });
-  if (lanes > 1) {
-    // Fixed order lane 0, 1, 2, ... for every node.
-    at::parallel_for(0, g_numel, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        T sum = out[i];
-        for (int64_t lane = 1; lane < lanes; ++lane) {
-          sum += partial_data[(lane - 1) * g_numel + i];
-        }
-        out[i] = sum;
-      }
-    });
-  }
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(nl, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t row = begin; row < end; ++row) {
+                       T* o = out + row * nl;
+                       for (int64_t i = 1; i < lanes; ++i) {
+                         if (lazy && !flags[2 * (i - 1) * rows + row]) continue;
+                         const T* part = partial_data + (i - 1) * g_numel + row * nl;
+                         for (int64_t c = 0; c < nl; ++c) o[c] += part[c];
+                       }
+                     }
+                   });
 }
 
 template <typename T>
@@ -97,18 +367,37 @@ void grid_grad_kernel(const at::Tensor& grad_output, const at::Tensor& hkl_in,
   const auto point_shape = point_shape_of(hkl);
   const auto offsets = point_offsets_or_contiguous<2>(point_shape, {&hkl, &grad});
   const GridShape shape = make_grid_shape(grad_grid.sizes(), index_min);
+  const LaneBounds<T> bounds = lane_bounds<T>(shape.size, shape.lo);
+  const int64_t out_stride[3] = {shape.size[1] * shape.size[2], shape.size[2], 1};
   const T* hkl_data = hkl.const_data_ptr<T>();
   const T* grad_data = grad.const_data_ptr<T>();
   const int64_t hkl_last = hkl.stride(-1);
-  accumulate_grid_grad<T>(c10::multiply_integers(point_shape), grad_grid,
-                          [&](int64_t p, auto& add) NANOBRAGG_LAMBDA_INLINE {
-                            int64_t off[2];
-                            offsets.get(p, off);
-                            const T* x = hkl_data + off[0];
-                            tricubic_grid_grad_scatter<T>(shape.size, shape.lo, x[0], x[hkl_last],
-                                                          x[2 * hkl_last], mode, grad_data[off[1]],
-                                                          add);
-                          });
+  auto coords = [&](int64_t p, T& h, T& k, T& l) NANOBRAGG_LAMBDA_INLINE {
+    const T* x = hkl_data + offsets.get_one(p, 0);
+    h = x[0], k = x[hkl_last], l = x[2 * hkl_last];
+  };
+  auto grad_at = [&](int64_t p)
+                     NANOBRAGG_LAMBDA_INLINE { return grad_data[offsets.get_one(p, 1)]; };
+  accumulate_grid_grad<T>(c10::multiply_integers(point_shape), grad_grid, /*lazy=*/true,
+                          [&](int64_t begin, int64_t end, GridGradLane<T>& lane)
+                              NANOBRAGG_LAMBDA_INLINE {
+                                using Batch = LaneBatch<T, kScatterRows>;
+                                auto add = lane.add();
+                                auto checked_add = lane.checked_add();
+                                for_each_point_in_lanes<T, kScatterRows>(
+                                    begin, end, bounds, coords, grad_at,
+                                    [&](int64_t, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
+                                      T wl[4];
+                                      b.lane_weights(b.wl, j, wl);
+                                      lane.prepare_block(b.first[0][j], b.first[1][j]);
+                                      scatter_rows(b.offset(j, out_stride), out_stride,
+                                                   b.table(Batch::kScatter, j), wl, add);
+                                    },
+                                    [&](int64_t p, T h, T k, T l) NANOBRAGG_LAMBDA_INLINE {
+                                      tricubic_grid_grad_scatter<T>(shape.size, shape.lo, h, k, l,
+                                                                    mode, grad_at(p), checked_add);
+                                    });
+                              });
 }
 
 template <typename T>
@@ -125,18 +414,29 @@ void hkl_grad_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
   const T* grad_data = grad.const_data_ptr<T>();
   const int64_t hkl_last = hkl.stride(-1);
   T* out = grad_hkl.mutable_data_ptr<T>();  // contiguous [..., 3]
-
+  const LaneBounds<T> bounds = lane_bounds<T>(view.size, view.lo);
+  auto coords = [&](int64_t p, T& h, T& k, T& l) NANOBRAGG_LAMBDA_INLINE {
+    const T* x = hkl_data + offsets.get_one(p, 0);
+    h = x[0], k = x[hkl_last], l = x[2 * hkl_last];
+  };
+  auto grad_at = [&](int64_t p)
+                     NANOBRAGG_LAMBDA_INLINE { return grad_data[offsets.get_one(p, 1)]; };
   with_unit_l_stride(view.stride[2] == 1, [&](auto unit_l) {
+    constexpr bool kUnitL = decltype(unit_l)::value;
     at::parallel_for(0, n, kPointGrain, [&](int64_t begin, int64_t end) {
-      cpu::for_each_index(
-          [&](int64_t p) NANOBRAGG_LAMBDA_INLINE {
-            int64_t off[2];
-            offsets.get(p, off);
-            const T* x = hkl_data + off[0];
-            tricubic_hkl_grad<T, decltype(unit_l)::value>(view, x[0], x[hkl_last], x[2 * hkl_last],
-                                                          mode, grad_data[off[1]], out + 3 * p);
+      using Batch = LaneBatch<T, kValueRows | kSlopeRows>;
+      for_each_point_in_lanes<T, kValueRows | kSlopeRows>(
+          begin, end, bounds, coords, grad_at,
+          [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
+            T wl[4], dwl[4];
+            b.lane_weights(b.wl, j, wl), b.lane_weights(b.dwl, j, dwl);
+            tricubic_hkl_grad_rows<T, kUnitL, SimdTaps4<T>>(view.data + b.offset(j, view.stride),
+                                                            view.stride, b.grad_rows(j), wl, dwl,
+                                                            grad_at(p), out + 3 * p);
           },
-          begin, end);
+          [&](int64_t p, T h, T k, T l) NANOBRAGG_LAMBDA_INLINE {
+            tricubic_hkl_grad<T, kUnitL>(view, h, k, l, mode, grad_at(p), out + 3 * p);
+          });
     });
   });
 }
@@ -158,16 +458,38 @@ void both_grads_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
   const T* grad_data = grad.const_data_ptr<T>();
   const int64_t hkl_last = hkl.stride(-1);
   T* out = grad_hkl.mutable_data_ptr<T>();  // contiguous [..., 3]
+  const LaneBounds<T> bounds = lane_bounds<T>(view.size, view.lo);
+  const int64_t out_stride[3] = {view.size[1] * view.size[2], view.size[2], 1};
+  auto coords = [&](int64_t p, T& h, T& k, T& l) NANOBRAGG_LAMBDA_INLINE {
+    const T* x = hkl_data + offsets.get_one(p, 0);
+    h = x[0], k = x[hkl_last], l = x[2 * hkl_last];
+  };
+  auto grad_at = [&](int64_t p)
+                     NANOBRAGG_LAMBDA_INLINE { return grad_data[offsets.get_one(p, 1)]; };
   with_unit_l_stride(view.stride[2] == 1, [&](auto unit_l) {
-    accumulate_grid_grad<T>(c10::multiply_integers(point_shape), grad_grid,
-                            [&](int64_t p, auto& add) NANOBRAGG_LAMBDA_INLINE {
-                              int64_t off[2];
-                              offsets.get(p, off);
-                              const T* x = hkl_data + off[0];
-                              tricubic_backward_point<T, decltype(unit_l)::value>(
-                                  view, x[0], x[hkl_last], x[2 * hkl_last], mode, grad_data[off[1]],
-                                  out + 3 * p, add);
-                            });
+    constexpr bool kUnitL = decltype(unit_l)::value;
+    accumulate_grid_grad<T>(
+        c10::multiply_integers(point_shape), grad_grid, /*lazy=*/true,
+        [&](int64_t begin, int64_t end, GridGradLane<T>& lane) NANOBRAGG_LAMBDA_INLINE {
+          using Batch = LaneBatch<T, kValueRows | kSlopeRows | kScatterRows>;
+          auto add = lane.add();
+          auto checked_add = lane.checked_add();
+          for_each_point_in_lanes<T, kValueRows | kSlopeRows | kScatterRows>(
+              begin, end, bounds, coords, grad_at,
+              [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
+                T wl[4], dwl[4];
+                b.lane_weights(b.wl, j, wl), b.lane_weights(b.dwl, j, dwl);
+                lane.prepare_block(b.first[0][j], b.first[1][j]);
+                tricubic_backward_rows<T, kUnitL, SimdTaps4<T>>(
+                    view.data + b.offset(j, view.stride), view.stride, b.offset(j, out_stride),
+                    out_stride, b.grad_rows(j), b.table(Batch::kScatter, j), wl, dwl, b.g[j],
+                    out + 3 * p, add);
+              },
+              [&](int64_t p, T h, T k, T l) NANOBRAGG_LAMBDA_INLINE {
+                tricubic_backward_point<T, kUnitL>(view, h, k, l, mode, grad_at(p), out + 3 * p,
+                                                   checked_add);
+              });
+        });
   });
 }
 
@@ -192,17 +514,27 @@ at::Tensor tricubic_interp_cpu(const at::Tensor& grid, const at::Tensor& hkl_in,
     const int64_t hkl_last = hkl.stride(-1);
     const scalar_t fill = static_cast<scalar_t>(default_value);
     scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+    using T = scalar_t;
+    const LaneBounds<T> bounds = lane_bounds<T>(view.size, view.lo);
+    auto coords = [&](int64_t p, T& h, T& k, T& l) NANOBRAGG_LAMBDA_INLINE {
+      const T* x = hkl_data + offsets.get_one(p, 0);
+      h = x[0], k = x[hkl_last], l = x[2 * hkl_last];
+    };
     with_unit_l_stride(view.stride[2] == 1, [&](auto unit_l) {
+      constexpr bool kUnitL = decltype(unit_l)::value;
       at::parallel_for(0, n, kPointGrain, [&](int64_t begin, int64_t end) {
-        cpu::for_each_index(
-            [&](int64_t p) NANOBRAGG_LAMBDA_INLINE {
-              int64_t off[1];
-              offsets.get(p, off);
-              const scalar_t* x = hkl_data + off[0];
-              out_data[p] = tricubic_value<scalar_t, decltype(unit_l)::value>(
-                  view, x[0], x[hkl_last], x[2 * hkl_last], mode, fill);
+        using Batch = LaneBatch<T, kValueRows>;
+        for_each_point_in_lanes<T, kValueRows>(
+            begin, end, bounds, coords, [](int64_t) { return T(0); },
+            [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
+              T wl[4];
+              b.lane_weights(b.wl, j, wl);
+              out_data[p] = contract_rows<T, kUnitL, SimdTaps4<T>>(
+                  view.data + b.offset(j, view.stride), view.stride, b.table(Batch::kValue, j), wl);
             },
-            begin, end);
+            [&](int64_t p, T h, T k, T l) NANOBRAGG_LAMBDA_INLINE {
+              out_data[p] = tricubic_value<T, kUnitL>(view, h, k, l, mode, fill);
+            });
       });
     });
   });
@@ -295,12 +627,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tricubic_interp_double_backward_c
     }
     if (output_mask[1] && call.has_gg_hkl) {
       const GridShape shape = make_grid_shape(grid.sizes(), index_min);
-      accumulate_grid_grad<T>(n, grad_grid, [&](int64_t p, auto& add) NANOBRAGG_LAMBDA_INLINE {
-        T x[3], g, vp[3];
-        point(p, x, g, vp);
-        tricubic_double_backward_grid_scatter<T>(shape.size, shape.lo, x[0], x[1], x[2], mode, g,
-                                                 vp, add);
-      });
+      accumulate_grid_grad<T>(n, grad_grid, /*lazy=*/false,
+                              [&](int64_t begin, int64_t end, GridGradLane<T>& lane)
+                                  NANOBRAGG_LAMBDA_INLINE {
+                                    auto add = lane.add();
+                                    for (int64_t p = begin; p < end; ++p) {
+                                      T x[3], g, vp[3];
+                                      point(p, x, g, vp);
+                                      tricubic_double_backward_grid_scatter<T>(
+                                          shape.size, shape.lo, x[0], x[1], x[2], mode, g, vp, add);
+                                    }
+                                  });
     }
   });
   return {grad_grad_output, grad_grid, grad_hkl};

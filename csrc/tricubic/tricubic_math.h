@@ -88,6 +88,15 @@ NANOBRAGG_INLINE bool locate_stencil(T x, double lo, int64_t size, int64_t& firs
   return true;
 }
 
+// locate_stencil's test as an interval of x: with n = floor(x), nodes
+// n-1..n+2 are inside exactly when lo + 1 <= x < lo + size - 2. The CPU
+// kernels test a vector of points at once against these two integers (in T,
+// where both are exact in T; NaN fails both comparisons).
+NANOBRAGG_INLINE void stencil_interval(double lo, int64_t size, double& first_x, double& end_x) {
+  first_x = lo + 1.0;
+  end_x = lo + static_cast<double>(size) - 2.0;
+}
+
 // nanoBragg's nearest node, ceil(x - 0.5) (1.5 -> 1, -0.5 -> -1); true when
 // that node is inside the grid, and then `index` is its grid index.
 template <typename T>
@@ -163,27 +172,75 @@ NANOBRAGG_INLINE int64_t l_stride(const int64_t stride[3]) {
   return kUnitL ? 1 : stride[2];
 }
 
-// sum_abc wh[a] wk[b] wl[c] g[a,b,c] over the 4x4x4 block at `g`: the 16
-// rows are summed with weights wh[a] wk[b] into one 4-vector along l (16
-// multiplies and 64 FMAs), which is then dotted with wl.
-template <typename T, bool kUnitL = false>
-NANOBRAGG_INLINE T contract_stencil(const T* g, const int64_t stride[3], const T wh[4],
-                                    const T wk[4], const T wl[4]) {
-  const int64_t sl = l_stride<kUnitL>(stride);
-  T acc[4] = {T(0), T(0), T(0), T(0)};
+// Four taps along l: a row of the 4x4x4 block, or the accumulator of rows.
+// The contractions below are written on this type; the CPU kernels pass a
+// SIMD type with the same members (tricubic_cpu.cpp), which keeps a row in
+// one vector register and gives the same arithmetic element by element.
+template <typename T>
+struct Taps4 {
+  T v[4];
+
+  NANOBRAGG_INLINE static Taps4 zero() { return Taps4{{T(0), T(0), T(0), T(0)}}; }
+  template <bool kUnitL>
+  NANOBRAGG_INLINE static Taps4 load(const T* row, const int64_t stride[3]) {
+    const int64_t sl = l_stride<kUnitL>(stride);
+    return Taps4{{row[0], row[sl], row[2 * sl], row[3 * sl]}};
+  }
+  // this += w * r
+  NANOBRAGG_INLINE void add_scaled(T w, const Taps4& r) {
+    NANOBRAGG_UNROLL
+    for (int c = 0; c < 4; ++c) {
+      v[c] += w * r.v[c];
+    }
+  }
+  // sum_c w[c] this[c], in the order c = 0, 1, 2, 3
+  NANOBRAGG_INLINE T dot(const T w[4]) const {
+    return w[0] * v[0] + w[1] * v[1] + w[2] * v[2] + w[3] * v[3];
+  }
+};
+
+// The weight of row (a, b) of a block, x[a] y[b] (times g where given,
+// as (g x[a]) y[b]), computed when asked. The CPU kernels pass instead a
+// table of the same products, made for a batch of points at once.
+template <typename T>
+struct OuterWeights {
+  const T* x;
+  const T* y;
+  NANOBRAGG_INLINE T operator()(int a, int b) const { return x[a] * y[b]; }
+};
+
+template <typename T>
+struct ScaledOuterWeights {
+  T g;
+  const T* x;
+  const T* y;
+  NANOBRAGG_INLINE T operator()(int a, int b) const { return g * x[a] * y[b]; }
+};
+
+// sum_ab row_w(a, b) sum_c wl[c] g[a,b,c] over the 4x4x4 block at `g`: the 16
+// rows are summed with their weights into one 4-vector along l (64 FMAs),
+// which is then dotted with wl.
+template <typename T, bool kUnitL, typename Taps, typename RowW>
+NANOBRAGG_INLINE T contract_rows(const T* g, const int64_t stride[3], const RowW& row_w,
+                                 const T wl[4]) {
+  Taps acc = Taps::zero();
   NANOBRAGG_UNROLL
   for (int a = 0; a < 4; ++a) {
     NANOBRAGG_UNROLL
     for (int b = 0; b < 4; ++b) {
-      const T w = wh[a] * wk[b];
-      const T* row = g + a * stride[0] + b * stride[1];
-      NANOBRAGG_UNROLL
-      for (int c = 0; c < 4; ++c) {
-        acc[c] += w * row[c * sl];
-      }
+      acc.add_scaled(row_w(a, b),
+                     Taps::template load<kUnitL>(g + a * stride[0] + b * stride[1], stride));
     }
   }
-  return wl[0] * acc[0] + wl[1] * acc[1] + wl[2] * acc[2] + wl[3] * acc[3];
+  return acc.dot(wl);
+}
+
+// sum_abc wh[a] wk[b] wl[c] g[a,b,c]: contract_rows with row weights
+// wh[a] wk[b] (16 multiplies).
+template <typename T, bool kUnitL = false, typename Taps = Taps4<T>>
+NANOBRAGG_INLINE T contract_stencil(const T* g, const int64_t stride[3], const T wh[4],
+                                    const T wk[4], const T wl[4]) {
+  return contract_rows<T, kUnitL, Taps>(g, stride, OuterWeights<T>{wh, wk}, wl);
 }
 
 // Gradient of the contraction with respect to (u_h, u_k, u_l) in one pass:
@@ -195,36 +252,47 @@ struct NoRowVisit {
   NANOBRAGG_INLINE void operator()(int, int) const {}
 };
 
-template <typename T, bool kUnitL = false, typename RowFn = NoRowVisit>
-NANOBRAGG_INLINE void contract_stencil_grad(const T* g, const int64_t stride[3], const T wh[4],
-                                            const T wk[4], const T wl[4], const T dwh[4],
-                                            const T dwk[4], const T dwl[4], T grad[3],
-                                            const RowFn& row = RowFn()) {
-  const int64_t sl = l_stride<kUnitL>(stride);
-  T acc[4] = {T(0), T(0), T(0), T(0)};
-  T acc_h[4] = {T(0), T(0), T(0), T(0)};
-  T acc_k[4] = {T(0), T(0), T(0), T(0)};
+// The row weights of the three accumulators.
+template <typename RowW>
+struct GradRowWeights {
+  RowW w, w_h, w_k;  // w_h w_k, w'_h w_k, w_h w'_k
+};
+
+template <typename T, bool kUnitL, typename Taps, typename RowW, typename RowFn = NoRowVisit>
+NANOBRAGG_INLINE void contract_rows_grad(const T* g, const int64_t stride[3],
+                                         const GradRowWeights<RowW>& rw, const T wl[4],
+                                         const T dwl[4], T grad[3], const RowFn& row = RowFn()) {
+  Taps acc = Taps::zero(), acc_h = Taps::zero(), acc_k = Taps::zero();
   NANOBRAGG_UNROLL
   for (int a = 0; a < 4; ++a) {
     NANOBRAGG_UNROLL
     for (int b = 0; b < 4; ++b) {
-      const T w = wh[a] * wk[b];
-      const T w_h = dwh[a] * wk[b];
-      const T w_k = wh[a] * dwk[b];
-      const T* r = g + a * stride[0] + b * stride[1];
-      NANOBRAGG_UNROLL
-      for (int c = 0; c < 4; ++c) {
-        const T v = r[c * sl];
-        acc[c] += w * v;
-        acc_h[c] += w_h * v;
-        acc_k[c] += w_k * v;
-      }
+      const Taps r = Taps::template load<kUnitL>(g + a * stride[0] + b * stride[1], stride);
+      acc.add_scaled(rw.w(a, b), r);
+      acc_h.add_scaled(rw.w_h(a, b), r);
+      acc_k.add_scaled(rw.w_k(a, b), r);
       row(a, b);
     }
   }
-  grad[0] = wl[0] * acc_h[0] + wl[1] * acc_h[1] + wl[2] * acc_h[2] + wl[3] * acc_h[3];
-  grad[1] = wl[0] * acc_k[0] + wl[1] * acc_k[1] + wl[2] * acc_k[2] + wl[3] * acc_k[3];
-  grad[2] = dwl[0] * acc[0] + dwl[1] * acc[1] + dwl[2] * acc[2] + dwl[3] * acc[3];
+  grad[0] = acc_h.dot(wl);
+  grad[1] = acc_k.dot(wl);
+  grad[2] = acc.dot(dwl);
+}
+
+template <typename T>
+NANOBRAGG_INLINE GradRowWeights<OuterWeights<T>> outer_grad_weights(const T wh[4], const T wk[4],
+                                                                    const T dwh[4],
+                                                                    const T dwk[4]) {
+  return {OuterWeights<T>{wh, wk}, OuterWeights<T>{dwh, wk}, OuterWeights<T>{wh, dwk}};
+}
+
+template <typename T, bool kUnitL = false, typename Taps = Taps4<T>, typename RowFn = NoRowVisit>
+NANOBRAGG_INLINE void contract_stencil_grad(const T* g, const int64_t stride[3], const T wh[4],
+                                            const T wk[4], const T wl[4], const T dwh[4],
+                                            const T dwk[4], const T dwl[4], T grad[3],
+                                            const RowFn& row = RowFn()) {
+  contract_rows_grad<T, kUnitL, Taps>(g, stride, outer_grad_weights(wh, wk, dwh, dwk), wl, dwl,
+                                      grad, row);
 }
 
 // Value, gradient and Hessian in (u_h, u_k, u_l) of the contraction, in one
@@ -297,6 +365,18 @@ NANOBRAGG_INLINE T tricubic_value(const GridView<T>& grid, T h, T k, T l, OutOfR
   return contract_stencil<T, kUnitL>(base, grid.stride, wh, wk, wl);
 }
 
+// tricubic_hkl_grad's Stencil case, given the point's block and weights.
+template <typename T, bool kUnitL, typename Taps, typename RowW>
+NANOBRAGG_INLINE void tricubic_hkl_grad_rows(const T* block, const int64_t stride[3],
+                                             const GradRowWeights<RowW>& rw, const T wl[4],
+                                             const T dwl[4], T grad_out, T grad_hkl[3]) {
+  T g[3];
+  contract_rows_grad<T, kUnitL, Taps>(block, stride, rw, wl, dwl, g);
+  for (int d = 0; d < 3; ++d) {
+    grad_hkl[d] = grad_out * g[d];
+  }
+}
+
 // dF/d(h,k,l) of one point, scaled by the incoming gradient.
 template <typename T, bool kUnitL = false>
 NANOBRAGG_INLINE void tricubic_hkl_grad(const GridView<T>& grid, T h, T k, T l, OutOfRange mode,
@@ -313,11 +393,42 @@ NANOBRAGG_INLINE void tricubic_hkl_grad(const GridView<T>& grid, T h, T k, T l, 
   lagrange_weight_derivs(p.u[0], dwh);
   lagrange_weight_derivs(p.u[1], dwk);
   lagrange_weight_derivs(p.u[2], dwl);
-  T g[3];
-  contract_stencil_grad<T, kUnitL>(grid.data + node_offset<T>(grid.stride, p.first), grid.stride,
-                                   wh, wk, wl, dwh, dwk, dwl, g);
-  for (int d = 0; d < 3; ++d) {
-    grad_hkl[d] = grad_out * g[d];
+  tricubic_hkl_grad_rows<T, kUnitL, Taps4<T>>(grid.data + node_offset<T>(grid.stride, p.first),
+                                              grid.stride, outer_grad_weights(wh, wk, dwh, dwk), wl,
+                                              dwl, grad_out, grad_hkl);
+}
+
+// Adds g wl[c] at r + c, c = 0..3, through `add`: add.add_row(r, g, wl)
+// where the add function has one (the CPU's, a vector read-modify-write of
+// the row), else add(r + c, g * wl[c]) per tap (CUDA's atomics).
+template <typename T, typename AddFn>
+NANOBRAGG_INLINE auto add_row_impl(AddFn& add, int64_t r, T g, const T wl[4], int)
+    -> decltype(add.add_row(r, g, wl), void()) {
+  add.add_row(r, g, wl);
+}
+template <typename T, typename AddFn>
+NANOBRAGG_INLINE void add_row_impl(AddFn& add, int64_t r, T g, const T wl[4], long) {
+  NANOBRAGG_UNROLL
+  for (int c = 0; c < 4; ++c) {
+    add(r + c, g * wl[c]);
+  }
+}
+template <typename T, typename AddFn>
+NANOBRAGG_INLINE void add_row(AddFn& add, int64_t r, T g, const T wl[4]) {
+  add_row_impl(add, r, g, wl, 0);
+}
+
+// Adds gab(a, b) wl[c] at base + a stride[0] + b stride[1] + c (a
+// contiguous grid-shaped gradient) through `add`.
+template <typename T, typename RowW, typename AddFn>
+NANOBRAGG_INLINE void scatter_rows(int64_t base, const int64_t stride[3], const RowW& gab,
+                                   const T wl[4], AddFn& add) {
+  NANOBRAGG_UNROLL
+  for (int a = 0; a < 4; ++a) {
+    NANOBRAGG_UNROLL
+    for (int b = 0; b < 4; ++b) {
+      add_row(add, base + a * stride[0] + b * stride[1], gab(a, b), wl);
+    }
   }
 }
 
@@ -342,42 +453,41 @@ NANOBRAGG_INLINE void tricubic_grid_grad_scatter(const int64_t size[3], const do
   lagrange_weights(p.u[0], wh);
   lagrange_weights(p.u[1], wk);
   lagrange_weights(p.u[2], wl);
-  NANOBRAGG_UNROLL
-  for (int a = 0; a < 4; ++a) {
-    const T ga = grad_out * wh[a];
-    NANOBRAGG_UNROLL
-    for (int b = 0; b < 4; ++b) {
-      const T gab = ga * wk[b];
-      const int64_t row = base + a * stride[0] + b * stride[1];
-      NANOBRAGG_UNROLL
-      for (int c = 0; c < 4; ++c) {
-        add(row + c, gab * wl[c]);
-      }
-    }
-  }
+  scatter_rows(base, stride, ScaledOuterWeights<T>{grad_out, wh, wk}, wl, add);
 }
 
 // The row (a, b) of a point's grid-gradient scatter: grad_out w_a w_b w_c
 // added at row + c, c = 0..3, in tricubic_grid_grad_scatter's arithmetic.
-template <typename T, typename AddFn>
+template <typename T, typename RowW, typename AddFn>
 struct ScatterRow {
   AddFn& add;
   int64_t base;
   const int64_t* stride;  // of the grid gradient (contiguous)
-  T grad_out;
-  const T* wh;
-  const T* wk;
+  RowW gab;               // grad_out w_a w_b
   const T* wl;
 
   NANOBRAGG_INLINE void operator()(int a, int b) const {
-    const T gab = grad_out * wh[a] * wk[b];
-    const int64_t r = base + a * stride[0] + b * stride[1];
-    NANOBRAGG_UNROLL
-    for (int c = 0; c < 4; ++c) {
-      add(r + c, gab * wl[c]);
-    }
+    add_row(add, base + a * stride[0] + b * stride[1], gab(a, b), wl);
   }
 };
+
+// tricubic_backward_point's Stencil case, given the point's block in the
+// grid and its weights: grad_out dF/dhkl into grad_hkl, and the grid
+// gradient scattered at out_base (contiguous, strides out_stride).
+template <typename T, bool kUnitL, typename Taps, typename RowW, typename ScaledRowW,
+          typename AddFn>
+NANOBRAGG_INLINE void tricubic_backward_rows(const T* block, const int64_t grid_stride[3],
+                                             int64_t out_base, const int64_t out_stride[3],
+                                             const GradRowWeights<RowW>& rw, const ScaledRowW& gab,
+                                             const T wl[4], const T dwl[4], T grad_out,
+                                             T grad_hkl[3], AddFn& add) {
+  const ScatterRow<T, ScaledRowW, AddFn> row{add, out_base, out_stride, gab, wl};
+  T g[3];
+  contract_rows_grad<T, kUnitL, Taps>(block, grid_stride, rw, wl, dwl, g, row);
+  for (int d = 0; d < 3; ++d) {
+    grad_hkl[d] = grad_out * g[d];
+  }
+}
 
 // The whole backward of one point in one pass over its 4x4x4 block: dF/dhkl
 // scaled by grad_out into grad_hkl (derivative weights, as tricubic_hkl_grad)
@@ -405,13 +515,10 @@ NANOBRAGG_INLINE void tricubic_backward_point(const GridView<T>& grid, T h, T k,
   lagrange_weight_derivs(p.u[0], dwh);
   lagrange_weight_derivs(p.u[1], dwk);
   lagrange_weight_derivs(p.u[2], dwl);
-  const ScatterRow<T, AddFn> row{add, base, out_stride, grad_out, wh, wk, wl};
-  T g[3];
-  contract_stencil_grad<T, kUnitL>(grid.data + node_offset<T>(grid.stride, p.first), grid.stride,
-                                   wh, wk, wl, dwh, dwk, dwl, g, row);
-  for (int d = 0; d < 3; ++d) {
-    grad_hkl[d] = grad_out * g[d];
-  }
+  tricubic_backward_rows<T, kUnitL, Taps4<T>>(
+      grid.data + node_offset<T>(grid.stride, p.first), grid.stride, base, out_stride,
+      outer_grad_weights(wh, wk, dwh, dwk), ScaledOuterWeights<T>{grad_out, wh, wk}, wl, dwl,
+      grad_out, grad_hkl, add);
 }
 
 // ---------------------------------------------------------------------------

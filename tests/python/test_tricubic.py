@@ -143,3 +143,32 @@ def test_errors_name_the_operator_and_argument(device):
         nanobragg_ops.tricubic_interp(grid, hkl, INDEX_MIN, out_of_range="sideways")
     with pytest.raises(RuntimeError, match=r"argument 'index_min' must have 3 entries"):
         nanobragg_ops.tricubic_interp(grid, hkl, (0, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["default", "nearest"])
+def test_a_point_does_not_depend_on_its_neighbours(mode, dtype):
+    """The CPU kernels work on batches of a vector's lanes (8 or 16 points),
+    with points whose stencil leaves the grid, NaNs and points on the grid's
+    edges mixed in: each point's value and hkl gradient must be the same, to
+    the last bit, alone (a batch of one) as among 53 others, wherever in the
+    batch it falls."""
+    grid, hkl = make_inputs("cpu", dtype, n=53, outside=11, seed=3)
+    hkl[20] = float("nan")
+    hkl[21, 1] = INDEX_MIN[1] + 1.0  # first point whose stencil fits
+    hkl[22, 2] = INDEX_MIN[2] + grid.shape[2] - 2.0  # first that does not
+    hkl[23, 0] = INDEX_MIN[0] + 0.5  # nearest node inside, stencil outside
+    grad = torch.linspace(-1, 2, hkl.shape[0], dtype=dtype)
+    together = OP(grid, hkl, INDEX_MIN, -3.0, mode)
+    _, hkl_grad = BACKWARD_OP(grad, grid, hkl, INDEX_MIN, mode, [True, True])
+    _, hkl_grad_only = BACKWARD_OP(grad, grid, hkl, INDEX_MIN, mode, [False, True])
+    for p in range(hkl.shape[0]):
+        alone = OP(grid, hkl[p : p + 1], INDEX_MIN, -3.0, mode)
+        assert torch.equal(alone, together[p : p + 1]) or (alone.isnan() & together[p].isnan())
+        _, g = BACKWARD_OP(grad[p : p + 1], grid, hkl[p : p + 1], INDEX_MIN, mode, [True, True])
+        assert torch.equal(g.nan_to_num(7.0), hkl_grad[p : p + 1].nan_to_num(7.0)), p
+    assert torch.equal(hkl_grad.nan_to_num(7.0), hkl_grad_only.nan_to_num(7.0))
+    # both kinds of point are there (polin3 checks the values: test_tricubic_forward.cpp)
+    inside = (hkl[:, 0] >= INDEX_MIN[0] + 1) & (hkl[:, 0] < INDEX_MIN[0] + grid.shape[0] - 2)
+    assert 30 < int(inside.sum()) < 50 and bool((together[~inside] != together[~inside]).any() |
+                                                (together[~inside] == -3.0).any())
