@@ -3,7 +3,8 @@
 # with its defaults (sizes 256 and 512, 200 warm repeats, float32, CPU) and
 # its scale section (--scale: tricubic forward+backward over 2048² × 9
 # points, about a minute of the 2¼ on 2 cores), which writes
-# reports/perf/<UTC stamp>/ (perf_results.json, env.json, perf_summary.md).
+# reports/perf/<UTC stamp>/ (perf_results.json, env.json, perf_summary.md),
+# and its pictures (scripts/plot_report.py: throughput.png, scaling.png).
 # Extra arguments go to the driver, e.g.
 #   scripts/run_main.sh --device cuda --sizes 512 1024 --points-per-pixel 9
 #   scripts/run_main.sh --no-scale
@@ -13,5 +14,6 @@ cd "$ROOT"
 "$ROOT/scripts/setup.sh"
 BUILD_DIR="${BUILD_DIR:-build}"
 dir="$("$BUILD_DIR/bench/nanobragg_bench" --outdir reports/perf --scale "$@")"
+"$ROOT/.venv/bin/python" "$ROOT/scripts/plot_report.py" "$dir"
 echo "report: $dir/perf_summary.md"
 sed -n '/^## Targets/,/^## Interpretation/p' "$dir/perf_summary.md" | sed '$d'
