@@ -132,10 +132,12 @@ C10_ALWAYS_INLINE void locate_lanes(LaneBatch<T, kNeeds>& b, const LaneBounds<T>
     if constexpr (kSlopes) {
       lagrange_weight_derivs(u, dw[d]);
     }
-    // n - lower is an exact small integer in the lanes inside the grid.
-    at::vec::convert_to_int_of_same_size(n - lower).store(b.first[d]);
     const Vec axis_in = (x >= lower) & (x < Vec(bounds.end_x[d]));
     in_grid = d == 0 ? axis_in : (in_grid & axis_in);
+    // n - lower is an exact small integer in the lanes inside the grid; the
+    // others convert 0, not NaN or a huge value (undefined in C++).
+    at::vec::convert_to_int_of_same_size(Vec::blendv(Vec(T(0)), n - lower, axis_in))
+        .store(b.first[d]);
   }
   for (int c = 0; c < 4; ++c) {
     w[2][c].store(b.wl[c]);
