@@ -1,5 +1,7 @@
 #include "report.h"
 
+#include "workloads.h"
+
 #include "nanobragg_ops/ops.h"
 
 #include <ATen/Parallel.h>
@@ -263,6 +265,7 @@ EnvInfo collect_env(const std::string& source_dir, const std::string& build_type
   // ATEN_CPU_CAPABILITY.
   env["cpu_capability"] = nanobragg_ops::cpu_capability();
   env["cpu_capability_best"] = nanobragg_ops::best_cpu_capability();
+  env["scalar_reference_capability"] = scalar_reference_capability();
   const char* forced = std::getenv("ATEN_CPU_CAPABILITY");
   env["aten_cpu_capability_env"] = forced == nullptr ? "" : forced;
   env["memory_bytes"] = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);

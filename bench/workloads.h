@@ -6,6 +6,7 @@
 
 #include <array>
 #include <cstdint>
+#include <string>
 
 namespace nanobragg_bench {
 
@@ -51,8 +52,21 @@ AbsorptionInputs make_absorption_inputs(int64_t size, const at::TensorOptions& o
 // scalar_reference: a straightforward per-point loop in the style of
 // nanoBragg (polin3's 21 polint calls; the absorption loop over layers),
 // parallel over points with at::parallel_for as nanoBragg is with OpenMP.
+// Built once per CPU capability (scalar_reference.cpp) with the library's
+// flags for it, run at the capability the library runs (its
+// cpu_capability()): scalar_reference_capability() says which.
 at::Tensor tricubic_scalar_reference(const TricubicInputs& in);
 at::Tensor absorption_scalar_reference(const AbsorptionInputs& in);
+std::string scalar_reference_capability();
+#define NANOBRAGG_BENCH_SCALAR_REFERENCE(cap)                         \
+  namespace cap {                                                     \
+  at::Tensor tricubic_scalar_reference(const TricubicInputs& in);     \
+  at::Tensor absorption_scalar_reference(const AbsorptionInputs& in); \
+  }
+NANOBRAGG_BENCH_SCALAR_REFERENCE(DEFAULT)
+NANOBRAGG_BENCH_SCALAR_REFERENCE(AVX2)
+NANOBRAGG_BENCH_SCALAR_REFERENCE(AVX512)
+#undef NANOBRAGG_BENCH_SCALAR_REFERENCE
 
 // aten_composite: the PyTorch port's vectorised formulation with ATen ops
 // (a gathered [N, 4, 4, 4] neighbourhood and Lagrange weights as tensors;

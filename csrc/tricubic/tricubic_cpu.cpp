@@ -51,10 +51,9 @@ constexpr int64_t kPointGrain = 512;
 // path (tricubic_value, ...). A lane's arithmetic does not depend on its
 // position in a batch, so neither do the results on how the points are
 // split among threads.
-// What a kernel needs of a batch: row weight tables (tricubic_math.h's
-// OuterWeights, ScaledOuterWeights) for the value, the hkl slopes, the grid
-// gradient's scatter.
-enum LaneNeeds : int { kValueRows = 1, kSlopeRows = 2, kScatterRows = 4 };
+// What a kernel needs of a batch besides the weights: their derivatives
+// (the hkl gradient), the incoming gradient (the grid gradient).
+enum LaneNeeds : int { kWeights = 0, kDerivatives = 1, kGradOut = 2 };
 
 template <typename T, int kNeeds>
 struct LaneBatch {
@@ -62,30 +61,22 @@ struct LaneBatch {
   using Int = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
   static constexpr int kLanes = Vec::size();
   static_assert(kLanes <= 64, "inside is a 64-bit mask");
-  enum Table { kValue, kSlopeH, kSlopeK, kScatter };
 
-  alignas(64) T x[3][kLanes];  // h, k, l
-  alignas(64) T g[kLanes];     // incoming gradient (kScatterRows)
-  alignas(64) T wl[4][kLanes];
-  alignas(64) T dwl[4][kLanes];       // (kSlopeRows)
-  alignas(64) T rows[4][16][kLanes];  // [table][4 a + b][lane]
-  alignas(64) Int first[3][kLanes];   // stencil's first node per axis
-  uint64_t inside = 0;                // bit j: lane j's stencil is in the grid
+  alignas(64) T x[3][kLanes];      // h, k, l
+  alignas(64) T g[kLanes];         // incoming gradient (kGradOut)
+  alignas(64) T w[3][4][kLanes];   // [axis][node][lane]
+  alignas(64) T dw[3][4][kLanes];  // (kDerivatives)
 
-  // Row weights of lane j in one table, as tricubic_math.h's row functions take them.
-  struct Rows {
-    const T* table;
-    int j;
-    C10_ALWAYS_INLINE T operator()(int a, int b) const { return table[(4 * a + b) * kLanes + j]; }
-  };
+  alignas(64) Int first[3][kLanes];  // stencil's first node per axis
+  uint64_t inside = 0;               // bit j: lane j's stencil is in the grid
 
   bool is_inside(int j) const { return (inside >> j) & 1; }
-  Rows table(Table t, int j) const { return Rows{&rows[t][0][0], j}; }
-  GradRowWeights<Rows> grad_rows(int j) const {
-    return {table(kValue, j), table(kSlopeH, j), table(kSlopeK, j)};
-  }
-  void lane_weights(const T (&w)[4][kLanes], int j, T out[4]) const {
-    for (int c = 0; c < 4; ++c) out[c] = w[c][j];
+
+  // Lane j's weights (or derivatives) along each axis, as 4-arrays.
+  C10_ALWAYS_INLINE void lane_weights(const T (&table)[3][4][kLanes], int j, T out[3][4]) const {
+    for (int d = 0; d < 3; ++d) {
+      for (int c = 0; c < 4; ++c) out[d][c] = table[d][c][j];
+    }
   }
   int64_t offset(int j, const int64_t stride[3]) const {
     return int64_t(first[0][j]) * stride[0] + int64_t(first[1][j]) * stride[1] +
@@ -114,23 +105,25 @@ LaneBounds<T> lane_bounds(const int64_t size[3], const double lo[3]) {
   return b;
 }
 
-// Fills the batch's tables, first nodes and inside mask from x (and g).
+// Fills the batch's weights, first nodes and inside mask from x.
 template <typename T, int kNeeds>
 C10_ALWAYS_INLINE void locate_lanes(LaneBatch<T, kNeeds>& b, const LaneBounds<T>& bounds,
                                     int count) {
   using Batch = LaneBatch<T, kNeeds>;
   using Vec = typename Batch::Vec;
   constexpr int kLanes = Batch::kLanes;
-  constexpr bool kSlopes = (kNeeds & kSlopeRows) != 0;
-  Vec w[3][4], dw[3][4], in_grid;
+  Vec w[3][4], in_grid;
   for (int d = 0; d < 3; ++d) {
     const Vec x = Vec::loadu(b.x[d]);
     const Vec lower(bounds.first_x[d]);
     const Vec n = x.floor();
     const Vec u = x - n;  // exact, as locate_stencil's
     lagrange_weights(u, w[d]);
-    if constexpr (kSlopes) {
-      lagrange_weight_derivs(u, dw[d]);
+    for (int c = 0; c < 4; ++c) w[d][c].store(b.w[d][c]);
+    if constexpr ((kNeeds & kDerivatives) != 0) {
+      Vec dw[4];
+      lagrange_weight_derivs(u, dw);
+      for (int c = 0; c < 4; ++c) dw[c].store(b.dw[d][c]);
     }
     const Vec axis_in = (x >= lower) & (x < Vec(bounds.end_x[d]));
     in_grid = d == 0 ? axis_in : (in_grid & axis_in);
@@ -139,34 +132,14 @@ C10_ALWAYS_INLINE void locate_lanes(LaneBatch<T, kNeeds>& b, const LaneBounds<T>
     at::vec::convert_to_int_of_same_size(Vec::blendv(Vec(T(0)), n - lower, axis_in))
         .store(b.first[d]);
   }
-  for (int c = 0; c < 4; ++c) {
-    w[2][c].store(b.wl[c]);
-    if constexpr (kSlopes) dw[2][c].store(b.dwl[c]);
-  }
-  const Vec g = (kNeeds & kScatterRows) ? Vec::loadu(b.g) : Vec(T(0));
-  for (int a = 0; a < 4; ++a) {
-    const Vec ga = g * w[0][a];
-    for (int k = 0; k < 4; ++k) {
-      const int r = 4 * a + k;
-      if constexpr ((kNeeds & (kValueRows | kSlopeRows)) != 0) {
-        (w[0][a] * w[1][k]).store(b.rows[Batch::kValue][r]);
-      }
-      if constexpr (kSlopes) {
-        (dw[0][a] * w[1][k]).store(b.rows[Batch::kSlopeH][r]);
-        (w[0][a] * dw[1][k]).store(b.rows[Batch::kSlopeK][r]);
-      }
-      if constexpr ((kNeeds & kScatterRows) != 0) {
-        (ga * w[1][k]).store(b.rows[Batch::kScatter][r]);
-      }
-    }
-  }
+
   const uint64_t all = count >= 64 ? ~uint64_t(0) : (uint64_t(1) << count) - 1;
   const uint64_t outside = static_cast<uint64_t>(static_cast<uint32_t>(in_grid.zero_mask()));
   b.inside = ~outside & all & (kLanes >= 64 ? ~uint64_t(0) : (uint64_t(1) << kLanes) - 1);
 }
 
 // For each point p in [begin, end): coords(p, h, k, l) reads its
-// coordinates (and grad(p) its incoming gradient, for kScatterRows); then
+// coordinates (and grad(p) its incoming gradient, for kGradOut); then
 // stencil(p, j, batch) runs for a point whose stencil is inside the grid
 // (lane j of the batch), per_point(p, h, k, l) for the others.
 template <typename T, int kNeeds, typename CoordsFn, typename GradFn, typename StencilFn,
@@ -182,7 +155,7 @@ C10_ALWAYS_INLINE void for_each_point_in_lanes(int64_t begin, int64_t end,
     for (int j = 0; j < kLanes; ++j) {
       if (j < count) {
         coords(i + j, b.x[0][j], b.x[1][j], b.x[2][j]);
-        if constexpr ((kNeeds & kScatterRows) != 0) b.g[j] = grad(i + j);
+        if constexpr ((kNeeds & kGradOut) != 0) b.g[j] = grad(i + j);
       } else {
         b.x[0][j] = b.x[1][j] = b.x[2][j] = b.g[j] = T(0);
       }
@@ -224,6 +197,7 @@ struct SimdTaps4 {
     return r;
   }
   C10_ALWAYS_INLINE void add_scaled(T w, const SimdTaps4& r) { v += w * r.v; }
+
   C10_ALWAYS_INLINE T dot(const T w[4]) const {
     return w[0] * v[0] + w[1] * v[1] + w[2] * v[2] + w[3] * v[3];
   }
@@ -383,17 +357,17 @@ void grid_grad_kernel(const at::Tensor& grad_output, const at::Tensor& hkl_in,
   accumulate_grid_grad<T>(c10::multiply_integers(point_shape), grad_grid, /*lazy=*/true,
                           [&](int64_t begin, int64_t end, GridGradLane<T>& lane)
                               NANOBRAGG_LAMBDA_INLINE {
-                                using Batch = LaneBatch<T, kScatterRows>;
+                                using Batch = LaneBatch<T, kGradOut>;
                                 auto add = lane.add();
                                 auto checked_add = lane.checked_add();
-                                for_each_point_in_lanes<T, kScatterRows>(
+                                for_each_point_in_lanes<T, kGradOut>(
                                     begin, end, bounds, coords, grad_at,
                                     [&](int64_t, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
-                                      T wl[4];
-                                      b.lane_weights(b.wl, j, wl);
+                                      T w[3][4];
+                                      b.lane_weights(b.w, j, w);
                                       lane.prepare_block(b.first[0][j], b.first[1][j]);
                                       scatter_rows(b.offset(j, out_stride), out_stride,
-                                                   b.table(Batch::kScatter, j), wl, add);
+                                                   scatter_weights(b.g[j], w[0], w[1], w[2]), add);
                                     },
                                     [&](int64_t p, T h, T k, T l) NANOBRAGG_LAMBDA_INLINE {
                                       tricubic_grid_grad_scatter<T>(shape.size, shape.lo, h, k, l,
@@ -426,15 +400,15 @@ void hkl_grad_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
   with_unit_l_stride(view.stride[2] == 1, [&](auto unit_l) {
     constexpr bool kUnitL = decltype(unit_l)::value;
     at::parallel_for(0, n, kPointGrain, [&](int64_t begin, int64_t end) {
-      using Batch = LaneBatch<T, kValueRows | kSlopeRows>;
-      for_each_point_in_lanes<T, kValueRows | kSlopeRows>(
+      using Batch = LaneBatch<T, kDerivatives>;
+      for_each_point_in_lanes<T, kDerivatives>(
           begin, end, bounds, coords, grad_at,
           [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
-            T wl[4], dwl[4];
-            b.lane_weights(b.wl, j, wl), b.lane_weights(b.dwl, j, dwl);
-            tricubic_hkl_grad_rows<T, kUnitL, SimdTaps4<T>>(view.data + b.offset(j, view.stride),
-                                                            view.stride, b.grad_rows(j), wl, dwl,
-                                                            grad_at(p), out + 3 * p);
+            T w[3][4], dw[3][4];
+            b.lane_weights(b.w, j, w), b.lane_weights(b.dw, j, dw);
+            tricubic_hkl_grad_stencil<T, kUnitL, SimdTaps4<T>>(
+                view.data + b.offset(j, view.stride), view.stride, w[0], w[1], w[2], dw[0], dw[1],
+                dw[2], grad_at(p), out + 3 * p);
           },
           [&](int64_t p, T h, T k, T l) NANOBRAGG_LAMBDA_INLINE {
             tricubic_hkl_grad<T, kUnitL>(view, h, k, l, mode, grad_at(p), out + 3 * p);
@@ -473,19 +447,18 @@ void both_grads_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
     accumulate_grid_grad<T>(
         c10::multiply_integers(point_shape), grad_grid, /*lazy=*/true,
         [&](int64_t begin, int64_t end, GridGradLane<T>& lane) NANOBRAGG_LAMBDA_INLINE {
-          using Batch = LaneBatch<T, kValueRows | kSlopeRows | kScatterRows>;
+          using Batch = LaneBatch<T, kDerivatives | kGradOut>;
           auto add = lane.add();
           auto checked_add = lane.checked_add();
-          for_each_point_in_lanes<T, kValueRows | kSlopeRows | kScatterRows>(
+          for_each_point_in_lanes<T, kDerivatives | kGradOut>(
               begin, end, bounds, coords, grad_at,
               [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
-                T wl[4], dwl[4];
-                b.lane_weights(b.wl, j, wl), b.lane_weights(b.dwl, j, dwl);
+                T w[3][4], dw[3][4];
+                b.lane_weights(b.w, j, w), b.lane_weights(b.dw, j, dw);
                 lane.prepare_block(b.first[0][j], b.first[1][j]);
-                tricubic_backward_rows<T, kUnitL, SimdTaps4<T>>(
+                tricubic_backward_stencil<T, kUnitL, SimdTaps4<T>>(
                     view.data + b.offset(j, view.stride), view.stride, b.offset(j, out_stride),
-                    out_stride, b.grad_rows(j), b.table(Batch::kScatter, j), wl, dwl, b.g[j],
-                    out + 3 * p, add);
+                    out_stride, w[0], w[1], w[2], dw[0], dw[1], dw[2], b.g[j], out + 3 * p, add);
               },
               [&](int64_t p, T h, T k, T l) NANOBRAGG_LAMBDA_INLINE {
                 tricubic_backward_point<T, kUnitL>(view, h, k, l, mode, grad_at(p), out + 3 * p,
@@ -525,14 +498,14 @@ at::Tensor tricubic_interp_cpu(const at::Tensor& grid, const at::Tensor& hkl_in,
     with_unit_l_stride(view.stride[2] == 1, [&](auto unit_l) {
       constexpr bool kUnitL = decltype(unit_l)::value;
       at::parallel_for(0, n, kPointGrain, [&](int64_t begin, int64_t end) {
-        using Batch = LaneBatch<T, kValueRows>;
-        for_each_point_in_lanes<T, kValueRows>(
+        using Batch = LaneBatch<T, kWeights>;
+        for_each_point_in_lanes<T, kWeights>(
             begin, end, bounds, coords, [](int64_t) { return T(0); },
             [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
-              T wl[4];
-              b.lane_weights(b.wl, j, wl);
-              out_data[p] = contract_rows<T, kUnitL, SimdTaps4<T>>(
-                  view.data + b.offset(j, view.stride), view.stride, b.table(Batch::kValue, j), wl);
+              T w[3][4];
+              b.lane_weights(b.w, j, w);
+              out_data[p] = contract_stencil<T, kUnitL, SimdTaps4<T>>(
+                  view.data + b.offset(j, view.stride), view.stride, w[0], w[1], w[2]);
             },
             [&](int64_t p, T h, T k, T l) NANOBRAGG_LAMBDA_INLINE {
               out_data[p] = tricubic_value<T, kUnitL>(view, h, k, l, mode, fill);

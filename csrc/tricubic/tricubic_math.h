@@ -199,100 +199,95 @@ struct Taps4 {
   }
 };
 
-// The weight of row (a, b) of a block, x[a] y[b] (times g where given,
-// as (g x[a]) y[b]), computed when asked. The CPU kernels pass instead a
-// table of the same products, made for a batch of points at once.
+// The grid gradient's taps of one point, grad_out w_h[a] w_k[b] w_l[c], as
+// (grad_out w_h[a]) (w_k[b] w_l[c]): the 16 products along k and l once per
+// point, then one multiply (one FMA into the gradient on the CPU) per tap.
 template <typename T>
-struct OuterWeights {
-  const T* x;
-  const T* y;
-  NANOBRAGG_INLINE T operator()(int a, int b) const { return x[a] * y[b]; }
+struct ScatterWeights {
+  T ga[4];     // grad_out w_h[a]
+  T kl[4][4];  // w_k[b] w_l[c]
 };
 
 template <typename T>
-struct ScaledOuterWeights {
-  T g;
-  const T* x;
-  const T* y;
-  NANOBRAGG_INLINE T operator()(int a, int b) const { return g * x[a] * y[b]; }
-};
+NANOBRAGG_INLINE ScatterWeights<T> scatter_weights(T grad_out, const T wh[4], const T wk[4],
+                                                   const T wl[4]) {
+  ScatterWeights<T> sw;
+  NANOBRAGG_UNROLL
+  for (int a = 0; a < 4; ++a) {
+    sw.ga[a] = grad_out * wh[a];
+    NANOBRAGG_UNROLL
+    for (int c = 0; c < 4; ++c) {
+      sw.kl[a][c] = wk[a] * wl[c];
+    }
+  }
+  return sw;
+}
 
-// sum_ab row_w(a, b) sum_c wl[c] g[a,b,c] over the 4x4x4 block at `g`: the 16
-// rows are summed with their weights into one 4-vector along l (64 FMAs),
-// which is then dotted with wl.
-template <typename T, bool kUnitL, typename Taps, typename RowW>
-NANOBRAGG_INLINE T contract_rows(const T* g, const int64_t stride[3], const RowW& row_w,
-                                 const T wl[4]) {
+// sum_abc wh[a] wk[b] wl[c] g[a,b,c] over the 4x4x4 block at `g`, one axis at
+// a time: each h-plane's 4 rows are summed with weights wk[b] into a 4-vector
+// along l (16 FMAs, four independent chains), the planes with weights wh[a]
+// (4 FMAs), and the result is dotted with wl. Every row of 4 taps is read
+// once; a row is one vector on the CPU (Taps).
+template <typename T, bool kUnitL = false, typename Taps = Taps4<T>>
+NANOBRAGG_INLINE T contract_stencil(const T* g, const int64_t stride[3], const T wh[4],
+                                    const T wk[4], const T wl[4]) {
+  Taps plane[4];
+  NANOBRAGG_UNROLL
+  for (int a = 0; a < 4; ++a) {
+    const T* p = g + a * stride[0];
+    plane[a] = Taps::zero();
+    NANOBRAGG_UNROLL
+    for (int b = 0; b < 4; ++b) {
+      plane[a].add_scaled(wk[b], Taps::template load<kUnitL>(p + b * stride[1], stride));
+    }
+  }
   Taps acc = Taps::zero();
   NANOBRAGG_UNROLL
   for (int a = 0; a < 4; ++a) {
-    NANOBRAGG_UNROLL
-    for (int b = 0; b < 4; ++b) {
-      acc.add_scaled(row_w(a, b),
-                     Taps::template load<kUnitL>(g + a * stride[0] + b * stride[1], stride));
-    }
+    acc.add_scaled(wh[a], plane[a]);
   }
   return acc.dot(wl);
 }
 
-// sum_abc wh[a] wk[b] wl[c] g[a,b,c]: contract_rows with row weights
-// wh[a] wk[b] (16 multiplies).
-template <typename T, bool kUnitL = false, typename Taps = Taps4<T>>
-NANOBRAGG_INLINE T contract_stencil(const T* g, const int64_t stride[3], const T wh[4],
-                                    const T wk[4], const T wl[4]) {
-  return contract_rows<T, kUnitL, Taps>(g, stride, OuterWeights<T>{wh, wk}, wl);
-}
-
 // Gradient of the contraction with respect to (u_h, u_k, u_l) in one pass:
-// three row accumulators (weights w'_h w_k, w_h w'_k, w_h w_k), then dots
-// with wl, wl and w'_l. `row(a, b)` is called once per row of the block, in
-// the same pass (the one-pass backward scatters the grid gradient there);
-// NoRowVisit does nothing.
+// per h-plane the rows summed with wk and with w'_k, then the planes with
+// wh and w'_h into three 4-vectors (weights w_h w_k, w'_h w_k, w_h w'_k),
+// dotted with wl, wl and w'_l. `row(a, b)` is called once per row of the
+// block, in the same pass (the one-pass backward scatters the grid gradient
+// there); NoRowVisit does nothing.
 struct NoRowVisit {
   NANOBRAGG_INLINE void operator()(int, int) const {}
 };
-
-// The row weights of the three accumulators.
-template <typename RowW>
-struct GradRowWeights {
-  RowW w, w_h, w_k;  // w_h w_k, w'_h w_k, w_h w'_k
-};
-
-template <typename T, bool kUnitL, typename Taps, typename RowW, typename RowFn = NoRowVisit>
-NANOBRAGG_INLINE void contract_rows_grad(const T* g, const int64_t stride[3],
-                                         const GradRowWeights<RowW>& rw, const T wl[4],
-                                         const T dwl[4], T grad[3], const RowFn& row = RowFn()) {
-  Taps acc = Taps::zero(), acc_h = Taps::zero(), acc_k = Taps::zero();
-  NANOBRAGG_UNROLL
-  for (int a = 0; a < 4; ++a) {
-    NANOBRAGG_UNROLL
-    for (int b = 0; b < 4; ++b) {
-      const Taps r = Taps::template load<kUnitL>(g + a * stride[0] + b * stride[1], stride);
-      acc.add_scaled(rw.w(a, b), r);
-      acc_h.add_scaled(rw.w_h(a, b), r);
-      acc_k.add_scaled(rw.w_k(a, b), r);
-      row(a, b);
-    }
-  }
-  grad[0] = acc_h.dot(wl);
-  grad[1] = acc_k.dot(wl);
-  grad[2] = acc.dot(dwl);
-}
-
-template <typename T>
-NANOBRAGG_INLINE GradRowWeights<OuterWeights<T>> outer_grad_weights(const T wh[4], const T wk[4],
-                                                                    const T dwh[4],
-                                                                    const T dwk[4]) {
-  return {OuterWeights<T>{wh, wk}, OuterWeights<T>{dwh, wk}, OuterWeights<T>{wh, dwk}};
-}
 
 template <typename T, bool kUnitL = false, typename Taps = Taps4<T>, typename RowFn = NoRowVisit>
 NANOBRAGG_INLINE void contract_stencil_grad(const T* g, const int64_t stride[3], const T wh[4],
                                             const T wk[4], const T wl[4], const T dwh[4],
                                             const T dwk[4], const T dwl[4], T grad[3],
                                             const RowFn& row = RowFn()) {
-  contract_rows_grad<T, kUnitL, Taps>(g, stride, outer_grad_weights(wh, wk, dwh, dwk), wl, dwl,
-                                      grad, row);
+  Taps plane[4], plane_k[4];  // rows summed with wk, with w'_k
+  NANOBRAGG_UNROLL
+  for (int a = 0; a < 4; ++a) {
+    const T* p = g + a * stride[0];
+    plane[a] = Taps::zero();
+    plane_k[a] = Taps::zero();
+    NANOBRAGG_UNROLL
+    for (int b = 0; b < 4; ++b) {
+      const Taps r = Taps::template load<kUnitL>(p + b * stride[1], stride);
+      plane[a].add_scaled(wk[b], r);
+      plane_k[a].add_scaled(dwk[b], r);
+      row(a, b);
+    }
+  }
+  Taps acc = Taps::zero(), acc_h = Taps::zero(), acc_k = Taps::zero();
+  NANOBRAGG_UNROLL
+  for (int a = 0; a < 4; ++a) {
+    acc.add_scaled(wh[a], plane[a]);
+    acc_h.add_scaled(dwh[a], plane[a]);
+    acc_k.add_scaled(wh[a], plane_k[a]);
+  }
+  grad[0] = acc_h.dot(wl);
+  grad[1] = acc_k.dot(wl);
+  grad[2] = acc.dot(dwl);
 }
 
 // Value, gradient and Hessian in (u_h, u_k, u_l) of the contraction, in one
@@ -366,12 +361,13 @@ NANOBRAGG_INLINE T tricubic_value(const GridView<T>& grid, T h, T k, T l, OutOfR
 }
 
 // tricubic_hkl_grad's Stencil case, given the point's block and weights.
-template <typename T, bool kUnitL, typename Taps, typename RowW>
-NANOBRAGG_INLINE void tricubic_hkl_grad_rows(const T* block, const int64_t stride[3],
-                                             const GradRowWeights<RowW>& rw, const T wl[4],
-                                             const T dwl[4], T grad_out, T grad_hkl[3]) {
+template <typename T, bool kUnitL = false, typename Taps = Taps4<T>>
+NANOBRAGG_INLINE void tricubic_hkl_grad_stencil(const T* block, const int64_t stride[3],
+                                                const T wh[4], const T wk[4], const T wl[4],
+                                                const T dwh[4], const T dwk[4], const T dwl[4],
+                                                T grad_out, T grad_hkl[3]) {
   T g[3];
-  contract_rows_grad<T, kUnitL, Taps>(block, stride, rw, wl, dwl, g);
+  contract_stencil_grad<T, kUnitL, Taps>(block, stride, wh, wk, wl, dwh, dwk, dwl, g);
   for (int d = 0; d < 3; ++d) {
     grad_hkl[d] = grad_out * g[d];
   }
@@ -393,9 +389,8 @@ NANOBRAGG_INLINE void tricubic_hkl_grad(const GridView<T>& grid, T h, T k, T l, 
   lagrange_weight_derivs(p.u[0], dwh);
   lagrange_weight_derivs(p.u[1], dwk);
   lagrange_weight_derivs(p.u[2], dwl);
-  tricubic_hkl_grad_rows<T, kUnitL, Taps4<T>>(grid.data + node_offset<T>(grid.stride, p.first),
-                                              grid.stride, outer_grad_weights(wh, wk, dwh, dwk), wl,
-                                              dwl, grad_out, grad_hkl);
+  tricubic_hkl_grad_stencil<T, kUnitL>(grid.data + node_offset<T>(grid.stride, p.first),
+                                       grid.stride, wh, wk, wl, dwh, dwk, dwl, grad_out, grad_hkl);
 }
 
 // Adds g wl[c] at r + c, c = 0..3, through `add`: add.add_row(r, g, wl)
@@ -418,16 +413,16 @@ NANOBRAGG_INLINE void add_row(AddFn& add, int64_t r, T g, const T wl[4]) {
   add_row_impl(add, r, g, wl, 0);
 }
 
-// Adds gab(a, b) wl[c] at base + a stride[0] + b stride[1] + c (a
+// Adds sw.ga[a] sw.kl[b][c] at base + a stride[0] + b stride[1] + c (a
 // contiguous grid-shaped gradient) through `add`.
-template <typename T, typename RowW, typename AddFn>
-NANOBRAGG_INLINE void scatter_rows(int64_t base, const int64_t stride[3], const RowW& gab,
-                                   const T wl[4], AddFn& add) {
+template <typename T, typename AddFn>
+NANOBRAGG_INLINE void scatter_rows(int64_t base, const int64_t stride[3],
+                                   const ScatterWeights<T>& sw, AddFn& add) {
   NANOBRAGG_UNROLL
   for (int a = 0; a < 4; ++a) {
     NANOBRAGG_UNROLL
     for (int b = 0; b < 4; ++b) {
-      add_row(add, base + a * stride[0] + b * stride[1], gab(a, b), wl);
+      add_row(add, base + a * stride[0] + b * stride[1], sw.ga[a], sw.kl[b]);
     }
   }
 }
@@ -453,37 +448,36 @@ NANOBRAGG_INLINE void tricubic_grid_grad_scatter(const int64_t size[3], const do
   lagrange_weights(p.u[0], wh);
   lagrange_weights(p.u[1], wk);
   lagrange_weights(p.u[2], wl);
-  scatter_rows(base, stride, ScaledOuterWeights<T>{grad_out, wh, wk}, wl, add);
+  scatter_rows(base, stride, scatter_weights(grad_out, wh, wk, wl), add);
 }
 
 // The row (a, b) of a point's grid-gradient scatter: grad_out w_a w_b w_c
 // added at row + c, c = 0..3, in tricubic_grid_grad_scatter's arithmetic.
-template <typename T, typename RowW, typename AddFn>
+template <typename T, typename AddFn>
 struct ScatterRow {
   AddFn& add;
   int64_t base;
   const int64_t* stride;  // of the grid gradient (contiguous)
-  RowW gab;               // grad_out w_a w_b
-  const T* wl;
+  const ScatterWeights<T>& sw;
 
   NANOBRAGG_INLINE void operator()(int a, int b) const {
-    add_row(add, base + a * stride[0] + b * stride[1], gab(a, b), wl);
+    add_row(add, base + a * stride[0] + b * stride[1], sw.ga[a], sw.kl[b]);
   }
 };
 
 // tricubic_backward_point's Stencil case, given the point's block in the
 // grid and its weights: grad_out dF/dhkl into grad_hkl, and the grid
 // gradient scattered at out_base (contiguous, strides out_stride).
-template <typename T, bool kUnitL, typename Taps, typename RowW, typename ScaledRowW,
-          typename AddFn>
-NANOBRAGG_INLINE void tricubic_backward_rows(const T* block, const int64_t grid_stride[3],
-                                             int64_t out_base, const int64_t out_stride[3],
-                                             const GradRowWeights<RowW>& rw, const ScaledRowW& gab,
-                                             const T wl[4], const T dwl[4], T grad_out,
-                                             T grad_hkl[3], AddFn& add) {
-  const ScatterRow<T, ScaledRowW, AddFn> row{add, out_base, out_stride, gab, wl};
+template <typename T, bool kUnitL, typename Taps, typename AddFn>
+NANOBRAGG_INLINE void tricubic_backward_stencil(const T* block, const int64_t grid_stride[3],
+                                                int64_t out_base, const int64_t out_stride[3],
+                                                const T wh[4], const T wk[4], const T wl[4],
+                                                const T dwh[4], const T dwk[4], const T dwl[4],
+                                                T grad_out, T grad_hkl[3], AddFn& add) {
+  const ScatterWeights<T> sw = scatter_weights(grad_out, wh, wk, wl);
+  const ScatterRow<T, AddFn> row{add, out_base, out_stride, sw};
   T g[3];
-  contract_rows_grad<T, kUnitL, Taps>(block, grid_stride, rw, wl, dwl, g, row);
+  contract_stencil_grad<T, kUnitL, Taps>(block, grid_stride, wh, wk, wl, dwh, dwk, dwl, g, row);
   for (int d = 0; d < 3; ++d) {
     grad_hkl[d] = grad_out * g[d];
   }
@@ -515,10 +509,9 @@ NANOBRAGG_INLINE void tricubic_backward_point(const GridView<T>& grid, T h, T k,
   lagrange_weight_derivs(p.u[0], dwh);
   lagrange_weight_derivs(p.u[1], dwk);
   lagrange_weight_derivs(p.u[2], dwl);
-  tricubic_backward_rows<T, kUnitL, Taps4<T>>(
-      grid.data + node_offset<T>(grid.stride, p.first), grid.stride, base, out_stride,
-      outer_grad_weights(wh, wk, dwh, dwk), ScaledOuterWeights<T>{grad_out, wh, wk}, wl, dwl,
-      grad_out, grad_hkl, add);
+  tricubic_backward_stencil<T, kUnitL, Taps4<T>>(grid.data + node_offset<T>(grid.stride, p.first),
+                                                 grid.stride, base, out_stride, wh, wk, wl, dwh,
+                                                 dwk, dwl, grad_out, grad_hkl, add);
 }
 
 // ---------------------------------------------------------------------------
