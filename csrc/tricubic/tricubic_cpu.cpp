@@ -46,11 +46,12 @@ constexpr int64_t kPointGrain = 512;
 // computed for the whole batch at once with at::vec::Vectorized, by the same
 // templates (tricubic_math.h) that the per-point path runs on scalars; then
 // each point whose stencil is inside the grid has its 4x4x4 block contracted
-// on its own (16 rows, each a short vector load). Points whose stencil
-// leaves the grid, or that the batch test cannot decide, take the per-point
-// path (tricubic_value, ...). A lane's arithmetic does not depend on its
-// position in a batch, so neither do the results on how the points are
-// split among threads.
+// on its own (16 rows, each a short vector load: SimdTaps4). Points whose
+// stencil leaves the grid, or that the batch test cannot decide, take the
+// per-point path (tricubic_value, ...). A lane's arithmetic does not depend
+// on its position in a batch, so neither do the results on how the points
+// are split among threads.
+//
 // What a kernel needs of a batch besides the weights: their derivatives
 // (the hkl gradient), the incoming gradient (the grid gradient).
 enum LaneNeeds : int { kWeights = 0, kDerivatives = 1, kGradOut = 2 };
@@ -62,11 +63,10 @@ struct LaneBatch {
   static constexpr int kLanes = Vec::size();
   static_assert(kLanes <= 64, "inside is a 64-bit mask");
 
-  alignas(64) T x[3][kLanes];      // h, k, l
-  alignas(64) T g[kLanes];         // incoming gradient (kGradOut)
-  alignas(64) T w[3][4][kLanes];   // [axis][node][lane]
-  alignas(64) T dw[3][4][kLanes];  // (kDerivatives)
-
+  alignas(64) T x[3][kLanes];        // h, k, l
+  alignas(64) T g[kLanes];           // incoming gradient (kGradOut)
+  alignas(64) T w[3][4][kLanes];     // [axis][node][lane]
+  alignas(64) T dw[3][4][kLanes];    // (kDerivatives)
   alignas(64) Int first[3][kLanes];  // stencil's first node per axis
   uint64_t inside = 0;               // bit j: lane j's stencil is in the grid
 
@@ -112,14 +112,15 @@ C10_ALWAYS_INLINE void locate_lanes(LaneBatch<T, kNeeds>& b, const LaneBounds<T>
   using Batch = LaneBatch<T, kNeeds>;
   using Vec = typename Batch::Vec;
   constexpr int kLanes = Batch::kLanes;
-  Vec w[3][4], in_grid;
+  Vec in_grid;
   for (int d = 0; d < 3; ++d) {
     const Vec x = Vec::loadu(b.x[d]);
     const Vec lower(bounds.first_x[d]);
     const Vec n = x.floor();
     const Vec u = x - n;  // exact, as locate_stencil's
-    lagrange_weights(u, w[d]);
-    for (int c = 0; c < 4; ++c) w[d][c].store(b.w[d][c]);
+    Vec w[4];
+    lagrange_weights(u, w);
+    for (int c = 0; c < 4; ++c) w[c].store(b.w[d][c]);
     if constexpr ((kNeeds & kDerivatives) != 0) {
       Vec dw[4];
       lagrange_weight_derivs(u, dw);
@@ -132,7 +133,6 @@ C10_ALWAYS_INLINE void locate_lanes(LaneBatch<T, kNeeds>& b, const LaneBounds<T>
     at::vec::convert_to_int_of_same_size(Vec::blendv(Vec(T(0)), n - lower, axis_in))
         .store(b.first[d]);
   }
-
   const uint64_t all = count >= 64 ? ~uint64_t(0) : (uint64_t(1) << count) - 1;
   const uint64_t outside = static_cast<uint64_t>(static_cast<uint32_t>(in_grid.zero_mask()));
   b.inside = ~outside & all & (kLanes >= 64 ? ~uint64_t(0) : (uint64_t(1) << kLanes) - 1);
@@ -269,6 +269,45 @@ struct GridGradLane {
   CheckedAdd checked_add() { return CheckedAdd{this}; }
 };
 
+// The grid gradient of consecutive points whose stencils start at the same
+// node (detector lookups: neighbouring pixels mostly fall in the same cell),
+// summed in 16 rows of 4 taps and added into the lane's gradient once, when
+// the block changes or the lane's points end: one read-modify-write of the
+// block per run of points instead of per point. The runs depend on the
+// points' order only, so the result does not depend on the thread count.
+template <typename T>
+struct PendingBlock {
+  using Taps = SimdTaps4<T>;
+  int64_t base = -1, h0 = 0, k0 = 0;  // gradient offset and first node of the block
+    Taps rows[16] = {};
+
+  C10_ALWAYS_INLINE void flush(GridGradLane<T>& lane, const int64_t stride[3]) {
+    if (base < 0) return;
+    lane.prepare_block(h0, k0);
+    for (int a = 0; a < 4; ++a) {
+      for (int b = 0; b < 4; ++b) {
+        T* row = lane.dest + base + a * stride[0] + b * stride[1];
+        Taps d = Taps::template load<true>(row, stride);
+                d.v += rows[4 * a + b].v;
+        std::memcpy(row, &d.v, sizeof(d.v));
+      }
+    }
+    base = -1;
+  }
+  // Makes the block at gradient offset `at` (first node h, k) the pending one.
+  C10_ALWAYS_INLINE void hold(int64_t at, int64_t h, int64_t k, GridGradLane<T>& lane,
+                              const int64_t stride[3]) {
+    if (at == base) return;
+    flush(lane, stride);
+    base = at, h0 = h, k0 = k;
+    for (int r = 0; r < 16; ++r) rows[r] = Taps::zero();
+  }
+  // Row (a, b) of a point's scatter (tricubic_math.h's ScatterRow arithmetic).
+  C10_ALWAYS_INLINE void add(int a, int b, const ScatterWeights<T>& sw) {
+    rows[4 * a + b].add_scaled(sw.ga[a], Taps::template load<true>(sw.kl[b], nullptr));
+  }
+};
+
 // How many partial grids the grid gradient is accumulated in. A function of
 // the problem size only, never of the thread count, so the summation order,
 // and the result to the last bit, does not depend on how many threads run.
@@ -354,26 +393,29 @@ void grid_grad_kernel(const at::Tensor& grad_output, const at::Tensor& hkl_in,
   };
   auto grad_at = [&](int64_t p)
                      NANOBRAGG_LAMBDA_INLINE { return grad_data[offsets.get_one(p, 1)]; };
-  accumulate_grid_grad<T>(c10::multiply_integers(point_shape), grad_grid, /*lazy=*/true,
-                          [&](int64_t begin, int64_t end, GridGradLane<T>& lane)
-                              NANOBRAGG_LAMBDA_INLINE {
-                                using Batch = LaneBatch<T, kGradOut>;
-                                auto add = lane.add();
-                                auto checked_add = lane.checked_add();
-                                for_each_point_in_lanes<T, kGradOut>(
-                                    begin, end, bounds, coords, grad_at,
-                                    [&](int64_t, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
-                                      T w[3][4];
-                                      b.lane_weights(b.w, j, w);
-                                      lane.prepare_block(b.first[0][j], b.first[1][j]);
-                                      scatter_rows(b.offset(j, out_stride), out_stride,
-                                                   scatter_weights(b.g[j], w[0], w[1], w[2]), add);
-                                    },
-                                    [&](int64_t p, T h, T k, T l) NANOBRAGG_LAMBDA_INLINE {
-                                      tricubic_grid_grad_scatter<T>(shape.size, shape.lo, h, k, l,
-                                                                    mode, grad_at(p), checked_add);
-                                    });
-                              });
+  accumulate_grid_grad<T>(
+      c10::multiply_integers(point_shape), grad_grid, /*lazy=*/true,
+      [&](int64_t begin, int64_t end, GridGradLane<T>& lane) NANOBRAGG_LAMBDA_INLINE {
+        using Batch = LaneBatch<T, kGradOut>;
+        auto checked_add = lane.checked_add();
+        PendingBlock<T> pending;
+        for_each_point_in_lanes<T, kGradOut>(
+            begin, end, bounds, coords, grad_at,
+            [&](int64_t, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
+              T w[3][4];
+              b.lane_weights(b.w, j, w);
+              pending.hold(b.offset(j, out_stride), b.first[0][j], b.first[1][j], lane, out_stride);
+              const ScatterWeights<T> sw = scatter_weights(b.g[j], w[0], w[1], w[2]);
+              for (int a = 0; a < 4; ++a) {
+                for (int k = 0; k < 4; ++k) pending.add(a, k, sw);
+              }
+            },
+            [&](int64_t p, T h, T k, T l) NANOBRAGG_LAMBDA_INLINE {
+              tricubic_grid_grad_scatter<T>(shape.size, shape.lo, h, k, l, mode, grad_at(p),
+                                            checked_add);
+            });
+        pending.flush(lane, out_stride);
+      });
 }
 
 template <typename T>
@@ -448,22 +490,26 @@ void both_grads_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
         c10::multiply_integers(point_shape), grad_grid, /*lazy=*/true,
         [&](int64_t begin, int64_t end, GridGradLane<T>& lane) NANOBRAGG_LAMBDA_INLINE {
           using Batch = LaneBatch<T, kDerivatives | kGradOut>;
-          auto add = lane.add();
           auto checked_add = lane.checked_add();
+          PendingBlock<T> pending;
           for_each_point_in_lanes<T, kDerivatives | kGradOut>(
               begin, end, bounds, coords, grad_at,
               [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
                 T w[3][4], dw[3][4];
                 b.lane_weights(b.w, j, w), b.lane_weights(b.dw, j, dw);
-                lane.prepare_block(b.first[0][j], b.first[1][j]);
+                pending.hold(b.offset(j, out_stride), b.first[0][j], b.first[1][j], lane,
+                             out_stride);
+                const ScatterWeights<T> sw = scatter_weights(b.g[j], w[0], w[1], w[2]);
                 tricubic_backward_stencil<T, kUnitL, SimdTaps4<T>>(
-                    view.data + b.offset(j, view.stride), view.stride, b.offset(j, out_stride),
-                    out_stride, w[0], w[1], w[2], dw[0], dw[1], dw[2], b.g[j], out + 3 * p, add);
+                    view.data + b.offset(j, view.stride), view.stride, w[0], w[1], w[2], dw[0],
+                    dw[1], dw[2], b.g[j], out + 3 * p,
+                    [&](int a, int k) NANOBRAGG_LAMBDA_INLINE { pending.add(a, k, sw); });
               },
               [&](int64_t p, T h, T k, T l) NANOBRAGG_LAMBDA_INLINE {
                 tricubic_backward_point<T, kUnitL>(view, h, k, l, mode, grad_at(p), out + 3 * p,
                                                    checked_add);
               });
+          pending.flush(lane, out_stride);
         });
   });
 }

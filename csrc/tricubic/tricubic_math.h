@@ -466,16 +466,15 @@ struct ScatterRow {
 };
 
 // tricubic_backward_point's Stencil case, given the point's block in the
-// grid and its weights: grad_out dF/dhkl into grad_hkl, and the grid
-// gradient scattered at out_base (contiguous, strides out_stride).
-template <typename T, bool kUnitL, typename Taps, typename AddFn>
+// grid and its weights: grad_out dF/dhkl into grad_hkl, and row(a, b) called
+// for each row of the block in the same pass, to scatter the grid gradient
+// (ScatterRow; the CPU kernels sum the rows of consecutive points that
+// share a block first).
+template <typename T, bool kUnitL, typename Taps, typename RowFn>
 NANOBRAGG_INLINE void tricubic_backward_stencil(const T* block, const int64_t grid_stride[3],
-                                                int64_t out_base, const int64_t out_stride[3],
                                                 const T wh[4], const T wk[4], const T wl[4],
                                                 const T dwh[4], const T dwk[4], const T dwl[4],
-                                                T grad_out, T grad_hkl[3], AddFn& add) {
-  const ScatterWeights<T> sw = scatter_weights(grad_out, wh, wk, wl);
-  const ScatterRow<T, AddFn> row{add, out_base, out_stride, sw};
+                                                T grad_out, T grad_hkl[3], const RowFn& row) {
   T g[3];
   contract_stencil_grad<T, kUnitL, Taps>(block, grid_stride, wh, wk, wl, dwh, dwk, dwl, g, row);
   for (int d = 0; d < 3; ++d) {
@@ -509,9 +508,10 @@ NANOBRAGG_INLINE void tricubic_backward_point(const GridView<T>& grid, T h, T k,
   lagrange_weight_derivs(p.u[0], dwh);
   lagrange_weight_derivs(p.u[1], dwk);
   lagrange_weight_derivs(p.u[2], dwl);
-  tricubic_backward_stencil<T, kUnitL, Taps4<T>>(grid.data + node_offset<T>(grid.stride, p.first),
-                                                 grid.stride, base, out_stride, wh, wk, wl, dwh,
-                                                 dwk, dwl, grad_out, grad_hkl, add);
+  const ScatterWeights<T> sw = scatter_weights(grad_out, wh, wk, wl);
+  tricubic_backward_stencil<T, kUnitL, Taps4<T>>(
+      grid.data + node_offset<T>(grid.stride, p.first), grid.stride, wh, wk, wl, dwh, dwk, dwl,
+      grad_out, grad_hkl, ScatterRow<T, AddFn>{add, base, out_stride, sw});
 }
 
 // ---------------------------------------------------------------------------
