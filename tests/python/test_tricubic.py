@@ -172,3 +172,68 @@ def test_a_point_does_not_depend_on_its_neighbours(mode, dtype):
     inside = (hkl[:, 0] >= INDEX_MIN[0] + 1) & (hkl[:, 0] < INDEX_MIN[0] + grid.shape[0] - 2)
     assert 30 < int(inside.sum()) < 50 and bool((together[~inside] != together[~inside]).any() |
                                                 (together[~inside] == -3.0).any())
+
+
+def lagrange_weights_f64(u):
+    """The 4 Lagrange weights of nodes n-1..n+2 at u, [N, 4] (an independent
+    spelling of the formula, for the reference below)."""
+    return torch.stack(
+        [-u * (u - 1) * (u - 2) / 6, (u + 1) * (u - 1) * (u - 2) / 2,
+         -(u + 1) * u * (u - 2) / 2, (u + 1) * u * (u - 1) / 6], dim=-1)
+
+
+def grid_gradient_reference(grid_shape, hkl, grad):
+    """sum_p grad_p w_a w_b w_c scattered into the grid, float64, with
+    index_add_: points whose stencil leaves the grid add nothing."""
+    hkl = hkl.double()
+    n = torch.floor(hkl)
+    w = lagrange_weights_f64(hkl - n)  # [N, 3, 4]
+    first = (n - 1 - torch.tensor(INDEX_MIN, dtype=torch.float64)).long()
+    size = torch.tensor(grid_shape)
+    inside = ((first >= 0) & (first + 3 <= size - 1)).all(dim=1)
+    out = torch.zeros(grid_shape, dtype=torch.float64)
+    offs = torch.arange(4)
+    for a in range(4):
+        for b in range(4):
+            idx = ((first[:, 0] + a) * grid_shape[1] + first[:, 1] + b) * grid_shape[2]
+            idx = idx[:, None] + first[:, 2:3] + offs  # [N, 4]
+            val = (grad.double() * w[:, 0, a] * w[:, 1, b])[:, None] * w[:, 2, :]
+            out.view(-1).index_add_(0, idx[inside].reshape(-1), val[inside].reshape(-1))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grid_gradient_of_runs_of_points_in_one_cell(dtype):
+    """Detector lookups come in runs: neighbouring points fall in the same
+    cell, and the CPU kernels sum a run's taps before adding them to the grid
+    gradient. Runs of 1 to 40 points in a few cells, with points outside the
+    grid and NaNs between them, over several lanes of the deterministic
+    reduction: the gradient matches an independent float64 scatter and is
+    the same, bitwise, on 1 and on 2 threads."""
+    gen = torch.Generator().manual_seed(11)
+    grid = torch.rand(7, 8, 9, generator=gen, dtype=torch.float64).to(dtype)
+    cells = torch.tensor([[-1.0, 3.0, 4.0], [0.0, 4.0, 5.0], [1.0, 3.0, 6.0], [-1.0, 5.0, 4.0]])
+    runs = []
+    while sum(len(r) for r in runs) < 30000:
+        length = int(torch.randint(1, 41, (1,), generator=gen))
+        cell = cells[int(torch.randint(0, 4, (1,), generator=gen))]
+        runs.append(cell + torch.rand(length, 3, generator=gen, dtype=torch.float64) * 0.98 + 0.01)
+        if int(torch.randint(0, 5, (1,), generator=gen)) == 0:
+            runs.append(torch.tensor([[40.0, 4.0, 5.0], [float("nan"), 4.0, 5.0]]))
+    hkl = torch.cat(runs).to(dtype)
+    grad = (torch.rand(hkl.shape[0], generator=gen, dtype=torch.float64) - 0.3).to(dtype)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            results.append(BACKWARD_OP(grad, grid, hkl, INDEX_MIN, "default", [True, True]))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0])
+    expected = grid_gradient_reference(tuple(grid.shape), hkl, grad)
+    assert float(expected.abs().max()) > 10  # the runs pile up
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(results[0][0].double(), expected, rtol=tol, atol=tol * 1e3)
+    grid_only, _ = BACKWARD_OP(grad, grid, hkl, INDEX_MIN, "default", [True, False])
+    torch.testing.assert_close(grid_only.double(), expected, rtol=tol, atol=tol * 1e3)
