@@ -279,7 +279,7 @@ template <typename T>
 struct PendingBlock {
   using Taps = SimdTaps4<T>;
   int64_t base = -1, h0 = 0, k0 = 0;  // gradient offset and first node of the block
-    Taps rows[16] = {};
+  Taps rows[16] = {};
 
   C10_ALWAYS_INLINE void flush(GridGradLane<T>& lane, const int64_t stride[3]) {
     if (base < 0) return;
@@ -288,7 +288,7 @@ struct PendingBlock {
       for (int b = 0; b < 4; ++b) {
         T* row = lane.dest + base + a * stride[0] + b * stride[1];
         Taps d = Taps::template load<true>(row, stride);
-                d.v += rows[4 * a + b].v;
+        d.v += rows[4 * a + b].v;
         std::memcpy(row, &d.v, sizeof(d.v));
       }
     }
