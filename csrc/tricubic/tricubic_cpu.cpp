@@ -4,6 +4,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
@@ -142,12 +145,18 @@ C10_ALWAYS_INLINE void locate_lanes(LaneBatch<T, kNeeds>& b, const LaneBounds<T>
 // coordinates (and grad(p) its incoming gradient, for kGradOut); then
 // stencil(p, j, batch) runs for a point whose stencil is inside the grid
 // (lane j of the batch), per_point(p, h, k, l) for the others.
-template <typename T, int kNeeds, typename CoordsFn, typename GradFn, typename StencilFn,
-          typename PointFn>
+// With `group` (kGroup > 1), group(p, j, batch) runs instead for kGroup
+// consecutive lanes j, j + 1, ... whose stencils are all inside the grid.
+struct NoGroups {};
+
+template <typename T, int kNeeds, int kGroup = 1, typename CoordsFn, typename GradFn,
+          typename StencilFn, typename PointFn, typename GroupFn = NoGroups>
 C10_ALWAYS_INLINE void for_each_point_in_lanes(int64_t begin, int64_t end,
                                                const LaneBounds<T>& bounds, const CoordsFn& coords,
                                                const GradFn& grad, const StencilFn& stencil,
-                                               const PointFn& per_point) {
+                                               const PointFn& per_point,
+                                               const GroupFn& group = GroupFn()) {
+  static_assert(kGroup > 1 || std::is_same_v<GroupFn, NoGroups>, "a group is 2 or more lanes");
   LaneBatch<T, kNeeds> b;
   constexpr int kLanes = LaneBatch<T, kNeeds>::kLanes;
   for (int64_t i = begin; i < end; i += kLanes) {
@@ -161,12 +170,22 @@ C10_ALWAYS_INLINE void for_each_point_in_lanes(int64_t begin, int64_t end,
       }
     }
     locate_lanes(b, bounds, count);
-    for (int j = 0; j < count; ++j) {
+    for (int j = 0; j < count;) {
+      if constexpr (!std::is_same_v<GroupFn, NoGroups>) {
+        // kGroup lanes all inside: one call for the group.
+        constexpr uint64_t kGroupMask = (uint64_t(1) << kGroup) - 1;
+        if (j + kGroup <= count && ((b.inside >> j) & kGroupMask) == kGroupMask) {
+          group(i + j, j, b);
+          j += kGroup;
+          continue;
+        }
+      }
       if (b.is_inside(j)) {
         stencil(i + j, j, b);
       } else {
         per_point(i + j, b.x[0][j], b.x[1][j], b.x[2][j]);
       }
+      ++j;
     }
   }
 }
@@ -202,6 +221,199 @@ struct SimdTaps4 {
     return w[0] * v[0] + w[1] * v[1] + w[2] * v[2] + w[3] * v[3];
   }
 };
+
+// Rows of several points side by side in one register: with AVX-512, 4
+// points' rows of 4 floats (or 2 points' rows of 4 doubles) fill a 512-bit
+// register, so the 20 multiply-adds of contract_stencil cover 4 points and
+// the weights of consecutive lanes are read as one vector. Each element
+// goes through the same operations, in the same order, as in SimdTaps4 (and
+// the dot in Taps4::dot's form), so a point's result does not depend on
+// whether it went through a group: a group is used only where kPoints
+// consecutive lanes are all inside the grid.
+#if defined(CPU_CAPABILITY_AVX512) && !defined(NANOBRAGG_GROUP_BYTES)
+constexpr int kRegisterBytes = 64;
+#elif defined(NANOBRAGG_GROUP_BYTES)
+constexpr int kRegisterBytes = NANOBRAGG_GROUP_BYTES;
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int kRegisterBytes = 32;
+#else
+constexpr int kRegisterBytes = 16;
+#endif
+
+typedef float Float2 __attribute__((vector_size(8)));
+typedef float Float8 __attribute__((vector_size(32)));
+typedef float Float16 __attribute__((vector_size(64)));
+typedef double Double2 __attribute__((vector_size(16)));
+typedef double Double8 __attribute__((vector_size(64)));
+typedef double Double16 __attribute__((vector_size(128)));
+
+// V: kPoints rows of 4 taps; PerPoint: one value per point.
+template <typename T, int kPoints>
+struct GroupVectors {  // kPoints == 1: no groups
+  using V = typename SimdTaps4<T>::V;
+  using PerPoint = T;
+};
+template <>
+struct GroupVectors<float, 2> {
+  using V = Float8;
+  using PerPoint = Float2;
+};
+template <>
+struct GroupVectors<float, 4> {
+  using V = Float16;
+  using PerPoint = Float4;
+};
+template <>
+struct GroupVectors<double, 2> {
+  using V = Double8;
+  using PerPoint = Double2;
+};
+
+template <typename T>
+struct RowGroup {
+  static constexpr int kPoints = std::max<int>(1, kRegisterBytes / int(4 * sizeof(T)));
+  static constexpr bool kEnabled = kPoints > 1;
+  using V = typename GroupVectors<T, kPoints>::V;
+  using PerPoint = typename GroupVectors<T, kPoints>::PerPoint;
+
+  // Row `offset` of each point's block (block[i] + offset), side by side.
+  template <bool kUnitL>
+  static C10_ALWAYS_INLINE V load_rows(const T* const block[kPoints], int64_t offset,
+                                       const int64_t stride[3]) {
+    using Row = typename SimdTaps4<T>::V;
+    const Row r0 = SimdTaps4<T>::template load<kUnitL>(block[0] + offset, stride).v;
+    const Row r1 = SimdTaps4<T>::template load<kUnitL>(block[1] + offset, stride).v;
+    if constexpr (kPoints == 2) {
+      return __builtin_shufflevector(r0, r1, 0, 1, 2, 3, 4, 5, 6, 7);
+    } else {
+      const Row r2 = SimdTaps4<T>::template load<kUnitL>(block[2] + offset, stride).v;
+      const Row r3 = SimdTaps4<T>::template load<kUnitL>(block[3] + offset, stride).v;
+      const Float8 r01 = __builtin_shufflevector(r0, r1, 0, 1, 2, 3, 4, 5, 6, 7);
+      const Float8 r23 = __builtin_shufflevector(r2, r3, 0, 1, 2, 3, 4, 5, 6, 7);
+      return __builtin_shufflevector(r01, r23, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
+                                     15);
+    }
+  }
+  // kPoints consecutive lanes' values, one per point.
+  static C10_ALWAYS_INLINE PerPoint load_points(const T* lanes) {
+    PerPoint x;
+    std::memcpy(&x, lanes, sizeof(x));
+    return x;
+  }
+  // Each point's value repeated over its row: {x0, x0, x0, x0, x1, ...}.
+  // (One permute of a register loaded from the lanes; written with the
+  // intrinsics because the compilers widen the generic form through memory.)
+  static C10_ALWAYS_INLINE V spread(const T* lanes) {
+    V r;
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float> && kPoints == 4) {
+      const __m512i index = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+      const __m512 x = _mm512_castps128_ps512(_mm_loadu_ps(lanes));
+      const __m512 y = _mm512_permutexvar_ps(index, x);
+      std::memcpy(&r, &y, sizeof(r));
+      return r;
+    } else if constexpr (std::is_same_v<T, double> && kPoints == 2) {
+      const __m512i index = _mm512_setr_epi64(0, 0, 0, 0, 1, 1, 1, 1);
+      const __m512d x = _mm512_castpd128_pd512(_mm_loadu_pd(lanes));
+      const __m512d y = _mm512_permutexvar_pd(index, x);
+      std::memcpy(&r, &y, sizeof(r));
+      return r;
+    }
+#endif
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, float> && kPoints == 2) {
+      const __m256 y = _mm256_set_m128(_mm_broadcast_ss(lanes + 1), _mm_broadcast_ss(lanes));
+      std::memcpy(&r, &y, sizeof(r));
+      return r;
+    }
+#endif
+    for (int i = 0; i < 4 * kPoints; ++i) r[i] = lanes[i / 4];
+    return r;
+  }
+  // Tap c of each point's row.
+  template <int c>
+  static C10_ALWAYS_INLINE PerPoint tap(const V& v) {
+    if constexpr (kPoints == 2) {
+      return __builtin_shufflevector(v, v, c, 4 + c);
+    } else {
+      return __builtin_shufflevector(v, v, c, 4 + c, 8 + c, 12 + c);
+    }
+  }
+  // sum_c w_c v_c per point, in Taps4::dot's order; w: the batch's 4 weight
+  // arrays [c][lane], from the group's first lane.
+  static C10_ALWAYS_INLINE PerPoint dot(const V& v, const T* w0, const T* w1, const T* w2,
+                                        const T* w3) {
+    return load_points(w0) * tap<0>(v) + load_points(w1) * tap<1>(v) + load_points(w2) * tap<2>(v) +
+           load_points(w3) * tap<3>(v);
+  }
+};
+
+// contract_stencil for the kPoints points of lanes j, j + 1, ... of a batch
+// (all inside), into out[0..kPoints).
+template <typename T, bool kUnitL, int kNeeds>
+C10_ALWAYS_INLINE void contract_group(const LaneBatch<T, kNeeds>& b, int j, const T* data,
+                                      const int64_t stride[3], T* out) {
+  using G = RowGroup<T>;
+  using V = typename G::V;
+  const T* block[G::kPoints];
+  for (int i = 0; i < G::kPoints; ++i) block[i] = data + b.offset(j + i, stride);
+  V wk[4];
+  for (int c = 0; c < 4; ++c) wk[c] = G::spread(&b.w[1][c][j]);
+  V acc = V{};
+  for (int a = 0; a < 4; ++a) {
+    V plane = V{};
+    for (int c = 0; c < 4; ++c) {
+      plane += wk[c] * G::template load_rows<kUnitL>(block, a * stride[0] + c * stride[1], stride);
+    }
+    acc += G::spread(&b.w[0][a][j]) * plane;
+  }
+  const typename G::PerPoint value =
+      G::dot(acc, &b.w[2][0][j], &b.w[2][1][j], &b.w[2][2][j], &b.w[2][3][j]);
+  std::memcpy(out, &value, sizeof(value));
+}
+
+// tricubic_hkl_grad_stencil (contract_stencil_grad's arithmetic) for the
+// kPoints points of lanes j, j + 1, ... (all inside): grad_out dF/dhkl of
+// point j + i into grad_hkl[3 i .. 3 i + 2].
+template <typename T, bool kUnitL, int kNeeds>
+C10_ALWAYS_INLINE void hkl_grad_group(const LaneBatch<T, kNeeds>& b, int j, const T* data,
+                                      const int64_t stride[3], const T* grad_out, T* grad_hkl) {
+  using G = RowGroup<T>;
+  using V = typename G::V;
+  using PerPoint = typename G::PerPoint;
+  const T* block[G::kPoints];
+  for (int i = 0; i < G::kPoints; ++i) block[i] = data + b.offset(j + i, stride);
+  V wk[4], dwk[4];
+  for (int c = 0; c < 4; ++c) {
+    wk[c] = G::spread(&b.w[1][c][j]);
+    dwk[c] = G::spread(&b.dw[1][c][j]);
+  }
+  V acc = V{}, acc_h = V{}, acc_k = V{};
+  for (int a = 0; a < 4; ++a) {
+    V plane = V{}, plane_k = V{};
+    for (int c = 0; c < 4; ++c) {
+      const V r = G::template load_rows<kUnitL>(block, a * stride[0] + c * stride[1], stride);
+      plane += wk[c] * r;
+      plane_k += dwk[c] * r;
+    }
+    const V wh = G::spread(&b.w[0][a][j]);
+    acc += wh * plane;
+    acc_h += G::spread(&b.dw[0][a][j]) * plane;
+    acc_k += wh * plane_k;
+  }
+  const PerPoint g = G::load_points(grad_out);
+  T d[3][G::kPoints];
+  const PerPoint dh = g * G::dot(acc_h, &b.w[2][0][j], &b.w[2][1][j], &b.w[2][2][j], &b.w[2][3][j]);
+  const PerPoint dk = g * G::dot(acc_k, &b.w[2][0][j], &b.w[2][1][j], &b.w[2][2][j], &b.w[2][3][j]);
+  const PerPoint dl =
+      g * G::dot(acc, &b.dw[2][0][j], &b.dw[2][1][j], &b.dw[2][2][j], &b.dw[2][3][j]);
+  std::memcpy(d[0], &dh, sizeof(dh));
+  std::memcpy(d[1], &dk, sizeof(dk));
+  std::memcpy(d[2], &dl, sizeof(dl));
+  for (int i = 0; i < G::kPoints; ++i) {
+    for (int e = 0; e < 3; ++e) grad_hkl[3 * i + e] = d[e][i];
+  }
+}
 
 // A row of 4 taps added at dest + r (g wl[c] at r + c), in one vector.
 template <typename T>
@@ -271,28 +483,91 @@ struct GridGradLane {
 
 // The grid gradient of consecutive points whose stencils start at the same
 // node (detector lookups: neighbouring pixels mostly fall in the same cell),
-// summed in 16 rows of 4 taps and added into the lane's gradient once, when
-// the block changes or the lane's points end: one read-modify-write of the
-// block per run of points instead of per point. The runs depend on the
-// points' order only, so the result does not depend on the thread count.
+// summed in the block's 4 planes of 16 taps and added into the lane's
+// gradient once, when the block changes or the lane's points end: one
+// read-modify-write of the block per run of points instead of per point.
+// A point adds (grad_out w_h[a]) (w_k[b] w_l[c]) to tap (a, b, c), as
+// tricubic_math.h's ScatterRow does, a plane (16 taps, one AVX-512 register
+// of floats) per multiply-add. The runs depend on the points' order only, so
+// the result does not depend on the thread count.
+
+// {x0 x0 x0 x0 x1 ... x3} and {x0 x1 x2 x3 x0 ... x3}: a row's 4 values
+// spread over a plane of 16, for w_k[b] w_l[c] at 4 b + c. (Intrinsics
+// where there are some: the compilers widen the generic form through
+// memory, and the store-to-load forwarding it defeats costs more than the
+// whole scatter.)
+C10_ALWAYS_INLINE void spread_over_plane(const Float4& x, Float16& out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i index = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  out = Float16(_mm512_permutexvar_ps(index, _mm512_castps128_ps512(__m128(x))));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 x2 = _mm256_castps128_ps256(__m128(x));
+  const Float8 lo(_mm256_permutevar8x32_ps(x2, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)));
+  const Float8 hi(_mm256_permutevar8x32_ps(x2, _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3)));
+  out = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  out = __builtin_shufflevector(x, x, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+#endif
+}
+C10_ALWAYS_INLINE void tile_over_plane(const Float4& x, Float16& out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  out = Float16(_mm512_broadcast_f32x4(__m128(x)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const Float8 half(_mm256_broadcast_ps(reinterpret_cast<const __m128*>(&x)));
+  out = __builtin_shufflevector(half, half, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  out = __builtin_shufflevector(x, x, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+#endif
+}
+C10_ALWAYS_INLINE void spread_over_plane(const Double4& x, Double16& out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512d x2 = _mm512_castpd256_pd512(__m256d(x));
+  const Double8 lo(_mm512_permutexvar_pd(_mm512_setr_epi64(0, 0, 0, 0, 1, 1, 1, 1), x2));
+  const Double8 hi(_mm512_permutexvar_pd(_mm512_setr_epi64(2, 2, 2, 2, 3, 3, 3, 3), x2));
+  out = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#elif defined(CPU_CAPABILITY_AVX2)
+  const Double4 q0(_mm256_permute4x64_pd(__m256d(x), 0x00));
+  const Double4 q1(_mm256_permute4x64_pd(__m256d(x), 0x55));
+  const Double4 q2(_mm256_permute4x64_pd(__m256d(x), 0xAA));
+  const Double4 q3(_mm256_permute4x64_pd(__m256d(x), 0xFF));
+  const Double8 lo = __builtin_shufflevector(q0, q1, 0, 1, 2, 3, 4, 5, 6, 7);
+  const Double8 hi = __builtin_shufflevector(q2, q3, 0, 1, 2, 3, 4, 5, 6, 7);
+  out = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  out = __builtin_shufflevector(x, x, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+#endif
+}
+C10_ALWAYS_INLINE void tile_over_plane(const Double4& x, Double16& out) {
+  const Double8 half = __builtin_shufflevector(x, x, 0, 1, 2, 3, 0, 1, 2, 3);
+  out = __builtin_shufflevector(half, half, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
 template <typename T>
 struct PendingBlock {
   using Taps = SimdTaps4<T>;
+  using Plane = std::conditional_t<std::is_same_v<T, float>, Float16, Double16>;
+  static_assert(sizeof(Plane) == 16 * sizeof(T), "float or double");
   int64_t base = -1, h0 = 0, k0 = 0;  // gradient offset and first node of the block
-  Taps rows[16] = {};
+  Plane planes[4] = {};               // [a]: taps (b, c) at 4 b + c
 
   C10_ALWAYS_INLINE void flush(GridGradLane<T>& lane, const int64_t stride[3]) {
     if (base < 0) return;
     lane.prepare_block(h0, k0);
     for (int a = 0; a < 4; ++a) {
-      for (int b = 0; b < 4; ++b) {
-        T* row = lane.dest + base + a * stride[0] + b * stride[1];
-        Taps d = Taps::template load<true>(row, stride);
-        d.v += rows[4 * a + b].v;
-        std::memcpy(row, &d.v, sizeof(d.v));
-      }
+      T* plane = lane.dest + base + a * stride[0];
+      add_row<0>(plane, planes[a]);
+      add_row<1>(plane + stride[1], planes[a]);
+      add_row<2>(plane + 2 * stride[1], planes[a]);
+      add_row<3>(plane + 3 * stride[1], planes[a]);
     }
     base = -1;
+  }
+  template <int b>
+  static C10_ALWAYS_INLINE void add_row(T* row, const Plane& p) {
+    typename Taps::V d;
+    std::memcpy(&d, row, sizeof(d));
+    d += __builtin_shufflevector(p, p, 4 * b, 4 * b + 1, 4 * b + 2, 4 * b + 3);
+    std::memcpy(row, &d, sizeof(d));
   }
   // Makes the block at gradient offset `at` (first node h, k) the pending one.
   C10_ALWAYS_INLINE void hold(int64_t at, int64_t h, int64_t k, GridGradLane<T>& lane,
@@ -300,11 +575,24 @@ struct PendingBlock {
     if (at == base) return;
     flush(lane, stride);
     base = at, h0 = h, k0 = k;
-    for (int r = 0; r < 16; ++r) rows[r] = Taps::zero();
+    for (int a = 0; a < 4; ++a) planes[a] = Plane{};
   }
-  // Row (a, b) of a point's scatter (tricubic_math.h's ScatterRow arithmetic).
-  C10_ALWAYS_INLINE void add(int a, int b, const ScatterWeights<T>& sw) {
-    rows[4 * a + b].add_scaled(sw.ga[a], Taps::template load<true>(sw.kl[b], nullptr));
+  // The whole scatter of lane j of a batch (inside the grid).
+  template <int kNeeds>
+  C10_ALWAYS_INLINE void scatter_lane(const LaneBatch<T, kNeeds>& b, int j, GridGradLane<T>& lane,
+                                      const int64_t stride[3]) {
+    hold(b.offset(j, stride), b.first[0][j], b.first[1][j], lane, stride);
+    using Row = typename Taps::V;
+    const Row wk{b.w[1][0][j], b.w[1][1][j], b.w[1][2][j], b.w[1][3][j]};
+    const Row wl{b.w[2][0][j], b.w[2][1][j], b.w[2][2][j], b.w[2][3][j]};
+    Plane spread_wk, tiled_wl;
+    spread_over_plane(wk, spread_wk);
+    tile_over_plane(wl, tiled_wl);
+    const Plane kl = spread_wk * tiled_wl;  // ScatterWeights::kl
+    for (int a = 0; a < 4; ++a) {
+      const T ga = b.g[j] * b.w[0][a][j];  // ScatterWeights::ga
+      planes[a] += ga * kl;
+    }
   }
 };
 
@@ -401,15 +689,8 @@ void grid_grad_kernel(const at::Tensor& grad_output, const at::Tensor& hkl_in,
         PendingBlock<T> pending;
         for_each_point_in_lanes<T, kGradOut>(
             begin, end, bounds, coords, grad_at,
-            [&](int64_t, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
-              T w[3][4];
-              b.lane_weights(b.w, j, w);
-              pending.hold(b.offset(j, out_stride), b.first[0][j], b.first[1][j], lane, out_stride);
-              const ScatterWeights<T> sw = scatter_weights(b.g[j], w[0], w[1], w[2]);
-              for (int a = 0; a < 4; ++a) {
-                for (int k = 0; k < 4; ++k) pending.add(a, k, sw);
-              }
-            },
+            [&](int64_t, int j, const Batch& b)
+                NANOBRAGG_LAMBDA_INLINE { pending.scatter_lane(b, j, lane, out_stride); },
             [&](int64_t p, T h, T k, T l) NANOBRAGG_LAMBDA_INLINE {
               tricubic_grid_grad_scatter<T>(shape.size, shape.lo, h, k, l, mode, grad_at(p),
                                             checked_add);
@@ -442,19 +723,27 @@ void hkl_grad_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
   with_unit_l_stride(view.stride[2] == 1, [&](auto unit_l) {
     constexpr bool kUnitL = decltype(unit_l)::value;
     at::parallel_for(0, n, kPointGrain, [&](int64_t begin, int64_t end) {
-      using Batch = LaneBatch<T, kDerivatives>;
-      for_each_point_in_lanes<T, kDerivatives>(
-          begin, end, bounds, coords, grad_at,
-          [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
-            T w[3][4], dw[3][4];
-            b.lane_weights(b.w, j, w), b.lane_weights(b.dw, j, dw);
-            tricubic_hkl_grad_stencil<T, kUnitL, SimdTaps4<T>>(
-                view.data + b.offset(j, view.stride), view.stride, w[0], w[1], w[2], dw[0], dw[1],
-                dw[2], grad_at(p), out + 3 * p);
-          },
-          [&](int64_t p, T h, T k, T l) NANOBRAGG_LAMBDA_INLINE {
-            tricubic_hkl_grad<T, kUnitL>(view, h, k, l, mode, grad_at(p), out + 3 * p);
-          });
+      constexpr int kNeeds = kDerivatives | kGradOut;
+      using Batch = LaneBatch<T, kNeeds>;
+      auto stencil = [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
+        T w[3][4], dw[3][4];
+        b.lane_weights(b.w, j, w), b.lane_weights(b.dw, j, dw);
+        tricubic_hkl_grad_stencil<T, kUnitL, SimdTaps4<T>>(view.data + b.offset(j, view.stride),
+                                                           view.stride, w[0], w[1], w[2], dw[0],
+                                                           dw[1], dw[2], b.g[j], out + 3 * p);
+      };
+      auto per_point = [&](int64_t p, T h, T k, T l) NANOBRAGG_LAMBDA_INLINE {
+        tricubic_hkl_grad<T, kUnitL>(view, h, k, l, mode, grad_at(p), out + 3 * p);
+      };
+      if constexpr (RowGroup<T>::kEnabled) {
+        for_each_point_in_lanes<T, kNeeds, RowGroup<T>::kPoints>(
+            begin, end, bounds, coords, grad_at, stencil, per_point,
+            [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
+              hkl_grad_group<T, kUnitL>(b, j, view.data, view.stride, &b.g[j], out + 3 * p);
+            });
+      } else {
+        for_each_point_in_lanes<T, kNeeds>(begin, end, bounds, coords, grad_at, stencil, per_point);
+      }
     });
   });
 }
@@ -489,26 +778,35 @@ void both_grads_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
     accumulate_grid_grad<T>(
         c10::multiply_integers(point_shape), grad_grid, /*lazy=*/true,
         [&](int64_t begin, int64_t end, GridGradLane<T>& lane) NANOBRAGG_LAMBDA_INLINE {
-          using Batch = LaneBatch<T, kDerivatives | kGradOut>;
+          constexpr int kNeeds = kDerivatives | kGradOut;
+          using Batch = LaneBatch<T, kNeeds>;
           auto checked_add = lane.checked_add();
           PendingBlock<T> pending;
-          for_each_point_in_lanes<T, kDerivatives | kGradOut>(
-              begin, end, bounds, coords, grad_at,
-              [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
-                T w[3][4], dw[3][4];
-                b.lane_weights(b.w, j, w), b.lane_weights(b.dw, j, dw);
-                pending.hold(b.offset(j, out_stride), b.first[0][j], b.first[1][j], lane,
-                             out_stride);
-                const ScatterWeights<T> sw = scatter_weights(b.g[j], w[0], w[1], w[2]);
-                tricubic_backward_stencil<T, kUnitL, SimdTaps4<T>>(
-                    view.data + b.offset(j, view.stride), view.stride, w[0], w[1], w[2], dw[0],
-                    dw[1], dw[2], b.g[j], out + 3 * p,
-                    [&](int a, int k) NANOBRAGG_LAMBDA_INLINE { pending.add(a, k, sw); });
-              },
-              [&](int64_t p, T h, T k, T l) NANOBRAGG_LAMBDA_INLINE {
-                tricubic_backward_point<T, kUnitL>(view, h, k, l, mode, grad_at(p), out + 3 * p,
-                                                   checked_add);
-              });
+          auto stencil = [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
+            T w[3][4], dw[3][4];
+            b.lane_weights(b.w, j, w), b.lane_weights(b.dw, j, dw);
+            tricubic_hkl_grad_stencil<T, kUnitL, SimdTaps4<T>>(view.data + b.offset(j, view.stride),
+                                                               view.stride, w[0], w[1], w[2], dw[0],
+                                                               dw[1], dw[2], b.g[j], out + 3 * p);
+            pending.scatter_lane(b, j, lane, out_stride);
+          };
+          auto per_point = [&](int64_t p, T h, T k, T l) NANOBRAGG_LAMBDA_INLINE {
+            tricubic_backward_point<T, kUnitL>(view, h, k, l, mode, grad_at(p), out + 3 * p,
+                                               checked_add);
+          };
+          if constexpr (RowGroup<T>::kEnabled) {
+            for_each_point_in_lanes<T, kNeeds, RowGroup<T>::kPoints>(
+                begin, end, bounds, coords, grad_at, stencil, per_point,
+                [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
+                  hkl_grad_group<T, kUnitL>(b, j, view.data, view.stride, &b.g[j], out + 3 * p);
+                  for (int i = j; i < j + RowGroup<T>::kPoints; ++i) {
+                    pending.scatter_lane(b, i, lane, out_stride);
+                  }
+                });
+          } else {
+            for_each_point_in_lanes<T, kNeeds>(begin, end, bounds, coords, grad_at, stencil,
+                                               per_point);
+          }
           pending.flush(lane, out_stride);
         });
   });
@@ -545,17 +843,26 @@ at::Tensor tricubic_interp_cpu(const at::Tensor& grid, const at::Tensor& hkl_in,
       constexpr bool kUnitL = decltype(unit_l)::value;
       at::parallel_for(0, n, kPointGrain, [&](int64_t begin, int64_t end) {
         using Batch = LaneBatch<T, kWeights>;
-        for_each_point_in_lanes<T, kWeights>(
-            begin, end, bounds, coords, [](int64_t) { return T(0); },
-            [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
-              T w[3][4];
-              b.lane_weights(b.w, j, w);
-              out_data[p] = contract_stencil<T, kUnitL, SimdTaps4<T>>(
-                  view.data + b.offset(j, view.stride), view.stride, w[0], w[1], w[2]);
-            },
-            [&](int64_t p, T h, T k, T l) NANOBRAGG_LAMBDA_INLINE {
-              out_data[p] = tricubic_value<T, kUnitL>(view, h, k, l, mode, fill);
-            });
+        auto stencil = [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
+          T w[3][4];
+          b.lane_weights(b.w, j, w);
+          out_data[p] = contract_stencil<T, kUnitL, SimdTaps4<T>>(
+              view.data + b.offset(j, view.stride), view.stride, w[0], w[1], w[2]);
+        };
+        auto per_point = [&](int64_t p, T h, T k, T l) NANOBRAGG_LAMBDA_INLINE {
+          out_data[p] = tricubic_value<T, kUnitL>(view, h, k, l, mode, fill);
+        };
+        auto no_grad = [](int64_t) { return T(0); };
+        if constexpr (RowGroup<T>::kEnabled) {
+          for_each_point_in_lanes<T, kWeights, RowGroup<T>::kPoints>(
+              begin, end, bounds, coords, no_grad, stencil, per_point,
+              [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
+                contract_group<T, kUnitL>(b, j, view.data, view.stride, out_data + p);
+              });
+        } else {
+          for_each_point_in_lanes<T, kWeights>(begin, end, bounds, coords, no_grad, stencil,
+                                               per_point);
+        }
       });
     });
   });

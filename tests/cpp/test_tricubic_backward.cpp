@@ -221,6 +221,41 @@ TEST_P(TricubicBackward, BitwiseIdenticalWithOneAndTwoThreads) {
   }
 }
 
+TEST_P(TricubicBackward, APointDoesNotDependOnWhereItsBatchStarts) {
+  // The CPU kernels take points in batches of a vector's lanes, and
+  // consecutive lanes all inside the grid together (2 or 4 points per
+  // register, by capability and dtype): the value and hkl gradient of each
+  // point must be the same to the last bit whatever its neighbours, so the
+  // calls on hkl[s:] must give the slices [s:] of the call on all of hkl.
+  for (auto dtype : {at::kFloat, at::kDouble}) {
+    at::Tensor grid = random_grid({12, 12, 12}, dtype);
+    at::Tensor hkl = points_off_integers(203, grid, /*outside=*/0).to(dtype);
+    // some stencils leave the grid, here and there: groups break up
+    for (int64_t p : {5, 6, 19, 40, 41, 42, 77, 130, 131, 200}) {
+      hkl[p][p % 3] = kIndexMin[p % 3] + 0.5 + (p % 2 ? 20.0 : 0.0);
+    }
+    at::Tensor grad = at::linspace(-1.0, 2.0, hkl.size(0), opts(dtype));
+    const at::Tensor value = nanobragg_ops::tricubic_interp(grid, hkl, kIndexMin, -3.0, "default");
+    const at::Tensor hkl_grad = std::get<1>(backward_op(grad, grid, hkl, "default", {true, true}));
+    const at::Tensor hkl_grad_only =
+        std::get<1>(backward_op(grad, grid, hkl, "default", {false, true}));
+    EXPECT_TRUE(bitwise_equal(hkl_grad, hkl_grad_only)) << dtype;
+    for (int64_t s = 1; s <= 17; ++s) {
+      const at::Tensor h = hkl.slice(0, s), g = grad.slice(0, s);
+      EXPECT_TRUE(bitwise_equal(nanobragg_ops::tricubic_interp(grid, h, kIndexMin, -3.0, "default"),
+                                value.slice(0, s)))
+          << dtype << " from " << s;
+      EXPECT_TRUE(bitwise_equal(std::get<1>(backward_op(g, grid, h, "default", {true, true})),
+                                hkl_grad.slice(0, s)))
+          << dtype << " from " << s;
+    }
+    // both kinds of point are there
+    const at::Tensor inside = value != -3.0;
+    EXPECT_GT(inside.sum().item<int64_t>(), 150);
+    EXPECT_LT(inside.sum().item<int64_t>(), 203);
+  }
+}
+
 TEST_P(TricubicBackward, DeterministicAlgorithmsGiveRepeatableGridGradient) {
   // On CUDA this selects the sorted gather path instead of atomics.
   at::Tensor grid = random_grid({12, 13, 14}, at::kFloat);
