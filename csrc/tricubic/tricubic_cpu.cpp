@@ -68,6 +68,7 @@ struct LaneBatch {
 
   alignas(64) T x[3][kLanes];        // h, k, l
   alignas(64) T g[kLanes];           // incoming gradient (kGradOut)
+  alignas(64) T ga[4][kLanes];       // g w_h[a], ScatterWeights::ga (kGradOut)
   alignas(64) T w[3][4][kLanes];     // [axis][node][lane]
   alignas(64) T dw[3][4][kLanes];    // (kDerivatives)
   alignas(64) Int first[3][kLanes];  // stencil's first node per axis
@@ -124,6 +125,12 @@ C10_ALWAYS_INLINE void locate_lanes(LaneBatch<T, kNeeds>& b, const LaneBounds<T>
     Vec w[4];
     lagrange_weights(u, w);
     for (int c = 0; c < 4; ++c) w[c].store(b.w[d][c]);
+    if constexpr ((kNeeds & kGradOut) != 0) {
+      if (d == 0) {
+        const Vec g = Vec::loadu(b.g);
+        for (int c = 0; c < 4; ++c) (g * w[c]).store(b.ga[c]);
+      }
+    }
     if constexpr ((kNeeds & kDerivatives) != 0) {
       Vec dw[4];
       lagrange_weight_derivs(u, dw);
@@ -589,10 +596,7 @@ struct PendingBlock {
     spread_over_plane(wk, spread_wk);
     tile_over_plane(wl, tiled_wl);
     const Plane kl = spread_wk * tiled_wl;  // ScatterWeights::kl
-    for (int a = 0; a < 4; ++a) {
-      const T ga = b.g[j] * b.w[0][a][j];  // ScatterWeights::ga
-      planes[a] += ga * kl;
-    }
+    for (int a = 0; a < 4; ++a) planes[a] += b.ga[a][j] * kl;
   }
 };
 
