@@ -44,6 +44,16 @@ constexpr const char* kDoubleBackward = "nanobragg::tricubic_interp_double_backw
 // Points per task of at::parallel_for: ~100 flops and 64 loads each.
 constexpr int64_t kPointGrain = 512;
 
+// GCC/Clang vector types (the attribute needs a concrete element type).
+typedef float Float2 __attribute__((vector_size(8)));
+typedef float Float4 __attribute__((vector_size(16)));
+typedef float Float8 __attribute__((vector_size(32)));
+typedef float Float16 __attribute__((vector_size(64)));
+typedef double Double2 __attribute__((vector_size(16)));
+typedef double Double4 __attribute__((vector_size(32)));
+typedef double Double8 __attribute__((vector_size(64)));
+typedef double Double16 __attribute__((vector_size(128)));
+
 // Points go through the kernels in batches of one vector's lanes (8 floats
 // with AVX2, 16 with AVX-512). Where each point falls and its weights are
 // computed for the whole batch at once with at::vec::Vectorized, by the same
@@ -148,6 +158,84 @@ C10_ALWAYS_INLINE void locate_lanes(LaneBatch<T, kNeeds>& b, const LaneBounds<T>
   b.inside = ~outside & all & (kLanes >= 64 ? ~uint64_t(0) : (uint64_t(1) << kLanes) - 1);
 }
 
+// The common layouts, read a whole batch at a time: no gather point by
+// point, and no single-lane stores that the batch's vector loads would have
+// to wait for. hkl a contiguous [N, 3]; grad_output contiguous or expanded
+// from one value (what `.sum().backward()` passes). Null: point by point.
+template <typename T>
+struct DirectLayout {
+  const T* hkl = nullptr;   // point p's (h, k, l) at hkl + 3 p
+  const T* grad = nullptr;  // point p's incoming gradient at grad + grad_step p
+  int64_t grad_step = 0;
+};
+
+template <typename T, int N>
+DirectLayout<T> direct_layout(const at::Tensor& hkl, const at::Tensor* grad,
+                              const PointOffsets<N>& offsets) {
+  DirectLayout<T> d;
+  if (offsets.ndim != 1) return d;
+  if (offsets.strides[0][0] == 3 && hkl.stride(-1) == 1) d.hkl = hkl.const_data_ptr<T>();
+  if constexpr (N >= 2) {
+    if (grad != nullptr && (offsets.strides[1][0] == 0 || offsets.strides[1][0] == 1)) {
+      d.grad = grad->const_data_ptr<T>();
+      d.grad_step = offsets.strides[1][0];
+    }
+  }
+  return d;
+}
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+template <typename T, int kLanes>
+struct LaneVector {};
+template <>
+struct LaneVector<float, 16> {
+  using type = Float16;
+};
+template <>
+struct LaneVector<float, 8> {
+  using type = Float8;
+};
+template <>
+struct LaneVector<double, 8> {
+  using type = Double8;
+};
+template <>
+struct LaneVector<double, 4> {
+  using type = Double4;
+};
+
+// Coordinate d of N points stored (h, k, l), (h, k, l), ... in a, b, c:
+// elements 3 j + d of their concatenation, in two two-register permutes.
+template <int d, int N, typename V, int... J>
+C10_ALWAYS_INLINE void coordinate_of(const V& a, const V& b, const V& c, V& out,
+                                     std::integer_sequence<int, J...>) {
+  const V ab = __builtin_shufflevector(a, b, (3 * J + d < 2 * N ? 3 * J + d : 0)...);
+  out = __builtin_shufflevector(ab, c, (3 * J + d < 2 * N ? J : 3 * J + d - N)...);
+}
+
+// A full batch's coordinates from a contiguous [N, 3] (DirectLayout::hkl).
+template <typename T, int kLanes>
+C10_ALWAYS_INLINE void load_lane_coords(const T* hkl, T (&x)[3][kLanes]) {
+  using V = typename LaneVector<T, kLanes>::type;
+  V a, b, c, out;
+  std::memcpy(&a, hkl, sizeof(V));
+  std::memcpy(&b, hkl + kLanes, sizeof(V));
+  std::memcpy(&c, hkl + 2 * kLanes, sizeof(V));
+  constexpr auto lanes = std::make_integer_sequence<int, kLanes>{};
+  coordinate_of<0, kLanes>(a, b, c, out, lanes);
+  std::memcpy(x[0], &out, sizeof(V));
+  coordinate_of<1, kLanes>(a, b, c, out, lanes);
+  std::memcpy(x[1], &out, sizeof(V));
+  coordinate_of<2, kLanes>(a, b, c, out, lanes);
+  std::memcpy(x[2], &out, sizeof(V));
+}
+constexpr bool kDirectLoads = true;
+#else
+template <typename T, int kLanes>
+void load_lane_coords(const T*, T (&)[3][kLanes]) {}
+constexpr bool kDirectLoads = false;
+#endif
+
 // For each point p in [begin, end): coords(p, h, k, l) reads its
 // coordinates (and grad(p) its incoming gradient, for kGradOut); then
 // stencil(p, j, batch) runs for a point whose stencil is inside the grid
@@ -159,21 +247,37 @@ struct NoGroups {};
 template <typename T, int kNeeds, int kGroup = 1, typename CoordsFn, typename GradFn,
           typename StencilFn, typename PointFn, typename GroupFn = NoGroups>
 C10_ALWAYS_INLINE void for_each_point_in_lanes(int64_t begin, int64_t end,
-                                               const LaneBounds<T>& bounds, const CoordsFn& coords,
-                                               const GradFn& grad, const StencilFn& stencil,
-                                               const PointFn& per_point,
+                                               const LaneBounds<T>& bounds,
+                                               const DirectLayout<T>& direct,
+                                               const CoordsFn& coords, const GradFn& grad,
+                                               const StencilFn& stencil, const PointFn& per_point,
                                                const GroupFn& group = GroupFn()) {
   static_assert(kGroup > 1 || std::is_same_v<GroupFn, NoGroups>, "a group is 2 or more lanes");
-  LaneBatch<T, kNeeds> b;
-  constexpr int kLanes = LaneBatch<T, kNeeds>::kLanes;
+  using Batch = LaneBatch<T, kNeeds>;
+  Batch b;
+  constexpr int kLanes = Batch::kLanes;
+  constexpr bool kGrad = (kNeeds & kGradOut) != 0;
   for (int64_t i = begin; i < end; i += kLanes) {
     const int count = static_cast<int>(std::min<int64_t>(kLanes, end - i));
-    for (int j = 0; j < kLanes; ++j) {
-      if (j < count) {
-        coords(i + j, b.x[0][j], b.x[1][j], b.x[2][j]);
-        if constexpr ((kNeeds & kGradOut) != 0) b.g[j] = grad(i + j);
+    const bool full = count == kLanes;
+    if (kDirectLoads && full && direct.hkl != nullptr) {
+      load_lane_coords<T, kLanes>(direct.hkl + 3 * i, b.x);
+    } else {
+      for (int j = 0; j < kLanes; ++j) {
+        if (j < count) {
+          coords(i + j, b.x[0][j], b.x[1][j], b.x[2][j]);
+        } else {
+          b.x[0][j] = b.x[1][j] = b.x[2][j] = T(0);
+        }
+      }
+    }
+    if constexpr (kGrad) {
+      if (full && direct.grad != nullptr) {
+        const auto g = direct.grad_step == 0 ? typename Batch::Vec(direct.grad[0])
+                                             : Batch::Vec::loadu(direct.grad + i);
+        g.store(b.g);
       } else {
-        b.x[0][j] = b.x[1][j] = b.x[2][j] = b.g[j] = T(0);
+        for (int j = 0; j < kLanes; ++j) b.g[j] = j < count ? grad(i + j) : T(0);
       }
     }
     locate_lanes(b, bounds, count);
@@ -201,8 +305,6 @@ C10_ALWAYS_INLINE void for_each_point_in_lanes(int64_t begin, int64_t end,
 // (AVX2, or two SSE registers). The compilers do not vectorise Taps4's
 // 4-element loops themselves; the arithmetic per element is the same.
 // (GCC/Clang vector extensions; the attribute needs a concrete type.)
-typedef float Float4 __attribute__((vector_size(16)));
-typedef double Double4 __attribute__((vector_size(32)));
 
 template <typename T>
 struct SimdTaps4 {
@@ -246,13 +348,6 @@ constexpr int kRegisterBytes = 32;
 #else
 constexpr int kRegisterBytes = 16;
 #endif
-
-typedef float Float2 __attribute__((vector_size(8)));
-typedef float Float8 __attribute__((vector_size(32)));
-typedef float Float16 __attribute__((vector_size(64)));
-typedef double Double2 __attribute__((vector_size(16)));
-typedef double Double8 __attribute__((vector_size(64)));
-typedef double Double16 __attribute__((vector_size(128)));
 
 // V: kPoints rows of 4 taps; PerPoint: one value per point.
 template <typename T, int kPoints>
@@ -676,6 +771,7 @@ void grid_grad_kernel(const at::Tensor& grad_output, const at::Tensor& hkl_in,
   const GridShape shape = make_grid_shape(grad_grid.sizes(), index_min);
   const LaneBounds<T> bounds = lane_bounds<T>(shape.size, shape.lo);
   const int64_t out_stride[3] = {shape.size[1] * shape.size[2], shape.size[2], 1};
+  const DirectLayout<T> direct = direct_layout<T>(hkl, &grad, offsets);
   const T* hkl_data = hkl.const_data_ptr<T>();
   const T* grad_data = grad.const_data_ptr<T>();
   const int64_t hkl_last = hkl.stride(-1);
@@ -692,7 +788,7 @@ void grid_grad_kernel(const at::Tensor& grad_output, const at::Tensor& hkl_in,
         auto checked_add = lane.checked_add();
         PendingBlock<T> pending;
         for_each_point_in_lanes<T, kGradOut>(
-            begin, end, bounds, coords, grad_at,
+            begin, end, bounds, direct, coords, grad_at,
             [&](int64_t, int j, const Batch& b)
                 NANOBRAGG_LAMBDA_INLINE { pending.scatter_lane(b, j, lane, out_stride); },
             [&](int64_t p, T h, T k, T l) NANOBRAGG_LAMBDA_INLINE {
@@ -718,6 +814,7 @@ void hkl_grad_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
   const int64_t hkl_last = hkl.stride(-1);
   T* out = grad_hkl.mutable_data_ptr<T>();  // contiguous [..., 3]
   const LaneBounds<T> bounds = lane_bounds<T>(view.size, view.lo);
+  const DirectLayout<T> direct = direct_layout<T>(hkl, &grad, offsets);
   auto coords = [&](int64_t p, T& h, T& k, T& l) NANOBRAGG_LAMBDA_INLINE {
     const T* x = hkl_data + offsets.get_one(p, 0);
     h = x[0], k = x[hkl_last], l = x[2 * hkl_last];
@@ -741,12 +838,13 @@ void hkl_grad_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
       };
       if constexpr (RowGroup<T>::kEnabled) {
         for_each_point_in_lanes<T, kNeeds, RowGroup<T>::kPoints>(
-            begin, end, bounds, coords, grad_at, stencil, per_point,
+            begin, end, bounds, direct, coords, grad_at, stencil, per_point,
             [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
               hkl_grad_group<T, kUnitL>(b, j, view.data, view.stride, &b.g[j], out + 3 * p);
             });
       } else {
-        for_each_point_in_lanes<T, kNeeds>(begin, end, bounds, coords, grad_at, stencil, per_point);
+        for_each_point_in_lanes<T, kNeeds>(begin, end, bounds, direct, coords, grad_at, stencil,
+                                           per_point);
       }
     });
   });
@@ -770,6 +868,7 @@ void both_grads_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
   const int64_t hkl_last = hkl.stride(-1);
   T* out = grad_hkl.mutable_data_ptr<T>();  // contiguous [..., 3]
   const LaneBounds<T> bounds = lane_bounds<T>(view.size, view.lo);
+  const DirectLayout<T> direct = direct_layout<T>(hkl, &grad, offsets);
   const int64_t out_stride[3] = {view.size[1] * view.size[2], view.size[2], 1};
   auto coords = [&](int64_t p, T& h, T& k, T& l) NANOBRAGG_LAMBDA_INLINE {
     const T* x = hkl_data + offsets.get_one(p, 0);
@@ -800,7 +899,7 @@ void both_grads_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
           };
           if constexpr (RowGroup<T>::kEnabled) {
             for_each_point_in_lanes<T, kNeeds, RowGroup<T>::kPoints>(
-                begin, end, bounds, coords, grad_at, stencil, per_point,
+                begin, end, bounds, direct, coords, grad_at, stencil, per_point,
                 [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
                   hkl_grad_group<T, kUnitL>(b, j, view.data, view.stride, &b.g[j], out + 3 * p);
                   for (int i = j; i < j + RowGroup<T>::kPoints; ++i) {
@@ -808,7 +907,7 @@ void both_grads_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
                   }
                 });
           } else {
-            for_each_point_in_lanes<T, kNeeds>(begin, end, bounds, coords, grad_at, stencil,
+            for_each_point_in_lanes<T, kNeeds>(begin, end, bounds, direct, coords, grad_at, stencil,
                                                per_point);
           }
           pending.flush(lane, out_stride);
@@ -839,6 +938,7 @@ at::Tensor tricubic_interp_cpu(const at::Tensor& grid, const at::Tensor& hkl_in,
     scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
     using T = scalar_t;
     const LaneBounds<T> bounds = lane_bounds<T>(view.size, view.lo);
+    const DirectLayout<T> direct = direct_layout<T>(hkl, nullptr, offsets);
     auto coords = [&](int64_t p, T& h, T& k, T& l) NANOBRAGG_LAMBDA_INLINE {
       const T* x = hkl_data + offsets.get_one(p, 0);
       h = x[0], k = x[hkl_last], l = x[2 * hkl_last];
@@ -859,12 +959,12 @@ at::Tensor tricubic_interp_cpu(const at::Tensor& grid, const at::Tensor& hkl_in,
         auto no_grad = [](int64_t) { return T(0); };
         if constexpr (RowGroup<T>::kEnabled) {
           for_each_point_in_lanes<T, kWeights, RowGroup<T>::kPoints>(
-              begin, end, bounds, coords, no_grad, stencil, per_point,
+              begin, end, bounds, direct, coords, no_grad, stencil, per_point,
               [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
                 contract_group<T, kUnitL>(b, j, view.data, view.stride, out_data + p);
               });
         } else {
-          for_each_point_in_lanes<T, kWeights>(begin, end, bounds, coords, no_grad, stencil,
+          for_each_point_in_lanes<T, kWeights>(begin, end, bounds, direct, coords, no_grad, stencil,
                                                per_point);
         }
       });
