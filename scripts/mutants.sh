@@ -119,6 +119,11 @@ mkdir -p "$SRC" "$BUILD"
     [[ -e "$f" ]] && printf '%s\0' "$f"
   done | xargs -0 cp --parents -p -t "$SRC"
 )
+# The files the mutants change get a fresh mtime, so the unmutated build
+# recompiles them: this copy gives them the working tree's (older) mtime,
+# and the objects of an earlier run's last build still hold its last mutant
+# (found when a run's baseline failed on mutant 21's swapped odet).
+for line in "${LINES[@]}"; do touch "$SRC/$(field "$line" 1)"; done
 
 if [[ ! -f "$BUILD/build.ninja" ]]; then
   cmake -S "$SRC" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
