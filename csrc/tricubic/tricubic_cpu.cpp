@@ -30,6 +30,20 @@
 #error "compiled once per CPU capability by CMakeLists.txt (nanobragg_cpu_kernels), never alone"
 #endif
 
+// __builtin_shufflevector: Clang, and GCC from 12. Without it (GCC 11 and
+// older) the kernels take one point per register, read coordinates lane by
+// lane and spread weights element by element: slower, the same results.
+#ifndef NANOBRAGG_HAVE_SHUFFLEVECTOR
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define NANOBRAGG_HAVE_SHUFFLEVECTOR 1
+#endif
+#endif
+#endif
+#ifndef NANOBRAGG_HAVE_SHUFFLEVECTOR
+#define NANOBRAGG_HAVE_SHUFFLEVECTOR 0
+#endif
+
 NANOBRAGG_DECLARE_CPU_KERNELS(CPU_CAPABILITY)
 
 namespace nanobragg {
@@ -184,7 +198,7 @@ DirectLayout<T> direct_layout(const at::Tensor& hkl, const at::Tensor* grad,
   return d;
 }
 
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if (defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)) && NANOBRAGG_HAVE_SHUFFLEVECTOR
 template <typename T, int kLanes>
 struct LaneVector {};
 template <>
@@ -373,7 +387,8 @@ struct GroupVectors<double, 2> {
 
 template <typename T>
 struct RowGroup {
-  static constexpr int kPoints = std::max<int>(1, kRegisterBytes / int(4 * sizeof(T)));
+  static constexpr int kPoints =
+      NANOBRAGG_HAVE_SHUFFLEVECTOR ? std::max<int>(1, kRegisterBytes / int(4 * sizeof(T))) : 1;
   static constexpr bool kEnabled = kPoints > 1;
   using V = typename GroupVectors<T, kPoints>::V;
   using PerPoint = typename GroupVectors<T, kPoints>::PerPoint;
@@ -382,6 +397,7 @@ struct RowGroup {
   template <bool kUnitL>
   static C10_ALWAYS_INLINE V load_rows(const T* const block[kPoints], int64_t offset,
                                        const int64_t stride[3]) {
+#if NANOBRAGG_HAVE_SHUFFLEVECTOR
     using Row = typename SimdTaps4<T>::V;
     const Row r0 = SimdTaps4<T>::template load<kUnitL>(block[0] + offset, stride).v;
     const Row r1 = SimdTaps4<T>::template load<kUnitL>(block[1] + offset, stride).v;
@@ -395,6 +411,14 @@ struct RowGroup {
       return __builtin_shufflevector(r01, r23, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
                                      15);
     }
+#else
+    V r;
+    for (int i = 0; i < kPoints; ++i) {
+      const auto row = SimdTaps4<T>::template load<kUnitL>(block[i] + offset, stride).v;
+      for (int c = 0; c < 4; ++c) r[4 * i + c] = row[c];
+    }
+    return r;
+#endif
   }
   // kPoints consecutive lanes' values, one per point.
   static C10_ALWAYS_INLINE PerPoint load_points(const T* lanes) {
@@ -435,11 +459,17 @@ struct RowGroup {
   // Tap c of each point's row.
   template <int c>
   static C10_ALWAYS_INLINE PerPoint tap(const V& v) {
+#if NANOBRAGG_HAVE_SHUFFLEVECTOR
     if constexpr (kPoints == 2) {
       return __builtin_shufflevector(v, v, c, 4 + c);
     } else {
       return __builtin_shufflevector(v, v, c, 4 + c, 8 + c, 12 + c);
     }
+#else
+    PerPoint r;
+    for (int i = 0; i < kPoints; ++i) r[i] = v[4 * i + c];
+    return r;
+#endif
   }
   // sum_c w_c v_c per point, in Taps4::dot's order; w: the batch's 4 weight
   // arrays [c][lane], from the group's first lane.
@@ -598,6 +628,7 @@ struct GridGradLane {
 // where there are some: the compilers widen the generic form through
 // memory, and the store-to-load forwarding it defeats costs more than the
 // whole scatter.)
+#if NANOBRAGG_HAVE_SHUFFLEVECTOR
 C10_ALWAYS_INLINE void spread_over_plane(const Float4& x, Float16& out) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512i index = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
@@ -644,6 +675,17 @@ C10_ALWAYS_INLINE void tile_over_plane(const Double4& x, Double16& out) {
   out = __builtin_shufflevector(half, half, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 }
 
+#else
+template <typename Row, typename Plane>
+C10_ALWAYS_INLINE void spread_over_plane(const Row& x, Plane& out) {
+  for (int i = 0; i < 16; ++i) out[i] = x[i / 4];
+}
+template <typename Row, typename Plane>
+C10_ALWAYS_INLINE void tile_over_plane(const Row& x, Plane& out) {
+  for (int i = 0; i < 16; ++i) out[i] = x[i % 4];
+}
+#endif
+
 template <typename T>
 struct PendingBlock {
   using Taps = SimdTaps4<T>;
@@ -668,7 +710,11 @@ struct PendingBlock {
   static C10_ALWAYS_INLINE void add_row(T* row, const Plane& p) {
     typename Taps::V d;
     std::memcpy(&d, row, sizeof(d));
+#if NANOBRAGG_HAVE_SHUFFLEVECTOR
     d += __builtin_shufflevector(p, p, 4 * b, 4 * b + 1, 4 * b + 2, 4 * b + 3);
+#else
+    for (int c = 0; c < 4; ++c) d[c] += p[4 * b + c];
+#endif
     std::memcpy(row, &d, sizeof(d));
   }
   // Makes the block at gradient offset `at` (first node h, k) the pending one.
