@@ -68,6 +68,28 @@ typedef double Double4 __attribute__((vector_size(32)));
 typedef double Double8 __attribute__((vector_size(64)));
 typedef double Double16 __attribute__((vector_size(128)));
 
+// VectorOf<T, N>::type: the vector type of N elements of T above.
+template <typename T, int N>
+struct VectorOf {};
+template <typename T>
+struct VectorOf<T, 1> {  // one element: the scalar
+  using type = T;
+};
+#define NANOBRAGG_VECTOR_OF(T, N, Type) \
+  template <>                           \
+  struct VectorOf<T, N> {               \
+    using type = Type;                  \
+  };
+NANOBRAGG_VECTOR_OF(float, 2, Float2)
+NANOBRAGG_VECTOR_OF(float, 4, Float4)
+NANOBRAGG_VECTOR_OF(float, 8, Float8)
+NANOBRAGG_VECTOR_OF(float, 16, Float16)
+NANOBRAGG_VECTOR_OF(double, 2, Double2)
+NANOBRAGG_VECTOR_OF(double, 4, Double4)
+NANOBRAGG_VECTOR_OF(double, 8, Double8)
+NANOBRAGG_VECTOR_OF(double, 16, Double16)
+#undef NANOBRAGG_VECTOR_OF
+
 // Points go through the kernels in batches of one vector's lanes (8 floats
 // with AVX2, 16 with AVX-512). Where each point falls and its weights are
 // computed for the whole batch at once with at::vec::Vectorized, by the same
@@ -199,25 +221,6 @@ DirectLayout<T> direct_layout(const at::Tensor& hkl, const at::Tensor* grad,
 }
 
 #if (defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)) && NANOBRAGG_HAVE_SHUFFLEVECTOR
-template <typename T, int kLanes>
-struct LaneVector {};
-template <>
-struct LaneVector<float, 16> {
-  using type = Float16;
-};
-template <>
-struct LaneVector<float, 8> {
-  using type = Float8;
-};
-template <>
-struct LaneVector<double, 8> {
-  using type = Double8;
-};
-template <>
-struct LaneVector<double, 4> {
-  using type = Double4;
-};
-
 // Coordinate d of N points stored (h, k, l), (h, k, l), ... in a, b, c:
 // elements 3 j + d of their concatenation, in two two-register permutes.
 template <int d, int N, typename V, int... J>
@@ -230,7 +233,7 @@ C10_ALWAYS_INLINE void coordinate_of(const V& a, const V& b, const V& c, V& out,
 // A full batch's coordinates from a contiguous [N, 3] (DirectLayout::hkl).
 template <typename T, int kLanes>
 C10_ALWAYS_INLINE void load_lane_coords(const T* hkl, T (&x)[3][kLanes]) {
-  using V = typename LaneVector<T, kLanes>::type;
+  using V = typename VectorOf<T, kLanes>::type;
   V a, b, c, out;
   std::memcpy(&a, hkl, sizeof(V));
   std::memcpy(&b, hkl + kLanes, sizeof(V));
@@ -318,11 +321,9 @@ C10_ALWAYS_INLINE void for_each_point_in_lanes(int64_t begin, int64_t end,
 // Taps4 (tricubic_math.h) in one vector register: 4 floats (SSE), 4 doubles
 // (AVX2, or two SSE registers). The compilers do not vectorise Taps4's
 // 4-element loops themselves; the arithmetic per element is the same.
-// (GCC/Clang vector extensions; the attribute needs a concrete type.)
-
 template <typename T>
 struct SimdTaps4 {
-  using V = std::conditional_t<std::is_same_v<T, float>, Float4, Double4>;
+  using V = typename VectorOf<T, 4>::type;
   static_assert(sizeof(V) == 4 * sizeof(T), "float or double");
   V v;
 
@@ -353,45 +354,21 @@ struct SimdTaps4 {
 // the dot in Taps4::dot's form), so a point's result does not depend on
 // whether it went through a group: a group is used only where kPoints
 // consecutive lanes are all inside the grid.
-#if defined(CPU_CAPABILITY_AVX512) && !defined(NANOBRAGG_GROUP_BYTES)
+#if defined(CPU_CAPABILITY_AVX512)
 constexpr int kRegisterBytes = 64;
-#elif defined(NANOBRAGG_GROUP_BYTES)
-constexpr int kRegisterBytes = NANOBRAGG_GROUP_BYTES;
 #elif defined(CPU_CAPABILITY_AVX2)
 constexpr int kRegisterBytes = 32;
 #else
 constexpr int kRegisterBytes = 16;
 #endif
 
-// V: kPoints rows of 4 taps; PerPoint: one value per point.
-template <typename T, int kPoints>
-struct GroupVectors {  // kPoints == 1: no groups
-  using V = typename SimdTaps4<T>::V;
-  using PerPoint = T;
-};
-template <>
-struct GroupVectors<float, 2> {
-  using V = Float8;
-  using PerPoint = Float2;
-};
-template <>
-struct GroupVectors<float, 4> {
-  using V = Float16;
-  using PerPoint = Float4;
-};
-template <>
-struct GroupVectors<double, 2> {
-  using V = Double8;
-  using PerPoint = Double2;
-};
-
 template <typename T>
 struct RowGroup {
   static constexpr int kPoints =
       NANOBRAGG_HAVE_SHUFFLEVECTOR ? std::max<int>(1, kRegisterBytes / int(4 * sizeof(T))) : 1;
   static constexpr bool kEnabled = kPoints > 1;
-  using V = typename GroupVectors<T, kPoints>::V;
-  using PerPoint = typename GroupVectors<T, kPoints>::PerPoint;
+  using V = typename VectorOf<T, 4 * kPoints>::type;     // kPoints rows of 4 taps
+  using PerPoint = typename VectorOf<T, kPoints>::type;  // one value per point
 
   // Row `offset` of each point's block (block[i] + offset), side by side.
   template <bool kUnitL>
@@ -613,16 +590,6 @@ struct GridGradLane {
   CheckedAdd checked_add() { return CheckedAdd{this}; }
 };
 
-// The grid gradient of consecutive points whose stencils start at the same
-// node (detector lookups: neighbouring pixels mostly fall in the same cell),
-// summed in the block's 4 planes of 16 taps and added into the lane's
-// gradient once, when the block changes or the lane's points end: one
-// read-modify-write of the block per run of points instead of per point.
-// A point adds (grad_out w_h[a]) (w_k[b] w_l[c]) to tap (a, b, c), as
-// tricubic_math.h's ScatterRow does, a plane (16 taps, one AVX-512 register
-// of floats) per multiply-add. The runs depend on the points' order only, so
-// the result does not depend on the thread count.
-
 // {x0 x0 x0 x0 x1 ... x3} and {x0 x1 x2 x3 x0 ... x3}: a row's 4 values
 // spread over a plane of 16, for w_k[b] w_l[c] at 4 b + c. (Intrinsics
 // where there are some: the compilers widen the generic form through
@@ -686,11 +653,19 @@ C10_ALWAYS_INLINE void tile_over_plane(const Row& x, Plane& out) {
 }
 #endif
 
+// The grid gradient of consecutive points whose stencils start at the same
+// node (detector lookups: neighbouring pixels mostly fall in the same cell),
+// summed in the block's 4 planes of 16 taps and added into the lane's
+// gradient once, when the block changes or the lane's points end: one
+// read-modify-write of the block per run of points instead of per point.
+// A point adds (grad_out w_h[a]) (w_k[b] w_l[c]) to tap (a, b, c), as
+// tricubic_math.h's ScatterRow does, a plane (16 taps, one AVX-512 register
+// of floats) per multiply-add. The runs depend on the points' order only, so
+// the result does not depend on the thread count.
 template <typename T>
 struct PendingBlock {
   using Taps = SimdTaps4<T>;
-  using Plane = std::conditional_t<std::is_same_v<T, float>, Float16, Double16>;
-  static_assert(sizeof(Plane) == 16 * sizeof(T), "float or double");
+  using Plane = typename VectorOf<T, 16>::type;
   int64_t base = -1, h0 = 0, k0 = 0;  // gradient offset and first node of the block
   Plane planes[4] = {};               // [a]: taps (b, c) at 4 b + c
 
