@@ -369,6 +369,7 @@ struct RowGroup {
   static constexpr bool kEnabled = kPoints > 1;
   using V = typename VectorOf<T, 4 * kPoints>::type;     // kPoints rows of 4 taps
   using PerPoint = typename VectorOf<T, kPoints>::type;  // one value per point
+  using Plane = typename VectorOf<T, 16>::type;          // one point's 4 x 4 taps
 
   // Row `offset` of each point's block (block[i] + offset), side by side.
   template <bool kUnitL>
@@ -455,6 +456,173 @@ struct RowGroup {
     return load_points(w0) * tap<0>(v) + load_points(w1) * tap<1>(v) + load_points(w2) * tap<2>(v) +
            load_points(w3) * tap<3>(v);
   }
+
+  // Three dots per point at once, in dot's order: {x . w, y . w, z . dw} of
+  // each point, times its scale, stored point by point (3 values each) at
+  // out. One register holds tap c of the three rows of every point, so the
+  // 12 dots of 4 float points take 4 multiply-adds and no per-point shuffles.
+  static C10_ALWAYS_INLINE void dots_of_three(const V& x, const V& y, const V& z,
+                                              const T* const w[4], const T* const dw[4],
+                                              const T* scale, T* out) {
+    using Lanes = std::make_integer_sequence<int, 4 * kPoints>;
+    V wc[4], tc[4];
+    for (int c = 0; c < 4; ++c)
+      wc[c] = first_first_second(load_low(w[c]), load_low(dw[c]), Lanes{});
+    taps_of_three(x, y, z, tc, Lanes{});
+    const V d = wc[0] * tc[0] + wc[1] * tc[1] + wc[2] * tc[2] + wc[3] * tc[3];
+    const V s = load_low(scale);
+    store_first_three(out, interleave(first_first_second(s, s, Lanes{}) * d, Lanes{}));
+  }
+
+  // One axis's 4 weights of the kPoints points, node-major: {w_0 of each
+  // point, w_1 of each, ...}; w[c]: the batch's array [c][lane] from the
+  // group's first lane.
+  static C10_ALWAYS_INLINE V weights_by_node(const T* w0, const T* w1, const T* w2, const T* w3) {
+    return concat_points(load_low(w0), load_low(w1), load_low(w2), load_low(w3),
+                         std::make_integer_sequence<int, 4 * kPoints>{});
+  }
+  // Point i's w_k[b] w_l[c] at 4 b + c (ScatterWeights::kl, the product in
+  // PendingBlock::scatter_lane's order), from weights_by_node of k and l.
+  // (Planes are returned through a reference: a 64-byte vector return
+  // changes the ABI without AVX-512.)
+  template <int i>
+  static C10_ALWAYS_INLINE void kl_plane(const V& wk, const V& wl, Plane& kl) {
+    using Taps = std::make_integer_sequence<int, 16>;
+    Plane spread_wk, tiled_wl;
+    node_of<i, true>(wk, spread_wk, Taps{});
+    node_of<i, false>(wl, tiled_wl, Taps{});
+    kl = spread_wk * tiled_wl;
+  }
+
+ private:
+  // kPoints values from p in the low lanes of a register, the others
+  // unspecified (intrinsics: the compilers widen a short vector through
+  // memory, and the store forwarding that defeats costs more than a dot).
+  static C10_ALWAYS_INLINE V load_low(const T* p) {
+    V r;
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float> && kPoints == 4) {
+      const __m512 v = _mm512_castps128_ps512(_mm_loadu_ps(p));
+      std::memcpy(&r, &v, sizeof(r));
+      return r;
+    } else if constexpr (std::is_same_v<T, double> && kPoints == 2) {
+      const __m512d v = _mm512_castpd128_pd512(_mm_loadu_pd(p));
+      std::memcpy(&r, &v, sizeof(r));
+      return r;
+    }
+#endif
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, float> && kPoints == 2) {
+      const __m256 v = _mm256_castps128_ps256(
+          _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+      std::memcpy(&r, &v, sizeof(r));
+      return r;
+    }
+#endif
+    r = V{};
+    for (int i = 0; i < kPoints; ++i) r[i] = p[i];
+    return r;
+  }
+  // The first 3 kPoints values of v at out.
+  static C10_ALWAYS_INLINE void store_first_three(T* out, const V& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float> && kPoints == 4) {
+      _mm512_mask_storeu_ps(out, __mmask16(0x0FFF), __m512(v));
+      return;
+    } else if constexpr (std::is_same_v<T, double> && kPoints == 2) {
+      _mm512_mask_storeu_pd(out, __mmask8(0x3F), __m512d(v));
+      return;
+    }
+#endif
+    std::memcpy(out, &v, 3 * kPoints * sizeof(T));
+  }
+#if NANOBRAGG_HAVE_SHUFFLEVECTOR
+  // {a, a, b, (unused)}, kPoints elements each, from a and b's low lanes.
+  template <int... I>
+  static C10_ALWAYS_INLINE V first_first_second(const V& a, const V& b,
+                                                std::integer_sequence<int, I...>) {
+    constexpr int n = kPoints, w = 4 * kPoints;
+    return __builtin_shufflevector(a, b, (I < 2 * n ? I % n : I < 3 * n ? w + I - 2 * n : 0)...);
+  }
+  // out[c]: {tap c of x's rows, of y's, of z's, (unused)}.
+  template <int c, int... I>
+  static C10_ALWAYS_INLINE V tap_of_three(const V& x, const V& y, const V& z,
+                                          std::integer_sequence<int, I...>) {
+    constexpr int n = kPoints, w = 4 * kPoints;
+    const V xy = __builtin_shufflevector(x, y,
+                                         (I < n       ? 4 * I + c
+                                          : I < 2 * n ? w + 4 * (I - n) + c
+                                                      : 0)...);
+    return __builtin_shufflevector(xy, z,
+                                   (I < 2 * n   ? I
+                                    : I < 3 * n ? w + 4 * (I - 2 * n) + c
+                                                : 0)...);
+  }
+  template <typename Lanes>
+  static C10_ALWAYS_INLINE void taps_of_three(const V& x, const V& y, const V& z, V out[4],
+                                              Lanes lanes) {
+    out[0] = tap_of_three<0>(x, y, z, lanes);
+    out[1] = tap_of_three<1>(x, y, z, lanes);
+    out[2] = tap_of_three<2>(x, y, z, lanes);
+    out[3] = tap_of_three<3>(x, y, z, lanes);
+  }
+  // {x0, y0, z0, x1, y1, z1, ...} from {x..., y..., z..., (unused)}.
+  template <int... I>
+  static C10_ALWAYS_INLINE V interleave(const V& v, std::integer_sequence<int, I...>) {
+    constexpr int n = kPoints;
+    return __builtin_shufflevector(v, v, (I < 3 * n ? (I % 3) * n + I / 3 : 0)...);
+  }
+  // {a, b, c, d} from their first kPoints values each.
+  template <int... I>
+  static C10_ALWAYS_INLINE V concat_points(const V& a, const V& b, const V& c, const V& d,
+                                           std::integer_sequence<int, I...>) {
+    constexpr int n = kPoints, w = 4 * kPoints;
+    const V ab = __builtin_shufflevector(a, b, (I < n ? I : I < 2 * n ? w + I - n : 0)...);
+    const V cd = __builtin_shufflevector(c, d, (I < n ? I : I < 2 * n ? w + I - n : 0)...);
+    return __builtin_shufflevector(ab, cd, (I < 2 * n ? I : w + I - 2 * n)...);
+  }
+  // Point i's 4 node weights of a weights_by_node register over a plane of
+  // 16 taps (4 b + c): w[b] at each (spread) or w[c] at each (tiled).
+  template <int i, bool kSpread, int... E>
+  static C10_ALWAYS_INLINE void node_of(const V& w, Plane& out, std::integer_sequence<int, E...>) {
+    out = __builtin_shufflevector(w, w, ((kSpread ? E / 4 : E % 4) * kPoints + i)...);
+  }
+#else
+  template <typename Lanes>
+  static V concat_points(const V& a, const V& b, const V& c, const V& d, Lanes) {
+    V r;
+    for (int i = 0; i < kPoints; ++i) {
+      r[i] = a[i], r[kPoints + i] = b[i], r[2 * kPoints + i] = c[i], r[3 * kPoints + i] = d[i];
+    }
+    return r;
+  }
+  template <int i, bool kSpread, typename Taps>
+  static void node_of(const V& w, Plane& out, Taps) {
+    for (int e = 0; e < 16; ++e) out[e] = w[(kSpread ? e / 4 : e % 4) * kPoints + i];
+  }
+  template <typename Lanes>
+  static V first_first_second(const V& a, const V& b, Lanes) {
+    V r{};
+    for (int i = 0; i < 3 * kPoints; ++i) r[i] = i < 2 * kPoints ? a[i % kPoints] : b[i % kPoints];
+    return r;
+  }
+  template <typename Lanes>
+  static void taps_of_three(const V& x, const V& y, const V& z, V out[4], Lanes) {
+    for (int c = 0; c < 4; ++c) {
+      out[c] = V{};
+      for (int i = 0; i < kPoints; ++i) {
+        out[c][i] = x[4 * i + c], out[c][kPoints + i] = y[4 * i + c];
+        out[c][2 * kPoints + i] = z[4 * i + c];
+      }
+    }
+  }
+  template <typename Lanes>
+  static V interleave(const V& v, Lanes) {
+    V r{};
+    for (int i = 0; i < 3 * kPoints; ++i) r[i] = v[(i % 3) * kPoints + i / 3];
+    return r;
+  }
+#endif
 };
 
 // contract_stencil for the kPoints points of lanes j, j + 1, ... of a batch
@@ -489,7 +657,6 @@ C10_ALWAYS_INLINE void hkl_grad_group(const LaneBatch<T, kNeeds>& b, int j, cons
                                       const int64_t stride[3], const T* grad_out, T* grad_hkl) {
   using G = RowGroup<T>;
   using V = typename G::V;
-  using PerPoint = typename G::PerPoint;
   const T* block[G::kPoints];
   for (int i = 0; i < G::kPoints; ++i) block[i] = data + b.offset(j + i, stride);
   V wk[4], dwk[4];
@@ -510,18 +677,9 @@ C10_ALWAYS_INLINE void hkl_grad_group(const LaneBatch<T, kNeeds>& b, int j, cons
     acc_h += G::spread(&b.dw[0][a][j]) * plane;
     acc_k += wh * plane_k;
   }
-  const PerPoint g = G::load_points(grad_out);
-  T d[3][G::kPoints];
-  const PerPoint dh = g * G::dot(acc_h, &b.w[2][0][j], &b.w[2][1][j], &b.w[2][2][j], &b.w[2][3][j]);
-  const PerPoint dk = g * G::dot(acc_k, &b.w[2][0][j], &b.w[2][1][j], &b.w[2][2][j], &b.w[2][3][j]);
-  const PerPoint dl =
-      g * G::dot(acc, &b.dw[2][0][j], &b.dw[2][1][j], &b.dw[2][2][j], &b.dw[2][3][j]);
-  std::memcpy(d[0], &dh, sizeof(dh));
-  std::memcpy(d[1], &dk, sizeof(dk));
-  std::memcpy(d[2], &dl, sizeof(dl));
-  for (int i = 0; i < G::kPoints; ++i) {
-    for (int e = 0; e < 3; ++e) grad_hkl[3 * i + e] = d[e][i];
-  }
+  const T* const wl[4] = {&b.w[2][0][j], &b.w[2][1][j], &b.w[2][2][j], &b.w[2][3][j]};
+  const T* const dwl[4] = {&b.dw[2][0][j], &b.dw[2][1][j], &b.dw[2][2][j], &b.dw[2][3][j]};
+  G::dots_of_three(acc_h, acc_k, acc, wl, dwl, grad_out, grad_hkl);
 }
 
 // A row of 4 taps added at dest + r (g wl[c] at r + c), in one vector.
@@ -672,12 +830,15 @@ struct PendingBlock {
   C10_ALWAYS_INLINE void flush(GridGradLane<T>& lane, const int64_t stride[3]) {
     if (base < 0) return;
     lane.prepare_block(h0, k0);
+    // (strides in locals: the rows' byte copies could alias them)
+    const int64_t s0 = stride[0], s1 = stride[1];
+    T* const block = lane.dest + base;
     for (int a = 0; a < 4; ++a) {
-      T* plane = lane.dest + base + a * stride[0];
+      T* plane = block + a * s0;
       add_row<0>(plane, planes[a]);
-      add_row<1>(plane + stride[1], planes[a]);
-      add_row<2>(plane + 2 * stride[1], planes[a]);
-      add_row<3>(plane + 3 * stride[1], planes[a]);
+      add_row<1>(plane + s1, planes[a]);
+      add_row<2>(plane + 2 * s1, planes[a]);
+      add_row<3>(plane + 3 * s1, planes[a]);
     }
     base = -1;
   }
@@ -704,14 +865,41 @@ struct PendingBlock {
   template <int kNeeds>
   C10_ALWAYS_INLINE void scatter_lane(const LaneBatch<T, kNeeds>& b, int j, GridGradLane<T>& lane,
                                       const int64_t stride[3]) {
-    hold(b.offset(j, stride), b.first[0][j], b.first[1][j], lane, stride);
     using Row = typename Taps::V;
     const Row wk{b.w[1][0][j], b.w[1][1][j], b.w[1][2][j], b.w[1][3][j]};
     const Row wl{b.w[2][0][j], b.w[2][1][j], b.w[2][2][j], b.w[2][3][j]};
     Plane spread_wk, tiled_wl;
     spread_over_plane(wk, spread_wk);
     tile_over_plane(wl, tiled_wl);
-    const Plane kl = spread_wk * tiled_wl;  // ScatterWeights::kl
+    add_point(b, j, spread_wk * tiled_wl, lane, stride);  // ScatterWeights::kl
+  }
+  // scatter_lane of the RowGroup's lanes j, j + 1, ... (the same
+  // arithmetic), their weights read a group at a time.
+  template <int kNeeds>
+  C10_ALWAYS_INLINE void scatter_group(const LaneBatch<T, kNeeds>& b, int j, GridGradLane<T>& lane,
+                                       const int64_t stride[3]) {
+    using G = RowGroup<T>;
+    const typename G::V wk =
+        G::weights_by_node(&b.w[1][0][j], &b.w[1][1][j], &b.w[1][2][j], &b.w[1][3][j]);
+    const typename G::V wl =
+        G::weights_by_node(&b.w[2][0][j], &b.w[2][1][j], &b.w[2][2][j], &b.w[2][3][j]);
+    scatter_points(b, j, wk, wl, lane, stride, std::make_integer_sequence<int, G::kPoints>{});
+  }
+
+ private:
+  template <int kNeeds, typename V, int... I>
+  C10_ALWAYS_INLINE void scatter_points(const LaneBatch<T, kNeeds>& b, int j, const V& wk,
+                                        const V& wl, GridGradLane<T>& lane, const int64_t stride[3],
+                                        std::integer_sequence<int, I...>) {
+    Plane kl[sizeof...(I)];
+    (RowGroup<T>::template kl_plane<I>(wk, wl, kl[I]), ...);
+    (add_point(b, j + I, kl[I], lane, stride), ...);
+  }
+  // Lane j's (grad_out w_h[a]) kl into the pending block, plane by plane.
+  template <int kNeeds>
+  C10_ALWAYS_INLINE void add_point(const LaneBatch<T, kNeeds>& b, int j, const Plane& kl,
+                                   GridGradLane<T>& lane, const int64_t stride[3]) {
+    hold(b.offset(j, stride), b.first[0][j], b.first[1][j], lane, stride);
     for (int a = 0; a < 4; ++a) planes[a] += b.ga[a][j] * kl;
   }
 };
@@ -923,9 +1111,7 @@ void both_grads_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
                 begin, end, bounds, direct, coords, grad_at, stencil, per_point,
                 [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
                   hkl_grad_group<T, kUnitL>(b, j, view.data, view.stride, &b.g[j], out + 3 * p);
-                  for (int i = j; i < j + RowGroup<T>::kPoints; ++i) {
-                    pending.scatter_lane(b, i, lane, out_stride);
-                  }
+                  pending.scatter_group(b, j, lane, out_stride);
                 });
           } else {
             for_each_point_in_lanes<T, kNeeds>(begin, end, bounds, direct, coords, grad_at, stencil,
