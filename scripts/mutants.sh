@@ -41,7 +41,7 @@ csrc/tricubic/tricubic_math.h|    const T* p = g + a * stride[0];\n    plane[a] 
 csrc/tricubic/tricubic_math.h|end_x = lo + static_cast<double>(size) - 2.0;|end_x = lo + static_cast<double>(size) - 1.0;|the vector lanes' range test one node too far
 csrc/tricubic/tricubic_math.h|sw.kl[a][c] = wk[a] * wl[c];|sw.kl[a][c] = wk[3 - a] * wl[c];|the grid gradient's k weights in the wrong order
 csrc/tricubic/tricubic_cpu.cpp|Vec::blendv(Vec(T(0)), n - lower, axis_in)|Vec::blendv(Vec(T(0)), n - lower + Vec(T(1)), axis_in)|the vector lanes' stencil start off by one
-csrc/tricubic/tricubic_math.h|dw[3] = (u2 - T(1)) * T(1.0 / 6.0);|dw[3] = (u2 + T(1)) * T(1.0 / 6.0);|a wrong derivative of the weights
+csrc/tricubic/tricubic_math.h|dw[3] = (T(3) * u * u - T(1)) * T(1.0 / 6.0);|dw[3] = (T(3) * u * u + T(1)) * T(1.0 / 6.0);|a wrong derivative of the weights
 csrc/tricubic/tricubic_math.h|d2w[3] = u;|d2w[3] = T(1) - u;|a wrong second derivative of the weights
 csrc/tricubic/tricubic_math.h|if (mode == OutOfRange::Nearest) {|if (mode != OutOfRange::Nearest) {|the wrong out-of-range branch
 csrc/tricubic/tricubic_math.h|j.hess[4] = dot(acc[1], wl.dw);|j.hess[4] = dot(acc[2], wl.dw);|a wrong Hessian entry (hl for kl)
@@ -56,10 +56,12 @@ csrc/absorption/absorption_scalars.h|out[3] = total[0] / (L * att);|out[3] = tot
 csrc/absorption/absorption_scalars.h|out[3] = (dD * mu + D * dmu) / L;|out[3] = (dD * mu) / L;|a missing term of the thickness second derivative
 csrc/absorption/absorption_cpu.cpp|shared_pixel_value(prm.odet[0], prm.odet[1], prm.odet[2],|shared_pixel_value(prm.odet[1], prm.odet[0], prm.odet[2],|odet x/y swapped in the CPU kernel (baseline ISA)
 csrc/absorption/absorption_cpu_vec.h|const V ox(prm.odet[0]), oy(prm.odet[1]), oz(prm.odet[2]), step(prm.step);\n  V acc[4]|const V ox(prm.odet[1]), oy(prm.odet[0]), oz(prm.odet[2]), step(prm.step);\n  V acc[4]|odet x/y swapped in the vector backward kernel
-csrc/tricubic/tricubic_cpu.cpp|load_points(w0) * tap<0>(v) + load_points(w1) * tap<1>(v)|load_points(w0) * tap<0>(v) + load_points(w1) * tap<2>(v)|the 4-point register's dot takes the wrong tap
+csrc/tricubic/tricubic_cpu.cpp|s += load_points(w1) * tap<1>(v);|s += load_points(w1) * tap<2>(v);|the 4-point register's dot takes the wrong tap
 csrc/tricubic/tricubic_cpu.cpp|      const __m512i index = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);|      const __m512i index = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 3, 3, 3, 3, 2, 2, 2, 2);|the 4-point register's weights spread to the wrong points
-csrc/tricubic/tricubic_cpu.cpp|add_row<2>(plane + 2 * stride[1], planes[a]);|add_row<3>(plane + 2 * stride[1], planes[a]);|the pending block's plane written back with a row swapped
+csrc/tricubic/tricubic_cpu.cpp|add_row<2>(g + 2 * s1, p);|add_row<3>(g + 2 * s1, p);|the pending block's plane written back with a row swapped
 csrc/tricubic/tricubic_cpu.cpp|coordinate_of<1, kLanes>(a, b, c, out, lanes);|coordinate_of<2, kLanes>(a, b, c, out, lanes);|the batch's coordinates read with k for l
+csrc/tricubic/tricubic_cpu.cpp|first_first_second(load_low(w[c]), load_low(dw[c]), Lanes{})|first_first_second(load_low(w[c]), load_low(w[c]), Lanes{})|the 4-point hkl gradient's l derivative takes the weights for their derivatives
+csrc/tricubic/tricubic_cpu.cpp|for (int a = 0; a < 4; ++a) block.planes[a] = planes[a];|for (int a = 0; a < 4; ++a) block.planes[a] += planes[a];|a block's sums written back added to themselves
 EOF
 )
 

@@ -341,8 +341,17 @@ struct SimdTaps4 {
   }
   C10_ALWAYS_INLINE void add_scaled(T w, const SimdTaps4& r) { v += w * r.v; }
 
+  // Summed from +0, one product per addition: with contraction on, each
+  // step is one multiply-add, the same wherever this is inlined (in a sum of
+  // two products the compiler may fuse either one, and did differently in
+  // different kernels). RowGroup's dots sum in the same order.
   C10_ALWAYS_INLINE T dot(const T w[4]) const {
-    return w[0] * v[0] + w[1] * v[1] + w[2] * v[2] + w[3] * v[3];
+    T s = T(0);
+    s += w[0] * v[0];
+    s += w[1] * v[1];
+    s += w[2] * v[2];
+    s += w[3] * v[3];
+    return s;
   }
 };
 
@@ -453,8 +462,12 @@ struct RowGroup {
   // arrays [c][lane], from the group's first lane.
   static C10_ALWAYS_INLINE PerPoint dot(const V& v, const T* w0, const T* w1, const T* w2,
                                         const T* w3) {
-    return load_points(w0) * tap<0>(v) + load_points(w1) * tap<1>(v) + load_points(w2) * tap<2>(v) +
-           load_points(w3) * tap<3>(v);
+    PerPoint s = PerPoint{};
+    s += load_points(w0) * tap<0>(v);
+    s += load_points(w1) * tap<1>(v);
+    s += load_points(w2) * tap<2>(v);
+    s += load_points(w3) * tap<3>(v);
+    return s;
   }
 
   // Three dots per point at once, in dot's order: {x . w, y . w, z . dw} of
@@ -469,7 +482,8 @@ struct RowGroup {
     for (int c = 0; c < 4; ++c)
       wc[c] = first_first_second(load_low(w[c]), load_low(dw[c]), Lanes{});
     taps_of_three(x, y, z, tc, Lanes{});
-    const V d = wc[0] * tc[0] + wc[1] * tc[1] + wc[2] * tc[2] + wc[3] * tc[3];
+    V d = V{};
+    for (int c = 0; c < 4; ++c) d += wc[c] * tc[c];
     const V s = load_low(scale);
     store_first_three(out, interleave(first_first_second(s, s, Lanes{}) * d, Lanes{}));
   }
@@ -693,6 +707,67 @@ C10_ALWAYS_INLINE void add_row_simd(T* dest, int64_t r, T g, const T wl[4]) {
   std::memcpy(dest + r, &d, sizeof(V));
 }
 
+// A lane's grid gradient block by block: the 4 planes of 16 taps of each
+// 4x4x4 block its points' stencils cover (a block per first node), summed
+// over all the lane's points in it, in the order the points come. Detector
+// lookups revisit the same few hundred blocks row after row of pixels, so
+// keeping their sums here, a 256-byte record each (floats), costs a fraction
+// of adding each run of points into a grid-sized gradient, whose rows are
+// scattered and, in a partial grid, cold. Bounded: at most max_blocks
+// blocks (as many taps as half the grid has nodes); a lane with more
+// distinct blocks (random lookups) sends the rest to its grid-sized gradient.
+template <typename T>
+struct BlockSums {
+  using Plane = typename VectorOf<T, 16>::type;
+  struct Block {
+    Plane planes[4];  // [a]: taps (b, c) at 4 b + c
+  };
+  std::vector<Block> blocks;     // in order of first use
+  std::vector<int64_t> base;     // block's first node, as an offset in the gradient
+  std::vector<int64_t> first_h;  // ... and its h index
+  std::vector<int32_t> table;    // open addressing on base: block index + 1; 0 empty
+  size_t max_blocks = 0;
+  bool full = false;
+
+  explicit BlockSums(size_t max) : max_blocks(max) {}
+
+  // The block whose first node is at offset `at` (h index h), added (zero)
+  // if new; -1 once max_blocks are held.
+  int32_t find_or_add(int64_t at, int64_t h) {
+    if (full) return -1;
+    if (table.empty()) table.assign(256, 0);
+    size_t i = slot_of(at);
+    for (; table[i] != 0; i = (i + 1) & (table.size() - 1)) {
+      const int32_t b = table[i] - 1;
+      if (base[b] == at) return b;
+    }
+    if (blocks.size() >= max_blocks) {
+      full = true;
+      return -1;
+    }
+    blocks.emplace_back();  // zeroed
+    base.push_back(at);
+    first_h.push_back(h);
+    table[i] = static_cast<int32_t>(blocks.size());
+    if (2 * blocks.size() > table.size()) grow();
+    return static_cast<int32_t>(blocks.size() - 1);
+  }
+
+ private:
+  size_t slot_of(int64_t at) const {
+    return static_cast<size_t>((static_cast<uint64_t>(at) * 0x9E3779B97F4A7C15ull) >> 32) &
+           (table.size() - 1);
+  }
+  void grow() {
+    table.assign(2 * table.size(), 0);
+    for (size_t b = 0; b < blocks.size(); ++b) {
+      size_t i = slot_of(base[b]);
+      while (table[i] != 0) i = (i + 1) & (table.size() - 1);
+      table[i] = static_cast<int32_t>(b + 1);
+    }
+  }
+};
+
 // One lane of accumulate_grid_grad: its points' grid gradient goes into the
 // zeroed output (lane 0) or into a partial grid of its own. A lazy partial
 // grid is zeroed one (h, k) row of Nl nodes at a time, when the row is first
@@ -705,6 +780,7 @@ struct GridGradLane {
   int64_t nk = 0, nl = 0;
   uint8_t* row_written = nullptr;  // [Nh * Nk]; null: every row zeroed already
   uint8_t* block_ready = nullptr;  // [Nh * Nk]: the 4x4 rows from (h, k) written
+  BlockSums<T>* sums = nullptr;    // where PendingBlock keeps blocks; null: dest
 
   C10_ALWAYS_INLINE void write_row(int64_t row) {
     if (!row_written[row]) {
@@ -825,22 +901,33 @@ struct PendingBlock {
   using Taps = SimdTaps4<T>;
   using Plane = typename VectorOf<T, 16>::type;
   int64_t base = -1, h0 = 0, k0 = 0;  // gradient offset and first node of the block
+  int32_t slot = -1;                  // its block in lane.sums; -1: none, lane.dest
   Plane planes[4] = {};               // [a]: taps (b, c) at 4 b + c
 
   C10_ALWAYS_INLINE void flush(GridGradLane<T>& lane, const int64_t stride[3]) {
     if (base < 0) return;
+    if (slot >= 0) {  // the planes went on from the block's sums
+      auto& block = lane.sums->blocks[slot];
+      for (int a = 0; a < 4; ++a) block.planes[a] = planes[a];
+    } else {
+      add_to(lane.dest, stride, lane);
+    }
+    base = -1;
+  }
+  // Adds the planes into the grid-shaped gradient g at base.
+  C10_ALWAYS_INLINE void add_to(T* g, const int64_t stride[3], GridGradLane<T>& lane) {
     lane.prepare_block(h0, k0);
     // (strides in locals: the rows' byte copies could alias them)
     const int64_t s0 = stride[0], s1 = stride[1];
-    T* const block = lane.dest + base;
-    for (int a = 0; a < 4; ++a) {
-      T* plane = block + a * s0;
-      add_row<0>(plane, planes[a]);
-      add_row<1>(plane + s1, planes[a]);
-      add_row<2>(plane + 2 * s1, planes[a]);
-      add_row<3>(plane + 3 * s1, planes[a]);
-    }
-    base = -1;
+    T* const block = g + base;
+    for (int a = 0; a < 4; ++a) add_plane(block + a * s0, s1, planes[a]);
+  }
+  // A plane's 4 rows of 4 taps added at g (rows s1 apart).
+  static C10_ALWAYS_INLINE void add_plane(T* g, int64_t s1, const Plane& p) {
+    add_row<0>(g, p);
+    add_row<1>(g + s1, p);
+    add_row<2>(g + 2 * s1, p);
+    add_row<3>(g + 3 * s1, p);
   }
   template <int b>
   static C10_ALWAYS_INLINE void add_row(T* row, const Plane& p) {
@@ -859,7 +946,13 @@ struct PendingBlock {
     if (at == base) return;
     flush(lane, stride);
     base = at, h0 = h, k0 = k;
-    for (int a = 0; a < 4; ++a) planes[a] = Plane{};
+    slot = lane.sums != nullptr ? lane.sums->find_or_add(at, h) : -1;
+    if (slot >= 0) {
+      const auto& block = lane.sums->blocks[slot];
+      for (int a = 0; a < 4; ++a) planes[a] = block.planes[a];
+    } else {
+      for (int a = 0; a < 4; ++a) planes[a] = Plane{};
+    }
   }
   // The whole scatter of lane j of a batch (inside the grid).
   template <int kNeeds>
@@ -908,7 +1001,8 @@ struct PendingBlock {
 // the problem size only, never of the thread count, so the summation order,
 // and the result to the last bit, does not depend on how many threads run.
 // Bounded so that zeroing and reducing the partials costs at most an eighth
-// of the scatter (8 node updates per grid element) and at most 256 MiB.
+// of the scatter (8 node updates per grid element), and the workspace, a
+// partial grid and at most half a grid of BlockSums per lane, at most 256 MiB.
 int64_t grid_grad_lane_count(int64_t num_points, int64_t grid_numel, int64_t element_bytes) {
   constexpr int64_t kMaxLanes = 16;
   constexpr int64_t kMinPointsPerLane = 4096;
@@ -918,38 +1012,64 @@ int64_t grid_grad_lane_count(int64_t num_points, int64_t grid_numel, int64_t ele
   }
   int64_t lanes = std::min(kMaxLanes, num_points / kMinPointsPerLane);
   lanes = std::min(lanes, 8 * num_points / grid_numel);
-  lanes = std::min(lanes, kPartialBudgetBytes / (grid_numel * element_bytes));
+  lanes = std::min(lanes, kPartialBudgetBytes / (grid_numel * element_bytes * 3 / 2));
   return std::max<int64_t>(lanes, 1);
+}
+
+// BlockSums' blocks of one lane added into the gradient g (contiguous,
+// strides `stride`), in the order of first use, the planes with h in
+// [h_begin, h_end) only.
+template <typename T>
+void add_block_sums(const BlockSums<T>& sums, T* g, const int64_t stride[3], int64_t h_begin,
+                    int64_t h_end) {
+  for (size_t b = 0; b < sums.blocks.size(); ++b) {
+    for (int a = 0; a < 4; ++a) {
+      const int64_t h = sums.first_h[b] + a;
+      if (h < h_begin || h >= h_end) continue;
+      PendingBlock<T>::add_plane(g + sums.base[b] + a * stride[0], stride[1],
+                                 sums.blocks[b].planes[a]);
+    }
+  }
 }
 
 // Adds scatter(begin, end, lane), the grid gradient of points [begin, end)
 // through a GridGradLane, for every point p < n into grad_grid (contiguous,
-// zeroed), in grid_grad_lane_count partial grids reduced in a fixed order:
-// lane 0, 1, 2, ... for every node (a lane that wrote nothing into a row
-// adds nothing there, and x + 0 == x). `lazy`: partial grids are zeroed row
-// by row as they are written (the scatter calls prepare_block or adds
-// through checked_add), else all at once.
+// zeroed), in grid_grad_lane_count lanes added up in a fixed order: lane 0,
+// 1, 2, ... for every node, each lane's partial grid (a lane that wrote
+// nothing into a row adds nothing there, and x + 0 == x), then its block
+// sums. `lazy` (the PendingBlock scatters): each lane has BlockSums, and its
+// partial grid is zeroed row by row as it is written (the scatter calls
+// prepare_block or adds through checked_add); else partial grids are zeroed
+// all at once.
 template <typename T, typename ScatterFn>
 void accumulate_grid_grad(int64_t n, at::Tensor& grad_grid, bool lazy, const ScatterFn& scatter) {
   const int64_t g_numel = grad_grid.numel();
   const int64_t lanes = grid_grad_lane_count(n, g_numel, sizeof(T));
   T* out = grad_grid.mutable_data_ptr<T>();
+  const int64_t nh = grad_grid.size(0), nk = grad_grid.size(1), nl = grad_grid.size(2);
+  const int64_t out_stride[3] = {nk * nl, nl, 1};
+  // Block sums of each lane, as many taps at most as half the grid has nodes.
+  std::vector<BlockSums<T>> sums(
+      lazy ? lanes : 0, BlockSums<T>(static_cast<size_t>(std::max<int64_t>(1, g_numel / 128))));
   if (lanes == 1) {
     GridGradLane<T> lane{out};
+    lane.sums = lazy ? &sums[0] : nullptr;
     scatter(int64_t(0), n, lane);
+    if (lazy) add_block_sums(sums[0], out, out_stride, 0, nh);
     return;
   }
-  const int64_t nk = grad_grid.size(1), nl = grad_grid.size(2);
-  const int64_t rows = grad_grid.size(0) * nk;
+  const int64_t rows = nh * nk;
   at::Tensor partials = lazy ? at::empty({lanes - 1, g_numel}, grad_grid.options())
                              : at::zeros({lanes - 1, g_numel}, grad_grid.options());
   T* partial_data = partials.mutable_data_ptr<T>();
   std::vector<uint8_t> flags(lazy ? 2 * (lanes - 1) * rows : 0, uint8_t(0));
 
-  // Each lane owns a contiguous range of points and its own partial grid.
+  // Each lane owns a contiguous range of points, its block sums and its own
+  // partial grid.
   at::parallel_for(0, lanes, 1, [&](int64_t lane_begin, int64_t lane_end) {
     for (int64_t i = lane_begin; i < lane_end; ++i) {
       GridGradLane<T> lane{i == 0 ? out : partial_data + (i - 1) * g_numel, nk, nl};
+      if (lazy) lane.sums = &sums[i];
       if (lazy && i > 0) {
         lane.row_written = flags.data() + 2 * (i - 1) * rows;
         lane.block_ready = lane.row_written + rows;
@@ -957,15 +1077,17 @@ void accumulate_grid_grad(int64_t n, at::Tensor& grad_grid, bool lazy, const Sca
       scatter(n * i / lanes, n * (i + 1) / lanes, lane);
     }
   });
-  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(nl, 1)),
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t row = begin; row < end; ++row) {
-                       T* o = out + row * nl;
-                       for (int64_t i = 1; i < lanes; ++i) {
+  // Lane by lane into the output, h-planes split among the threads.
+  at::parallel_for(0, nh, std::max<int64_t>(1, 4096 / std::max<int64_t>(nk * nl, 1)),
+                   [&](int64_t h_begin, int64_t h_end) {
+                     for (int64_t i = 0; i < lanes; ++i) {
+                       for (int64_t row = h_begin * nk; i > 0 && row < h_end * nk; ++row) {
                          if (lazy && !flags[2 * (i - 1) * rows + row]) continue;
+                         T* o = out + row * nl;
                          const T* part = partial_data + (i - 1) * g_numel + row * nl;
                          for (int64_t c = 0; c < nl; ++c) o[c] += part[c];
                        }
+                       if (lazy) add_block_sums(sums[i], out, out_stride, h_begin, h_end);
                      }
                    });
 }

@@ -36,11 +36,13 @@ NANOBRAGG_INLINE void lagrange_weights(T u, T w[4]) {
 // dw/du.
 template <typename T>
 NANOBRAGG_INLINE void lagrange_weight_derivs(T u, T dw[4]) {
-  const T u2 = T(3) * u * u;
-  dw[0] = -(u2 - T(6) * u + T(2)) * T(1.0 / 6.0);
-  dw[1] = (u2 - T(4) * u - T(1)) * T(0.5);
-  dw[2] = -(u2 - T(2) * u - T(2)) * T(0.5);
-  dw[3] = (u2 - T(1)) * T(1.0 / 6.0);
+  // Horner's form: every addition has one product operand at most, so with
+  // contraction on each becomes the same multiply-add wherever this is
+  // inlined (u2 - 6 u, a difference of two products, could fuse either).
+  dw[0] = -((T(3) * u - T(6)) * u + T(2)) * T(1.0 / 6.0);
+  dw[1] = ((T(3) * u - T(4)) * u - T(1)) * T(0.5);
+  dw[2] = -((T(3) * u - T(2)) * u - T(2)) * T(0.5);
+  dw[3] = (T(3) * u * u - T(1)) * T(1.0 / 6.0);
 }
 
 // d2w/du2, for the second derivatives (double backward).
