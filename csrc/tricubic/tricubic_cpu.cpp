@@ -384,6 +384,23 @@ struct RowGroup {
   template <bool kUnitL>
   static C10_ALWAYS_INLINE V load_rows(const T* const block[kPoints], int64_t offset,
                                        const int64_t stride[3]) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float> && kPoints == 4 && kUnitL) {
+      // Two 256-bit inserts from memory (any of three ports) and one 512-bit
+      // one: the generic form takes three 512-bit shuffles, which all
+      // compete with the multiply-adds for one port.
+      const __m256 r01 =
+          _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(block[0] + offset)),
+                               _mm_loadu_ps(block[1] + offset), 1);
+      const __m256 r23 =
+          _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(block[2] + offset)),
+                               _mm_loadu_ps(block[3] + offset), 1);
+      const __m512 r = _mm512_insertf32x8(_mm512_castps256_ps512(r01), r23, 1);
+      V v;
+      std::memcpy(&v, &r, sizeof(v));
+      return v;
+    }
+#endif
 #if NANOBRAGG_HAVE_SHUFFLEVECTOR
     using Row = typename SimdTaps4<T>::V;
     const Row r0 = SimdTaps4<T>::template load<kUnitL>(block[0] + offset, stride).v;
