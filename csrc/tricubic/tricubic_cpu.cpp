@@ -906,9 +906,11 @@ C10_ALWAYS_INLINE void tile_over_plane(const Row& x, Plane& out) {
 
 // The grid gradient of consecutive points whose stencils start at the same
 // node (detector lookups: neighbouring pixels mostly fall in the same cell),
-// summed in the block's 4 planes of 16 taps and added into the lane's
-// gradient once, when the block changes or the lane's points end: one
-// read-modify-write of the block per run of points instead of per point.
+// summed in the block's 4 planes of 16 taps, in registers, and handed on
+// once, when the block changes or the lane's points end: to the block's
+// record in the lane's BlockSums (its planes are where the next run in the
+// block starts from), or, a lane without one or whose BlockSums is full,
+// added into the lane's gradient.
 // A point adds (grad_out w_h[a]) (w_k[b] w_l[c]) to tap (a, b, c), as
 // tricubic_math.h's ScatterRow does, a plane (16 taps, one AVX-512 register
 // of floats) per multiply-add. The runs depend on the points' order only, so
