@@ -787,23 +787,32 @@ struct BlockSums {
 
 // One lane of accumulate_grid_grad: its points' grid gradient goes into the
 // zeroed output (lane 0) or into a partial grid of its own. A lazy partial
-// grid is zeroed one (h, k) row of Nl nodes at a time, when the row is first
-// written, and the reduction reads only the rows written: detector lookups
-// touch a few percent of the rows, and zeroing and reading whole partial
-// grids cost more than the scatter itself.
+// grid is allocated when the lane first writes into it (with BlockSums,
+// detector lookups never do) and zeroed one (h, k) row of Nl nodes at a
+// time, when the row is first written, and the reduction reads only the
+// rows written: zeroing and reading whole partial grids cost more than the
+// scatter itself, and allocating unused ones made the allocator hand pages
+// back to the kernel and fault others in, call after call.
 template <typename T>
 struct GridGradLane {
-  T* dest;
+  T* dest;  // null: a lazy partial grid not allocated yet
   int64_t nk = 0, nl = 0;
-  uint8_t* row_written = nullptr;  // [Nh * Nk]; null: every row zeroed already
-  uint8_t* block_ready = nullptr;  // [Nh * Nk]: the 4x4 rows from (h, k) written
-  BlockSums<T>* sums = nullptr;    // where PendingBlock keeps blocks; null: dest
+  uint8_t* row_written = nullptr;    // [Nh * Nk]; null: every row zeroed already
+  uint8_t* block_ready = nullptr;    // [Nh * Nk]: the 4x4 rows from (h, k) written
+  BlockSums<T>* sums = nullptr;      // where PendingBlock keeps blocks; null: dest
+  at::Tensor* partial = nullptr;     // where a lazy partial grid is allocated
+  const at::Tensor* like = nullptr;  // ... with this one's shape and options
 
   C10_ALWAYS_INLINE void write_row(int64_t row) {
     if (!row_written[row]) {
+      if (dest == nullptr) allocate();
       row_written[row] = 1;
       std::fill_n(dest + row * nl, nl, T(0));
     }
+  }
+  C10_NOINLINE void allocate() {
+    *partial = at::empty(like->sizes(), like->options());
+    dest = partial->mutable_data_ptr<T>();
   }
   // Makes rows (h0 + a, k0 + b), a, b < 4, ready to be added into: before a
   // stencil's scatter through add() (consecutive points mostly share h0, k0).
@@ -929,16 +938,16 @@ struct PendingBlock {
       auto& block = lane.sums->blocks[slot];
       for (int a = 0; a < 4; ++a) block.planes[a] = planes[a];
     } else {
-      add_to(lane.dest, stride, lane);
+      add_to_lane(lane, stride);
     }
     base = -1;
   }
-  // Adds the planes into the grid-shaped gradient g at base.
-  C10_ALWAYS_INLINE void add_to(T* g, const int64_t stride[3], GridGradLane<T>& lane) {
-    lane.prepare_block(h0, k0);
+  // Adds the planes into the lane's grid-shaped gradient at base.
+  C10_ALWAYS_INLINE void add_to_lane(GridGradLane<T>& lane, const int64_t stride[3]) {
+    lane.prepare_block(h0, k0);  // (allocates a lazy partial grid)
     // (strides in locals: the rows' byte copies could alias them)
     const int64_t s0 = stride[0], s1 = stride[1];
-    T* const block = g + base;
+    T* const block = lane.dest + base;
     for (int a = 0; a < 4; ++a) add_plane(block + a * s0, s1, planes[a]);
   }
   // A plane's 4 rows of 4 taps added at g (rows s1 apart).
@@ -1078,20 +1087,26 @@ void accumulate_grid_grad(int64_t n, at::Tensor& grad_grid, bool lazy, const Sca
     return;
   }
   const int64_t rows = nh * nk;
-  at::Tensor partials = lazy ? at::empty({lanes - 1, g_numel}, grad_grid.options())
-                             : at::zeros({lanes - 1, g_numel}, grad_grid.options());
-  T* partial_data = partials.mutable_data_ptr<T>();
+  // The partial grids of lanes 1, 2, ...: lazy ones allocated by their lane
+  // when it first writes into one, else all zeroed here.
+  std::vector<at::Tensor> partials(lanes - 1);
+  if (!lazy) {
+    for (auto& p : partials) p = at::zeros(grad_grid.sizes(), grad_grid.options());
+  }
   std::vector<uint8_t> flags(lazy ? 2 * (lanes - 1) * rows : 0, uint8_t(0));
 
   // Each lane owns a contiguous range of points, its block sums and its own
   // partial grid.
   at::parallel_for(0, lanes, 1, [&](int64_t lane_begin, int64_t lane_end) {
     for (int64_t i = lane_begin; i < lane_end; ++i) {
-      GridGradLane<T> lane{i == 0 ? out : partial_data + (i - 1) * g_numel, nk, nl};
+      GridGradLane<T> lane{i == 0 ? out : nullptr, nk, nl};
       if (lazy) lane.sums = &sums[i];
-      if (lazy && i > 0) {
+      if (i > 0 && !lazy) lane.dest = partials[i - 1].mutable_data_ptr<T>();
+      if (i > 0 && lazy) {
         lane.row_written = flags.data() + 2 * (i - 1) * rows;
         lane.block_ready = lane.row_written + rows;
+        lane.partial = &partials[i - 1];
+        lane.like = &grad_grid;
       }
       scatter(n * i / lanes, n * (i + 1) / lanes, lane);
     }
@@ -1100,10 +1115,13 @@ void accumulate_grid_grad(int64_t n, at::Tensor& grad_grid, bool lazy, const Sca
   at::parallel_for(0, nh, std::max<int64_t>(1, 4096 / std::max<int64_t>(nk * nl, 1)),
                    [&](int64_t h_begin, int64_t h_end) {
                      for (int64_t i = 0; i < lanes; ++i) {
-                       for (int64_t row = h_begin * nk; i > 0 && row < h_end * nk; ++row) {
+                       const T* partial = i > 0 && partials[i - 1].defined()
+                                              ? partials[i - 1].const_data_ptr<T>()
+                                              : nullptr;
+                       for (int64_t row = h_begin * nk; partial && row < h_end * nk; ++row) {
                          if (lazy && !flags[2 * (i - 1) * rows + row]) continue;
                          T* o = out + row * nl;
-                         const T* part = partial_data + (i - 1) * g_numel + row * nl;
+                         const T* part = partial + row * nl;
                          for (int64_t c = 0; c < nl; ++c) o[c] += part[c];
                        }
                        if (lazy) add_block_sums(sums[i], out, out_stride, h_begin, h_end);
