@@ -378,7 +378,6 @@ struct RowGroup {
   static constexpr bool kEnabled = kPoints > 1;
   using V = typename VectorOf<T, 4 * kPoints>::type;     // kPoints rows of 4 taps
   using PerPoint = typename VectorOf<T, kPoints>::type;  // one value per point
-  using Plane = typename VectorOf<T, 16>::type;          // one point's 4 x 4 taps
 
   // Row `offset` of each point's block (block[i] + offset), side by side.
   template <bool kUnitL>
@@ -505,26 +504,6 @@ struct RowGroup {
     store_first_three(out, interleave(first_first_second(s, s, Lanes{}) * d, Lanes{}));
   }
 
-  // One axis's 4 weights of the kPoints points, node-major: {w_0 of each
-  // point, w_1 of each, ...}; w[c]: the batch's array [c][lane] from the
-  // group's first lane.
-  static C10_ALWAYS_INLINE V weights_by_node(const T* w0, const T* w1, const T* w2, const T* w3) {
-    return concat_points(load_low(w0), load_low(w1), load_low(w2), load_low(w3),
-                         std::make_integer_sequence<int, 4 * kPoints>{});
-  }
-  // Point i's w_k[b] w_l[c] at 4 b + c (ScatterWeights::kl, the product in
-  // PendingBlock::scatter_lane's order), from weights_by_node of k and l.
-  // (Planes are returned through a reference: a 64-byte vector return
-  // changes the ABI without AVX-512.)
-  template <int i>
-  static C10_ALWAYS_INLINE void kl_plane(const V& wk, const V& wl, Plane& kl) {
-    using Taps = std::make_integer_sequence<int, 16>;
-    Plane spread_wk, tiled_wl;
-    node_of<i, true>(wk, spread_wk, Taps{});
-    node_of<i, false>(wl, tiled_wl, Taps{});
-    kl = spread_wk * tiled_wl;
-  }
-
  private:
   // kPoints values from p in the low lanes of a register, the others
   // unspecified (intrinsics: the compilers widen a short vector through
@@ -603,34 +582,7 @@ struct RowGroup {
     constexpr int n = kPoints;
     return __builtin_shufflevector(v, v, (I < 3 * n ? (I % 3) * n + I / 3 : 0)...);
   }
-  // {a, b, c, d} from their first kPoints values each.
-  template <int... I>
-  static C10_ALWAYS_INLINE V concat_points(const V& a, const V& b, const V& c, const V& d,
-                                           std::integer_sequence<int, I...>) {
-    constexpr int n = kPoints, w = 4 * kPoints;
-    const V ab = __builtin_shufflevector(a, b, (I < n ? I : I < 2 * n ? w + I - n : 0)...);
-    const V cd = __builtin_shufflevector(c, d, (I < n ? I : I < 2 * n ? w + I - n : 0)...);
-    return __builtin_shufflevector(ab, cd, (I < 2 * n ? I : w + I - 2 * n)...);
-  }
-  // Point i's 4 node weights of a weights_by_node register over a plane of
-  // 16 taps (4 b + c): w[b] at each (spread) or w[c] at each (tiled).
-  template <int i, bool kSpread, int... E>
-  static C10_ALWAYS_INLINE void node_of(const V& w, Plane& out, std::integer_sequence<int, E...>) {
-    out = __builtin_shufflevector(w, w, ((kSpread ? E / 4 : E % 4) * kPoints + i)...);
-  }
 #else
-  template <typename Lanes>
-  static V concat_points(const V& a, const V& b, const V& c, const V& d, Lanes) {
-    V r;
-    for (int i = 0; i < kPoints; ++i) {
-      r[i] = a[i], r[kPoints + i] = b[i], r[2 * kPoints + i] = c[i], r[3 * kPoints + i] = d[i];
-    }
-    return r;
-  }
-  template <int i, bool kSpread, typename Taps>
-  static void node_of(const V& w, Plane& out, Taps) {
-    for (int e = 0; e < 16; ++e) out[e] = w[(kSpread ? e / 4 : e % 4) * kPoints + i];
-  }
   template <typename Lanes>
   static V first_first_second(const V& a, const V& b, Lanes) {
     V r{};
@@ -992,34 +944,7 @@ struct PendingBlock {
     Plane spread_wk, tiled_wl;
     spread_over_plane(wk, spread_wk);
     tile_over_plane(wl, tiled_wl);
-    add_point(b, j, spread_wk * tiled_wl, lane, stride);  // ScatterWeights::kl
-  }
-  // scatter_lane of the RowGroup's lanes j, j + 1, ... (the same
-  // arithmetic), their weights read a group at a time.
-  template <int kNeeds>
-  C10_ALWAYS_INLINE void scatter_group(const LaneBatch<T, kNeeds>& b, int j, GridGradLane<T>& lane,
-                                       const int64_t stride[3]) {
-    using G = RowGroup<T>;
-    const typename G::V wk =
-        G::weights_by_node(&b.w[1][0][j], &b.w[1][1][j], &b.w[1][2][j], &b.w[1][3][j]);
-    const typename G::V wl =
-        G::weights_by_node(&b.w[2][0][j], &b.w[2][1][j], &b.w[2][2][j], &b.w[2][3][j]);
-    scatter_points(b, j, wk, wl, lane, stride, std::make_integer_sequence<int, G::kPoints>{});
-  }
-
- private:
-  template <int kNeeds, typename V, int... I>
-  C10_ALWAYS_INLINE void scatter_points(const LaneBatch<T, kNeeds>& b, int j, const V& wk,
-                                        const V& wl, GridGradLane<T>& lane, const int64_t stride[3],
-                                        std::integer_sequence<int, I...>) {
-    Plane kl[sizeof...(I)];
-    (RowGroup<T>::template kl_plane<I>(wk, wl, kl[I]), ...);
-    (add_point(b, j + I, kl[I], lane, stride), ...);
-  }
-  // Lane j's (grad_out w_h[a]) kl into the pending block, plane by plane.
-  template <int kNeeds>
-  C10_ALWAYS_INLINE void add_point(const LaneBatch<T, kNeeds>& b, int j, const Plane& kl,
-                                   GridGradLane<T>& lane, const int64_t stride[3]) {
+    const Plane kl = spread_wk * tiled_wl;  // ScatterWeights::kl
     hold(b.offset(j, stride), b.first[0][j], b.first[1][j], lane, stride);
     for (int a = 0; a < 4; ++a) planes[a] += b.ga[a][j] * kl;
   }
@@ -1270,7 +1195,9 @@ void both_grads_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
                 begin, end, bounds, direct, coords, grad_at, stencil, per_point,
                 [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
                   hkl_grad_group<T, kUnitL>(b, j, view.data, view.stride, &b.g[j], out + 3 * p);
-                  pending.scatter_group(b, j, lane, out_stride);
+                  for (int i = j; i < j + RowGroup<T>::kPoints; ++i) {
+                    pending.scatter_lane(b, i, lane, out_stride);
+                  }
                 });
           } else {
             for_each_point_in_lanes<T, kNeeds>(begin, end, bounds, direct, coords, grad_at, stencil,
