@@ -3,8 +3,8 @@
 # with its defaults (sizes 256 and 512, every CPU case on 1 thread and on all,
 # 200 warm repeats, float32, CPU) and its scale section (--scale: tricubic
 # forward+backward over 2048² × 9 points); about 4-5 minutes on 2 cores
-# (4 min 23 s, 2026-12-02, rebuilding the CPU kernels first; 5 min 16 s the
-# run before). It writes
+# (3 min 43 s to 5 min 16 s in the runs of 2026-12-02, rebuilding the CPU
+# kernels first). It writes
 # reports/perf/<UTC stamp>/ (perf_results.json, env.json, perf_summary.md),
 # and its pictures (scripts/plot_report.py: throughput.png, scaling.png).
 # Extra arguments go to the driver, e.g.
