@@ -401,13 +401,17 @@ fi
 
 # --- compute-sanitizer (beside pytest) -----------------------------------------
 # A few small CUDA cases: each op's forward against its reference, tricubic's
-# backward (grid and hkl gradients, strided inputs; empty launches) and
-# absorption's gradients. memcheck: out-of-bounds and misaligned accesses,
-# errors of the CUDA API; racecheck: shared-memory hazards.
+# backward (grid and hkl gradients, strided inputs; empty launches), the
+# deterministic grid gradient (sort, run table, gather; first and second
+# order), both double backwards, and absorption's gradients. memcheck:
+# out-of-bounds and misaligned accesses, errors of the CUDA API; racecheck:
+# shared-memory hazards.
 SANITIZE_CASES=(
   Devices/TricubicForward.MatchesPolin3Float32/cuda
   Devices/TricubicBackward.StridedInputsAndExpandedGradient/cuda
   Devices/TricubicBackward.EmptyPoints/cuda
+  CudaSmall.DeterministicGridGradient
+  CudaSmall.DoubleBackward
   Devices/Absorption.MatchesPortFormulation/cuda
   Devices/Absorption.GradientsMatchFiniteDifferencesPerLayer/cuda
 )
