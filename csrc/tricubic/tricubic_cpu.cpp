@@ -648,6 +648,8 @@ C10_ALWAYS_INLINE void hkl_grad_group(const LaneBatch<T, kNeeds>& b, int j, cons
     dwk[c] = G::spread(&b.dw[1][c][j]);
   }
   V acc = V{}, acc_h = V{}, acc_k = V{};
+  // (Unrolled: GCC kept it a loop, and the hkl gradient alone took 7% longer.)
+  NANOBRAGG_UNROLL
   for (int a = 0; a < 4; ++a) {
     V plane = V{}, plane_k = V{};
     for (int c = 0; c < 4; ++c) {
