@@ -6,8 +6,8 @@
 // Every suite has "Cuda" in its name (--gtest_filter='*Cuda*'), and every
 // test skips, saying why, where CUDA cannot run; this file compiles in a
 // CPU-only build too (CUDA headers only under NANOBRAGG_WITH_CUDA). The
-// "CudaSmall" tests are small and fast, for compute-sanitizer
-// (--gtest_filter='*CudaSmall*').
+// "CudaSmall" tests are small and fast, for compute-sanitizer (the cases it
+// runs: SANITIZE_CASES in scripts/gpu_check.sh).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <gtest/gtest.h>
