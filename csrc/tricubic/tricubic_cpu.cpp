@@ -869,8 +869,10 @@ C10_ALWAYS_INLINE void tile_over_plane(const Row& x, Plane& out) {
 
 // The grid gradient of consecutive points whose stencils start at the same
 // node (detector lookups: neighbouring pixels mostly fall in the same cell),
-// summed in the block's 4 planes of 16 taps, in registers, and handed on
-// once, when the block changes or the lane's points end: to the block's
+// summed in the block's 4 planes of 16 taps held here (GCC keeps them in the
+// object, on the stack, not in registers; summing a group's points in
+// registers first measured no faster), and handed on once, when the block
+// changes or the lane's points end: to the block's
 // record in the lane's BlockSums (its planes are where the next run in the
 // block starts from), or, a lane without one or whose BlockSums is full,
 // added into the lane's gradient.
