@@ -61,7 +61,9 @@ csrc/tricubic/tricubic_cpu.cpp|      const __m512i index = _mm512_setr_epi32(0, 
 csrc/tricubic/tricubic_cpu.cpp|add_row<2>(g + 2 * s1, p);|add_row<3>(g + 2 * s1, p);|the pending block's plane written back with a row swapped
 csrc/tricubic/tricubic_cpu.cpp|coordinate_of<1, kLanes>(a, b, c, out, lanes);|coordinate_of<2, kLanes>(a, b, c, out, lanes);|the batch's coordinates read with k for l
 csrc/tricubic/tricubic_cpu.cpp|first_first_second(load_low(w[c]), load_low(dw[c]), Lanes{})|first_first_second(load_low(w[c]), load_low(w[c]), Lanes{})|the 4-point hkl gradient's l derivative takes the weights for their derivatives
-csrc/tricubic/tricubic_cpu.cpp|for (int a = 0; a < 4; ++a) block.planes[a] = planes[a];|for (int a = 0; a < 4; ++a) block.planes[a] += planes[a];|a block's sums written back added to themselves
+csrc/tricubic/tricubic_cpu.cpp|for (int a = 0; a < 4; ++a) block.planes[a] += planes[a];|for (int a = 0; a < 4; ++a) block.planes[a] = planes[a];|a block's record keeps only its last run (`BlockSums`)
+csrc/tricubic/tricubic_cpu.cpp|(m * N / 4 + E / 4 + (E % 4 == 1 ? N : 0))|(m * N / 4 + E / 4 + (E % 4 == 0 ? N : 0))|the scatter's weights transposed with node 0 for node 1
+csrc/tricubic/tricubic_cpu.cpp|int64_t(b.first[1][j]) * bounds.node_stride[1]|int64_t(b.first[1][j]) * bounds.node_stride[0]|a lane's block offset with the h stride for k
 EOF
 )
 

@@ -102,8 +102,9 @@ NANOBRAGG_VECTOR_OF(double, 16, Double16)
 // are split among threads.
 //
 // What a kernel needs of a batch besides the weights: their derivatives
-// (the hkl gradient), the incoming gradient (the grid gradient).
-enum LaneNeeds : int { kWeights = 0, kDerivatives = 1, kGradOut = 2 };
+// (the hkl gradient), the incoming gradient (both gradients), and what the
+// grid gradient's scatter takes lane by lane (kScatter, with kGradOut).
+enum LaneNeeds : int { kWeights = 0, kDerivatives = 1, kGradOut = 2, kScatter = 4 };
 
 template <typename T, int kNeeds>
 struct LaneBatch {
@@ -114,11 +115,16 @@ struct LaneBatch {
 
   alignas(64) T x[3][kLanes];        // h, k, l
   alignas(64) T g[kLanes];           // incoming gradient (kGradOut)
-  alignas(64) T ga[4][kLanes];       // g w_h[a], ScatterWeights::ga (kGradOut)
   alignas(64) T w[3][4][kLanes];     // [axis][node][lane]
   alignas(64) T dw[3][4][kLanes];    // (kDerivatives)
   alignas(64) Int first[3][kLanes];  // stencil's first node per axis
-  uint64_t inside = 0;               // bit j: lane j's stencil is in the grid
+  // kScatter: g w_h[a] (ScatterWeights::ga), w_k and w_l lane by lane (4
+  // nodes each, one vector load), and the offset of the stencil's first node
+  // in a contiguous grid (LaneBounds::node_stride; 0 outside the grid).
+  alignas(64) T ga[4][kLanes];
+  alignas(64) T kl_rows[2][kLanes][4];
+  alignas(64) int64_t node_offset[kLanes];
+  uint64_t inside = 0;  // bit j: lane j's stencil is in the grid
 
   bool is_inside(int j) const { return (inside >> j) & 1; }
 
@@ -139,6 +145,7 @@ struct LaneBatch {
 template <typename T>
 struct LaneBounds {
   T first_x[3], end_x[3];
+  int64_t node_stride[2];  // of h and k in a contiguous grid (l: 1)
 };
 
 template <typename T>
@@ -152,7 +159,47 @@ LaneBounds<T> lane_bounds(const int64_t size[3], const double lo[3]) {
     b.first_x[d] = exact ? static_cast<T>(first_x) : std::numeric_limits<T>::quiet_NaN();
     b.end_x[d] = exact ? static_cast<T>(end_x) : std::numeric_limits<T>::quiet_NaN();
   }
+  b.node_stride[0] = size[1] * size[2], b.node_stride[1] = size[2];
   return b;
+}
+
+#if NANOBRAGG_HAVE_SHUFFLEVECTOR
+// Part m (of 4) of the transpose of {w0, w1, w2, w3} (N lanes each): node
+// e % 4 of lane m N / 4 + e / 4 at element e, in three two-register
+// shuffles.
+template <int m, int N, typename V, int... E>
+C10_ALWAYS_INLINE void transposed_part(const V& w0, const V& w1, const V& w2, const V& w3, V& out,
+                                       std::integer_sequence<int, E...>) {
+  const V w01 = __builtin_shufflevector(w0, w1, (m * N / 4 + E / 4 + (E % 4 == 1 ? N : 0))...);
+  const V w23 = __builtin_shufflevector(w2, w3, (m * N / 4 + E / 4 + (E % 4 == 3 ? N : 0))...);
+  out = __builtin_shufflevector(w01, w23, (E % 4 < 2 ? E : N + E)...);
+}
+#endif
+
+// rows[j][c] = table[c][j]: one axis' weights lane by lane (4 vectors of N
+// lanes into 4 vectors of N / 4 rows), for the scatter's planes.
+template <typename T, int N>
+C10_ALWAYS_INLINE void transpose_weights(const T (&table)[4][N], T (&rows)[N][4]) {
+#if NANOBRAGG_HAVE_SHUFFLEVECTOR
+  if constexpr (N % 4 == 0) {
+    using V = typename VectorOf<T, N>::type;
+    V w[4], out;
+    for (int c = 0; c < 4; ++c) std::memcpy(&w[c], table[c], sizeof(V));
+    constexpr auto elements = std::make_integer_sequence<int, N>{};
+    transposed_part<0, N>(w[0], w[1], w[2], w[3], out, elements);
+    std::memcpy(&rows[0][0], &out, sizeof(V));
+    transposed_part<1, N>(w[0], w[1], w[2], w[3], out, elements);
+    std::memcpy(&rows[N / 4][0], &out, sizeof(V));
+    transposed_part<2, N>(w[0], w[1], w[2], w[3], out, elements);
+    std::memcpy(&rows[N / 2][0], &out, sizeof(V));
+    transposed_part<3, N>(w[0], w[1], w[2], w[3], out, elements);
+    std::memcpy(&rows[3 * N / 4][0], &out, sizeof(V));
+    return;
+  }
+#endif
+  for (int j = 0; j < N; ++j) {
+    for (int c = 0; c < 4; ++c) rows[j][c] = table[c][j];
+  }
 }
 
 // Fills the batch's weights, first nodes and inside mask from x.
@@ -171,10 +218,12 @@ C10_ALWAYS_INLINE void locate_lanes(LaneBatch<T, kNeeds>& b, const LaneBounds<T>
     Vec w[4];
     lagrange_weights(u, w);
     for (int c = 0; c < 4; ++c) w[c].store(b.w[d][c]);
-    if constexpr ((kNeeds & kGradOut) != 0) {
+    if constexpr ((kNeeds & kScatter) != 0) {
       if (d == 0) {
         const Vec g = Vec::loadu(b.g);
         for (int c = 0; c < 4; ++c) (g * w[c]).store(b.ga[c]);
+      } else {
+        transpose_weights<T, kLanes>(b.w[d], b.kl_rows[d - 1]);
       }
     }
     if constexpr ((kNeeds & kDerivatives) != 0) {
@@ -188,6 +237,12 @@ C10_ALWAYS_INLINE void locate_lanes(LaneBatch<T, kNeeds>& b, const LaneBounds<T>
     // others convert 0, not NaN or a huge value (undefined in C++).
     at::vec::convert_to_int_of_same_size(Vec::blendv(Vec(T(0)), n - lower, axis_in))
         .store(b.first[d]);
+  }
+  if constexpr ((kNeeds & kScatter) != 0) {
+    for (int j = 0; j < kLanes; ++j) {
+      b.node_offset[j] = int64_t(b.first[0][j]) * bounds.node_stride[0] +
+                         int64_t(b.first[1][j]) * bounds.node_stride[1] + int64_t(b.first[2][j]);
+    }
   }
   const uint64_t all = count >= 64 ? ~uint64_t(0) : (uint64_t(1) << count) - 1;
   const uint64_t outside = static_cast<uint64_t>(static_cast<uint32_t>(in_grid.zero_mask()));
@@ -259,16 +314,18 @@ constexpr bool kDirectLoads = false;
 // (lane j of the batch), per_point(p, h, k, l) for the others.
 // With `group` (kGroup > 1), group(p, j, batch) runs instead for kGroup
 // consecutive lanes j, j + 1, ... whose stencils are all inside the grid.
+// With `after_batch`, after_batch(batch) runs after each batch's lanes (the
+// grid gradient's scatter of its inside lanes, in one loop).
 struct NoGroups {};
+struct NoBatchHook {};
 
 template <typename T, int kNeeds, int kGroup = 1, typename CoordsFn, typename GradFn,
-          typename StencilFn, typename PointFn, typename GroupFn = NoGroups>
-C10_ALWAYS_INLINE void for_each_point_in_lanes(int64_t begin, int64_t end,
-                                               const LaneBounds<T>& bounds,
-                                               const DirectLayout<T>& direct,
-                                               const CoordsFn& coords, const GradFn& grad,
-                                               const StencilFn& stencil, const PointFn& per_point,
-                                               const GroupFn& group = GroupFn()) {
+          typename StencilFn, typename PointFn, typename GroupFn = NoGroups,
+          typename BatchFn = NoBatchHook>
+C10_ALWAYS_INLINE void for_each_point_in_lanes(
+    int64_t begin, int64_t end, const LaneBounds<T>& bounds, const DirectLayout<T>& direct,
+    const CoordsFn& coords, const GradFn& grad, const StencilFn& stencil, const PointFn& per_point,
+    const GroupFn& group = GroupFn(), const BatchFn& after_batch = BatchFn()) {
   static_assert(kGroup > 1 || std::is_same_v<GroupFn, NoGroups>, "a group is 2 or more lanes");
   using Batch = LaneBatch<T, kNeeds>;
   Batch b;
@@ -315,6 +372,7 @@ C10_ALWAYS_INLINE void for_each_point_in_lanes(int64_t begin, int64_t end,
       }
       ++j;
     }
+    if constexpr (!std::is_same_v<BatchFn, NoBatchHook>) after_batch(b);
   }
 }
 
@@ -867,15 +925,14 @@ C10_ALWAYS_INLINE void tile_over_plane(const Row& x, Plane& out) {
 }
 #endif
 
-// The grid gradient of consecutive points whose stencils start at the same
-// node (detector lookups: neighbouring pixels mostly fall in the same cell),
-// summed in the block's 4 planes of 16 taps held here (GCC keeps them in the
-// object, on the stack, not in registers; summing a group's points in
-// registers first measured no faster), and handed on once, when the block
-// changes or the lane's points end: to the block's
-// record in the lane's BlockSums (its planes are where the next run in the
-// block starts from), or, a lane without one or whose BlockSums is full,
-// added into the lane's gradient.
+// The grid gradient of a run of consecutive points whose stencils start at
+// the same node (detector lookups: neighbouring pixels mostly fall in the
+// same cell), summed from zero in the block's 4 planes of 16 taps, in
+// registers, and handed on once, when the block changes or the lane's points
+// end: added into the block's record in the lane's BlockSums (the sum of its
+// runs, in the order they come), or, a lane without one or whose BlockSums is
+// full, into the lane's gradient. (Summing each run from zero, rather than
+// from the block's record, keeps the record's load off the next run's path.)
 // A point adds (grad_out w_h[a]) (w_k[b] w_l[c]) to tap (a, b, c), as
 // tricubic_math.h's ScatterRow does, a plane (16 taps, one AVX-512 register
 // of floats) per multiply-add. The runs depend on the points' order only, so
@@ -885,14 +942,16 @@ struct PendingBlock {
   using Taps = SimdTaps4<T>;
   using Plane = typename VectorOf<T, 16>::type;
   int64_t base = -1, h0 = 0, k0 = 0;  // gradient offset and first node of the block
-  int32_t slot = -1;                  // its block in lane.sums; -1: none, lane.dest
   Plane planes[4] = {};               // [a]: taps (b, c) at 4 b + c
 
-  C10_ALWAYS_INLINE void flush(GridGradLane<T>& lane, const int64_t stride[3]) {
+  // Hands the run on (not inlined: once per run, and the scatter's loop
+  // keeps its planes in registers around the call).
+  C10_NOINLINE void flush(GridGradLane<T>& lane, const int64_t stride[3]) {
     if (base < 0) return;
-    if (slot >= 0) {  // the planes went on from the block's sums
+    const int32_t slot = lane.sums != nullptr ? lane.sums->find_or_add(base, h0) : -1;
+    if (slot >= 0) {
       auto& block = lane.sums->blocks[slot];
-      for (int a = 0; a < 4; ++a) block.planes[a] = planes[a];
+      for (int a = 0; a < 4; ++a) block.planes[a] += planes[a];
     } else {
       add_to_lane(lane, stride);
     }
@@ -924,33 +983,36 @@ struct PendingBlock {
 #endif
     std::memcpy(row, &d, sizeof(d));
   }
-  // Makes the block at gradient offset `at` (first node h, k) the pending one.
-  C10_ALWAYS_INLINE void hold(int64_t at, int64_t h, int64_t k, GridGradLane<T>& lane,
-                              const int64_t stride[3]) {
-    if (at == base) return;
-    flush(lane, stride);
-    base = at, h0 = h, k0 = k;
-    slot = lane.sums != nullptr ? lane.sums->find_or_add(at, h) : -1;
-    if (slot >= 0) {
-      const auto& block = lane.sums->blocks[slot];
-      for (int a = 0; a < 4; ++a) planes[a] = block.planes[a];
-    } else {
-      for (int a = 0; a < 4; ++a) planes[a] = Plane{};
-    }
-  }
-  // The whole scatter of lane j of a batch (inside the grid).
+  // The scatter of a batch's lanes that are inside the grid, in lane order.
   template <int kNeeds>
-  C10_ALWAYS_INLINE void scatter_lane(const LaneBatch<T, kNeeds>& b, int j, GridGradLane<T>& lane,
-                                      const int64_t stride[3]) {
+  C10_ALWAYS_INLINE void scatter_batch(const LaneBatch<T, kNeeds>& b, GridGradLane<T>& lane,
+                                       const int64_t stride[3]) {
+    using Batch = LaneBatch<T, kNeeds>;
     using Row = typename Taps::V;
-    const Row wk{b.w[1][0][j], b.w[1][1][j], b.w[1][2][j], b.w[1][3][j]};
-    const Row wl{b.w[2][0][j], b.w[2][1][j], b.w[2][2][j], b.w[2][3][j]};
-    Plane spread_wk, tiled_wl;
-    spread_over_plane(wk, spread_wk);
-    tile_over_plane(wl, tiled_wl);
-    const Plane kl = spread_wk * tiled_wl;  // ScatterWeights::kl
-    hold(b.offset(j, stride), b.first[0][j], b.first[1][j], lane, stride);
-    for (int a = 0; a < 4; ++a) planes[a] += b.ga[a][j] * kl;
+    // (locals: GCC keeps the members on the stack, a store and a load per
+    // plane and point)
+    Plane p0 = planes[0], p1 = planes[1], p2 = planes[2], p3 = planes[3];
+    for (int j = 0; j < Batch::kLanes; ++j) {
+      if (!b.is_inside(j)) continue;
+      Row wk, wl;
+      std::memcpy(&wk, b.kl_rows[0][j], sizeof(Row));
+      std::memcpy(&wl, b.kl_rows[1][j], sizeof(Row));
+      Plane spread_wk, tiled_wl;
+      spread_over_plane(wk, spread_wk);
+      tile_over_plane(wl, tiled_wl);
+      const Plane kl = spread_wk * tiled_wl;  // ScatterWeights::kl
+      if (b.node_offset[j] != base) {         // a new run
+        planes[0] = p0, planes[1] = p1, planes[2] = p2, planes[3] = p3;
+        flush(lane, stride);
+        base = b.node_offset[j], h0 = b.first[0][j], k0 = b.first[1][j];
+        p0 = p1 = p2 = p3 = Plane{};
+      }
+      p0 += b.ga[0][j] * kl;
+      p1 += b.ga[1][j] * kl;
+      p2 += b.ga[2][j] * kl;
+      p3 += b.ga[3][j] * kl;
+    }
+    planes[0] = p0, planes[1] = p1, planes[2] = p2, planes[3] = p3;
   }
 };
 
@@ -1081,17 +1143,20 @@ void grid_grad_kernel(const at::Tensor& grad_output, const at::Tensor& hkl_in,
   accumulate_grid_grad<T>(
       c10::multiply_integers(point_shape), grad_grid, /*lazy=*/true,
       [&](int64_t begin, int64_t end, GridGradLane<T>& lane) NANOBRAGG_LAMBDA_INLINE {
-        using Batch = LaneBatch<T, kGradOut>;
+        constexpr int kNeeds = kGradOut | kScatter;
+        using Batch = LaneBatch<T, kNeeds>;
         auto checked_add = lane.checked_add();
         PendingBlock<T> pending;
-        for_each_point_in_lanes<T, kGradOut>(
+        for_each_point_in_lanes<T, kNeeds>(
             begin, end, bounds, direct, coords, grad_at,
-            [&](int64_t, int j, const Batch& b)
-                NANOBRAGG_LAMBDA_INLINE { pending.scatter_lane(b, j, lane, out_stride); },
+            [](int64_t, int, const Batch&) {},  // (after_batch's scatter)
             [&](int64_t p, T h, T k, T l) NANOBRAGG_LAMBDA_INLINE {
               tricubic_grid_grad_scatter<T>(shape.size, shape.lo, h, k, l, mode, grad_at(p),
                                             checked_add);
-            });
+            },
+            NoGroups(),
+            [&](const Batch& b)
+                NANOBRAGG_LAMBDA_INLINE { pending.scatter_batch(b, lane, out_stride); });
         pending.flush(lane, out_stride);
       });
 }
@@ -1178,7 +1243,7 @@ void both_grads_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
     accumulate_grid_grad<T>(
         c10::multiply_integers(point_shape), grad_grid, /*lazy=*/true,
         [&](int64_t begin, int64_t end, GridGradLane<T>& lane) NANOBRAGG_LAMBDA_INLINE {
-          constexpr int kNeeds = kDerivatives | kGradOut;
+          constexpr int kNeeds = kDerivatives | kGradOut | kScatter;
           using Batch = LaneBatch<T, kNeeds>;
           auto checked_add = lane.checked_add();
           PendingBlock<T> pending;
@@ -1188,24 +1253,24 @@ void both_grads_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
             tricubic_hkl_grad_stencil<T, kUnitL, SimdTaps4<T>>(view.data + b.offset(j, view.stride),
                                                                view.stride, w[0], w[1], w[2], dw[0],
                                                                dw[1], dw[2], b.g[j], out + 3 * p);
-            pending.scatter_lane(b, j, lane, out_stride);
           };
           auto per_point = [&](int64_t p, T h, T k, T l) NANOBRAGG_LAMBDA_INLINE {
             tricubic_backward_point<T, kUnitL>(view, h, k, l, mode, grad_at(p), out + 3 * p,
                                                checked_add);
+          };
+          auto scatter = [&](const Batch& b) NANOBRAGG_LAMBDA_INLINE {
+            pending.scatter_batch(b, lane, out_stride);
           };
           if constexpr (RowGroup<T>::kEnabled) {
             for_each_point_in_lanes<T, kNeeds, RowGroup<T>::kPoints>(
                 begin, end, bounds, direct, coords, grad_at, stencil, per_point,
                 [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
                   hkl_grad_group<T, kUnitL>(b, j, view.data, view.stride, &b.g[j], out + 3 * p);
-                  for (int i = j; i < j + RowGroup<T>::kPoints; ++i) {
-                    pending.scatter_lane(b, i, lane, out_stride);
-                  }
-                });
+                },
+                scatter);
           } else {
             for_each_point_in_lanes<T, kNeeds>(begin, end, bounds, direct, coords, grad_at, stencil,
-                                               per_point);
+                                               per_point, NoGroups(), scatter);
           }
           pending.flush(lane, out_stride);
         });
