@@ -1120,35 +1120,56 @@ void accumulate_grid_grad(int64_t n, at::Tensor& grad_grid, bool lazy, const Sca
                    });
 }
 
+// The backward kernels' points: each one's coordinates and incoming
+// gradient, through PointOffsets (hkl and grad_output strided or expanded
+// as they come; contiguous copies only where PointOffsets cannot hold the
+// layout), and the layouts read a batch at a time (DirectLayout).
+template <typename T>
+struct BackwardPoints {
+  at::Tensor hkl, grad;
+  int64_t count = 0;
+  PointOffsets<2> offsets;
+  DirectLayout<T> direct;
+  const T* hkl_data = nullptr;
+  const T* grad_data = nullptr;
+  int64_t hkl_last = 0;  // hkl's stride between h, k and l
+
+  BackwardPoints(const at::Tensor& hkl_in, const at::Tensor& grad_output)
+      : hkl(hkl_in), grad(grad_output) {
+    const auto point_shape = point_shape_of(hkl_in);
+    count = c10::multiply_integers(point_shape);
+    offsets = point_offsets_or_contiguous<2>(point_shape, {&hkl, &grad});
+    direct = direct_layout<T>(hkl, &grad, offsets);
+    hkl_data = hkl.const_data_ptr<T>();
+    grad_data = grad.const_data_ptr<T>();
+    hkl_last = hkl.stride(-1);
+  }
+  C10_ALWAYS_INLINE void coords(int64_t p, T& h, T& k, T& l) const {
+    const T* x = hkl_data + offsets.get_one(p, 0);
+    h = x[0], k = x[hkl_last], l = x[2 * hkl_last];
+  }
+  C10_ALWAYS_INLINE T grad_at(int64_t p) const { return grad_data[offsets.get_one(p, 1)]; }
+};
+
 template <typename T>
 void grid_grad_kernel(const at::Tensor& grad_output, const at::Tensor& hkl_in,
                       c10::IntArrayRef index_min, OutOfRange mode, at::Tensor& grad_grid) {
-  at::Tensor hkl = hkl_in;
-  at::Tensor grad = grad_output;
-  const auto point_shape = point_shape_of(hkl);
-  const auto offsets = point_offsets_or_contiguous<2>(point_shape, {&hkl, &grad});
+  const BackwardPoints<T> points(hkl_in, grad_output);
   const GridShape shape = make_grid_shape(grad_grid.sizes(), index_min);
   const LaneBounds<T> bounds = lane_bounds<T>(shape.size, shape.lo);
   const int64_t out_stride[3] = {shape.size[1] * shape.size[2], shape.size[2], 1};
-  const DirectLayout<T> direct = direct_layout<T>(hkl, &grad, offsets);
-  const T* hkl_data = hkl.const_data_ptr<T>();
-  const T* grad_data = grad.const_data_ptr<T>();
-  const int64_t hkl_last = hkl.stride(-1);
-  auto coords = [&](int64_t p, T& h, T& k, T& l) NANOBRAGG_LAMBDA_INLINE {
-    const T* x = hkl_data + offsets.get_one(p, 0);
-    h = x[0], k = x[hkl_last], l = x[2 * hkl_last];
-  };
-  auto grad_at = [&](int64_t p)
-                     NANOBRAGG_LAMBDA_INLINE { return grad_data[offsets.get_one(p, 1)]; };
+  auto coords = [&](int64_t p, T& h, T& k, T& l)
+                    NANOBRAGG_LAMBDA_INLINE { points.coords(p, h, k, l); };
+  auto grad_at = [&](int64_t p) NANOBRAGG_LAMBDA_INLINE { return points.grad_at(p); };
   accumulate_grid_grad<T>(
-      c10::multiply_integers(point_shape), grad_grid, /*lazy=*/true,
+      points.count, grad_grid, /*lazy=*/true,
       [&](int64_t begin, int64_t end, GridGradLane<T>& lane) NANOBRAGG_LAMBDA_INLINE {
         constexpr int kNeeds = kGradOut | kScatter;
         using Batch = LaneBatch<T, kNeeds>;
         auto checked_add = lane.checked_add();
         PendingBlock<T> pending;
         for_each_point_in_lanes<T, kNeeds>(
-            begin, end, bounds, direct, coords, grad_at,
+            begin, end, bounds, points.direct, coords, grad_at,
             [](int64_t, int, const Batch&) {},  // (after_batch's scatter)
             [&](int64_t p, T h, T k, T l) NANOBRAGG_LAMBDA_INLINE {
               tricubic_grid_grad_scatter<T>(shape.size, shape.lo, h, k, l, mode, grad_at(p),
@@ -1165,24 +1186,15 @@ template <typename T>
 void hkl_grad_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
                      const at::Tensor& hkl_in, c10::IntArrayRef index_min, OutOfRange mode,
                      at::Tensor& grad_hkl) {
-  at::Tensor hkl = hkl_in;
-  at::Tensor grad = grad_output;
-  const auto point_shape = point_shape_of(hkl);
-  const int64_t n = c10::multiply_integers(point_shape);
-  const auto offsets = point_offsets_or_contiguous<2>(point_shape, {&hkl, &grad});
+  const BackwardPoints<T> points(hkl_in, grad_output);
+  const int64_t n = points.count;
+  const DirectLayout<T>& direct = points.direct;
   const GridView<T> view = make_grid_view<T>(grid, index_min);
-  const T* hkl_data = hkl.const_data_ptr<T>();
-  const T* grad_data = grad.const_data_ptr<T>();
-  const int64_t hkl_last = hkl.stride(-1);
   T* out = grad_hkl.mutable_data_ptr<T>();  // contiguous [..., 3]
   const LaneBounds<T> bounds = lane_bounds<T>(view.size, view.lo);
-  const DirectLayout<T> direct = direct_layout<T>(hkl, &grad, offsets);
-  auto coords = [&](int64_t p, T& h, T& k, T& l) NANOBRAGG_LAMBDA_INLINE {
-    const T* x = hkl_data + offsets.get_one(p, 0);
-    h = x[0], k = x[hkl_last], l = x[2 * hkl_last];
-  };
-  auto grad_at = [&](int64_t p)
-                     NANOBRAGG_LAMBDA_INLINE { return grad_data[offsets.get_one(p, 1)]; };
+  auto coords = [&](int64_t p, T& h, T& k, T& l)
+                    NANOBRAGG_LAMBDA_INLINE { points.coords(p, h, k, l); };
+  auto grad_at = [&](int64_t p) NANOBRAGG_LAMBDA_INLINE { return points.grad_at(p); };
   with_unit_l_stride(view.stride[2] == 1, [&](auto unit_l) {
     constexpr bool kUnitL = decltype(unit_l)::value;
     at::parallel_for(0, n, kPointGrain, [&](int64_t begin, int64_t end) {
@@ -1220,28 +1232,19 @@ template <typename T>
 void both_grads_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
                        const at::Tensor& hkl_in, c10::IntArrayRef index_min, OutOfRange mode,
                        at::Tensor& grad_grid, at::Tensor& grad_hkl) {
-  at::Tensor hkl = hkl_in;
-  at::Tensor grad = grad_output;
-  const auto point_shape = point_shape_of(hkl);
-  const auto offsets = point_offsets_or_contiguous<2>(point_shape, {&hkl, &grad});
+  const BackwardPoints<T> points(hkl_in, grad_output);
+  const DirectLayout<T>& direct = points.direct;
   const GridView<T> view = make_grid_view<T>(grid, index_min);
-  const T* hkl_data = hkl.const_data_ptr<T>();
-  const T* grad_data = grad.const_data_ptr<T>();
-  const int64_t hkl_last = hkl.stride(-1);
   T* out = grad_hkl.mutable_data_ptr<T>();  // contiguous [..., 3]
   const LaneBounds<T> bounds = lane_bounds<T>(view.size, view.lo);
-  const DirectLayout<T> direct = direct_layout<T>(hkl, &grad, offsets);
   const int64_t out_stride[3] = {view.size[1] * view.size[2], view.size[2], 1};
-  auto coords = [&](int64_t p, T& h, T& k, T& l) NANOBRAGG_LAMBDA_INLINE {
-    const T* x = hkl_data + offsets.get_one(p, 0);
-    h = x[0], k = x[hkl_last], l = x[2 * hkl_last];
-  };
-  auto grad_at = [&](int64_t p)
-                     NANOBRAGG_LAMBDA_INLINE { return grad_data[offsets.get_one(p, 1)]; };
+  auto coords = [&](int64_t p, T& h, T& k, T& l)
+                    NANOBRAGG_LAMBDA_INLINE { points.coords(p, h, k, l); };
+  auto grad_at = [&](int64_t p) NANOBRAGG_LAMBDA_INLINE { return points.grad_at(p); };
   with_unit_l_stride(view.stride[2] == 1, [&](auto unit_l) {
     constexpr bool kUnitL = decltype(unit_l)::value;
     accumulate_grid_grad<T>(
-        c10::multiply_integers(point_shape), grad_grid, /*lazy=*/true,
+        points.count, grad_grid, /*lazy=*/true,
         [&](int64_t begin, int64_t end, GridGradLane<T>& lane) NANOBRAGG_LAMBDA_INLINE {
           constexpr int kNeeds = kDerivatives | kGradOut | kScatter;
           using Batch = LaneBatch<T, kNeeds>;
