@@ -1157,7 +1157,7 @@ void grid_grad_kernel(const at::Tensor& grad_output, const at::Tensor& hkl_in,
   const BackwardPoints<T> points(hkl_in, grad_output);
   const GridShape shape = make_grid_shape(grad_grid.sizes(), index_min);
   const LaneBounds<T> bounds = lane_bounds<T>(shape.size, shape.lo);
-  const int64_t out_stride[3] = {shape.size[1] * shape.size[2], shape.size[2], 1};
+  const int64_t out_stride[3] = {bounds.node_stride[0], bounds.node_stride[1], 1};  // node_offset's
   auto coords = [&](int64_t p, T& h, T& k, T& l)
                     NANOBRAGG_LAMBDA_INLINE { points.coords(p, h, k, l); };
   auto grad_at = [&](int64_t p) NANOBRAGG_LAMBDA_INLINE { return points.grad_at(p); };
@@ -1237,7 +1237,7 @@ void both_grads_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
   const GridView<T> view = make_grid_view<T>(grid, index_min);
   T* out = grad_hkl.mutable_data_ptr<T>();  // contiguous [..., 3]
   const LaneBounds<T> bounds = lane_bounds<T>(view.size, view.lo);
-  const int64_t out_stride[3] = {view.size[1] * view.size[2], view.size[2], 1};
+  const int64_t out_stride[3] = {bounds.node_stride[0], bounds.node_stride[1], 1};  // node_offset's
   auto coords = [&](int64_t p, T& h, T& k, T& l)
                     NANOBRAGG_LAMBDA_INLINE { points.coords(p, h, k, l); };
   auto grad_at = [&](int64_t p) NANOBRAGG_LAMBDA_INLINE { return points.grad_at(p); };
