@@ -64,6 +64,8 @@ csrc/tricubic/tricubic_cpu.cpp|first_first_second(load_low(w[c]), load_low(dw[c]
 csrc/tricubic/tricubic_cpu.cpp|for (int a = 0; a < 4; ++a) block.planes[a] += planes[a];|for (int a = 0; a < 4; ++a) block.planes[a] = planes[a];|a block's record keeps only its last run (`BlockSums`)
 csrc/tricubic/tricubic_cpu.cpp|(m * N / 4 + E / 4 + (E % 4 == 1 ? N : 0))|(m * N / 4 + E / 4 + (E % 4 == 0 ? N : 0))|the scatter's weights transposed with node 0 for node 1
 csrc/tricubic/tricubic_cpu.cpp|int64_t(b.first[1][j]) * bounds.node_stride[1]|int64_t(b.first[1][j]) * bounds.node_stride[0]|a lane's block offset with the h stride for k
+csrc/tricubic/tricubic_cpu.cpp|_mm512_broadcast_f32x4(_mm_loadu_ps(block + offset))|_mm512_broadcast_f32x4(_mm_loadu_ps(block + offset + 1))|the shared block's rows read one tap along (4 points in one block)
+csrc/tricubic/tricubic_cpu.cpp|same &= block[i] == block[0];|same &= block[1] == block[0];|a group taken as one block when its first two points share one
 EOF
 )
 

@@ -251,6 +251,43 @@ TEST_P(TricubicForward, BitwiseIdenticalWithOneAndTwoThreads) {
   EXPECT_TRUE(bitwise_equal(one, two));
 }
 
+// Detector lookups come in runs of consecutive points in one cell, which
+// the CPU kernel contracts with each row read once for several points. Runs
+// of 1 to 9 points, in random cells whose stencils are inside the grid, with
+// a contiguous grid and one whose l axis is strided; each point's value must
+// match polin3 and be, to the bit, the value it gets on its own (each point
+// followed by one outside the grid, so that no group of points forms).
+TEST_P(TricubicForward, RunsOfPointsInOneCellMatchPolin3AndIsolatedPoints) {
+  for (const at::ScalarType dtype : {at::kDouble, at::kFloat}) {
+    const at::Tensor contiguous = random_grid({10, 12, 9}, dtype);
+    const at::Tensor strided_l = random_grid({10, 9, 12}, dtype).transpose(1, 2);
+    for (const at::Tensor& grid : {contiguous, strided_l}) {
+      std::vector<at::Tensor> runs;
+      int64_t n = 0;
+      while (n < 3000) {
+        const int64_t length = 1 + (n * 7 + 3) % 9;
+        at::Tensor corner = at::empty({1, 3}, at::kDouble);
+        for (int d = 0; d < 3; ++d) {
+          // first node n - 1 in [index_min, index_min + size - 4]
+          corner[0][d] = kIndexMin[d] + 1 + at::randint(grid.size(d) - 3, {}).item<int64_t>();
+        }
+        runs.push_back(corner + at::rand({length, 3}, at::kDouble));
+        n += length;
+      }
+      const at::Tensor hkl = at::cat(runs).to(opts(dtype));
+      const at::Tensor out = nanobragg_ops::tricubic_interp(grid, hkl, kIndexMin, 0.0);
+      const auto ref = tricubic_reference(grid, hkl, kIndexMin, 0.0, "default");
+      EXPECT_LE(max_rel_error(to_vector(out), ref), dtype == at::kDouble ? 1e-12 : 1e-5)
+          << dtype << (grid.is_contiguous() ? " contiguous" : " strided l");
+      const at::Tensor mixed = at::stack({hkl, hkl + 1000}, 1).reshape({-1, 3});
+      const at::Tensor alone =
+          nanobragg_ops::tricubic_interp(grid, mixed, kIndexMin, 0.0).view({-1, 2}).select(1, 0);
+      EXPECT_TRUE(bitwise_equal(out, alone.contiguous()))
+          << dtype << (grid.is_contiguous() ? " contiguous" : " strided l");
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Devices, TricubicForward, ::testing::ValuesIn(test_devices()),
                          device_test_name);
 
