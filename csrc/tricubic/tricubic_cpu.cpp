@@ -803,6 +803,52 @@ C10_ALWAYS_INLINE void add_row_simd(T* dest, int64_t r, T g, const T wl[4]) {
   std::memcpy(dest + r, &d, sizeof(V));
 }
 
+// One h-plane of a 4x4x4 block, taps (b, c) at 4 b + c, in the widest
+// registers the capability has: one with AVX-512 floats, two with AVX2 floats
+// or AVX-512 doubles, four with AVX2 doubles, four or eight with SSE. (GCC
+// lowers a vector type wider than the registers through the stack, a few
+// elements at a time: as one 16-element vector, the AVX2 grid gradient took
+// 2.7 forwards, the AVX-512 one 1.0.)
+template <typename T>
+struct Plane {
+  static constexpr int kWidth = std::min<int>(16, kRegisterBytes / int(sizeof(T)));
+  static constexpr int kParts = 16 / kWidth;
+  using Part = typename VectorOf<T, kWidth>::type;
+  using Row = typename SimdTaps4<T>::V;  // 4 taps along l
+  Part part[kParts];                     // elements kWidth i .. kWidth (i + 1) - 1
+
+  C10_ALWAYS_INLINE Plane& operator+=(const Plane& o) {
+    for (int i = 0; i < kParts; ++i) part[i] += o.part[i];
+    return *this;
+  }
+  // this += s o, element by element (a multiply-add each)
+  C10_ALWAYS_INLINE void add_scaled(T s, const Plane& o) {
+    for (int i = 0; i < kParts; ++i) part[i] += s * o.part[i];
+  }
+  C10_ALWAYS_INLINE Plane operator*(const Plane& o) const {
+    Plane r;
+    for (int i = 0; i < kParts; ++i) r.part[i] = part[i] * o.part[i];
+    return r;
+  }
+  // d += taps (b, 0..3), elements 4 b .. 4 b + 3. (Not a Row returned: a
+  // 32-byte vector by value changes the ABI without AVX, and GCC says so.)
+  template <int b>
+  C10_ALWAYS_INLINE void add_row_to(Row& d) const {
+#if NANOBRAGG_HAVE_SHUFFLEVECTOR
+    if constexpr (kWidth == 2) {
+      d += __builtin_shufflevector(part[2 * b], part[2 * b + 1], 0, 1, 2, 3);
+    } else if constexpr (kWidth == 4) {
+      d += part[b];
+    } else {
+      constexpr int q = 4 * b / kWidth, o = 4 * b % kWidth;
+      d += __builtin_shufflevector(part[q], part[q], o, o + 1, o + 2, o + 3);
+    }
+#else
+    for (int c = 0; c < 4; ++c) d[c] += part[(4 * b + c) / kWidth][(4 * b + c) % kWidth];
+#endif
+  }
+};
+
 // A lane's grid gradient block by block: the 4 planes of 16 taps of each
 // 4x4x4 block its points' stencils cover (a block per first node), summed
 // over all the lane's points in it, in the order the points come. Detector
@@ -814,9 +860,8 @@ C10_ALWAYS_INLINE void add_row_simd(T* dest, int64_t r, T g, const T wl[4]) {
 // distinct blocks (random lookups) sends the rest to its grid-sized gradient.
 template <typename T>
 struct BlockSums {
-  using Plane = typename VectorOf<T, 16>::type;
   struct Block {
-    Plane planes[4];  // [a]: taps (b, c) at 4 b + c
+    Plane<T> planes[4];  // [a]: taps (b, c) at 4 b + c
   };
   std::vector<Block> blocks;     // in order of first use
   std::vector<int64_t> base;     // block's first node, as an offset in the gradient
@@ -934,63 +979,59 @@ struct GridGradLane {
 // where there are some: the compilers widen the generic form through
 // memory, and the store-to-load forwarding it defeats costs more than the
 // whole scatter.)
-#if NANOBRAGG_HAVE_SHUFFLEVECTOR
-C10_ALWAYS_INLINE void spread_over_plane(const Float4& x, Float16& out) {
+template <typename T>
+C10_ALWAYS_INLINE void spread_over_plane(const typename Plane<T>::Row& x, Plane<T>& out) {
+  constexpr int kWidth = Plane<T>::kWidth;
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512i index = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  out = Float16(_mm512_permutexvar_ps(index, _mm512_castps128_ps512(__m128(x))));
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512i index = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    out.part[0] = Float16(_mm512_permutexvar_ps(index, _mm512_castps128_ps512(__m128(x))));
+    return;
+  } else {
+    const __m512d x2 = _mm512_castpd256_pd512(__m256d(x));
+    out.part[0] = Double8(_mm512_permutexvar_pd(_mm512_setr_epi64(0, 0, 0, 0, 1, 1, 1, 1), x2));
+    out.part[1] = Double8(_mm512_permutexvar_pd(_mm512_setr_epi64(2, 2, 2, 2, 3, 3, 3, 3), x2));
+    return;
+  }
 #elif defined(CPU_CAPABILITY_AVX2)
-  const __m256 x2 = _mm256_castps128_ps256(__m128(x));
-  const Float8 lo(_mm256_permutevar8x32_ps(x2, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)));
-  const Float8 hi(_mm256_permutevar8x32_ps(x2, _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3)));
-  out = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-#else
-  out = __builtin_shufflevector(x, x, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 x2 = _mm256_castps128_ps256(__m128(x));
+    out.part[0] = Float8(_mm256_permutevar8x32_ps(x2, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)));
+    out.part[1] = Float8(_mm256_permutevar8x32_ps(x2, _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3)));
+    return;
+  } else {
+    out.part[0] = Double4(_mm256_permute4x64_pd(__m256d(x), 0x00));
+    out.part[1] = Double4(_mm256_permute4x64_pd(__m256d(x), 0x55));
+    out.part[2] = Double4(_mm256_permute4x64_pd(__m256d(x), 0xAA));
+    out.part[3] = Double4(_mm256_permute4x64_pd(__m256d(x), 0xFF));
+    return;
+  }
 #endif
+  for (int i = 0; i < Plane<T>::kParts; ++i) {
+    for (int e = 0; e < kWidth; ++e) out.part[i][e] = x[(kWidth * i + e) / 4];
+  }
 }
-C10_ALWAYS_INLINE void tile_over_plane(const Float4& x, Float16& out) {
+template <typename T>
+C10_ALWAYS_INLINE void tile_over_plane(const typename Plane<T>::Row& x, Plane<T>& out) {
+  constexpr int kWidth = Plane<T>::kWidth;
 #if defined(CPU_CAPABILITY_AVX512)
-  out = Float16(_mm512_broadcast_f32x4(__m128(x)));
+  if constexpr (std::is_same_v<T, float>) {
+    out.part[0] = Float16(_mm512_broadcast_f32x4(__m128(x)));
+    return;
+  } else {
+    out.part[0] = out.part[1] = Double8(_mm512_broadcast_f64x4(__m256d(x)));
+    return;
+  }
 #elif defined(CPU_CAPABILITY_AVX2)
-  const Float8 half(_mm256_broadcast_ps(reinterpret_cast<const __m128*>(&x)));
-  out = __builtin_shufflevector(half, half, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-#else
-  out = __builtin_shufflevector(x, x, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+  if constexpr (std::is_same_v<T, float>) {
+    out.part[0] = out.part[1] = Float8(_mm256_broadcast_ps(reinterpret_cast<const __m128*>(&x)));
+    return;
+  }
 #endif
+  for (int i = 0; i < Plane<T>::kParts; ++i) {
+    for (int e = 0; e < kWidth; ++e) out.part[i][e] = x[(kWidth * i + e) % 4];
+  }
 }
-C10_ALWAYS_INLINE void spread_over_plane(const Double4& x, Double16& out) {
-#if defined(CPU_CAPABILITY_AVX512)
-  const __m512d x2 = _mm512_castpd256_pd512(__m256d(x));
-  const Double8 lo(_mm512_permutexvar_pd(_mm512_setr_epi64(0, 0, 0, 0, 1, 1, 1, 1), x2));
-  const Double8 hi(_mm512_permutexvar_pd(_mm512_setr_epi64(2, 2, 2, 2, 3, 3, 3, 3), x2));
-  out = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-#elif defined(CPU_CAPABILITY_AVX2)
-  const Double4 q0(_mm256_permute4x64_pd(__m256d(x), 0x00));
-  const Double4 q1(_mm256_permute4x64_pd(__m256d(x), 0x55));
-  const Double4 q2(_mm256_permute4x64_pd(__m256d(x), 0xAA));
-  const Double4 q3(_mm256_permute4x64_pd(__m256d(x), 0xFF));
-  const Double8 lo = __builtin_shufflevector(q0, q1, 0, 1, 2, 3, 4, 5, 6, 7);
-  const Double8 hi = __builtin_shufflevector(q2, q3, 0, 1, 2, 3, 4, 5, 6, 7);
-  out = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-#else
-  out = __builtin_shufflevector(x, x, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-#endif
-}
-C10_ALWAYS_INLINE void tile_over_plane(const Double4& x, Double16& out) {
-  const Double8 half = __builtin_shufflevector(x, x, 0, 1, 2, 3, 0, 1, 2, 3);
-  out = __builtin_shufflevector(half, half, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-}
-
-#else
-template <typename Row, typename Plane>
-C10_ALWAYS_INLINE void spread_over_plane(const Row& x, Plane& out) {
-  for (int i = 0; i < 16; ++i) out[i] = x[i / 4];
-}
-template <typename Row, typename Plane>
-C10_ALWAYS_INLINE void tile_over_plane(const Row& x, Plane& out) {
-  for (int i = 0; i < 16; ++i) out[i] = x[i % 4];
-}
-#endif
 
 // The grid gradient of a run of consecutive points whose stencils start at
 // the same node (detector lookups: neighbouring pixels mostly fall in the
@@ -1007,9 +1048,8 @@ C10_ALWAYS_INLINE void tile_over_plane(const Row& x, Plane& out) {
 template <typename T>
 struct PendingBlock {
   using Taps = SimdTaps4<T>;
-  using Plane = typename VectorOf<T, 16>::type;
   int64_t base = -1, h0 = 0, k0 = 0;  // gradient offset and first node of the block
-  Plane planes[4] = {};               // [a]: taps (b, c) at 4 b + c
+  Plane<T> planes[4] = {};            // [a]: taps (b, c) at 4 b + c
 
   // Hands the run on (not inlined: once per run, and the scatter's loop
   // keeps its planes in registers around the call).
@@ -1033,21 +1073,17 @@ struct PendingBlock {
     for (int a = 0; a < 4; ++a) add_plane(block + a * s0, s1, planes[a]);
   }
   // A plane's 4 rows of 4 taps added at g (rows s1 apart).
-  static C10_ALWAYS_INLINE void add_plane(T* g, int64_t s1, const Plane& p) {
+  static C10_ALWAYS_INLINE void add_plane(T* g, int64_t s1, const Plane<T>& p) {
     add_row<0>(g, p);
     add_row<1>(g + s1, p);
     add_row<2>(g + 2 * s1, p);
     add_row<3>(g + 3 * s1, p);
   }
   template <int b>
-  static C10_ALWAYS_INLINE void add_row(T* row, const Plane& p) {
+  static C10_ALWAYS_INLINE void add_row(T* row, const Plane<T>& p) {
     typename Taps::V d;
     std::memcpy(&d, row, sizeof(d));
-#if NANOBRAGG_HAVE_SHUFFLEVECTOR
-    d += __builtin_shufflevector(p, p, 4 * b, 4 * b + 1, 4 * b + 2, 4 * b + 3);
-#else
-    for (int c = 0; c < 4; ++c) d[c] += p[4 * b + c];
-#endif
+    p.template add_row_to<b>(d);
     std::memcpy(row, &d, sizeof(d));
   }
   // The scatter of a batch's lanes that are inside the grid, in lane order.
@@ -1058,26 +1094,26 @@ struct PendingBlock {
     using Row = typename Taps::V;
     // (locals: GCC keeps the members on the stack, a store and a load per
     // plane and point)
-    Plane p0 = planes[0], p1 = planes[1], p2 = planes[2], p3 = planes[3];
+    Plane<T> p0 = planes[0], p1 = planes[1], p2 = planes[2], p3 = planes[3];
     for (int j = 0; j < Batch::kLanes; ++j) {
       if (!b.is_inside(j)) continue;
       Row wk, wl;
       std::memcpy(&wk, b.kl_rows[0][j], sizeof(Row));
       std::memcpy(&wl, b.kl_rows[1][j], sizeof(Row));
-      Plane spread_wk, tiled_wl;
-      spread_over_plane(wk, spread_wk);
-      tile_over_plane(wl, tiled_wl);
-      const Plane kl = spread_wk * tiled_wl;  // ScatterWeights::kl
-      if (b.node_offset[j] != base) {         // a new run
+      Plane<T> spread_wk, tiled_wl;
+      spread_over_plane<T>(wk, spread_wk);
+      tile_over_plane<T>(wl, tiled_wl);
+      const Plane<T> kl = spread_wk * tiled_wl;  // ScatterWeights::kl
+      if (b.node_offset[j] != base) {            // a new run
         planes[0] = p0, planes[1] = p1, planes[2] = p2, planes[3] = p3;
         flush(lane, stride);
         base = b.node_offset[j], h0 = b.first[0][j], k0 = b.first[1][j];
-        p0 = p1 = p2 = p3 = Plane{};
+        p0 = p1 = p2 = p3 = Plane<T>{};
       }
-      p0 += b.ga[0][j] * kl;
-      p1 += b.ga[1][j] * kl;
-      p2 += b.ga[2][j] * kl;
-      p3 += b.ga[3][j] * kl;
+      p0.add_scaled(b.ga[0][j], kl);
+      p1.add_scaled(b.ga[1][j], kl);
+      p2.add_scaled(b.ga[2][j], kl);
+      p3.add_scaled(b.ga[3][j], kl);
     }
     planes[0] = p0, planes[1] = p1, planes[2] = p2, planes[3] = p3;
   }
