@@ -429,6 +429,14 @@ constexpr int kRegisterBytes = 32;
 constexpr int kRegisterBytes = 16;
 #endif
 
+// The row type of the single-point stencil paths: SimdTaps4, one register,
+// where 4 elements fit in one; else (doubles without AVX) Taps4's plain
+// arrays, since a vector type wider than the registers is what GCC lowers
+// through the stack (the float64 forward took 3 times the float32 one).
+template <typename T>
+using StencilTaps =
+    std::conditional_t<(4 * int(sizeof(T)) > kRegisterBytes), Taps4<T>, SimdTaps4<T>>;
+
 template <typename T>
 struct RowGroup {
   static constexpr int kPoints =
@@ -1306,9 +1314,9 @@ void hkl_grad_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
       auto stencil = [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
         T w[3][4], dw[3][4];
         b.lane_weights(b.w, j, w), b.lane_weights(b.dw, j, dw);
-        tricubic_hkl_grad_stencil<T, kUnitL, SimdTaps4<T>>(view.data + b.offset(j, view.stride),
-                                                           view.stride, w[0], w[1], w[2], dw[0],
-                                                           dw[1], dw[2], b.g[j], out + 3 * p);
+        tricubic_hkl_grad_stencil<T, kUnitL, StencilTaps<T>>(view.data + b.offset(j, view.stride),
+                                                             view.stride, w[0], w[1], w[2], dw[0],
+                                                             dw[1], dw[2], b.g[j], out + 3 * p);
       };
       auto per_point = [&](int64_t p, T h, T k, T l) NANOBRAGG_LAMBDA_INLINE {
         tricubic_hkl_grad<T, kUnitL>(view, h, k, l, mode, grad_at(p), out + 3 * p);
@@ -1356,9 +1364,9 @@ void both_grads_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
           auto stencil = [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
             T w[3][4], dw[3][4];
             b.lane_weights(b.w, j, w), b.lane_weights(b.dw, j, dw);
-            tricubic_hkl_grad_stencil<T, kUnitL, SimdTaps4<T>>(view.data + b.offset(j, view.stride),
-                                                               view.stride, w[0], w[1], w[2], dw[0],
-                                                               dw[1], dw[2], b.g[j], out + 3 * p);
+            tricubic_hkl_grad_stencil<T, kUnitL, StencilTaps<T>>(
+                view.data + b.offset(j, view.stride), view.stride, w[0], w[1], w[2], dw[0], dw[1],
+                dw[2], b.g[j], out + 3 * p);
           };
           auto per_point = [&](int64_t p, T h, T k, T l) NANOBRAGG_LAMBDA_INLINE {
             tricubic_backward_point<T, kUnitL>(view, h, k, l, mode, grad_at(p), out + 3 * p,
@@ -1418,7 +1426,7 @@ at::Tensor tricubic_interp_cpu(const at::Tensor& grid, const at::Tensor& hkl_in,
         auto stencil = [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
           T w[3][4];
           b.lane_weights(b.w, j, w);
-          out_data[p] = contract_stencil<T, kUnitL, SimdTaps4<T>>(
+          out_data[p] = contract_stencil<T, kUnitL, StencilTaps<T>>(
               view.data + b.offset(j, view.stride), view.stride, w[0], w[1], w[2]);
         };
         auto per_point = [&](int64_t p, T h, T k, T l) NANOBRAGG_LAMBDA_INLINE {
