@@ -507,22 +507,30 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
   for (const Row& r : rows) {
     if (!main_row(r) || !r.ran() || r.impl != "fused" || r.pass != "forward") continue;
     const double ns = 1e9 / r.points_per_second;
+    const std::string where = r.device + " " + r.dtype + " size " + std::to_string(r.size) +
+                              (r.device == "cpu" ? ", " + std::to_string(r.threads) +
+                                                       (r.threads == 1 ? " thread" : " threads")
+                                                 : "");
     if (r.op == "tricubic_interp") {
+      // grid_sample on the same threads, given its fair share of them
       const Row* gs =
-          find(rows, r.op, "grid_sample_trilinear", "forward", r.size, r.dtype, r.device);
-      md << "* " << r.device << " " << r.dtype << " size " << r.size << ": tricubic forward takes "
-         << fmt(ns, 2) << " ns per point (64 gathered taps and ~100 flops each, i.e. "
-         << fmt(64 / ns, 2) << " taps/ns)";
+          find(rows, r.op, "grid_sample_split", "forward", r.size, r.dtype, r.device, r.threads);
+      if (gs == nullptr) {
+        gs = find(rows, r.op, "grid_sample_trilinear", "forward", r.size, r.dtype, r.device,
+                  r.threads);
+      }
+      md << "* " << where << ": tricubic forward takes " << fmt(ns, 2)
+         << " ns per point (64 gathered taps and ~100 flops each, i.e. " << fmt(64 / ns, 2)
+         << " taps/ns)";
       if (gs) {
         const double gns = 1e9 / gs->points_per_second;
-        md << "; grid_sample reads 8 taps in " << fmt(gns, 2) << " ns (" << fmt(8 / gns, 2)
+        md << "; " << gs->impl << " reads 8 taps in " << fmt(gns, 2) << " ns (" << fmt(8 / gns, 2)
            << " taps/ns), so per tap the fused op runs at " << fmt((64 / ns) / (8 / gns), 2)
-           << "× grid_sample's rate";
+           << "× its rate";
       }
       md << ".\n";
     } else {
-      md << "* " << r.device << " " << r.dtype << " size " << r.size
-         << ": absorption forward takes " << fmt(ns, 2)
+      md << "* " << where << ": absorption forward takes " << fmt(ns, 2)
          << " ns per pixel (one expm1, a norm and a dot product per pixel).\n";
     }
   }
