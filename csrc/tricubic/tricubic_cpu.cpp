@@ -66,7 +66,6 @@ typedef float Float16 __attribute__((vector_size(64)));
 typedef double Double2 __attribute__((vector_size(16)));
 typedef double Double4 __attribute__((vector_size(32)));
 typedef double Double8 __attribute__((vector_size(64)));
-typedef double Double16 __attribute__((vector_size(128)));
 
 // VectorOf<T, N>::type: the vector type of N elements of T above.
 template <typename T, int N>
@@ -87,7 +86,6 @@ NANOBRAGG_VECTOR_OF(float, 16, Float16)
 NANOBRAGG_VECTOR_OF(double, 2, Double2)
 NANOBRAGG_VECTOR_OF(double, 4, Double4)
 NANOBRAGG_VECTOR_OF(double, 8, Double8)
-NANOBRAGG_VECTOR_OF(double, 16, Double16)
 #undef NANOBRAGG_VECTOR_OF
 
 // Points go through the kernels in batches of one vector's lanes (8 floats
