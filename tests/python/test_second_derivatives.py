@@ -53,7 +53,13 @@ def test_gradgradcheck_absorption(absorption_device, oversample_thick, layout):
     inputs = [x.requires_grad_(True) for x in inputs]
     f = lambda *a: nanobragg_ops.detector_absorption(*a, 3, oversample_thick, per_layer)  # noqa: E731
     # thickness is 3e-4: the default step (1e-6) is too coarse a fraction of it.
-    assert gradgradcheck(f, tuple(inputs), eps=1e-8)
+    # With that step the differences' rounding is |f| 1.1e-16 / 1e-8, about 1.7e-5 on
+    # the thickness gradient (|f| ~ 1.5e3): above gradcheck's default atol (1e-5), so
+    # 2 of 40 random cotangents failed (per_layer, oversampled); atol 1e-4 sits above
+    # that floor (0 of 40). The cotangents gradgradcheck draws come from the global
+    # generator: seeded here, so the test does not depend on what ran before it.
+    torch.manual_seed(0)
+    assert gradgradcheck(f, tuple(inputs), eps=1e-8, atol=1e-4)
 
 
 def refinement_loss(params, grid, hkl, pixels, target):
