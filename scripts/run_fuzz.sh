@@ -1,25 +1,15 @@
 #!/usr/bin/env bash
 # The libFuzzer harness (fuzz/fuzz_ops.cpp), built with clang, libFuzzer,
-# AddressSanitizer and UndefinedBehaviorSanitizer in build-fuzz/: first every
+# AddressSanitizer and UndefinedBehaviorSanitizer in build-asan/ (shared with
+# scripts/run_sanitizers.sh, see scripts/configure_sanitized.sh): first every
 # input of the seed corpus (fuzz/corpus, a regression run), then new inputs
 # for FUZZ_SECONDS (default 60). Run by the test command.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-DIR=build-fuzz
-# -O1 -g1 (line tables): ASan's recommended level, and a build 5-6x faster
-# than -O2 -g, whose variable tracking on the SIMD kernels took 5 minutes a
-# file; a sanitizer report still names every function and line.
-if [[ ! -f "$DIR/CMakeCache.txt" ]]; then
-  cmake -S . -B "$DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-    -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1 -DNDEBUG" \
-    -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ \
-    -DPython3_EXECUTABLE="$ROOT/.venv/bin/python" \
-    -DNANOBRAGG_CUDA=OFF -DNANOBRAGG_BUILD_BENCH=OFF -DNANOBRAGG_BUILD_TESTS=OFF \
-    -DNANOBRAGG_BUILD_FUZZ=ON \
-    -DCMAKE_CXX_FLAGS="-fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer" \
-    -DCMAKE_SHARED_LINKER_FLAGS="-fsanitize=address,undefined" >/dev/null
-fi
+# shellcheck source=configure_sanitized.sh
+source "$ROOT/scripts/configure_sanitized.sh"
+DIR=$SANITIZED_DIR
 cmake --build "$DIR" --target fuzz_ops
 export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1"
 export LSAN_OPTIONS="suppressions=$ROOT/tests/sanitizers/lsan.supp:print_suppressions=0"

@@ -62,7 +62,8 @@ PointOffsets<N> point_offsets_or_contiguous(c10::IntArrayRef point_shape,
       *operands[i] = operands[i]->contiguous();
       strides[i] = operands[i]->strides().slice(0, point_shape.size());
     }
-    TORCH_INTERNAL_ASSERT(make_point_offsets<N>(point_shape, strides, offsets));
+    TORCH_INTERNAL_ASSERT(make_point_offsets<N>(point_shape, strides, offsets),
+                          "contiguous operands have point offsets");
   }
   return offsets;
 }
