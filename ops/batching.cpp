@@ -103,6 +103,18 @@ std::vector<at::Tensor> call_returning_tensors(const c10::OperatorHandle& op,
   return outs;
 }
 
+// The device of return k: a gradient ("grad_<argument>") is on its
+// argument's device, as the backends put it (a 0-dim CPU scalar's gradient
+// stays on the CPU with CUDA data); anything else on the first tensor's.
+at::Device device_of_return(const Unwrapped& u, size_t k, at::Device first) {
+  const std::string& name = u.schema->returns()[k].name();
+  const std::string prefix = "grad_";
+  if (name.compare(0, prefix.size(), prefix) != 0) return first;
+  const auto i = u.schema->argumentIndexWithName(name.substr(prefix.size()));
+  if (!i.has_value() || !u.args[static_cast<size_t>(*i)].isTensor()) return first;
+  return u.args[static_cast<size_t>(*i)].toTensor().device();
+}
+
 // An empty batch: the shapes and dtypes of one entry's results come from
 // the Meta kernels (which check the arguments as the backends do, without
 // reading any value), and each result is [0, ...] of them.
@@ -118,10 +130,11 @@ std::vector<at::Tensor> empty_batch(const c10::OperatorHandle& op, const Unwrapp
                   : at::empty_strided(t.sizes(), t.strides(), t.options().device(at::kMeta));
   }
   auto outs = call_returning_tensors(op, std::move(args));
-  for (auto& t : outs) {
+  const at::Device first = device.value_or(at::Device(at::kCPU));
+  for (size_t k = 0; k < outs.size(); ++k) {
     std::vector<int64_t> shape{0};
-    shape.insert(shape.end(), t.sizes().begin(), t.sizes().end());
-    t = at::empty(shape, t.options().device(device.value_or(at::Device(at::kCPU))));
+    shape.insert(shape.end(), outs[k].sizes().begin(), outs[k].sizes().end());
+    outs[k] = at::empty(shape, outs[k].options().device(device_of_return(u, k, first)));
   }
   return outs;
 }

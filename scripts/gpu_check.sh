@@ -412,6 +412,7 @@ SANITIZE_CASES=(
   Devices/TricubicBackward.EmptyPoints/cuda
   CudaSmall.DeterministicGridGradient
   CudaSmall.DoubleBackward
+  CudaSmall.IndexMinNearInt64LimitsNeverReadsOutOfBounds
   Devices/Absorption.MatchesPortFormulation/cuda
   Devices/Absorption.GradientsMatchFiniteDifferencesPerLayer/cuda
 )

@@ -67,7 +67,9 @@ csrc/tricubic/tricubic_cpu.cpp|int64_t(b.first[1][j]) * bounds.node_stride[1]|in
 csrc/tricubic/tricubic_cpu.cpp|_mm512_broadcast_f32x4(_mm_loadu_ps(block + offset))|_mm512_broadcast_f32x4(_mm_loadu_ps(block + offset + 1))|the shared block's rows read one tap along (4 points in one block)
 csrc/tricubic/tricubic_cpu.cpp|same &= block[i] == block[0];|same &= block[1] == block[0];|a group taken as one block when its first two points share one
 csrc/tricubic/tricubic_cpu.cpp|for (int i = 0; i < kParts; ++i) part[i] += o.part[i];|for (int i = 0; i < kParts; ++i) part[i] += o.part[0];|a plane's parts summed with the first part's values (records of 2+ registers)
-csrc/tricubic/tricubic_cpu.cpp|  if (G::shared_block(block)) {\n    hkl_grad_group_rows<T, kUnitL, true>|  if (true) {\n    hkl_grad_group_rows<T, kUnitL, true>|every hkl-gradient group read as if its points shared the first one's block
+csrc/tricubic/tricubic_cpu.cpp|  if (G::shared_block(block)) {\n    rows(std::true_type{}, block);|  if (true) {\n    rows(std::true_type{}, block);|every group (values and hkl gradient) read as if its points shared the first one's block
+csrc/absorption/absorption_cpu_vec.h|second[d][j] = e < 2 * W ? j : W + e - 2 * W;|second[d][j] = e < 2 * W ? j : W + e - 2 * W - 1;|AVX-512 absorption: the lanes loaded from the third register one element early
+csrc/absorption/absorption_cpu_vec.h|to_second[r][i] = d < 2 ? i : W + j;|to_second[r][i] = d < 2 ? i : j;|AVX-512 absorption: the z gradients stored from the wrong register
 EOF
 )
 

@@ -145,6 +145,76 @@ inline void store_xyz(const at::vec::Vectorized<float> xyz[3], float* c) {
 }
 #endif  // CPU_CAPABILITY_AVX2
 
+#if defined(CPU_CAPABILITY_AVX512)
+// AVX-512: two two-register permutes per register (x, y, z of W pixels from
+// three loaded registers, and back into three to store), where the generic
+// lane buffers above take 3 W scalar moves and make each vector load wait on
+// scalar stores. The same values: a data movement.
+template <typename Index, int W>
+struct XyzPermutes {
+  // Loading: component d of lane j is element 3 j + d of (v0, v1, v2).
+  // first[d]: the lanes found in (v0, v1); second[d]: those, and v2's.
+  Index first[3][W], second[3][W];
+  // Storing: element i of register r is component (r W + i) % 3 of lane
+  // (r W + i) / 3. to_first[r]: from (x, y); to_second[r]: those, and z's.
+  Index to_first[3][W], to_second[3][W];
+  constexpr XyzPermutes() : first(), second(), to_first(), to_second() {
+    for (int d = 0; d < 3; ++d) {
+      for (int j = 0; j < W; ++j) {
+        const int e = 3 * j + d;
+        first[d][j] = e < 2 * W ? e : 0;
+        second[d][j] = e < 2 * W ? j : W + e - 2 * W;
+      }
+    }
+    for (int r = 0; r < 3; ++r) {
+      for (int i = 0; i < W; ++i) {
+        const int e = r * W + i, j = e / 3, d = e % 3;
+        to_first[r][i] = d == 0 ? j : d == 1 ? W + j : 0;
+        to_second[r][i] = d < 2 ? i : W + j;
+      }
+    }
+  }
+};
+inline constexpr XyzPermutes<int32_t, 16> kXyzFloat{};
+inline constexpr XyzPermutes<int64_t, 8> kXyzDouble{};
+
+inline __m512i index_of(const int32_t* i) {
+  return _mm512_loadu_si512(i);
+}
+inline __m512i index_of(const int64_t* i) {
+  return _mm512_loadu_si512(i);
+}
+
+inline void load_xyz(const float* c, at::vec::Vectorized<float> xyz[3]) {
+  const __m512 v0 = _mm512_loadu_ps(c), v1 = _mm512_loadu_ps(c + 16), v2 = _mm512_loadu_ps(c + 32);
+  for (int d = 0; d < 3; ++d) {
+    const __m512 t = _mm512_permutex2var_ps(v0, index_of(kXyzFloat.first[d]), v1);
+    xyz[d] = _mm512_permutex2var_ps(t, index_of(kXyzFloat.second[d]), v2);
+  }
+}
+inline void load_xyz(const double* c, at::vec::Vectorized<double> xyz[3]) {
+  const __m512d v0 = _mm512_loadu_pd(c), v1 = _mm512_loadu_pd(c + 8), v2 = _mm512_loadu_pd(c + 16);
+  for (int d = 0; d < 3; ++d) {
+    const __m512d t = _mm512_permutex2var_pd(v0, index_of(kXyzDouble.first[d]), v1);
+    xyz[d] = _mm512_permutex2var_pd(t, index_of(kXyzDouble.second[d]), v2);
+  }
+}
+inline void store_xyz(const at::vec::Vectorized<float> xyz[3], float* c) {
+  for (int r = 0; r < 3; ++r) {
+    const __m512 t = _mm512_permutex2var_ps(xyz[0], index_of(kXyzFloat.to_first[r]), xyz[1]);
+    _mm512_storeu_ps(c + 16 * r,
+                     _mm512_permutex2var_ps(t, index_of(kXyzFloat.to_second[r]), xyz[2]));
+  }
+}
+inline void store_xyz(const at::vec::Vectorized<double> xyz[3], double* c) {
+  for (int r = 0; r < 3; ++r) {
+    const __m512d t = _mm512_permutex2var_pd(xyz[0], index_of(kXyzDouble.to_first[r]), xyz[1]);
+    _mm512_storeu_pd(c + 8 * r,
+                     _mm512_permutex2var_pd(t, index_of(kXyzDouble.to_second[r]), xyz[2]));
+  }
+}
+#endif  // CPU_CAPABILITY_AVX512
+
 template <typename T>
 inline void shared_forward(const AbsorptionParams<T>& prm, const T* value, int64_t value_stride,
                            const T* coords, T* out, int64_t begin, int64_t end) {

@@ -749,18 +749,29 @@ C10_ALWAYS_INLINE void contract_group_rows(const LaneBatch<T, kNeeds>& b, int j,
 // a group whose points all do reads each row once, broadcast to every
 // point: the same values in the same operations, so the same result to the
 // bit, with a quarter of the loads and none of the shuffles that put 4 rows
-// side by side.
-template <typename T, bool kUnitL, int kNeeds>
-C10_ALWAYS_INLINE void contract_group(const LaneBatch<T, kNeeds>& b, int j, const T* data,
-                                      const int64_t stride[3], T* out) {
+// side by side. rows(shared, block) runs with the blocks of the kPoints points
+// of lanes j, j + 1, ... and shared an integral_constant: whether they are
+// all one block.
+template <typename T, int kNeeds, typename RowsFn>
+C10_ALWAYS_INLINE void with_group_blocks(const LaneBatch<T, kNeeds>& b, int j, const T* data,
+                                         const int64_t stride[3], const RowsFn& rows) {
   using G = RowGroup<T>;
   const T* block[G::kPoints];
   for (int i = 0; i < G::kPoints; ++i) block[i] = data + b.offset(j + i, stride);
   if (G::shared_block(block)) {
-    contract_group_rows<T, kUnitL, true>(b, j, block, stride, out);
+    rows(std::true_type{}, block);
   } else {
-    contract_group_rows<T, kUnitL, false>(b, j, block, stride, out);
+    rows(std::false_type{}, block);
   }
+}
+
+template <typename T, bool kUnitL, int kNeeds>
+C10_ALWAYS_INLINE void contract_group(const LaneBatch<T, kNeeds>& b, int j, const T* data,
+                                      const int64_t stride[3], T* out) {
+  with_group_blocks(
+      b, j, data, stride, [&](auto shared, const T* const block[]) NANOBRAGG_LAMBDA_INLINE {
+        contract_group_rows<T, kUnitL, decltype(shared)::value>(b, j, block, stride, out);
+      });
 }
 
 // tricubic_hkl_grad_stencil (contract_stencil_grad's arithmetic) for the
@@ -802,14 +813,11 @@ C10_ALWAYS_INLINE void hkl_grad_group_rows(const LaneBatch<T, kNeeds>& b, int j,
 template <typename T, bool kUnitL, int kNeeds>
 C10_ALWAYS_INLINE void hkl_grad_group(const LaneBatch<T, kNeeds>& b, int j, const T* data,
                                       const int64_t stride[3], const T* grad_out, T* grad_hkl) {
-  using G = RowGroup<T>;
-  const T* block[G::kPoints];
-  for (int i = 0; i < G::kPoints; ++i) block[i] = data + b.offset(j + i, stride);
-  if (G::shared_block(block)) {
-    hkl_grad_group_rows<T, kUnitL, true>(b, j, block, stride, grad_out, grad_hkl);
-  } else {
-    hkl_grad_group_rows<T, kUnitL, false>(b, j, block, stride, grad_out, grad_hkl);
-  }
+  with_group_blocks(b, j, data, stride,
+                    [&](auto shared, const T* const block[]) NANOBRAGG_LAMBDA_INLINE {
+                      hkl_grad_group_rows<T, kUnitL, decltype(shared)::value>(b, j, block, stride,
+                                                                              grad_out, grad_hkl);
+                    });
 }
 
 // A row of 4 taps added at dest + r (g wl[c] at r + c), in one vector.

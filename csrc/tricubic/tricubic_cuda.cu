@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <limits>
 #include <tuple>
 
 #include "common/checks.h"
@@ -183,8 +184,14 @@ __global__ void double_backward_grid_atomic_kernel(GridShape shape, StridedPoint
 // A grid gradient in the deterministic order (tricubic_math.h): sort, runs
 // and samples, then gather per node. Writes every node of grad_grid.
 template <typename T, bool kSecondOrder>
-void deterministic_grid_grad(const GridShape& shape, const StridedPoints<T>& points, int64_t n,
-                             OutOfRange mode, at::Tensor& grad_grid, cudaStream_t stream) {
+void deterministic_grid_grad(const char* op, const GridShape& shape, const StridedPoints<T>& points,
+                             int64_t n, OutOfRange mode, at::Tensor& grad_grid,
+                             cudaStream_t stream) {
+  // cub's radix sort takes an int count (docs/CONTRACT.md §3, determinism).
+  TORCH_CHECK(n <= std::numeric_limits<int>::max(), op,
+              ": the deterministic grid gradient on CUDA sorts at most 2^31 - 1 points, got ", n,
+              "; split the points into several calls, or leave "
+              "torch.use_deterministic_algorithms off for the atomic path");
   const auto long_opts = grad_grid.options().dtype(at::kLong);
   at::Tensor keys = at::empty({n}, long_opts);
   sort_key_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(shape, points, n, mode,
@@ -292,7 +299,8 @@ std::tuple<at::Tensor, at::Tensor> tricubic_interp_backward_cuda(
                                              nullptr,
                                              0,
                                              offsets3};
-        deterministic_grid_grad<scalar_t, false>(shape, points, n, mode, grad_grid, stream);
+        deterministic_grid_grad<scalar_t, false>(kBackward, shape, points, n, mode, grad_grid,
+                                                 stream);
       }
     }
   });
@@ -338,7 +346,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tricubic_interp_double_backward_c
             shape, points, n, call.mode, grad_grid.mutable_data_ptr<T>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else {
-        deterministic_grid_grad<T, true>(shape, points, n, call.mode, grad_grid, stream);
+        deterministic_grid_grad<T, true>(kDoubleBackward, shape, points, n, call.mode, grad_grid,
+                                         stream);
       }
     }
   });

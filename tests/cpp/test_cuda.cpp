@@ -421,6 +421,33 @@ TEST(CudaSmall, DoubleBackward) {
                    cpu.double_backward(c, g), kRtol, "absorption double backward");
 }
 
+// index_min at the int64 limits, and coordinates that overflow any index:
+// every lookup gives the default, none reads outside the grid (a stray read
+// on the GPU rarely faults; compute-sanitizer's memcheck runs this case).
+TEST(CudaSmall, IndexMinNearInt64LimitsNeverReadsOutOfBounds) {
+  NANOBRAGG_SKIP_UNLESS_CUDA();
+  at::manual_seed(5);
+  const int64_t big = std::numeric_limits<int64_t>::max();
+  const int64_t small = std::numeric_limits<int64_t>::min();
+  const at::Tensor grid = (at::rand({5, 5, 5}, f64()) * 9 + 1).to(kCuda);
+  const at::Tensor hkl =
+      at::tensor({0.5, 0.5, 0.5, 1e19, -1e19, 9.2e18, -9.2e18, 3.0, 2.0}, f64()).view({3, 3});
+  const at::Tensor chkl = hkl.to(kCuda);
+  const at::Tensor g = at::ones({3}, f64()).to(kCuda);
+  const std::vector<std::array<int64_t, 3>> mins = {
+      {big - 2, big - 2, big - 2}, {small, small, small}, {big, small, 0}};
+  for (const auto& lo : mins) {
+    for (const std::string mode : {"default", "nearest"}) {
+      const at::Tensor out = nanobragg_ops::tricubic_interp(grid, chkl, lo, -3.0, mode).cpu();
+      EXPECT_TRUE(at::equal(out, at::full({3}, -3.0, f64())))
+          << lo[0] << " " << lo[1] << " " << lo[2] << " " << mode << ": " << out;
+      auto r = tricubic_backward_op().call(g, grid, chkl, lo, mode, {true, true});
+      EXPECT_EQ(std::get<0>(r).abs().max().item<double>(), 0.0) << mode;
+      EXPECT_EQ(std::get<1>(r).abs().max().item<double>(), 0.0) << mode;
+    }
+  }
+}
+
 // ---------------------------------------------------------------- parity on layouts
 
 TEST(CudaParity, TricubicAllOpsMatchCpuOnLayouts) {
@@ -481,8 +508,13 @@ TEST(CudaParity, AbsorptionEdgeValuesMatchCpu) {
           fp[0][0] = std::numeric_limits<double>::quiet_NaN();
           fi[1] = std::numeric_limits<double>::quiet_NaN();
           fi[2] = inf;
-          fp[3] = at::tensor({0.1, 0.0, 0.0}, f64());  // grazing: parallax 0
-          fp[4].zero_();                               // the sample position
+          // grazing: a pixel perpendicular to odet (odet x e_x, 0.1 long), so
+          // that the parallax reaches its clamp through the per-layer path
+          const at::Tensor o = base.odet;
+          const at::Tensor across = at::stack({at::zeros({}, f64()), o[2], -o[1]});
+          fp[3] = across * (0.1 / across.norm().item<double>());
+          ASSERT_LT(std::abs((fp[3] * o).sum().item<double>()) / 0.1, 1e-10) << "not grazing";
+          fp[4].zero_();  // the sample position
           what = "NaN/Inf/grazing";
         }
         const at::Tensor g = at::randn({5, 6}, f64());
@@ -582,12 +614,21 @@ TEST(CudaGridStride, LargeNMatchesCpu) {
   ASSERT_GT(n, 12345);
   const TricubicCase base = tricubic_base(n, false);
   const TricubicCase cu = tricubic_case(base, Layout::Contiguous, kCuda);
-  for (const std::string mode : {"default", "nearest"}) {
-    Tensors got = {nanobragg_ops::tricubic_interp(cu.grid, cu.hkl, kIndexMin, 0.0, mode)};
-    Tensors want = {nanobragg_ops::tricubic_interp(base.grid, base.hkl, kIndexMin, 0.0, mode)};
-    for (const auto& t : tricubic_backward(cu.g, cu.grid, cu.hkl, mode)) got.push_back(t);
-    for (const auto& t : tricubic_backward(base.g, base.grid, base.hkl, mode)) want.push_back(t);
-    expect_all_close(got, want, kRtol, "tricubic n=" + std::to_string(n) + " " + mode);
+  for (bool deterministic : {false, true}) {  // the atomic and the sorted grid gradient
+    DeterministicScope det(deterministic);
+    for (const std::string mode : {"default", "nearest"}) {
+      Tensors got = {nanobragg_ops::tricubic_interp(cu.grid, cu.hkl, kIndexMin, 0.0, mode)};
+      Tensors want = {nanobragg_ops::tricubic_interp(base.grid, base.hkl, kIndexMin, 0.0, mode)};
+      for (const auto& t : tricubic_backward(cu.g, cu.grid, cu.hkl, mode)) got.push_back(t);
+      for (const auto& t : tricubic_backward(base.g, base.grid, base.hkl, mode)) want.push_back(t);
+      got.push_back(tricubic_double_backward(std::nullopt, cu.V, cu.g, cu.grid, cu.hkl, mode,
+                                             {false, true, false})[1]);
+      want.push_back(tricubic_double_backward(std::nullopt, base.V, base.g, base.grid, base.hkl,
+                                              mode, {false, true, false})[1]);
+      expect_all_close(got, want, kRtol,
+                       "tricubic n=" + std::to_string(n) + " " + mode +
+                           (deterministic ? " deterministic" : " atomic"));
+    }
   }
   const int64_t side = static_cast<int64_t>(std::sqrt(double(n))) + 1;  // side^2 > n pixels
   for (bool oversample : {true, false}) {
@@ -599,6 +640,35 @@ TEST(CudaGridStride, LargeNMatchesCpu) {
     expect_all_close(
         got, want, kRtol,
         "absorption " + std::to_string(side) + "^2 oversample=" + std::to_string(oversample));
+  }
+}
+
+// The deterministic grid gradient's gather gives a warp per grid node: with
+// more nodes than 3 x the resident warps, its loop over nodes iterates too
+// (the grid above has 1716 nodes). 40^3 nodes, points over all of them.
+TEST(CudaGridStride, DeterministicGatherOverALargeGridMatchesCpu) {
+  NANOBRAGG_SKIP_UNLESS_CUDA();
+  at::manual_seed(31);
+  const int64_t side = 40, nodes = side * side * side;
+  ASSERT_GT(nodes, 3 * resident_threads() / 32) << "a GPU with more warps: enlarge the grid";
+  const int64_t n = 3 * resident_threads() + 999;
+  const at::Tensor grid = at::rand({side, side, side}, f64()) * 9 + 1;
+  at::Tensor hkl = at::empty({n, 3}, f64());
+  for (int d = 0; d < 3; ++d) {  // every stencil inside: first node >= lo, last <= lo + side - 1
+    hkl.select(1, d).copy_(at::rand({n}, f64()) * double(side - 3.1) + double(kIndexMin[d] + 1));
+  }
+  const at::Tensor g = at::randn({n}, f64()), v = at::randn({n, 3}, f64());
+  const at::Tensor cg = grid.to(kCuda), ch = hkl.to(kCuda), cgo = g.to(kCuda), cv = v.to(kCuda);
+  DeterministicScope det(true);
+  for (const std::string mode : {"default", "nearest"}) {
+    const Tensors got = {
+        tricubic_backward(cgo, cg, ch, mode, {true, false})[0],
+        tricubic_double_backward(std::nullopt, cv, cgo, cg, ch, mode, {false, true, false})[1]};
+    const Tensors want = {
+        tricubic_backward(g, grid, hkl, mode, {true, false})[0],
+        tricubic_double_backward(std::nullopt, v, g, grid, hkl, mode, {false, true, false})[1]};
+    expect_all_close(got, want, 1e-12, "40^3 grid, deterministic " + mode);
+    EXPECT_GT(want[0].abs().min().item<double>(), 0.0) << "a node no stencil covers";
   }
 }
 

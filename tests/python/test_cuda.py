@@ -245,7 +245,11 @@ def absorption_case(layout="contiguous", *, per_layer=False, oversample=True, th
         flat_p[0, 0] = math.nan
         flat_i[1] = math.nan
         flat_i[2] = math.inf
-        flat_p[3] = torch.tensor([0.1, 0.0, 0.0], dtype=F64)  # grazing: parallax 0
+        # grazing: a pixel perpendicular to odet (odet x e_x, 0.1 long), so that
+        # the parallax reaches its clamp through the per-layer path too
+        across = torch.stack([torch.zeros((), dtype=F64), odet[2], -odet[1]])
+        flat_p[3] = across * (0.1 / across.norm())
+        assert abs(float(flat_p[3] @ odet)) / 0.1 < 1e-10, "not grazing"
         flat_p[4] = 0.0  # the sample position
         flat_i[5] = -math.inf
     g = gen(seed + 7)
@@ -389,7 +393,8 @@ def resident_threads() -> int:
     return props.multi_processor_count * props.max_threads_per_multi_processor
 
 
-def test_cuda_tricubic_large_n_matches_cpu():
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+def test_cuda_tricubic_large_n_matches_cpu(det):
     n = 3 * resident_threads() + 12_345
     grid = tricubic_grid(11)
     hkl = tricubic_points(n, 12, outside=n // 10)
@@ -406,7 +411,9 @@ def test_cuda_tricubic_large_n_matches_cpu():
         )
         return [out, gg, gh, dd_grid, dd_hkl]
 
-    assert_all_close(run("cuda"), run("cpu"), what=f"tricubic n={n}")
+    with deterministic(det):  # the grid gradient's atomic or sorted path
+        got = run("cuda")
+    assert_all_close(got, run("cpu"), what=f"tricubic n={n} deterministic={det}")
 
 
 @pytest.mark.parametrize("oversample", [True, False])
@@ -497,6 +504,22 @@ def test_cuda_cpu_scalar_arguments_work_and_their_gradients_stay_on_cpu(grad_of)
         assert got.shape == torch.Size([]), f"gradient shape {tuple(got.shape)}"
         assert_close_rel(got, want, rtol=1e-12, what=f"gradient of CPU {grad_of}")
         assert want.abs().item() > 0
+
+
+def test_cuda_cpu_scalar_gradients_stay_on_cpu_under_vmap_of_an_empty_batch():
+    # A batch of size 0 runs no kernel (the results' shapes come from the Meta
+    # kernels), and its gradients still go where the backends put them.
+    intensity, pixels = absorption_base((4, 5), 42)
+    I, P = intensity.cuda(), pixels.cuda()
+    O = torch.tensor([0.0, 0.0, 1.0], dtype=F64).cuda()
+    t, a = torch.tensor(450e-6, dtype=F64), torch.tensor(234e-6, dtype=F64)
+
+    def backward(go):
+        return torch.ops.nanobragg.detector_absorption_backward(go, I, P, O, t, a, 4, True, False, [True] * 5)
+
+    grads = torch.func.vmap(backward)(torch.ones(0, 4, 5, dtype=F64).cuda())
+    assert [x.device.type for x in grads] == ["cuda", "cuda", "cuda", "cpu", "cpu"]
+    assert [tuple(x.shape) for x in grads] == [(0, 4, 5), (0, 4, 5, 3), (0, 3), (0,), (0,)]
 
 
 @pytest.mark.parametrize(

@@ -76,3 +76,26 @@ def test_absorption_forward_and_grad(absorption_device, per_layer, batched):
     gg = vmap(grad(gnorm, argnums=(0, 1, 2, 3, 4)), in_dims=in_dims)(*args)
     for g, x in zip(gg, inputs):
         assert_empty_like(g, x)
+
+
+def test_absorption_gradients_of_cpu_scalars_stay_on_cpu():
+    # Each result of an empty batch is made on its argument's device, as the
+    # backends make it: a 0-dim CPU thickness / attenuation_length with data
+    # elsewhere gets its gradient on the CPU. (Meta data stands in for CUDA
+    # here; test_cuda.py checks CUDA itself.)
+    f64 = torch.float64
+    data = dict(dtype=f64, device="meta")
+    intensity, pixels = torch.empty(4, 5, **data), torch.empty(4, 5, 3, **data)
+    odet = torch.empty(3, **data)
+    thickness, attenuation = torch.tensor(450e-6, dtype=f64), torch.tensor(234e-6, dtype=f64)
+
+    def backward(grad_output):
+        return torch.ops.nanobragg.detector_absorption_backward(
+            grad_output, intensity, pixels, odet, thickness, attenuation, 4, True, False, [True] * 5
+        )
+
+    one = backward(torch.empty(4, 5, **data))
+    batched = vmap(backward)(torch.empty(0, 4, 5, **data))
+    assert [g.device.type for g in one] == ["meta", "meta", "meta", "cpu", "cpu"]
+    for b, g in zip(batched, one):
+        assert_empty_like(b, g)
