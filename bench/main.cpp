@@ -530,6 +530,24 @@ nb::Row run_case(const Options& o, const Case& c, const Workload& w, const at::T
 // targets use.
 constexpr int kInterleavedRounds = 31, kCallsPerRound = 5;
 
+double median(std::vector<double> v) {
+  std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+  return v[v.size() / 2];
+}
+
+// One round's time of fn: the median of kCallsPerRound calls.
+double median_of_round(const Options& o, const Call& fn) {
+  std::vector<double> t;
+  for (int k = 0; k < kCallsPerRound; ++k) {
+    synchronize(o.device);
+    const auto t0 = Clock::now();
+    fn();
+    synchronize(o.device);
+    t.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  return median(t);
+}
+
 void add_interleaved_backward(const Options& o, const Workload& w, std::vector<nb::Row>& rows,
                               size_t first_row) {
   // CPU only: the GPU check's minutes are few, and a GPU's timing, from
@@ -548,31 +566,57 @@ void add_interleaved_backward(const Options& o, const Workload& w, std::vector<n
     at::set_num_threads(static_cast<int>(fb.threads));
     try {
       const Call forward = make_call(cf, w), both = make_call(cfb, w);
-      auto median_of = [&](const Call& fn) {
-        std::vector<double> t;
-        for (int k = 0; k < kCallsPerRound; ++k) {
-          synchronize(o.device);
-          const auto t0 = Clock::now();
-          fn();
-          synchronize(o.device);
-          t.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
-        }
-        std::nth_element(t.begin(), t.begin() + t.size() / 2, t.end());
-        return t[t.size() / 2];
-      };
       forward(), both();  // warm
       std::vector<double> ratios;
       for (int round = 0; round < kInterleavedRounds; ++round) {
-        const double tf = median_of(forward), tfb = median_of(both);
+        const double tf = median_of_round(o, forward), tfb = median_of_round(o, both);
         ratios.push_back((tfb - tf) / tf);
       }
-      std::nth_element(ratios.begin(), ratios.begin() + ratios.size() / 2, ratios.end());
-      fb.fields["backward_in_forwards_interleaved"] = ratios[ratios.size() / 2];
+      fb.fields["backward_in_forwards_interleaved"] = median(ratios);
       fb.fields["interleaved_rounds"] = kInterleavedRounds;
       std::cerr << "  " << fb.op << " backward in forwards, interleaved (" << fb.threads
-                << " threads): " << std::setprecision(2) << ratios[ratios.size() / 2] << "\n";
+                << " threads): " << std::setprecision(2) << median(ratios) << "\n";
     } catch (const std::exception& e) {
       std::cerr << "  " << fb.op << " interleaved backward: FAILED: " << nb::message_of(e) << "\n";
+    }
+    at::set_num_threads(threads_before);
+    nb::release_cached_memory(o.device);
+  }
+}
+
+// The fused forward's speed-up from 1 thread to a row's threads, timed in
+// alternation for the same reason: kInterleavedRounds rounds of
+// kCallsPerRound calls on 1 thread then as many on all, the ratio of each
+// round's medians, and the median over the rounds (from the rows of two
+// runs hours apart, the same tricubic forward scaled 1.89 and 1.50 times from
+// 1 to 2 threads). Kept in the many-thread forward row's fields
+// (speedup_over_1_thread_interleaved), which the report's target uses.
+void add_interleaved_scaling(const Options& o, const Workload& w, std::vector<nb::Row>& rows,
+                             size_t first_row) {
+  if (o.device != "cpu") return;
+  for (size_t i = first_row; i < rows.size(); ++i) {
+    nb::Row& many = rows[i];
+    if (many.impl != "fused" || many.pass != "forward" || !many.ran() || many.scale ||
+        many.threads <= 1)
+      continue;
+    const Case c{many.op, "fused", "forward", many.size, o.per_pixel};
+    const int threads_before = at::get_num_threads();
+    try {
+      const Call forward = make_call(c, w);
+      std::vector<double> ratios;
+      for (int round = -1; round < kInterleavedRounds; ++round) {  // round -1 warms
+        at::set_num_threads(1);
+        const double one = median_of_round(o, forward);
+        at::set_num_threads(static_cast<int>(many.threads));
+        const double all = median_of_round(o, forward);
+        if (round >= 0) ratios.push_back(one / all);
+      }
+      many.fields["speedup_over_1_thread_interleaved"] = median(ratios);
+      many.fields["interleaved_rounds"] = kInterleavedRounds;
+      std::cerr << "  " << many.op << " forward, 1 to " << many.threads
+                << " threads, interleaved: " << std::setprecision(2) << median(ratios) << "x\n";
+    } catch (const std::exception& e) {
+      std::cerr << "  " << many.op << " interleaved scaling: FAILED: " << nb::message_of(e) << "\n";
     }
     at::set_num_threads(threads_before);
     nb::release_cached_memory(o.device);
@@ -602,6 +646,7 @@ void run_cases(const Options& o, const std::vector<Case>& cases, const at::Tenso
   const size_t first_row = rows.size();
   for (const Case& c : cases) rows.push_back(run_case(o, c, *w, opts, rows));
   add_interleaved_backward(o, *w, rows, first_row);
+  add_interleaved_scaling(o, *w, rows, first_row);
 }
 
 // The child's side (--single-case): one call of one case, and its peak extra
