@@ -548,6 +548,23 @@ double median_of_round(const Options& o, const Call& fn) {
   return median(t);
 }
 
+// Runs measure() with ATen on `threads` threads, reporting a failure as
+// "<op> <what>: FAILED", then puts the thread count back and hands cached
+// memory back: what both interleaved measurements below share.
+template <typename Measure>
+void interleaved_measurement(const Options& o, const nb::Row& row, int64_t threads,
+                             const char* what, const Measure& measure) {
+  const int threads_before = at::get_num_threads();
+  at::set_num_threads(static_cast<int>(threads));
+  try {
+    measure();
+  } catch (const std::exception& e) {
+    std::cerr << "  " << row.op << " " << what << ": FAILED: " << nb::message_of(e) << "\n";
+  }
+  at::set_num_threads(threads_before);
+  nb::release_cached_memory(o.device);
+}
+
 void add_interleaved_backward(const Options& o, const Workload& w, std::vector<nb::Row>& rows,
                               size_t first_row) {
   // CPU only: the GPU check's minutes are few, and a GPU's timing, from
@@ -562,9 +579,7 @@ void add_interleaved_backward(const Options& o, const Workload& w, std::vector<n
     if (f == rows.end()) continue;
     const Case cf{fb.op, "fused", "forward", fb.size, o.per_pixel};
     const Case cfb{fb.op, "fused", "forward_backward", fb.size, o.per_pixel};
-    const int threads_before = at::get_num_threads();
-    at::set_num_threads(static_cast<int>(fb.threads));
-    try {
+    interleaved_measurement(o, fb, fb.threads, "interleaved backward", [&] {
       const Call forward = make_call(cf, w), both = make_call(cfb, w);
       forward(), both();  // warm
       std::vector<double> ratios;
@@ -572,15 +587,12 @@ void add_interleaved_backward(const Options& o, const Workload& w, std::vector<n
         const double tf = median_of_round(o, forward), tfb = median_of_round(o, both);
         ratios.push_back((tfb - tf) / tf);
       }
-      fb.fields["backward_in_forwards_interleaved"] = median(ratios);
+      const double backward = median(ratios);
+      fb.fields["backward_in_forwards_interleaved"] = backward;
       fb.fields["interleaved_rounds"] = kInterleavedRounds;
       std::cerr << "  " << fb.op << " backward in forwards, interleaved (" << fb.threads
-                << " threads): " << std::setprecision(2) << median(ratios) << "\n";
-    } catch (const std::exception& e) {
-      std::cerr << "  " << fb.op << " interleaved backward: FAILED: " << nb::message_of(e) << "\n";
-    }
-    at::set_num_threads(threads_before);
-    nb::release_cached_memory(o.device);
+                << " threads): " << std::setprecision(2) << backward << "\n";
+    });
   }
 }
 
@@ -600,8 +612,7 @@ void add_interleaved_scaling(const Options& o, const Workload& w, std::vector<nb
         many.threads <= 1)
       continue;
     const Case c{many.op, "fused", "forward", many.size, o.per_pixel};
-    const int threads_before = at::get_num_threads();
-    try {
+    interleaved_measurement(o, many, many.threads, "interleaved scaling", [&] {
       const Call forward = make_call(c, w);
       std::vector<double> ratios;
       for (int round = -1; round < kInterleavedRounds; ++round) {  // round -1 warms
@@ -611,15 +622,12 @@ void add_interleaved_scaling(const Options& o, const Workload& w, std::vector<nb
         const double all = median_of_round(o, forward);
         if (round >= 0) ratios.push_back(one / all);
       }
-      many.fields["speedup_over_1_thread_interleaved"] = median(ratios);
+      const double speedup = median(ratios);
+      many.fields["speedup_over_1_thread_interleaved"] = speedup;
       many.fields["interleaved_rounds"] = kInterleavedRounds;
       std::cerr << "  " << many.op << " forward, 1 to " << many.threads
-                << " threads, interleaved: " << std::setprecision(2) << median(ratios) << "x\n";
-    } catch (const std::exception& e) {
-      std::cerr << "  " << many.op << " interleaved scaling: FAILED: " << nb::message_of(e) << "\n";
-    }
-    at::set_num_threads(threads_before);
-    nb::release_cached_memory(o.device);
+                << " threads, interleaved: " << std::setprecision(2) << speedup << "x\n";
+    });
   }
 }
 

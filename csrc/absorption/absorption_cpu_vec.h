@@ -178,10 +178,8 @@ struct XyzPermutes {
 inline constexpr XyzPermutes<int32_t, 16> kXyzFloat{};
 inline constexpr XyzPermutes<int64_t, 8> kXyzDouble{};
 
-inline __m512i index_of(const int32_t* i) {
-  return _mm512_loadu_si512(i);
-}
-inline __m512i index_of(const int64_t* i) {
+template <typename Index>
+inline __m512i index_of(const Index* i) {
   return _mm512_loadu_si512(i);
 }
 
