@@ -1,6 +1,8 @@
-// Peak extra memory of one bench case (docs/CONTRACT.md §5's peak_bytes), each
-// case measured in a child process of its own so that no other case's
-// allocations, caches or freed-but-resident pages are charged to it or hide it.
+// Peak extra memory of one bench case (docs/CONTRACT.md §5's peak_bytes). On
+// CPU each case is measured in a child process of its own so that no other
+// case's allocations or freed-but-resident pages are charged to it or hide
+// it; on CUDA in the bench's own process, from the caching allocator's count
+// of the bytes it hands out (which other cases' cached blocks do not change).
 #pragma once
 
 #include <cstdint>
@@ -20,7 +22,8 @@ struct Peak {
   std::string method;
 };
 
-// In the child: the peak extra memory of one call of `call` on `device`.
+// The peak extra memory of one call of `call` on `device` (in the CPU's memory
+// child, or in the bench itself on CUDA).
 Peak measure_peak(const std::function<void()>& call, const std::string& device);
 
 // In the parent: runs this executable (/proc/self/exe) with `args` plus

@@ -16,7 +16,8 @@
 #       in build-gpu/ (Ninja, every core, the vendored dependencies); runs the
 #       CUDA GoogleTest cases; the bench on CUDA (both ops, 512² and 2048² × 9);
 #       then the CUDA pytest cases (pytest-xdist, 4 workers) while
-#       compute-sanitizer memcheck and racecheck run a few small CUDA cases.
+#       compute-sanitizer memcheck, racecheck and synccheck run a few small
+#       CUDA cases.
 #       The summary goes to $OUT if set, else to reports/gpu/<UTC stamp>/.
 #   scripts/gpu_check.sh --dry-run   (any CPU machine, CI) the same stages with
 #       CPU-only settings in build-gpu-dryrun/: the CUDA cases must all skip;
@@ -403,9 +404,14 @@ fi
 # A few small CUDA cases: each op's forward against its reference, tricubic's
 # backward (grid and hkl gradients, strided inputs; empty launches), the
 # deterministic grid gradient (sort, run table, gather; first and second
-# order), both double backwards, and absorption's gradients. memcheck:
-# out-of-bounds and misaligned accesses, errors of the CUDA API; racecheck:
-# shared-memory hazards.
+# order), both double backwards, and absorption's gradients (per_layer and
+# oversample_thick both ways). memcheck runs them all: out-of-bounds and
+# misaligned accesses, errors of the CUDA API. racecheck (shared-memory
+# hazards) runs the cases whose kernels use shared memory: absorption's
+# backward and double backward, whose block sums do. synccheck (barriers and
+# warp-synchronous calls with lanes missing) runs the deterministic grid
+# gradient (its warps' xor shuffles) and absorption's block sums
+# (__syncthreads). The three tools run at the same time.
 SANITIZE_CASES=(
   Devices/TricubicForward.MatchesPolin3Float32/cuda
   Devices/TricubicBackward.StridedInputsAndExpandedGradient/cuda
@@ -414,69 +420,78 @@ SANITIZE_CASES=(
   CudaSmall.DoubleBackward
   CudaSmall.IndexMinNearInt64LimitsNeverReadsOutOfBounds
   Devices/Absorption.MatchesPortFormulation/cuda
-  Devices/Absorption.GradientsMatchFiniteDifferencesPerLayer/cuda
+  CudaSmall.AbsorptionForwardBackward
 )
-SANITIZE_FILTER="$(IFS=:; echo "${SANITIZE_CASES[*]}")"
+RACECHECK_CASES=(CudaSmall.AbsorptionForwardBackward CudaSmall.DoubleBackward)
+SYNCCHECK_CASES=(CudaSmall.DeterministicGridGradient CudaSmall.AbsorptionForwardBackward)
 SANITIZER=""
 for c in compute-sanitizer /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
   if command -v "$c" >/dev/null 2>&1; then SANITIZER="$(command -v "$c")"; break; fi
 done
-# The filter must still name existing tests (the names can change).
-SANITIZE_MATCHED=0
-if [[ -x $TESTS_BIN ]]; then
-  SANITIZE_MATCHED="$(timeout 20 "$TESTS_BIN" --gtest_list_tests --gtest_filter="$SANITIZE_FILTER" 2>/dev/null | grep -c '^  ')"
-fi
+# How many tests a filter names (the names can change: each list must still
+# name existing tests).
+tests_matched() {
+  [[ -x $TESTS_BIN ]] || { echo 0; return; }
+  timeout 20 "$TESTS_BIN" --gtest_list_tests --gtest_filter="$1" 2>/dev/null | grep -c '^  '
+}
+# sanitize TOOL CASES...: one tool over its cases, recorded as stage TOOL.
 # memcheck sees out-of-bounds accesses only at allocation boundaries: torch's
 # caching allocator is off for these runs, every tensor its own cudaMalloc.
-run_sanitizers() {
-  local tool log_ errors hazards ran skipped what
+sanitize() {
+  local tool=$1 log_ errors hazards ran skipped what filter matched
+  shift
+  log_="$LOGS/sanitizer_$tool.log"
+  filter="$(IFS=:; echo "$*")"
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1
-  for tool in memcheck racecheck; do
-    if [[ ! -x $TESTS_BIN ]]; then
-      record "$tool" "NOT RUN" 0 "no $TESTS_BIN"
-      continue
-    fi
-    if ((SANITIZE_MATCHED != ${#SANITIZE_CASES[@]})); then
-      echo "the filter $SANITIZE_FILTER matches $SANITIZE_MATCHED tests, not ${#SANITIZE_CASES[@]}" \
-        >"$LOGS/sanitizer_$tool.log"
-      record "$tool" FAIL 0 "SANITIZE_CASES in gpu_check.sh name $SANITIZE_MATCHED existing tests of ${#SANITIZE_CASES[@]}"
-      continue
-    fi
-    if [[ -z $SANITIZER ]]; then
-      echo "compute-sanitizer: not found" >"$LOGS/sanitizer_$tool.log"
-      record "$tool" "NOT AVAILABLE" 0 "compute-sanitizer not found (${#SANITIZE_CASES[@]} cases would run)"
-      continue
-    fi
-    run_stage "$tool" "$(pick 90 120)" "$LOGS/sanitizer_$tool.log" "$SANITIZER" --tool "$tool" \
-      --print-limit 50 "$TESTS_BIN" --gtest_filter="$SANITIZE_FILTER"
-    log_="$LOGS/sanitizer_$tool.log"
-    # memcheck: "ERROR SUMMARY: N errors"; racecheck: "RACECHECK SUMMARY:
-    # H hazards displayed (E errors, W warnings)" (and ERROR SUMMARY, newer).
-    errors="$(sed -n 's/^=* *ERROR SUMMARY: \([0-9]*\) error.*/\1/p' "$log_" | tail -1)"
-    hazards="$(sed -n 's/^=* *RACECHECK SUMMARY: \([0-9]*\) hazard.*/\1/p' "$log_" | tail -1)"
-    if [[ -z $errors ]]; then
-      errors="$(sed -n 's/^=* *RACECHECK SUMMARY: .*(\([0-9]*\) error.*/\1/p' "$log_" | tail -1)"
-    fi
-    ran="$(grep -c -E '^\[       OK \]|^\[  FAILED  \] .*\([0-9]+ ms\)$' "$log_")"
-    skipped="$(grep -c -E '^\[  SKIPPED \] .*\([0-9]+ ms\)$' "$log_")"
-    what="$ran cases ran, $skipped skipped, ${errors:-no} errors reported${hazards:+, $hazards hazards}"
-    if grep -qi -E '^=+ .*(not supported|unsupported)' "$log_"; then
-      record "$tool" "NOT SUPPORTED" "$STAGE_SECS" "$(grep -i -m1 -E '^=+ .*(not supported|unsupported)' "$log_" | cut -c1-140)"
-    elif [[ -z $errors && -z $hazards ]] && grep -q -E '^=+ (Error|Internal)' "$log_" && ((STAGE_RC != 124)); then
-      # The tool itself could not run here (no summary at all): not our code.
-      record "$tool" "NOT SUPPORTED" "$STAGE_SECS" "$(grep -m1 -E '^=+ (Error|Internal)' "$log_" | cut -c1-140)"
-    elif ((STAGE_RC == 124 || STAGE_RC == 137 || STAGE_RC == 125)); then
-      record "$tool" "$(status_of "$STAGE_RC")" "$STAGE_SECS" "$what"
-    elif [[ -n $errors && $errors != 0 ]]; then
-      record "$tool" FAIL "$STAGE_SECS" "$what"
-    elif ((STAGE_RC != 0)); then
-      record "$tool" FAIL "$STAGE_SECS" "exit $STAGE_RC; $what"
-    elif [[ $MODE == gpu && $ran -eq 0 ]]; then
-      record "$tool" FAIL "$STAGE_SECS" "no case ran under the sanitizer; $what"
-    else
-      record "$tool" PASS "$STAGE_SECS" "$what"
-    fi
-  done
+  if [[ ! -x $TESTS_BIN ]]; then
+    record "$tool" "NOT RUN" 0 "no $TESTS_BIN"
+    return
+  fi
+  matched="$(tests_matched "$filter")"
+  if ((matched != $#)); then
+    echo "the filter $filter matches $matched tests, not $#" >"$log_"
+    record "$tool" FAIL 0 "the $tool cases in gpu_check.sh name $matched existing tests of $#"
+    return
+  fi
+  if [[ -z $SANITIZER ]]; then
+    echo "compute-sanitizer: not found" >"$log_"
+    record "$tool" "NOT AVAILABLE" 0 "compute-sanitizer not found ($# cases would run)"
+    return
+  fi
+  run_stage "$tool" "$(pick 120 120)" "$log_" "$SANITIZER" --tool "$tool" \
+    --print-limit 50 "$TESTS_BIN" --gtest_filter="$filter"
+  # "ERROR SUMMARY: N errors"; racecheck also (older: only) "RACECHECK
+  # SUMMARY: H hazards displayed (E errors, W warnings)".
+  errors="$(sed -n 's/^=* *ERROR SUMMARY: \([0-9]*\) error.*/\1/p' "$log_" | tail -1)"
+  hazards="$(sed -n 's/^=* *RACECHECK SUMMARY: \([0-9]*\) hazard.*/\1/p' "$log_" | tail -1)"
+  if [[ -z $errors ]]; then
+    errors="$(sed -n 's/^=* *RACECHECK SUMMARY: .*(\([0-9]*\) error.*/\1/p' "$log_" | tail -1)"
+  fi
+  ran="$(grep -c -E '^\[       OK \]|^\[  FAILED  \] .*\([0-9]+ ms\)$' "$log_")"
+  skipped="$(grep -c -E '^\[  SKIPPED \] .*\([0-9]+ ms\)$' "$log_")"
+  what="$ran cases ran, $skipped skipped, ${errors:-no} errors reported${hazards:+, $hazards hazards}"
+  if grep -qi -E '^=+ .*(not supported|unsupported)' "$log_"; then
+    record "$tool" "NOT SUPPORTED" "$STAGE_SECS" "$(grep -i -m1 -E '^=+ .*(not supported|unsupported)' "$log_" | cut -c1-140)"
+  elif [[ -z $errors && -z $hazards ]] && grep -q -E '^=+ (Error|Internal)' "$log_" && ((STAGE_RC != 124)); then
+    # The tool itself could not run here (no summary at all): not our code.
+    record "$tool" "NOT SUPPORTED" "$STAGE_SECS" "$(grep -m1 -E '^=+ (Error|Internal)' "$log_" | cut -c1-140)"
+  elif ((STAGE_RC == 124 || STAGE_RC == 137 || STAGE_RC == 125)); then
+    record "$tool" "$(status_of "$STAGE_RC")" "$STAGE_SECS" "$what"
+  elif [[ -n $errors && $errors != 0 ]]; then
+    record "$tool" FAIL "$STAGE_SECS" "$what"
+  elif ((STAGE_RC != 0)); then
+    record "$tool" FAIL "$STAGE_SECS" "exit $STAGE_RC; $what"
+  elif [[ $MODE == gpu && $ran -eq 0 ]]; then
+    record "$tool" FAIL "$STAGE_SECS" "no case ran under the sanitizer; $what"
+  else
+    record "$tool" PASS "$STAGE_SECS" "$what"
+  fi
+}
+run_sanitizers() {
+  sanitize memcheck "${SANITIZE_CASES[@]}" &
+  sanitize racecheck "${RACECHECK_CASES[@]}" &
+  sanitize synccheck "${SYNCCHECK_CASES[@]}" &
+  wait
 }
 
 # --- pytest: the CUDA cases ---------------------------------------------------
@@ -522,7 +537,7 @@ while IFS=$'\t' read -r name status _; do
     gtest) f=gtest_cuda.log ;;
     bench) f=bench.log ;;
     pytest) f=pytest_cuda.log ;;
-    memcheck | racecheck) f="sanitizer_$name.log" ;;
+    memcheck | racecheck | synccheck) f="sanitizer_$name.log" ;;
     *) continue ;;
   esac
   echo "---- $name ($status): the end of $f ----"

@@ -199,7 +199,7 @@ def main() -> int:
         if problems:
             s["note"] = "; ".join(problems) + ("; " + s["note"] if s["note"] else "")
 
-    for tool in ("memcheck", "racecheck"):
+    for tool in ("memcheck", "racecheck", "synccheck"):
         s = by_name.get(tool)
         if s:
             text = read(logs / f"sanitizer_{tool}.log")

@@ -5,8 +5,9 @@
 // Nothing here waits for the host: scalars on the GPU are read by the
 // kernels themselves (ScalarArgs), and the scalar gradients are reduced on
 // the GPU: per block in a fixed tree, then over blocks by one block in a
-// fixed order (deterministic), which also applies the chain rule to
-// thickness and attenuation length. So the ops can be captured in CUDA
+// fixed order (deterministic, over a number of blocks set by the pixel count
+// alone, so the same on GPUs of any SM count), which also applies the chain
+// rule to thickness and attenuation length. So the ops can be captured in CUDA
 // graphs. One thread per pixel; every pixel writes only its own gradient
 // slots.
 #include <ATen/Dispatch.h>
@@ -227,7 +228,7 @@ detector_absorption_backward_cuda(const at::Tensor& grad_output, const at::Tenso
   FullGrads full = allocate_full_grads(in, output_mask, opts);
   const int64_t n = in.num_pixels;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t blocks = blocks_for(n);
+  const int64_t blocks = cuda::reduction_blocks_for(n);  // (fixed sum order)
   // (With no pixels, one block writes zero partials: the scalar gradients
   // are then zero, through the same code.)
   at::Tensor partials = at::empty({blocks, kBackwardTotals}, opts.dtype(at::kDouble));
@@ -273,7 +274,7 @@ detector_absorption_double_backward_cuda(
   const auto opts = intensity.options();
   const int64_t n = in.num_pixels;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t blocks = blocks_for(n);
+  const int64_t blocks = cuda::reduction_blocks_for(n);  // (fixed sum order)
   at::Tensor partials = at::empty({blocks, kDoubleBackwardTotals}, opts.dtype(at::kDouble));
   const auto offsets = dual_pixel_offsets(in, dir.tangent, grad_output);
   AT_DISPATCH_FLOATING_TYPES(

@@ -1,9 +1,9 @@
 // Launch geometry shared by every CUDA kernel: blocks of kThreads threads,
 // at most as many blocks as the device holds resident at once, and
-// grid-stride loops (64-bit indices) over the rest. A fixed, device-derived
-// grid keeps per-block partial buffers small and makes every loop iterate
-// more than once on inputs larger than one wave (which the tests rely on to
-// cover the loops).
+// grid-stride loops (64-bit indices) over the rest, so that every loop
+// iterates more than once on inputs larger than one wave (which the tests
+// rely on to cover the loops). Kernels that write a partial sum per block
+// take a grid of a fixed size instead (reduction_blocks_for).
 #pragma once
 
 #include <cstdint>
@@ -30,6 +30,16 @@ inline int64_t blocks_for(int64_t n) {
   const int64_t wanted = (n + kThreads - 1) / kThreads;
   const int64_t cap = resident < 1 ? 1 : resident;
   return wanted < 1 ? 1 : (wanted > cap ? cap : wanted);
+}
+
+// Blocks of a kernel that writes one partial sum per block: one per kThreads
+// items, at most kReductionBlocks. A function of n only, not of the device:
+// the partials, and so the sums to the last bit, are the same on GPUs with
+// different numbers of SMs (1024 blocks: about one wave on an H100 or H200).
+constexpr int64_t kReductionBlocks = 1024;
+inline int64_t reduction_blocks_for(int64_t n) {
+  const int64_t wanted = (n + kThreads - 1) / kThreads;
+  return wanted < 1 ? 1 : (wanted > kReductionBlocks ? kReductionBlocks : wanted);
 }
 
 // Calls body(i) for i in [0, n), spread over the whole grid, each thread
