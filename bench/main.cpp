@@ -511,7 +511,8 @@ nb::Row run_case(const Options& o, const Case& c, const Workload& w, const at::T
   }
   at::set_num_threads(threads_before);
   // The call's leaves and gradients are gone; what they left cached goes
-  // back to the device too, since the child needs as much again.
+  // back to the device too, since the peak's call (a child's, on CPU) needs
+  // as much again.
   nb::release_cached_memory(o.device);
   if (r.error.empty() && r.not_run.empty()) {
     try {

@@ -303,8 +303,7 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
     // What was not measured is null, not 0: a case not run or failed has no
     // times, and the GPU-goal rows and failed memory children no peak.
     const bool timed = r.ran();
-    const bool peak = !r.peak_method.empty() && r.peak_method != "not_measured" &&
-                      r.peak_method != "child_failed" && r.peak_method != "measure_failed";
+    const bool peak = !r.peak_method.empty() && r.peak_method != "not_measured" && !r.peak_failed();
     j["cold_seconds"] = timed ? nlohmann::json(r.cold_seconds) : nlohmann::json();
     j["warm_seconds"] = timed ? nlohmann::json(r.warm_seconds) : nlohmann::json();
     j["warm_std_seconds"] = timed ? nlohmann::json(r.warm_std_seconds) : nlohmann::json();
@@ -405,10 +404,8 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
         md << "| " << s.impl << " | " << fmt(s.cold_seconds * 1e3, 3) << " | "
            << fmt(s.warm_seconds * 1e3, 3) << " | " << fmt(s.warm_std_seconds * 1e3, 3) << " | "
            << s.repeats << " | " << fmt(s.points_per_second / 1e6, 2) << " | "
-           << (s.peak_method == "child_failed" || s.peak_method == "measure_failed"
-                   ? std::string("failed")
-                   : mib(s.peak_bytes))
-           << " | " << sp << " | " << check_cell(s) << " |\n";
+           << (s.peak_failed() ? std::string("failed") : mib(s.peak_bytes)) << " | " << sp << " | "
+           << check_cell(s) << " |\n";
       }
     }
   }

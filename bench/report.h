@@ -45,6 +45,11 @@ struct Row {
   std::string check_what;  // what was compared
   bool check_failed() const { return check_rel_err >= 0 && !(check_rel_err <= check_tolerance); }
   bool ran() const { return not_run.empty() && repeats > 0; }  // has times
+  // Its peak memory could not be measured (a failed memory child, or on CUDA
+  // a failed measuring call).
+  bool peak_failed() const {
+    return peak_method == "child_failed" || peak_method == "measure_failed";
+  }
   // The rows of the GPU goals (cuda_goals.h): the goal a row measures, if
   // any, and named figures of its own (bandwidths, the in-range fraction).
   bool cuda_goal = false;
