@@ -139,7 +139,8 @@ struct LaneBatch {
 };
 
 // stencil_interval per axis in T; NaN, which no lane passes, on an axis
-// whose bounds T cannot hold exactly (index_min near the limits of T).
+// where the vector test would not be exact (stencil_interval): its points
+// take the per-point path.
 template <typename T>
 struct LaneBounds {
   T first_x[3], end_x[3];
@@ -147,15 +148,12 @@ struct LaneBounds {
 };
 
 template <typename T>
-LaneBounds<T> lane_bounds(const int64_t size[3], const double lo[3]) {
+LaneBounds<T> lane_bounds(const int64_t size[3], const int64_t lo[3]) {
   LaneBounds<T> b;
   for (int d = 0; d < 3; ++d) {
-    double first_x, end_x;
-    stencil_interval(lo[d], size[d], first_x, end_x);
-    const bool exact = static_cast<double>(static_cast<T>(first_x)) == first_x &&
-                       static_cast<double>(static_cast<T>(end_x)) == end_x;
-    b.first_x[d] = exact ? static_cast<T>(first_x) : std::numeric_limits<T>::quiet_NaN();
-    b.end_x[d] = exact ? static_cast<T>(end_x) : std::numeric_limits<T>::quiet_NaN();
+    if (!stencil_interval<T>(lo[d], size[d], b.first_x[d], b.end_x[d])) {
+      b.first_x[d] = b.end_x[d] = std::numeric_limits<T>::quiet_NaN();
+    }
   }
   b.node_stride[0] = size[1] * size[2], b.node_stride[1] = size[2];
   return b;
@@ -231,8 +229,9 @@ C10_ALWAYS_INLINE void locate_lanes(LaneBatch<T, kNeeds>& b, const LaneBounds<T>
     }
     const Vec axis_in = (x >= lower) & (x < Vec(bounds.end_x[d]));
     in_grid = d == 0 ? axis_in : (in_grid & axis_in);
-    // n - lower is an exact small integer in the lanes inside the grid; the
-    // others convert 0, not NaN or a huge value (undefined in C++).
+    // n - lower is an exact integer below the axis' size, and below 2^24
+    // for float (lane_bounds), in the lanes inside the grid; the others
+    // convert 0, not NaN or a huge value (undefined in C++).
     at::vec::convert_to_int_of_same_size(Vec::blendv(Vec(T(0)), n - lower, axis_in))
         .store(b.first[d]);
   }

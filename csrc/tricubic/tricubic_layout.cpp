@@ -16,7 +16,7 @@ GridView<T> make_grid_view(const at::Tensor& grid, c10::IntArrayRef index_min) {
   for (int d = 0; d < 3; ++d) {
     view.size[d] = grid.size(d);
     view.stride[d] = grid.stride(d);
-    view.lo[d] = static_cast<double>(index_min[d]);
+    view.lo[d] = index_min[d];
   }
   return view;
 }
@@ -40,7 +40,7 @@ GridShape make_grid_shape(c10::IntArrayRef grid_sizes, c10::IntArrayRef index_mi
   GridShape shape;
   for (int d = 0; d < 3; ++d) {
     shape.size[d] = grid_sizes[d];
-    shape.lo[d] = static_cast<double>(index_min[d]);
+    shape.lo[d] = index_min[d];
   }
   return shape;
 }

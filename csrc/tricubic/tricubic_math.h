@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "common/macros.h"
 
@@ -69,47 +70,88 @@ NANOBRAGG_INLINE AxisWeights<T> axis_weights(T u) {
   return a;
 }
 
-// Range tests run in double on the coordinate and on index_min before any
-// integer conversion, so NaN/Inf, huge coordinates and index_min near the
-// int64 limits can never turn into an in-bounds index by overflow. `lo` is
-// index_min of the axis, `size` the grid extent along it.
-//
+// Range tests are exact for every coordinate and every index_min: floor(x)
+// (or the nearest node) is compared with index_min as integers, so NaN/Inf,
+// huge coordinates and index_min near the int64 limits can never turn into
+// an in-bounds index, by overflow or by rounding (in double, 2^62 - 1 is
+// 2^62). `lo` is index_min of the axis, `size` the grid extent along it.
+
+// An integer-valued double as int64; false for NaN, +-Inf and values outside
+// int64 (2^63 is exact in double).
+NANOBRAGG_INLINE bool node_as_int64(double node, int64_t& out) {
+  if (!(node >= -9223372036854775808.0 && node < 9223372036854775808.0)) {
+    return false;
+  }
+  out = static_cast<int64_t>(node);
+  return true;
+}
+
+// offset = node - lo, when 0 <= node - lo <= max_offset; no overflow for
+// any int64 operands (the difference of node >= lo fits in uint64).
+NANOBRAGG_INLINE bool offset_in_range(int64_t node, int64_t lo, int64_t max_offset,
+                                      int64_t& offset) {
+  if (node < lo || max_offset < 0) {
+    return false;
+  }
+  const uint64_t d = static_cast<uint64_t>(node) - static_cast<uint64_t>(lo);
+  if (d > static_cast<uint64_t>(max_offset)) {
+    return false;
+  }
+  offset = static_cast<int64_t>(d);
+  return true;
+}
+
 // Interpolation stencil: true when nodes n-1..n+2 are all inside the grid;
 // then `first` is the grid index of node n-1 and `u` the fractional offset.
 template <typename T>
-NANOBRAGG_INLINE bool locate_stencil(T x, double lo, int64_t size, int64_t& first, T& u) {
+NANOBRAGG_INLINE bool locate_stencil(T x, int64_t lo, int64_t size, int64_t& first, T& u) {
   const double xd = static_cast<double>(x);
   const double n = ::floor(xd);
-  const double offset = n - 1.0 - lo;
-  // Written so that NaN fails it.
-  if (!(offset >= 0.0 && offset + 3.0 <= static_cast<double>(size) - 1.0)) {
+  int64_t node = 0;
+  // (n - 1 below int64's range: no grid node is there)
+  if (!node_as_int64(n, node) || node == INT64_MIN) {
     return false;
   }
-  first = static_cast<int64_t>(offset);
+  if (!offset_in_range(node - 1, lo, size - 4, first)) {
+    return false;
+  }
   u = static_cast<T>(xd - n);
   return true;
 }
 
 // locate_stencil's test as an interval of x: with n = floor(x), nodes
 // n-1..n+2 are inside exactly when lo + 1 <= x < lo + size - 2. The CPU
-// kernels test a vector of points at once against these two integers (in T,
-// where both are exact in T; NaN fails both comparisons).
-NANOBRAGG_INLINE void stencil_interval(double lo, int64_t size, double& first_x, double& end_x) {
-  first_x = lo + 1.0;
-  end_x = lo + static_cast<double>(size) - 2.0;
+// kernels test a vector of points at once against these two integers, in T;
+// false where that test would not be exact: a grid of fewer than 4 nodes, a
+// bound T cannot hold, or an axis so long that floor(x) - (lo + 1), an
+// integer below size, is not exact in T (or, for float, not an int32).
+template <typename T>
+NANOBRAGG_INLINE bool stencil_interval(int64_t lo, int64_t size, T& first_x, T& end_x) {
+  constexpr int64_t kExactIntegers = int64_t(1) << std::numeric_limits<T>::digits;
+  // (index_min is not limited: nodes past int64's end are never inside)
+  if (size < 4 || size > kExactIntegers || lo > INT64_MAX - (size - 2)) {
+    return false;
+  }
+  const int64_t first = lo + 1, end = lo + size - 2;
+  if (first < -kExactIntegers || end > kExactIntegers) {
+    return false;
+  }
+  first_x = static_cast<T>(first);
+  end_x = static_cast<T>(end);
+  return true;
 }
 
 // nanoBragg's nearest node, ceil(x - 0.5) (1.5 -> 1, -0.5 -> -1); true when
-// that node is inside the grid, and then `index` is its grid index.
+// that node is inside the grid, and then `index` is its grid index. Written
+// as floor(x) + (x > floor(x) + 0.5), where every step is exact: x - 0.5
+// rounds for doubles near -0.5 and for integers from 2^52.
 template <typename T>
-NANOBRAGG_INLINE bool locate_nearest(T x, double lo, int64_t size, int64_t& index) {
-  const double m = ::ceil(static_cast<double>(x) - 0.5);
-  const double offset = m - lo;
-  if (!(offset >= 0.0 && offset <= static_cast<double>(size) - 1.0)) {
-    return false;
-  }
-  index = static_cast<int64_t>(offset);
-  return true;
+NANOBRAGG_INLINE bool locate_nearest(T x, int64_t lo, int64_t size, int64_t& index) {
+  const double xd = static_cast<double>(x);
+  const double f = ::floor(xd);
+  const double m = xd > f + 0.5 ? f + 1.0 : f;
+  int64_t node = 0;
+  return node_as_int64(m, node) && offset_in_range(node, lo, size - 1, index);
 }
 
 // A read-only strided view of the [Nh, Nk, Nl] grid and its index origin.
@@ -118,7 +160,7 @@ struct GridView {
   const T* data;
   int64_t size[3];
   int64_t stride[3];
-  double lo[3];  // index_min as double
+  int64_t lo[3];  // index_min
 };
 
 // Where one point falls: a full stencil, one nearest node, or nothing.
@@ -132,8 +174,8 @@ struct PointStencil {
 };
 
 template <typename T>
-NANOBRAGG_INLINE PointStencil<T> classify_point(const int64_t size[3], const double lo[3], T h, T k,
-                                                T l, OutOfRange mode) {
+NANOBRAGG_INLINE PointStencil<T> classify_point(const int64_t size[3], const int64_t lo[3], T h,
+                                                T k, T l, OutOfRange mode) {
   PointStencil<T> p;
   const T x[3] = {h, k, l};
   bool inside = true;
@@ -433,7 +475,7 @@ NANOBRAGG_INLINE void scatter_rows(int64_t base, const int64_t stride[3],
 // gradient through `add(offset, value)`: plain += on CPU (race-free by
 // construction there), an atomic or aggregated add on CUDA.
 template <typename T, typename AddFn>
-NANOBRAGG_INLINE void tricubic_grid_grad_scatter(const int64_t size[3], const double lo[3], T h,
+NANOBRAGG_INLINE void tricubic_grid_grad_scatter(const int64_t size[3], const int64_t lo[3], T h,
                                                  T k, T l, OutOfRange mode, T grad_out,
                                                  AddFn& add) {
   const PointStencil<T> p = classify_point(size, lo, h, k, l, mode);
@@ -579,7 +621,7 @@ NANOBRAGG_INLINE T second_order_tap(const AxisWeights<T>& wh, const AxisWeights<
 // as tricubic_grid_grad_scatter does for the first derivative.
 template <typename T, typename AddFn>
 NANOBRAGG_INLINE void tricubic_double_backward_grid_scatter(const int64_t size[3],
-                                                            const double lo[3], T h, T k, T l,
+                                                            const int64_t lo[3], T h, T k, T l,
                                                             OutOfRange mode, T grad_out,
                                                             const T v[3], AddFn& add) {
   const PointStencil<T> p = classify_point(size, lo, h, k, l, mode);
@@ -627,7 +669,7 @@ NANOBRAGG_INLINE void tricubic_double_backward_grid_scatter(const int64_t size[3
 // Grid extents and index origin, without the data.
 struct GridShape {
   int64_t size[3];
-  double lo[3];
+  int64_t lo[3];  // index_min
 };
 
 NANOBRAGG_INLINE int64_t linear_node(const int64_t size[3], const int64_t i[3]) {

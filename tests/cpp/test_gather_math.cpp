@@ -39,7 +39,7 @@ template <bool kSecondOrder>
 std::vector<double> gather_on_host(const at::Tensor& grid, const at::Tensor& hkl,
                                    const at::Tensor& grad, const at::Tensor& v, OutOfRange mode) {
   const GridShape shape{{grid.size(0), grid.size(1), grid.size(2)},
-                        {double(kIndexMin[0]), double(kIndexMin[1]), double(kIndexMin[2])}};
+                        {kIndexMin[0], kIndexMin[1], kIndexMin[2]}};
   const int64_t n = hkl.size(0);
   auto h = hkl.accessor<double, 2>();
   auto g = grad.accessor<double, 1>();

@@ -1,9 +1,9 @@
 """PyTorch's scalar rules for detector_absorption's geometry arguments (issue
 16): odet, thickness and attenuation_length of any floating dtype (float16,
 bfloat16, float32, float64), thickness / attenuation_length also as Python
-numbers and as 0-dim CPU tensors with data on CUDA; everything is computed in
-intensity's dtype and each gradient comes back in its argument's own dtype
-and device. gradcheck covers the mixed cases: float64 inputs are checked
+numbers and as 0-dim CPU tensors with data on CUDA; the scalars are read and
+combined in float64, the per-pixel math runs in intensity's dtype, and each
+gradient comes back in its argument's own dtype and device. gradcheck covers the mixed cases: float64 inputs are checked
 against finite differences, lower-precision ones against a float64 run."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import nanobragg_ops
-from test_absorption import OP, make_inputs
+from test_absorption import OP, make_inputs, reference
 
 SCALAR_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # A gradient computed in float64 and rounded to its argument's dtype.
@@ -114,8 +114,8 @@ def test_float32_data_with_float64_scalars(absorption_device):
 
 
 def test_python_numbers_and_wrapper(absorption_device):
-    """The wrapper keeps filling Python numbers on intensity's device in its
-    dtype, and passes tensors of any floating dtype as given."""
+    """The wrapper fills Python numbers on intensity's device (in float64),
+    and passes tensors of any floating dtype as given."""
     i, p, o, t, a = make_inputs(absorption_device, odet="tilted")
     ref = nanobragg_ops.detector_absorption(i, p, o, t.item(), a.item(), 3, True)
     t32 = t.float().requires_grad_(True)
@@ -123,6 +123,25 @@ def test_python_numbers_and_wrapper(absorption_device):
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
     got.sum().backward()
     assert t32.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "thickness, attenuation_length",
+    [(1e-300, 2.5e-4), (450e-6, 1e-50), (450e-6, 1e300), (1e39, 2.5e-4)],
+    ids=["tiny-thickness", "tiny-attenuation", "huge-attenuation", "huge-thickness"],
+)
+def test_python_numbers_are_not_rounded_to_float32_first(absorption_device, thickness, attenuation_length):
+    """Valid Python numbers with float32 data: their float64 values, as 0-dim
+    float64 tensors give. Rounded to float32 first, 1e-300 became 0 (no
+    thickness modelling: the output was the intensity), 1e-50 became 0 (an
+    error), and 1e300 and 1e39 overflowed (an error naming neither the op nor
+    the argument)."""
+    i, p, o, _, _ = make_inputs(absorption_device, odet="tilted")
+    got = nanobragg_ops.detector_absorption(i.float(), p.float(), o.float(), thickness, attenuation_length, 3, True)
+    assert got.dtype == torch.float32
+    scalars = [torch.tensor(v, dtype=torch.float64) for v in (thickness, attenuation_length)]
+    want = reference(i, p, o, *scalars, 3, True)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-30)
 
 
 def test_vmap_grad_and_compile_with_mixed_dtypes(absorption_device):

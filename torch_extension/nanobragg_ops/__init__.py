@@ -121,13 +121,14 @@ def _scalar_like(
         # > 0): as a CPU tensor, which the operator reads on the host and
         # rejects with its error. On a GPU it could only give NaN.
         return torch.tensor(float(value), dtype=torch.float64)
-    # A half-precision intensity only works under autocast, which computes in
-    # float32: keep the Python float's precision for that.
-    dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
-    # torch.full writes the value on the device (a fill kernel); torch.tensor
-    # would copy it from host memory, which waits for the GPU and cannot be
-    # captured in a CUDA graph.
-    return torch.full((), float(value), dtype=dtype, device=like.device)
+    # In float64, as a 0-dim float64 tensor would be: the operator reads the
+    # scalars in double and combines them there (thickness / (L att)), so a
+    # number is not rounded to intensity's dtype first (1e-50 is a valid
+    # attenuation length; in float32 it would be 0). torch.full writes the
+    # value on the device (a fill kernel); torch.tensor would copy it from
+    # host memory, which waits for the GPU and cannot be captured in a CUDA
+    # graph.
+    return torch.full((), float(value), dtype=torch.float64, device=like.device)
 
 
 def detector_absorption(
@@ -169,9 +170,10 @@ def detector_absorption(
         attenuation_length: ``1 / mu``, > 0; ``inf`` means nothing is absorbed
             (every fraction, and the output, is 0). Taken like ``thickness``.
 
-    As PyTorch's own ops treat wrapped scalars, ``odet``, ``thickness`` and
-    ``attenuation_length`` are computed in ``intensity``'s dtype and each
-    gradient comes back in its argument's own dtype and device.
+    ``odet``, ``thickness`` and ``attenuation_length`` are read and combined
+    in float64 whatever their dtype (a Python number as a float64 value), the
+    per-pixel math runs in ``intensity``'s dtype, and each gradient comes
+    back in its argument's own dtype and device.
         thicksteps: number of layers ``L`` >= 1.
         oversample_thick: sum the layers (True) or take the last one (False).
         per_layer: False: the same ``intensity`` and ``pixel_coords`` serve

@@ -1,0 +1,95 @@
+"""Where a point falls is decided exactly, for any coordinate and index_min
+(docs/CONTRACT.md §1 and §3): in float32 along axes longer than 2^24 nodes
+(where float32 subtraction of node numbers rounds) and 2^31 (where an int32
+node index overflows), and with index_min or coordinates beyond 2^52 (where
+double arithmetic on node numbers rounds). The grids are stride-0 views, so
+long axes cost little memory; expected values come from Python integers.
+The vector path takes batches of points and the per-point path single ones,
+so each case runs with 1 and with 40 copies of its point."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nanobragg_ops
+
+COPIES = [1, 40]
+
+
+def long_h_axis(size: int, base: int) -> torch.Tensor:
+    """A float32 [size, 4, 4] grid whose value at node h >= base is
+    (h - base)^2 (planes constant in k and l); only the nodes from `base` are written, so
+    an axis of 2^31 nodes reserves its memory without touching most of it."""
+    storage = torch.empty(size, dtype=torch.float32)
+    storage[base:] = torch.arange(size - base, dtype=torch.float32) ** 2
+    return storage.as_strided((size, 4, 4), (1, 0, 0))
+
+
+@pytest.mark.parametrize("copies", COPIES)
+@pytest.mark.parametrize(
+    "size, h",
+    [
+        (2**24 + 8, 2**24 + 2),  # floor(h) - (h_min + 1) rounds in float32 beyond 2^24
+        (2**24 + 8, 2**24 + 4),
+        (2**31 + 258, 2**31),  # an int32 first node overflows (it crashed)
+        (2**31 + 258, 2**31 - 512),
+    ],
+    ids=["2^24+2", "2^24+4", "2^31", "2^31-512"],
+)
+def test_float32_long_axis_picks_the_right_node(size, h, copies):
+    base = h - 600
+    grid = long_h_axis(size, base)
+    # h is an integer exact in float32: the interpolation is the node's value
+    # (the weights are exactly 0, 1, 0, 0 there).
+    hkl = torch.tensor([[float(h), 1.5, 1.5]] * copies, dtype=torch.float32, requires_grad=True)
+    out = nanobragg_ops.tricubic_interp(grid, hkl, [0, 0, 0], default_value=-1.0)
+    assert out.tolist() == [float((h - base) ** 2)] * copies
+    # Cubic Lagrange interpolation reproduces a quadratic: the hkl gradient is
+    # (2 (h - base), 0, 0), 2 more than a node too low would give.
+    (grad_hkl,) = torch.autograd.grad(out.sum(), hkl)
+    want = torch.tensor([[2.0 * (h - base), 0.0, 0.0]] * copies)
+    torch.testing.assert_close(grad_hkl, want, rtol=0, atol=0.1)
+
+
+@pytest.mark.parametrize("copies", COPIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_index_min_near_2_to_62(dtype, copies):
+    """index_min = 2^62 and h = 2^62: the stencil would need node 2^62 - 1,
+    below the grid, so the point is out of range (in double, 2^62 - 1 is
+    2^62 and it looked inside); its nearest node is the grid's first."""
+    lo = 2**62
+    grid = torch.arange(6 * 6 * 6, dtype=dtype).reshape(6, 6, 6)
+    hkl = torch.tensor([[float(lo), 2.0, 3.0]] * copies, dtype=dtype)
+    default = nanobragg_ops.tricubic_interp(grid, hkl, [lo, 0, 0], default_value=-9.0)
+    assert default.tolist() == [-9.0] * copies
+    nearest = nanobragg_ops.tricubic_interp(grid, hkl, [lo, 0, 0], default_value=-9.0, out_of_range="nearest")
+    assert nearest.tolist() == [float(grid[0, 2, 3])] * copies
+    # With the grid one node lower, node 2^62 - 1 is its first: inside, and
+    # at an integer h the value is node 2^62's.
+    inside = nanobragg_ops.tricubic_interp(grid, hkl, [lo - 1, 0, 0], default_value=-9.0)
+    assert inside.tolist() == [float(grid[1, 2, 3])] * copies
+
+
+@pytest.mark.parametrize(
+    "x, lo, node",
+    [
+        # An odd integer between 2^52 and 2^53, the grid's last node: x - 0.5
+        # rounds to the even x - 1, whose ceiling is not x.
+        (2**52 + 5, 2**52, 2**52 + 5),
+        # Just above -0.5, nearest 0: x - 0.5 rounds to -1.0 in double.
+        (-0.49999999999999994, -5, 0),
+        # -0.5 itself goes down, as nanoBragg's ceil(x - 0.5).
+        (-0.5, -5, -1),
+        (1.5, -4, 1),
+    ],
+    ids=["2^52+5", "just-above-minus-half", "minus-half", "one-and-a-half"],
+)
+def test_nearest_node_is_exact(x, lo, node):
+    """The nearest node ceil(x - 0.5), exactly, for points outside the
+    stencil range along h (the grid's h nodes are lo .. lo + 5)."""
+    grid = torch.arange(6 * 6 * 6, dtype=torch.float64).reshape(6, 6, 6)
+    # Put the point outside the stencil range along k, so only nearest applies.
+    hkl = torch.tensor([[x, 5.0, 2.0]], dtype=torch.float64)
+    out = nanobragg_ops.tricubic_interp(grid, hkl, [lo, 0, 0], default_value=-9.0, out_of_range="nearest")
+    assert out.tolist() == [float(grid[node - lo, 5, 2])]
