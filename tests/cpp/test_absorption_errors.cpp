@@ -30,15 +30,21 @@ struct Args {
   bool oversample = true;
   bool per_layer = false;
   std::string device = "cpu";
+  // false: T and A stay 0-dim CPU tensors (allowed with data on any device).
+  bool scalars_on_device = true;
   at::Tensor call() const {
     auto on = [&](const at::Tensor& t) { return t.is_meta() ? t : t.to(device); };
-    return nanobragg_ops::detector_absorption(on(I), on(P), on(o), on(T), on(A), L, oversample,
+    const at::Tensor T_ = scalars_on_device ? on(T) : T;
+    const at::Tensor A_ = scalars_on_device ? on(A) : A;
+    return nanobragg_ops::detector_absorption(on(I), on(P), on(o), T_, A_, L, oversample,
                                               per_layer);
   }
 };
 
-// Every case runs on each device: the CUDA kernels validate through the same
-// checks as the CPU ones.
+// Every case runs on each device, through the same host-side checks of
+// shapes, dtypes and devices. The values of thickness and attenuation_length
+// are checked on the host only when they are there: held on a GPU they give
+// an all-NaN result instead (CONTRACT §3; test_cuda.cpp, test_cuda.py).
 class AbsorptionErrors : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
@@ -59,14 +65,20 @@ TEST_P(AbsorptionErrors, Thicksteps) {
   }
 }
 
+// The scalars as 0-dim CPU tensors, the form whose value is checked with
+// data on either device (so the CUDA kernels' host side raises too).
 TEST_P(AbsorptionErrors, ThicknessAndAttenuationValues) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double inf = std::numeric_limits<double>::infinity();
   Args a = args();
-  a.T = at::scalar_tensor(-1e-4, at::kDouble);
-  expect_error([&] { a.call(); }, {"'thickness'", ">= 0"});
-  a.T = at::scalar_tensor(std::numeric_limits<double>::quiet_NaN(), at::kDouble);
-  expect_error([&] { a.call(); }, {"'thickness'"});
+  a.scalars_on_device = false;
+  for (double thickness : {-1e-4, nan, inf}) {
+    a.T = at::scalar_tensor(thickness, at::kDouble);
+    expect_error([&] { a.call(); }, {"'thickness'", "must be finite and >= 0"});
+  }
   Args b = args();
-  for (double att : {0.0, -2.0, std::numeric_limits<double>::quiet_NaN()}) {
+  b.scalars_on_device = false;
+  for (double att : {0.0, -2.0, nan}) {
     b.A = at::scalar_tensor(att, at::kDouble);
     expect_error([&] { b.call(); }, {"'attenuation_length'", "> 0"});
   }

@@ -492,10 +492,14 @@ TEST(CudaParity, AbsorptionEdgeValuesMatchCpu) {
   NANOBRAGG_SKIP_UNLESS_CUDA();
   at::manual_seed(12);
   const double inf = std::numeric_limits<double>::infinity();
-  for (int edge = 0; edge < 3; ++edge) {
+  // NaN/Inf pixels and grazing pixels in separate images: a NaN pixel makes
+  // the summed odet, thickness and attenuation gradients NaN, which would
+  // leave the grazing pixels compared only as NaN == NaN.
+  for (int edge = 0; edge < 4; ++edge) {
     for (bool per_layer : {false, true}) {
       for (bool oversample : {true, false}) {
         Absorption base = absorption_base(5, 6, 4, oversample, per_layer);
+        at::Tensor fi = base.intensity.view({-1}), fp = base.coords.view({-1, 3});
         std::string what;
         if (edge == 0) {
           base.thickness = at::scalar_tensor(0.0, f64());
@@ -503,11 +507,13 @@ TEST(CudaParity, AbsorptionEdgeValuesMatchCpu) {
         } else if (edge == 1) {
           base.att = at::scalar_tensor(inf, f64());
           what = "attenuation_length inf";
-        } else {
-          at::Tensor fi = base.intensity.view({-1}), fp = base.coords.view({-1, 3});
+        } else if (edge == 2) {
           fp[0][0] = std::numeric_limits<double>::quiet_NaN();
           fi[1] = std::numeric_limits<double>::quiet_NaN();
           fi[2] = inf;
+          fi[5] = -inf;
+          what = "NaN/Inf";
+        } else {
           // grazing: a pixel perpendicular to odet (odet x e_x, 0.1 long), so
           // that the parallax reaches its clamp through the per-layer path
           const at::Tensor o = base.odet;
@@ -515,14 +521,25 @@ TEST(CudaParity, AbsorptionEdgeValuesMatchCpu) {
           fp[3] = across * (0.1 / across.norm().item<double>());
           ASSERT_LT(std::abs((fp[3] * o).sum().item<double>()) / 0.1, 1e-10) << "not grazing";
           fp[4].zero_();  // the sample position
-          what = "NaN/Inf/grazing";
+          what = "grazing";
         }
+        what +=
+            " per_layer=" + std::to_string(per_layer) + " oversample=" + std::to_string(oversample);
         const at::Tensor g = at::randn({5, 6}, f64());
         const Tensors c = absorption_cotangents(base);
-        expect_all_close(absorption_all_ops(base.to(kCuda), g.to(kCuda), to_device(c, kCuda)),
-                         absorption_all_ops(base, g, c), kRtol,
-                         what + " per_layer=" + std::to_string(per_layer) +
-                             " oversample=" + std::to_string(oversample));
+        const Tensors want = absorption_all_ops(base, g, c);
+        expect_all_close(absorption_all_ops(base.to(kCuda), g.to(kCuda), to_device(c, kCuda)), want,
+                         kRtol, what);
+        if (edge == 3) {
+          // compared as numbers: every result finite, and the summed odet,
+          // thickness and attenuation gradients (both orders) nonzero
+          for (size_t i = 0; i < want.size(); ++i) {
+            EXPECT_TRUE(at::isfinite(want[i]).all().item<bool>()) << what << " result " << i;
+          }
+          for (size_t i : {3, 4, 5, 9, 10, 11}) {
+            EXPECT_GT(want[i].abs().sum().item<double>(), 0.0) << what << " result " << i;
+          }
+        }
       }
     }
   }
@@ -600,6 +617,26 @@ TEST(CudaDeterminism, AutogradGridGradientRepeatsBitwiseUnderDeterministicAlgori
     grads.push_back(torch::autograd::grad({out}, {gr}, {c})[0]);
   }
   EXPECT_TRUE(bitwise_equal(grads[0], grads[1]));
+}
+
+// The sorted gather's radix sort takes an int count: 2^31 points are a clear
+// error (CONTRACT §3), not a wrong answer. The check comes before anything of
+// the points' size is allocated (tricubic_interp_backward_cuda: with only the
+// grid gradient asked for, a stride-0 hkl and grad_output are used in place;
+// deterministic_grid_grad checks before its keys), so this costs no memory.
+TEST(CudaDeterminism, GridGradientRefusesMoreThan2To31MinusOnePoints) {
+  NANOBRAGG_SKIP_UNLESS_CUDA();
+  const int64_t n = int64_t(1) << 31;
+  const at::Tensor grid = tricubic_grid().to(kCuda);
+  const at::Tensor hkl = at::tensor({0.3, 0.2, 0.1}, f64()).to(kCuda).view({1, 3}).expand({n, 3});
+  const at::Tensor g = at::ones({}, f64()).to(kCuda).expand({n});
+  DeterministicScope det(true);
+  expect_error(
+      [&] {
+        tricubic_backward(g, grid, hkl, "default", {true, false});
+      },
+      {"nanobragg::tricubic_interp_backward", "deterministic grid gradient",
+       "at most 2^31 - 1 points, got 2147483648"});
 }
 
 // ---------------------------------------------------------------- grid-stride loops

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <torch/autograd.h>
 
+#include <cmath>
 #include <tuple>
 
 #include "nanobragg_ops/ops.h"
@@ -41,8 +42,12 @@ class TricubicBackward : public ::testing::TestWithParam<std::string> {
     return (at::rand(shape, at::kDouble) * 9 + 1).to(opts(dtype));
   }
   // Points whose coordinates keep >= `margin` away from integers, so a
-  // finite-difference step never moves the stencil. `outside` of them sit
-  // beyond the grid's upper end on h.
+  // finite-difference step never moves the stencil. The first `outside` of
+  // them leave the grid on h: the first half (rounded up) within 0.4 of the
+  // first or the last node (alternately), where the stencil is out of range
+  // but "nearest" takes the node's value, with k and l >= 0.1 from x.5 (where
+  // nearest rounding, ceil(x - 0.5), jumps); the rest beyond the grid's upper
+  // end, past the nearest range too (default_value in both modes).
   at::Tensor points_off_integers(int64_t n, const at::Tensor& grid, int64_t outside,
                                  double margin = 0.1) const {
     at::Tensor base = at::empty({n, 3}, at::kDouble);
@@ -54,6 +59,17 @@ class TricubicBackward : public ::testing::TestWithParam<std::string> {
       base.select(1, d).copy_(ints + frac);
     }
     base.slice(0, 0, outside).select(1, 0).add_(static_cast<double>(grid.size(0)) + 0.5);
+    const int64_t near = (outside + 1) / 2;
+    const double first = static_cast<double>(kIndexMin[0]);
+    const double last = first + static_cast<double>(grid.size(0) - 1);
+    for (int64_t i = 0; i < near; ++i) {
+      const double offset = at::rand({}, at::kDouble).item<double>() * 0.8 - 0.4;
+      base[i][0] = (i % 2 == 0 ? first : last) + offset;
+      for (int d = 1; d < 3; ++d) {
+        const double node = std::floor(base[i][d].item<double>());
+        base[i][d] = node + 0.1 + 0.3 * at::rand({}, at::kDouble).item<double>();
+      }
+    }
     return base.to(opts());
   }
 };
@@ -94,10 +110,19 @@ at::Tensor fd_hkl_grad(const at::Tensor& grid, const at::Tensor& hkl, const at::
   return out;
 }
 
+// Nearest and default differ somewhere: the inputs hold nearest-mode points.
+void expect_nearest_points(const at::Tensor& grid, const at::Tensor& hkl) {
+  const at::Tensor near = nanobragg_ops::tricubic_interp(grid, hkl, kIndexMin, 0.0, "nearest");
+  const at::Tensor dflt = nanobragg_ops::tricubic_interp(grid, hkl, kIndexMin, 0.0, "default");
+  EXPECT_TRUE(at::ne(near, dflt).any().item<bool>()) << "no nearest-mode point";
+}
+
 TEST_P(TricubicBackward, GridGradientMatchesFiniteDifferences) {
   at::Tensor grid = random_grid({7, 8, 6});
+  // 5 of the 10 outside points are nearest-mode points.
   at::Tensor hkl = points_off_integers(60, grid, 10);
-  // Include nearest-mode points and points exactly on nodes.
+  expect_nearest_points(grid, hkl);
+  // And points exactly on nodes.
   hkl[10][0] = 5.0;
   hkl[11][1] = -3.0;
   at::Tensor c = at::randn({60}, opts());
@@ -114,6 +139,7 @@ TEST_P(TricubicBackward, GridGradientMatchesFiniteDifferences) {
 TEST_P(TricubicBackward, HklGradientMatchesFiniteDifferences) {
   at::Tensor grid = random_grid({7, 8, 6});
   at::Tensor hkl = points_off_integers(200, grid, 20);
+  expect_nearest_points(grid, hkl);
   at::Tensor c = at::randn({200}, opts());
   for (const std::string mode : {"default", "nearest"}) {
     at::Tensor h = hkl.clone().requires_grad_(true);
@@ -121,7 +147,8 @@ TEST_P(TricubicBackward, HklGradientMatchesFiniteDifferences) {
     const auto grads = torch::autograd::grad({out}, {h}, {c});
     const at::Tensor fd = fd_hkl_grad(grid, hkl, c, mode);
     EXPECT_LE(max_rel_error(to_vector(grads[0]), to_vector(fd), 1.0), 1e-7) << mode;
-    // Out-of-range points (nearest or default) do not move with hkl.
+    // Out-of-range points do not move with hkl: default ones, and in
+    // "nearest" the 10 nearest-mode ones.
     EXPECT_EQ(grads[0].slice(0, 0, 20).abs().max().item<double>(), 0.0);
     EXPECT_GT(grads[0].abs().sum().item<double>(), 1.0);
   }

@@ -235,23 +235,29 @@ def absorption_base(shape, seed, layers=None):
 
 
 def absorption_case(layout="contiguous", *, per_layer=False, oversample=True, thicksteps=3,
-                    thickness=THICKNESS, attenuation=ATTENUATION, special=False, shape=(6, 7), seed=0):
+                    thickness=THICKNESS, attenuation=ATTENUATION, special=None, shape=(6, 7), seed=0):
+    """special: "nonfinite" (NaN and +-Inf inputs) or "grazing" (the parallax
+    clamp and the sample position). Apart: a NaN pixel makes the summed odet,
+    thickness and attenuation gradients NaN, which would hide the others."""
     layers = thicksteps if per_layer else None
     intensity, pixels = absorption_base(shape, seed, layers)
     odet = torch.tensor([0.1, -0.05, 1.0], dtype=F64)
     odet = odet / odet.norm()
-    if special:
-        flat_i, flat_p = intensity.view(-1), pixels.view(-1, 3)
+    flat_i, flat_p = intensity.view(-1), pixels.view(-1, 3)
+    if special == "nonfinite":
         flat_p[0, 0] = math.nan
         flat_i[1] = math.nan
         flat_i[2] = math.inf
-        # grazing: a pixel perpendicular to odet (odet x e_x, 0.1 long), so that
-        # the parallax reaches its clamp through the per-layer path too
+        flat_i[5] = -math.inf
+    elif special == "grazing":
+        # a pixel perpendicular to odet (odet x e_x, 0.1 long), so that the
+        # parallax reaches its clamp through the per-layer path too
         across = torch.stack([torch.zeros((), dtype=F64), odet[2], -odet[1]])
         flat_p[3] = across * (0.1 / across.norm())
         assert abs(float(flat_p[3] @ odet)) / 0.1 < 1e-10, "not grazing"
         flat_p[4] = 0.0  # the sample position
-        flat_i[5] = -math.inf
+    else:
+        assert special is None, special
     g = gen(seed + 7)
     gout = torch.randn(shape, generator=g, dtype=F64)
     w = [torch.randn(t.shape, generator=g, dtype=F64) for t in (intensity, pixels, odet)]
@@ -319,12 +325,20 @@ def test_cuda_absorption_matches_cpu_all_orders(layout, per_layer, oversample):
 @pytest.mark.parametrize("oversample", [True, False])
 @pytest.mark.parametrize(
     "scalars",
-    [dict(thickness=0.0), dict(attenuation=math.inf), dict(special=True)],
-    ids=["thickness0", "attenuation_inf", "nan_inf_grazing"],
+    [dict(thickness=0.0), dict(attenuation=math.inf), dict(special="nonfinite"), dict(special="grazing")],
+    ids=["thickness0", "attenuation_inf", "nan_inf", "grazing"],
 )
 def test_cuda_absorption_edge_values_match_cpu(per_layer, oversample, scalars):
     make = absorption_case(per_layer=per_layer, oversample=oversample, thicksteps=4, **scalars)
-    cuda_matches_cpu(make, f"absorption {scalars} per_layer={per_layer} oversample={oversample}")
+    cpu, _ = cuda_matches_cpu(make, f"absorption {scalars} per_layer={per_layer} oversample={oversample}")
+    if scalars.get("special") == "grazing":
+        # compared as numbers, not as NaN == NaN: every result finite, and the
+        # summed odet, thickness and attenuation gradients (first and second
+        # order) nonzero
+        for i, t in enumerate(cpu):
+            assert torch.isfinite(t).all(), f"grazing: result {i} has non-finite entries on the CPU"
+        for i in (3, 4, 5, 8, 9, 10):
+            assert cpu[i].abs().sum() > 0, f"grazing: result {i} is zero"
 
 
 # --------------------------------------------------------------------------
@@ -524,8 +538,10 @@ def test_cuda_cpu_scalar_gradients_stay_on_cpu_under_vmap_of_an_empty_batch():
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(thickness=-1e-4), dict(attenuation_length=0.0), dict(attenuation_length=-2e-4)],
-    ids=["thickness-negative", "attenuation-zero", "attenuation-negative"],
+    [dict(thickness=-1e-4), dict(thickness=math.nan), dict(thickness=math.inf),
+     dict(attenuation_length=0.0), dict(attenuation_length=-2e-4), dict(attenuation_length=math.nan)],
+    ids=["thickness-negative", "thickness-nan", "thickness-inf",
+         "attenuation-zero", "attenuation-negative", "attenuation-nan"],
 )
 def test_cuda_invalid_scalar_on_cuda_gives_nan_on_cpu_raises(bad):
     intensity, pixels = absorption_base((5, 6), 50)
@@ -534,13 +550,27 @@ def test_cuda_invalid_scalar_on_cuda_gives_nan_on_cpu_raises(bad):
                 thickness=THICKNESS, attenuation_length=ATTENUATION, thicksteps=3, oversample_thick=True)
     (name, value), = bad.items()
     # Held on the GPU the value cannot be checked without a synchronisation:
-    # the contract is an all-NaN output.
+    # the contract is an all-NaN output, and all-NaN derivatives of both
+    # orders (the kernels' NaN step), not a crash or a plausible number.
     on_gpu = dict(args, **{name: torch.tensor(value, dtype=F64, device="cuda")})
     on_gpu["thickness"] = torch.as_tensor(on_gpu["thickness"], dtype=F64, device="cuda")
     on_gpu["attenuation_length"] = torch.as_tensor(on_gpu["attenuation_length"], dtype=F64, device="cuda")
-    out = nanobragg_ops.detector_absorption(**on_gpu)
-    assert out.shape == (5, 6)
-    assert torch.isnan(out).all(), f"{name}={value} on CUDA: expected an all-NaN output, got {out.cpu()}"
+    names = ("intensity", "pixel_coords", "odet", "thickness", "attenuation_length")
+    leaves = [on_gpu[k].detach().requires_grad_(True) for k in names]
+    g = gen(51)
+    out_cotangent = torch.randn(5, 6, generator=g, dtype=F64).cuda().requires_grad_(True)
+    first_cotangents = [torch.randn(x.shape, generator=g, dtype=F64).cuda() for x in leaves]
+
+    def fn(*xs):
+        return nanobragg_ops.detector_absorption(*xs, 3, True)
+
+    results = all_orders(fn, leaves, out_cotangent, first_cotangents)
+    torch.cuda.synchronize()
+    what = ["output"] + [f"d/d{k}" for k in names] + [f"d2/d{k}" for k in names] + ["d2/dgrad_output"]
+    assert len(results) == len(what)
+    assert results[0].shape == (5, 6)
+    for r, w in zip(results, what):
+        assert torch.isnan(r).all(), f"{name}={value} on CUDA: {w} not all NaN: {r.cpu()}"
     # A CPU scalar or a Python float is checked on the host: an error naming it.
     for held in (torch.tensor(value, dtype=F64), value):
         call = dict(args, **{name: held})
@@ -789,10 +819,25 @@ def test_cuda_float32_integers_and_stencil_boundaries_match_cpu(mode):
     assert torch.equal(got[0].cpu() == -1.0, want[0] == -1.0)
 
 
+# (pixels, thickness, attenuation_length), odet = +z, |p| ~ 0.1 so rho ~ z / 0.1.
+# L a = thickness / (attenuation_length rho) is the whole sensor's exponent.
+GRAZING_CASES = {
+    # rho from 1.4e-3 down to the 1e-10 clamp with thickness / attenuation 1.5:
+    # L a >= 1e3, every pixel saturates (capture 1 or 0, and every gradient
+    # but intensity's exactly 0); what this tests is that nothing overflows.
+    "clamped": ([[0.1, 0.0, 1e-7], [0.1, 0.0, 1e-12], [0.1, 0.0, 0.0], [0.05, 0.05, 1e-4]], 3e-4, 2e-4),
+    # rho 8e-3, 2e-3, 5e-4, 2e-4 with thickness / attenuation 0.01: L a = 1.25,
+    # 5, 20, 50, grazing but not saturated, so the gradients are numbers.
+    "moderate": ([[0.06, 0.08, 8e-4], [0.08, -0.06, 2e-4], [-0.06, 0.08, 5e-5], [-0.08, -0.06, 2e-5]], 3e-4, 3e-2),
+}
+
+
+@pytest.mark.parametrize("case", list(GRAZING_CASES))
 @pytest.mark.parametrize("oversample", [True, False])
-def test_cuda_float32_grazing_parallax_stays_finite_and_matches_cpu(oversample):
-    P = torch.tensor([[0.1, 0.0, 1e-7], [0.1, 0.0, 1e-12], [0.1, 0.0, 0.0], [0.05, 0.05, 1e-4]], dtype=torch.float32)
-    inputs = [torch.ones(4), P, torch.tensor([0.0, 0.0, 1.0]), torch.tensor(3e-4), torch.tensor(2e-4)]
+def test_cuda_float32_grazing_parallax_stays_finite_and_matches_cpu(oversample, case):
+    pixels, thickness, attenuation = GRAZING_CASES[case]
+    P = torch.tensor(pixels, dtype=torch.float32)
+    inputs = [torch.ones(4), P, torch.tensor([0.0, 0.0, 1.0]), torch.tensor(thickness), torch.tensor(attenuation)]
 
     def run(device):
         xs = [x.detach().to(device).requires_grad_(True) for x in inputs]
@@ -800,6 +845,16 @@ def test_cuda_float32_grazing_parallax_stays_finite_and_matches_cpu(oversample):
         return [out] + list(torch.autograd.grad(out.sum(), xs))
 
     got, want = run("cuda"), run("cpu")
+    if case == "moderate":
+        rho = P[:, 2].double() / P.double().norm(dim=-1)
+        La = thickness / (attenuation * rho)
+        assert ((1e-4 < rho) & (rho < 1e-2) & (1 < La) & (La < 80)).all(), (rho, La)
+        # every entry of every gradient a nonzero float32 number on the CPU
+        for i, b in enumerate(want[1:], start=1):
+            assert torch.isfinite(b).all() and (b != 0).all(), f"result {i} on the CPU: {b}"
+    # moderate: each entry against its own size (float32 against float64 on
+    # the CPU: 2e-6 at most); clamped: mostly exact zeros
+    floor_frac = 0.0 if case == "moderate" else 1e-3
     for i, (a, b) in enumerate(zip(got, want)):
         assert torch.isfinite(a).all(), f"result {i} non-finite on CUDA: {a.cpu()}"
-        assert_close_rel(a, b, rtol=1e-4, floor_frac=1e-3, what=f"float32 grazing result {i}")
+        assert_close_rel(a, b, rtol=1e-4, floor_frac=floor_frac, what=f"float32 grazing {case} result {i}")

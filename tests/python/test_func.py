@@ -15,7 +15,7 @@ from torch.func import grad, hessian, jacfwd, jacrev, vmap
 
 import nanobragg_ops
 from test_absorption import make_inputs as absorption_inputs
-from test_tricubic import INDEX_MIN, make_inputs as tricubic_inputs
+from test_tricubic import INDEX_MIN, assert_nearest_differs, make_inputs as tricubic_inputs
 
 jacobian = torch.autograd.functional.jacobian
 
@@ -26,6 +26,7 @@ def close(a, b):
 
 def test_grad_matches_autograd(device):
     grid, hkl = tricubic_inputs(device, n=16, outside=4)
+    assert_nearest_differs(grid, hkl)
     loss = lambda g, h: nanobragg_ops.tricubic_interp(g, h, INDEX_MIN, 0.0, "nearest").pow(2).sum()  # noqa: E731
     g_func = grad(loss, argnums=(0, 1))(grid, hkl)
     g_ref = torch.autograd.grad(loss(grid.requires_grad_(), hkl.requires_grad_()), (grid, hkl))
@@ -54,6 +55,7 @@ def test_vmap_of_backward_folded_or_looped_agree(device):
     # Folded (only grad_hkl asked for) and looped (grad_grid too) give the
     # same values and the same per-entry shape-[0] placeholder.
     grid, hkl = tricubic_inputs(device, n=6, outside=2)
+    assert_nearest_differs(grid, hkl)
     backward = torch.ops.nanobragg.tricubic_interp_backward
     basis = torch.eye(6, dtype=grid.dtype, device=device)
     f = lambda g, grid_, mask: backward(g, grid_, hkl, list(INDEX_MIN), "nearest", mask)  # noqa: E731
@@ -98,6 +100,7 @@ def test_every_op_has_a_vmap_rule():
 @pytest.mark.filterwarnings(TORCH_FWAD_JIT_WARNING)
 def test_jacrev_jacfwd_hessian_tricubic(device):
     grid, hkl = tricubic_inputs(device, n=6, outside=2)
+    assert_nearest_differs(grid, hkl)
     f = lambda g, h: nanobragg_ops.tricubic_interp(g, h, INDEX_MIN, 0.0, "nearest")  # noqa: E731
     ref_hkl = jacobian(lambda h: f(grid, h), hkl)
     ref_grid = jacobian(lambda g: f(g, hkl), grid)

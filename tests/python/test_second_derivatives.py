@@ -12,7 +12,7 @@ from torch.autograd import gradgradcheck
 
 import nanobragg_ops
 from test_absorption import make_inputs as absorption_inputs
-from test_tricubic import INDEX_MIN, make_inputs as tricubic_inputs
+from test_tricubic import INDEX_MIN, assert_nearest_differs, make_inputs as tricubic_inputs
 
 TRICUBIC_DD = torch.ops.nanobragg.tricubic_interp_double_backward.default
 ABSORPTION_DD = torch.ops.nanobragg.detector_absorption_double_backward.default
@@ -21,6 +21,8 @@ ABSORPTION_DD = torch.ops.nanobragg.detector_absorption_double_backward.default
 @pytest.mark.parametrize("mode", ["default", "nearest"])
 def test_gradgradcheck_tricubic(device, mode):
     grid, hkl = tricubic_inputs(device, n=24, outside=6)
+    if mode == "nearest":
+        assert_nearest_differs(grid, hkl, 0.5)
     grid.requires_grad_(True)
     hkl.requires_grad_(True)
     f = lambda g, h: nanobragg_ops.tricubic_interp(g, h, INDEX_MIN, 0.5, mode)  # noqa: E731
@@ -102,6 +104,7 @@ def test_hvp_of_refinement_loss_matches_finite_differences(device):
 @pytest.mark.parametrize("mask", [[True, True, True], [True, False, False], [False, True, True]])
 def test_opcheck_tricubic_double_backward(device, mask):
     grid, hkl = tricubic_inputs(device)
+    assert_nearest_differs(grid, hkl)
     grad = torch.randn(hkl.shape[:-1], dtype=grid.dtype, device=device)
     gg_grid, gg_hkl = torch.randn_like(grid), torch.randn_like(hkl)
     torch.library.opcheck(TRICUBIC_DD, (gg_grid, gg_hkl, grad, grid, hkl, list(INDEX_MIN), "nearest", mask))

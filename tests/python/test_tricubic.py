@@ -19,7 +19,13 @@ BACKWARD_OP = torch.ops.nanobragg.tricubic_interp_backward.default
 
 def make_inputs(device, dtype=torch.float64, n=40, outside=8, seed=0):
     """A grid and points whose coordinates stay >= 0.1 away from integers (the
-    derivative jumps there); the first `outside` points leave the grid."""
+    derivative jumps there); the first `outside` points leave the grid on h.
+    Of those, the first half (at least one) lie within 0.4 of the first or the
+    last node: outside the stencil's range but inside "nearest"'s, which gives
+    them the nearest node's value (`default` gives them default_value); their
+    k and l stay >= 0.1 from x.5, where nearest rounding (ceil(x - 0.5)) jumps,
+    so a finite-difference step never crosses a jump. The rest lie beyond the
+    nearest range too (default_value in both modes)."""
     gen = torch.Generator().manual_seed(seed)
     grid = torch.rand(7, 8, 9, generator=gen, dtype=torch.float64) * 9 + 1
     cols = []
@@ -29,7 +35,23 @@ def make_inputs(device, dtype=torch.float64, n=40, outside=8, seed=0):
         cols.append(ints + frac)
     hkl = torch.stack(cols, dim=-1)
     hkl[:outside, 0] += grid.shape[0] + 0.5
+    near = (outside + 1) // 2
+    if near:
+        # h = first or last node + [-0.4, 0.4] (alternating): the stencil needs
+        # first + 1 <= h < last - 1, the nearest node is inside for |offset| < 0.5
+        first, last = INDEX_MIN[0], INDEX_MIN[0] + grid.shape[0] - 1
+        node = torch.tensor([first if i % 2 == 0 else last for i in range(near)], dtype=torch.float64)
+        hkl[:near, 0] = node + torch.rand(near, generator=gen, dtype=torch.float64) * 0.8 - 0.4
+        hkl[:near, 1:] = hkl[:near, 1:].floor() + 0.1 + torch.rand(near, 2, generator=gen, dtype=torch.float64) * 0.3
     return grid.to(device, dtype), hkl.to(device, dtype)
+
+
+def assert_nearest_differs(grid, hkl, default_value=0.0):
+    """The inputs hold points where "nearest" and "default" differ, so that a
+    test run in "nearest" mode checks nearest-mode points."""
+    near = OP(grid.detach(), hkl.detach(), list(INDEX_MIN), default_value, "nearest")
+    dflt = OP(grid.detach(), hkl.detach(), list(INDEX_MIN), default_value, "default")
+    assert (near != dflt).any(), "no point where nearest and default differ"
 
 
 def test_op_is_registered():
@@ -44,6 +66,8 @@ def test_op_is_registered():
 @pytest.mark.parametrize("mode", ["default", "nearest"])
 def test_gradcheck(device, mode):
     grid, hkl = make_inputs(device)
+    if mode == "nearest":
+        assert_nearest_differs(grid, hkl, -1.0)
     grid.requires_grad_(True)
     hkl.requires_grad_(True)
 
@@ -58,6 +82,8 @@ def test_gradcheck(device, mode):
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck(device, mode, dtype, requires_grad):
     grid, hkl = make_inputs(device, dtype)
+    if mode == "nearest":
+        assert_nearest_differs(grid, hkl, 0.5)
     grid.requires_grad_(requires_grad)
     hkl.requires_grad_(requires_grad)
     torch.library.opcheck(OP, (grid, hkl, list(INDEX_MIN), 0.5, mode))
@@ -66,12 +92,14 @@ def test_opcheck(device, mode, dtype, requires_grad):
 @pytest.mark.parametrize("mask", [[True, True], [True, False], [False, True]])
 def test_opcheck_backward(device, mask):
     grid, hkl = make_inputs(device)
+    assert_nearest_differs(grid, hkl)
     grad = torch.randn(hkl.shape[:-1], dtype=grid.dtype, device=device)
     torch.library.opcheck(BACKWARD_OP, (grad, grid, hkl, list(INDEX_MIN), "nearest", mask))
 
 
 def test_wrapper_matches_torch_ops(device):
     grid, hkl = make_inputs(device)
+    assert_nearest_differs(grid, hkl, 2.0)
     a = nanobragg_ops.tricubic_interp(grid, hkl, INDEX_MIN, 2.0, "nearest")
     b = torch.ops.nanobragg.tricubic_interp(grid, hkl, list(INDEX_MIN), 2.0, "nearest")
     torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -85,6 +113,7 @@ def test_torchscript_values_and_gradients(device, deterministic):
     with pytest.warns(DeprecationWarning, match=JIT_DEPRECATION):  # PyTorch 2.11's, not ours
         scripted = torch.jit.script(f)
     grid, hkl = make_inputs(device)
+    assert_nearest_differs(grid, hkl)
     g1, h1 = grid.clone().requires_grad_(), hkl.clone().requires_grad_()
     g2, h2 = grid.clone().requires_grad_(), hkl.clone().requires_grad_()
     out_eager = f(g1, h1)
