@@ -1,6 +1,7 @@
 // Autocast kernels (CPU and CUDA), as torchvision has for its ops: under
-// torch.autocast both operators run in float32 (their accuracy depends on
-// it: Lagrange weights of fractional Miller indices, exp of thickness/mu)
+// torch.autocast both operators run half-precision inputs in float32 (their
+// accuracy depends on it: Lagrange weights of fractional Miller indices, exp
+// of thickness/mu; float64 ones stay float64, as cached_cast leaves them)
 // and return the dtype of the data argument, so that a float16/bfloat16 model
 // keeps working. Outside autocast, half-precision inputs are an error that
 // says so (csrc/common/checks.cpp). Gradients flow through the casts.

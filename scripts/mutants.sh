@@ -38,7 +38,7 @@ MUTANT_LIST=$(cat <<'EOF'
 csrc/tricubic/tricubic_math.h|w[0] = -u * um1 * um2 * T(1.0 / 6.0);|w[0] = u * um1 * um2 * T(1.0 / 6.0);|a Lagrange weight's sign
 csrc/tricubic/tricubic_math.h|if (!offset_in_range(node - 1, lo, size - 4, first)) {|if (!offset_in_range(node - 2, lo, size - 4, first)) {|the stencil start off by one
 csrc/tricubic/tricubic_math.h|    const T* p = g + a * stride[0];\n    plane[a] = Taps::zero();\n    NANOBRAGG_UNROLL\n    for (int b = 0; b < 4; ++b) {\n      plane[a].add_scaled(wk[b], Taps::template load<kUnitL>(p + b * stride[1], stride));|    const T* p = g + a * stride[1];\n    plane[a] = Taps::zero();\n    NANOBRAGG_UNROLL\n    for (int b = 0; b < 4; ++b) {\n      plane[a].add_scaled(wk[b], Taps::template load<kUnitL>(p + b * stride[0], stride));|h and k axes swapped in the forward contraction
-csrc/tricubic/tricubic_math.h|const int64_t first = lo + 1, end = lo + size - 2;|const int64_t first = lo + 1, end = lo + size - 1;|the vector lanes' range test one node too far
+csrc/tricubic/tricubic_math.h|const int64_t first = lo + 1, end = lo + (size - 2);|const int64_t first = lo + 1, end = lo + (size - 1);|the vector lanes' range test one node too far
 csrc/tricubic/tricubic_math.h|sw.kl[a][c] = wk[a] * wl[c];|sw.kl[a][c] = wk[3 - a] * wl[c];|the grid gradient's k weights in the wrong order
 csrc/tricubic/tricubic_cpu.cpp|Vec::blendv(Vec(T(0)), n - lower, axis_in)|Vec::blendv(Vec(T(0)), n - lower + Vec(T(1)), axis_in)|the vector lanes' stencil start off by one
 csrc/tricubic/tricubic_math.h|dw[3] = (T(3) * u * u - T(1)) * T(1.0 / 6.0);|dw[3] = (T(3) * u * u + T(1)) * T(1.0 / 6.0);|a wrong derivative of the weights

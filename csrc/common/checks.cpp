@@ -27,8 +27,9 @@ void check_floating(const char* op, const char* arg, const at::Tensor& t) {
 }
 
 // The geometry scalars of detector_absorption (odet, thickness,
-// attenuation_length) follow PyTorch's scalar rules: any floating dtype,
-// computed in intensity's dtype (their values are read as doubles).
+// attenuation_length) follow PyTorch's scalar rules: any floating dtype;
+// their values are read and combined as doubles, the per-pixel math runs in
+// intensity's dtype.
 void check_floating_scalar(const char* op, const char* arg, const at::Tensor& t) {
   TORCH_CHECK(t.defined(), op, ": argument '", arg, "' must be a defined tensor");
   const auto dtype = t.scalar_type();
@@ -151,7 +152,7 @@ AbsorptionLayout check_absorption_args(const char* op, const at::Tensor& intensi
   check_floating(op, "intensity", intensity);
   check_floating(op, "pixel_coords", pixel_coords);
   // odet, thickness and attenuation_length: any floating dtype (PyTorch's
-  // scalar rules; computed in intensity's dtype, each gradient in its own).
+  // scalar rules; read as doubles, each gradient in its own dtype).
   check_floating_scalar(op, "odet", odet);
   check_floating_scalar(op, "thickness", thickness);
   check_floating_scalar(op, "attenuation_length", attenuation_length);

@@ -132,7 +132,7 @@ NANOBRAGG_INLINE bool stencil_interval(int64_t lo, int64_t size, T& first_x, T& 
   if (size < 4 || size > kExactIntegers || lo > INT64_MAX - (size - 2)) {
     return false;
   }
-  const int64_t first = lo + 1, end = lo + size - 2;
+  const int64_t first = lo + 1, end = lo + (size - 2);  // (the guard above: no overflow)
   if (first < -kExactIntegers || end > kExactIntegers) {
     return false;
   }

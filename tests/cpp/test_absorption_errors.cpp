@@ -139,7 +139,7 @@ TEST_P(AbsorptionErrors, DtypesAndDevices) {
 }
 
 // Not errors (PyTorch's scalar rules): odet, thickness and attenuation_length
-// of any floating dtype, computed in intensity's dtype; a 0-dim CPU thickness
+// of any floating dtype, read as doubles; a 0-dim CPU thickness
 // with data on another device.
 TEST_P(AbsorptionErrors, ScalarsOfAnyFloatingDtypeAreAccepted) {
   const Args base = args();  // copies share its random intensity and pixels

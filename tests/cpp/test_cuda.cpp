@@ -515,10 +515,13 @@ TEST(CudaParity, AbsorptionEdgeValuesMatchCpu) {
           what = "NaN/Inf";
         } else {
           // grazing: a pixel perpendicular to odet (odet x e_x, 0.1 long), so
-          // that the parallax reaches its clamp through the per-layer path
+          // that the parallax reaches its clamp through the per-layer path;
+          // 1e-14 along odet puts it on the + side, far above the rounding
+          // of the dot product (1e-19), whose sign depends on how the
+          // compiler fuses it: -1e-10 would make the output -inf.
           const at::Tensor o = base.odet;
           const at::Tensor across = at::stack({at::zeros({}, f64()), o[2], -o[1]});
-          fp[3] = across * (0.1 / across.norm().item<double>());
+          fp[3] = across * (0.1 / across.norm().item<double>()) + o * 1e-14;
           ASSERT_LT(std::abs((fp[3] * o).sum().item<double>()) / 0.1, 1e-10) << "not grazing";
           fp[4].zero_();  // the sample position
           what = "grazing";

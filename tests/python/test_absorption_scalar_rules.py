@@ -46,7 +46,7 @@ def test_scalars_of_any_floating_dtype_with_float64_data(absorption_device, dtyp
 
     ref_inputs = float64_of(mixed)
     ref = run(ref_inputs, oversample_thick=oversample_thick)
-    # Computed in intensity's dtype from the scalars' (rounded) values.
+    # The scalars' (rounded) values, read as doubles: the same result.
     torch.testing.assert_close(out, ref, rtol=1e-14, atol=0)
 
     weights = torch.rand(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))

@@ -45,6 +45,10 @@ inline double polin3(const double x1a[4], const double x2a[4], const double x3a[
 }
 
 // One point by the contract.s rules. `grid` is a CPU float64 tensor [Nh, Nk, Nl].
+// The range and the nearest node are decided in double, which is exact for
+// coordinates and index_min below 2^52 in magnitude, away from -0.5 by more
+// than an ulp: what the tests draw. Beyond that the operators decide in
+// integers (tests/python/test_index_exactness.py checks those cases).
 inline double tricubic_reference(const at::Tensor& grid, const std::array<int64_t, 3>& index_min,
                                  const std::array<double, 3>& x, double default_value,
                                  const std::string& out_of_range) {
