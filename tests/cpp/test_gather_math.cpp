@@ -3,7 +3,9 @@
 // shared header, step by step as the CUDA kernels do it (sort keys, runs,
 // sorted samples, 32 lanes per node, the lanes' shuffle tree), against the
 // CPU kernels' scatter: first order (the backward op's grid gradient) and
-// second order (the double backward's grid gradient).
+// second order (the double backward's grid gradient). And the per-point
+// scatter of the grid gradient that CUDA's atomic path runs (and the CPU's
+// per-point path), against polin3.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <gtest/gtest.h>
@@ -12,6 +14,7 @@
 #include <vector>
 
 #include "test_utils.h"
+#include "tricubic_reference.h"
 #include "tricubic/tricubic_math.h"
 
 namespace nanobragg_test {
@@ -123,6 +126,96 @@ TEST(TricubicGatherMath, SecondOrderMatchesScatter) {
     const std::vector<double> gathered = gather_on_host<true>(grid, hkl, grad, v, m);
     const std::vector<double> expected = to_vector(double_backward_grid(v, grad, grid, hkl, mode));
     EXPECT_LE(max_rel_error(gathered, expected, 1.0), 1e-12) << mode;
+  }
+}
+
+// The per-point functions of the shared header that the CUDA kernels run
+// (tricubic_value, tricubic_hkl_grad, tricubic_grid_grad_scatter: the
+// forward, the hkl gradient and the atomic grid gradient) and the CPU's
+// per-point backward (tricubic_backward_point, both gradients in one pass),
+// on the host, against polin3. The CPU kernels' vector path takes every
+// stencil point it can test exactly, with its own contractions and scatter,
+// so without this test a fault in these shows only on a GPU. Values against
+// polin3; the hkl gradient against central differences of it; the grid
+// gradient, summed over points with random incoming gradients, against
+// polin3 of unit grids (the op is linear in the grid, so dF(x)/dgrid[j] is
+// polin3 of the grid that is 1 at node j and 0 elsewhere).
+TEST(TricubicPointMath, PerPointFunctionsOfTheGpuKernelsMatchPolin3) {
+  at::manual_seed(8);
+  const std::array<int64_t, 3> lo = {3, -5, 0};
+  at::Tensor grid = at::rand({6, 7, 8}, at::kDouble);
+  const int64_t n = 24;
+  // Inside (fractional in every axis), near each face, on a node, and out.
+  at::Tensor hkl = at::rand({n, 3}, at::kDouble) * at::tensor({2.0, 3.0, 4.0}, at::kDouble) +
+                   at::tensor({4.0, -4.0, 1.0}, at::kDouble);
+  hkl[0] = at::tensor({4.01, -3.98, 1.02}, at::kDouble);  // the lowest stencil start
+  hkl[1] = at::tensor({5.99, -1.01, 4.97}, at::kDouble);  // the highest
+  hkl[2] = at::tensor({5.0, -2.0, 3.0}, at::kDouble);     // on a node
+  hkl[3] = at::tensor({2.6, -2.2, 3.4}, at::kDouble);     // h below the stencil range
+  hkl[4] = at::tensor({4.3, -2.2, 7.3}, at::kDouble);     // l past it
+  at::Tensor grad = at::randn({n}, at::kDouble);
+  auto x = hkl.accessor<double, 2>();
+  auto g = grad.accessor<double, 1>();
+  const int64_t size[3] = {grid.size(0), grid.size(1), grid.size(2)};
+  const int64_t stride[3] = {size[1] * size[2], size[2], 1};
+  const int64_t lo_[3] = {lo[0], lo[1], lo[2]};
+  const GridView<double> view{grid.const_data_ptr<double>(),
+                              {size[0], size[1], size[2]},
+                              {stride[0], stride[1], stride[2]},
+                              {lo[0], lo[1], lo[2]}};
+  const double fill = -7.5;
+  for (const std::string mode : {"default", "nearest"}) {
+    SCOPED_TRACE(mode);
+    const OutOfRange m = mode == "nearest" ? OutOfRange::Nearest : OutOfRange::Default;
+    std::vector<double> scattered(static_cast<size_t>(grid.numel()), 0.0);
+    std::vector<double> in_one_pass(scattered.size(), 0.0);
+    auto add = [&](int64_t i, double v) { scattered[static_cast<size_t>(i)] += v; };
+    auto add_one_pass = [&](int64_t i, double v) { in_one_pass[static_cast<size_t>(i)] += v; };
+    for (int64_t p = 0; p < n; ++p) {
+      SCOPED_TRACE("point " + std::to_string(p));
+      const std::array<double, 3> xp = {x[p][0], x[p][1], x[p][2]};
+      EXPECT_NEAR((tricubic_value<double>(view, xp[0], xp[1], xp[2], m, fill)),
+                  tricubic_reference(grid, lo, xp, fill, mode), 1e-12);
+      double d_hkl[3], d_hkl_one_pass[3];
+      tricubic_hkl_grad<double>(view, xp[0], xp[1], xp[2], m, g[p], d_hkl);
+      for (int d = 0; d < 3; ++d) {
+        // Central differences of polin3, a cubic along each axis: the
+        // step's error is step^2/6 times the third derivative, about 1e-9
+        // here; zero where the point takes the nearest node or the default.
+        // On a node the stencil moves with floor(x), so there the op's
+        // derivative is the one from above: a forward difference (error
+        // about step/2 times the second derivative).
+        const bool on_node = p == 2;
+        const double step = on_node ? 1e-7 : 1e-4;
+        std::array<double, 3> up = xp, down = xp;
+        up[d] += step;
+        if (!on_node) down[d] -= step;
+        const double fd = (tricubic_reference(grid, lo, up, fill, mode) -
+                           tricubic_reference(grid, lo, down, fill, mode)) /
+                          (on_node ? step : 2 * step);
+        EXPECT_NEAR(d_hkl[d], g[p] * fd, 1e-6 * (1 + std::abs(g[p] * fd))) << "axis " << d;
+      }
+      tricubic_grid_grad_scatter<double>(size, lo_, xp[0], xp[1], xp[2], m, g[p], add);
+      tricubic_backward_point<double, true>(view, xp[0], xp[1], xp[2], m, g[p], d_hkl_one_pass,
+                                            add_one_pass);
+      for (int d = 0; d < 3; ++d) EXPECT_NEAR(d_hkl_one_pass[d], d_hkl[d], 1e-12);
+    }
+    std::vector<double> expected(scattered.size(), 0.0);
+    at::Tensor unit = at::zeros_like(grid);
+    double* u = unit.mutable_data_ptr<double>();
+    for (int64_t j = 0; j < grid.numel(); ++j) {
+      u[j] = 1.0;
+      for (int64_t p = 0; p < n; ++p) {
+        expected[static_cast<size_t>(j)] +=
+            g[p] * tricubic_reference(unit, lo, {x[p][0], x[p][1], x[p][2]}, 0.0, mode);
+      }
+      u[j] = 0.0;
+    }
+    EXPECT_LE(max_rel_error(scattered, expected, 1.0), 1e-12);
+    EXPECT_LE(max_rel_error(in_one_pass, expected, 1.0), 1e-12);
+    double norm = 0;
+    for (double v : expected) norm += std::abs(v);
+    EXPECT_GT(norm, 1.0) << "the reference gradient should not be empty";
   }
 }
 
