@@ -70,6 +70,7 @@ csrc/tricubic/tricubic_cpu.cpp|for (int i = 0; i < kParts; ++i) part[i] += o.par
 csrc/tricubic/tricubic_cpu.cpp|  if (G::shared_block(block)) {\n    rows(std::true_type{}, block);|  if (true) {\n    rows(std::true_type{}, block);|every group (values and hkl gradient) read as if its points shared the first one's block
 csrc/absorption/absorption_cpu_vec.h|second[d][j] = e < 2 * W ? j : W + e - 2 * W;|second[d][j] = e < 2 * W ? j : W + e - 2 * W - 1;|AVX-512 absorption: the lanes loaded from the third register one element early
 csrc/absorption/absorption_cpu_vec.h|to_second[r][i] = d < 2 ? i : W + j;|to_second[r][i] = d < 2 ? i : j;|AVX-512 absorption: the z gradients stored from the wrong register
+csrc/absorption/absorption_scalars.h|        return static_cast<double>(static_cast<float>(*static_cast<const c10::Half*>(device)));|        return static_cast<double>(static_cast<float>(*static_cast<const c10::BFloat16*>(device)));|a float16 scalar in device memory read as bfloat16 (`ScalarArg`)
 EOF
 )
 

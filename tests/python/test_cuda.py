@@ -538,6 +538,38 @@ def test_cuda_cpu_scalar_gradients_stay_on_cpu_under_vmap_of_an_empty_batch():
     assert [tuple(x.shape) for x in grads] == [(0, 4, 5), (0, 4, 5, 3), (0, 3), (0,), (0,)]
 
 
+@pytest.mark.parametrize("scalar_dtype", [torch.float16, torch.bfloat16, torch.float32, F64],
+                         ids=["float16", "bfloat16", "float32", "float64"])
+def test_cuda_gpu_held_scalars_of_every_floating_dtype_match_cpu(scalar_dtype):
+    # odet, thickness and attenuation_length on the GPU in their own dtype
+    # (odet a strided view) are read by the kernels themselves, one branch
+    # per dtype (ScalarArg): the same values, and gradients, as the CPU's
+    # host-read scalars of that dtype, with float64 data.
+    intensity, pixels = absorption_base((9, 10), 60)
+    odet_wide = torch.tensor([[0.1, 7.0], [-0.05, 7.0], [1.0, 7.0]], dtype=scalar_dtype)
+    g = torch.randn(9, 10, generator=gen(61), dtype=F64)
+    results = {}
+    for device in ("cpu", "cuda"):
+        leaves = [intensity.to(device), pixels.to(device), odet_wide.to(device)[:, 0],
+                  torch.tensor(THICKNESS, dtype=scalar_dtype, device=device),
+                  torch.tensor(ATTENUATION, dtype=scalar_dtype, device=device)]
+        assert not leaves[2].is_contiguous()
+        leaves = [x.detach().requires_grad_(True) for x in leaves]
+        out = nanobragg_ops.detector_absorption(*leaves, 4, True)
+        grads = torch.autograd.grad(out, leaves, g.to(device))
+        results[device] = [out, *grads]
+    torch.cuda.synchronize()
+    names = ["output", "d/dintensity", "d/dpixel_coords", "d/dodet", "d/dthickness",
+             "d/dattenuation_length"]
+    for name, got, want in zip(names, results["cuda"], results["cpu"]):
+        assert got.dtype == want.dtype, f"{name}: {got.dtype} on CUDA, {want.dtype} on CPU"
+        # The scalars' gradients come back in their own (maybe half) dtype:
+        # rounded from the same float64 value on both devices.
+        assert_close_rel(got, want, rtol=RTOL, what=f"{name}, scalars in {scalar_dtype}")
+    assert results["cpu"][0].dtype == F64
+    assert results["cpu"][4].dtype == scalar_dtype
+
+
 @pytest.mark.parametrize(
     "bad",
     [dict(thickness=-1e-4), dict(thickness=math.nan), dict(thickness=math.inf),
