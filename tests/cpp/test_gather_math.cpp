@@ -4,8 +4,8 @@
 // sorted samples, 32 lanes per node, the lanes' shuffle tree), against the
 // CPU kernels' scatter: first order (the backward op's grid gradient) and
 // second order (the double backward's grid gradient). And the per-point
-// scatter of the grid gradient that CUDA's atomic path runs (and the CPU's
-// per-point path), against polin3.
+// functions the CUDA kernels call (value, hkl gradient, the atomic path's
+// scatter), against polin3.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <gtest/gtest.h>
@@ -142,7 +142,7 @@ TEST(TricubicGatherMath, SecondOrderMatchesScatter) {
 // polin3 of the grid that is 1 at node j and 0 elsewhere).
 TEST(TricubicPointMath, PerPointFunctionsOfTheGpuKernelsMatchPolin3) {
   at::manual_seed(8);
-  const std::array<int64_t, 3> lo = {3, -5, 0};
+  const std::array<int64_t, 3>& lo = kIndexMin;
   at::Tensor grid = at::rand({6, 7, 8}, at::kDouble);
   const int64_t n = 24;
   // Inside (fractional in every axis), near each face, on a node, and out.
@@ -156,12 +156,10 @@ TEST(TricubicPointMath, PerPointFunctionsOfTheGpuKernelsMatchPolin3) {
   at::Tensor grad = at::randn({n}, at::kDouble);
   auto x = hkl.accessor<double, 2>();
   auto g = grad.accessor<double, 1>();
-  const int64_t size[3] = {grid.size(0), grid.size(1), grid.size(2)};
-  const int64_t stride[3] = {size[1] * size[2], size[2], 1};
-  const int64_t lo_[3] = {lo[0], lo[1], lo[2]};
+  const GridShape shape{{grid.size(0), grid.size(1), grid.size(2)}, {lo[0], lo[1], lo[2]}};
   const GridView<double> view{grid.const_data_ptr<double>(),
-                              {size[0], size[1], size[2]},
-                              {stride[0], stride[1], stride[2]},
+                              {shape.size[0], shape.size[1], shape.size[2]},
+                              {grid.stride(0), grid.stride(1), grid.stride(2)},
                               {lo[0], lo[1], lo[2]}};
   const double fill = -7.5;
   for (const std::string mode : {"default", "nearest"}) {
@@ -195,7 +193,7 @@ TEST(TricubicPointMath, PerPointFunctionsOfTheGpuKernelsMatchPolin3) {
                           (on_node ? step : 2 * step);
         EXPECT_NEAR(d_hkl[d], g[p] * fd, 1e-6 * (1 + std::abs(g[p] * fd))) << "axis " << d;
       }
-      tricubic_grid_grad_scatter<double>(size, lo_, xp[0], xp[1], xp[2], m, g[p], add);
+      tricubic_grid_grad_scatter<double>(shape.size, shape.lo, xp[0], xp[1], xp[2], m, g[p], add);
       tricubic_backward_point<double, true>(view, xp[0], xp[1], xp[2], m, g[p], d_hkl_one_pass,
                                             add_one_pass);
       for (int d = 0; d < 3; ++d) EXPECT_NEAR(d_hkl_one_pass[d], d_hkl[d], 1e-12);
