@@ -174,6 +174,13 @@ struct Case {
   int64_t size = 0, per_pixel = 1;
   bool scale = false;   // the --scale section's rows
   int64_t threads = 0;  // CPU threads it runs on; 0: all (at::get_num_threads at start)
+  // A fused absorption forward_backward's variant (the interleaved backward
+  // measurements only; every row is {all, expanded}): which inputs need a
+  // gradient ("all" or "intensity"), and the layout of the output gradient
+  // the backward gets: "expanded" (stride 0, from `out.sum().backward()`),
+  // "contiguous", or "strided" (a transposed view of a contiguous tensor,
+  // passed to `out.backward(g)`).
+  std::string grads = "all", grad_layout = "expanded";
 };
 
 int64_t points_of(const Case& c) {
@@ -282,13 +289,30 @@ Call make_call(const Case& c, const Workload& w) {
       return {f(in->intensity, in->pixel_coords, in->odet, in->thickness, in->attenuation_length)};
     };
   }
-  const at::Tensor I = leaves->add(in->intensity), P = leaves->add(in->pixel_coords),
-                   od = leaves->add(in->odet), T = leaves->add(in->thickness),
-                   A = leaves->add(in->attenuation_length);
-  return [leaves, I, P, od, T, A, f] {
+  const bool all = c.grads == "all";
+  const at::Tensor I = leaves->add(in->intensity);
+  const at::Tensor P = all ? leaves->add(in->pixel_coords) : in->pixel_coords,
+                   od = all ? leaves->add(in->odet) : in->odet,
+                   T = all ? leaves->add(in->thickness) : in->thickness,
+                   A = all ? leaves->add(in->attenuation_length) : in->attenuation_length;
+  // The output gradient, for the layouts other than "expanded" (the output
+  // has intensity's shape, [size, size]).
+  at::Tensor grad;
+  if (c.grad_layout == "contiguous") {
+    grad = at::rand_like(in->intensity);
+  } else if (c.grad_layout == "strided") {
+    grad = at::rand_like(in->intensity.t().contiguous()).t();
+  } else if (c.grad_layout != "expanded") {
+    throw std::invalid_argument("unknown output gradient layout " + c.grad_layout);
+  }
+  return [leaves, I, P, od, T, A, f, grad] {
     leaves->clear_grads();
     const at::Tensor out = f(I, P, od, T, A);
-    out.sum().backward();
+    if (grad.defined()) {
+      out.backward(grad);
+    } else {
+      out.sum().backward();
+    }
     return leaves->results(out);
   };
 }
@@ -601,21 +625,33 @@ void add_interleaved_backward(const Options& o, const Workload& w, std::vector<n
     });
     if (f == rows.end()) continue;
     const Case cf{fb.op, "fused", "forward", fb.size, o.per_pixel};
-    const Case cfb{fb.op, "fused", "forward_backward", fb.size, o.per_pixel};
-    interleaved_measurement(o, fb, fb.threads, "interleaved backward", [&] {
-      const Call forward = make_call(cf, w), both = make_call(cfb, w);
-      forward(), both();  // warm
-      std::vector<double> ratios;
-      for (int round = 0; round < kInterleavedRounds; ++round) {
-        const double tf = median_of_round(o, forward), tfb = median_of_round(o, both);
-        ratios.push_back((tfb - tf) / tf);
-      }
-      const double backward = median(ratios);
-      fb.fields["backward_in_forwards_interleaved"] = backward;
-      fb.fields["interleaved_rounds"] = kInterleavedRounds;
-      std::cerr << "  " << fb.op << " backward in forwards, interleaved (" << fb.threads
-                << " threads): " << std::setprecision(2) << backward << "\n";
-    });
+    // Absorption: every input needing a gradient, and the intensity alone,
+    // each with the three layouts of the output gradient (Case::grads,
+    // Case::grad_layout); tricubic: every input, `.sum().backward()`.
+    std::vector<std::pair<std::string, std::string>> variants = {{"all", "expanded"}};
+    if (fb.op == "detector_absorption") {
+      variants = {{"all", "expanded"},       {"all", "contiguous"},       {"all", "strided"},
+                  {"intensity", "expanded"}, {"intensity", "contiguous"}, {"intensity", "strided"}};
+    }
+    for (const auto& [grads, layout] : variants) {
+      Case cfb{fb.op, "fused", "forward_backward", fb.size, o.per_pixel};
+      cfb.grads = grads, cfb.grad_layout = layout;
+      interleaved_measurement(o, fb, fb.threads, "interleaved backward", [&] {
+        const Call forward = make_call(cf, w), both = make_call(cfb, w);
+        forward(), both();  // warm
+        std::vector<double> ratios;
+        for (int round = 0; round < kInterleavedRounds; ++round) {
+          const double tf = median_of_round(o, forward), tfb = median_of_round(o, both);
+          ratios.push_back((tfb - tf) / tf);
+        }
+        const double backward = median(ratios);
+        fb.fields[nb::backward_field(grads, layout)] = backward;
+        fb.fields["interleaved_rounds"] = kInterleavedRounds;
+        std::cerr << "  " << fb.op << " backward in forwards, interleaved (" << fb.threads
+                  << " threads, gradients to " << grads << ", " << layout
+                  << " output gradient): " << std::setprecision(2) << backward << "\n";
+      });
+    }
   }
 }
 

@@ -77,6 +77,13 @@ void set_warm_times(Row& r, const std::vector<double>& seconds);
 // An exception's message, without c10's backtrace: for rows' errors.
 std::string message_of(const std::exception& e);
 
+// The forward_backward row's field that holds the backward's cost in
+// forwards, timed interleaved with forwards, for the inputs needing a
+// gradient ("all", "intensity") and the output gradient's layout
+// ("expanded", "contiguous", "strided"): backward_in_forwards_interleaved
+// for {all, expanded}, else that name with _<grads>_<layout> appended.
+std::string backward_field(const std::string& grads, const std::string& layout);
+
 // Fills speedup_vs for rows that ran and share op, pass, device, dtype,
 // size and section (main, --scale, GPU goals).
 void compute_speedups(std::vector<Row>& rows);

@@ -3,10 +3,13 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <limits>
 #include <array>
 #include <tuple>
 #include <type_traits>
@@ -43,6 +46,10 @@ constexpr int64_t kPixelGrain = 1024;
 // Pixels per block of the scalar reductions (thickness, attenuation length,
 // odet). Fixed, so the summation order never depends on the thread count.
 constexpr int64_t kReduceBlock = 4096;
+// Pixels whose incoming gradients one step of the intensity-only backward
+// gathers (gather_grad) when their layout has no one stride: 16 rows of a
+// 512-pixel detector, a whole cache line of a transposed gradient's column.
+constexpr int64_t kGatherBlock = 8192;
 
 // The common case, with its own loops: one intensity and position for all
 // layers, contiguous [P] and [P, 3] (pixel strides 1 and 3).
@@ -95,6 +102,56 @@ void shared_backward_block(const AbsorptionParams<T>& prm, const PixelSource<T>&
       for (int d = 0; d < 3; ++d) acc[1 + d] += static_cast<double>(go[d]);
     }
   }
+}
+
+// The incoming gradients of pixels [begin, end) into buf[0, end - begin),
+// read through their offsets (operand 2), for a layout that does not merge
+// with the inputs' into one stride (a transposed gradient, a slice): each
+// task gathers what it needs, in parallel, instead of a serial copy of the
+// whole tensor. Runs of the innermost pixel dimension are read one after
+// the other; but where, in two dimensions, rows lie closer together in
+// memory than a row's elements (a transposed gradient), the block's whole
+// rows are read column by column, so that the reads follow memory (read
+// row by row, each element is a cache line of its own, and at a
+// power-of-two stride the lines all compete for a few cache sets).
+template <typename T>
+void gather_grad(const T* g, const PointOffsets<3>& offsets, int64_t begin, int64_t end, T* buf) {
+  const int64_t inner = offsets.sizes[0], stride = offsets.strides[2][0];
+  auto runs = [&](int64_t from, int64_t to) {
+    for (int64_t p = from; p < to;) {
+      const int64_t run_end = std::min(to, (p / inner + 1) * inner);
+      const T* src = g + offsets.get_one(p, 2);
+      for (int64_t q = p; q < run_end; ++q) buf[q - begin] = src[(q - p) * stride];
+      p = run_end;
+    }
+  };
+  const int64_t row_stride = offsets.ndim == 2 ? offsets.strides[2][1] : 0;
+  const int64_t first_row = (begin + inner - 1) / inner, end_row = end / inner;
+  if (offsets.ndim != 2 || std::abs(row_stride) >= std::abs(stride) || end_row - first_row < 2) {
+    runs(begin, end);
+    return;
+  }
+  runs(begin, first_row * inner);  // a partial first row
+  const T* src = g + offsets.get_one(first_row * inner, 2);
+  T* dst = buf + (first_row * inner - begin);
+  const int64_t rows = end_row - first_row;  // at most a block's
+  bool transposed = false;
+  if constexpr (std::is_same_v<T, float>) {
+    if (row_stride == 1 && inner <= std::numeric_limits<int>::max()) {
+      // A plain transpose: ATen's, 16 x 16 in registers with AVX-512.
+      at::vec::transpose_mxn<float>(src, stride, dst, inner, static_cast<int>(inner),
+                                    static_cast<int>(rows));
+      transposed = true;
+    }
+  }
+  constexpr int64_t kTile = 16;  // columns per tile: its reads and writes stay in L1
+  for (int64_t c0 = 0; !transposed && c0 < inner; c0 += kTile) {
+    const int64_t c1 = std::min(inner, c0 + kTile);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = c0; c < c1; ++c) dst[r * inner + c] = src[c * stride + r * row_stride];
+    }
+  }
+  runs(end_row * inner, end);  // a partial last row
 }
 
 }  // namespace
@@ -155,17 +212,15 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output, const at::Tensor
   // The common case has its own loops for any layout of the incoming
   // gradient: read through its one stride (1; 0 when expanded, as .sum()
   // gives it; any other), or, when its layout does not merge into one
-  // dimension with the inputs', from a contiguous copy (one pass over P).
-  const bool shared = n > 0 && contiguous_shared(in, in.pixel_offsets(in.intensity.select(0, 0)),
-                                                 scalars.thickness > 0.0);
-  at::Tensor grad = grad_output;
-  PointOffsets<3> offsets = in.pixel_offsets(grad);
-  if (shared && offsets.ndim != 1) {
-    grad = grad_output.contiguous();
-    offsets = in.pixel_offsets(grad);
-  }
-  const bool fast = shared && offsets.ndim == 1;
-  const int64_t g_stride = offsets.strides[2][0];
+  // dimension with the inputs', gathered block by block (gather_grad) and
+  // read with stride 1. Either way each pixel's arithmetic, and each
+  // block's sums, are the same, so the gradients do not depend on the
+  // incoming gradient's layout.
+  const bool fast = n > 0 && contiguous_shared(in, in.pixel_offsets(in.intensity.select(0, 0)),
+                                               scalars.thickness > 0.0);
+  const PointOffsets<3> offsets = in.pixel_offsets(grad_output);
+  const bool gather = fast && offsets.ndim != 1;
+  const int64_t g_stride = gather ? 1 : offsets.strides[2][0];
   // What is asked for: only intensity's gradient is g * capture, the
   // forward's formula with g for the intensity; the others need the whole
   // gradient, and the scalar sums only for odet, thickness or the
@@ -180,23 +235,46 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output, const at::Tensor
     AT_DISPATCH_FLOATING_TYPES(intensity.scalar_type(), "detector_absorption_backward_cpu", [&] {
       const auto prm = params_from<scalar_t>(scalars, thicksteps, oversample_thick);
       const auto source = in.source<scalar_t>();
-      const scalar_t* g = grad.const_data_ptr<scalar_t>();
-      scalar_t* gI = full.intensity_ptr<scalar_t>();
-      scalar_t* gP = full.coords_ptr<scalar_t>();
+      using T = scalar_t;
+      const T* g = grad_output.const_data_ptr<T>();
+      T* gI = full.intensity_ptr<T>();
+      T* gP = full.coords_ptr<T>();
       if (fast && intensity_only) {
         if (gI != nullptr) {
           at::parallel_for(0, n, kPixelGrain, [&](int64_t begin, int64_t end) {
-            shared_forward_range(prm, g, g_stride, source.coords, gI, begin, end);
+            if (!gather) {
+              shared_forward_range(prm, g, g_stride, source.coords, gI, begin, end);
+              return;
+            }
+            std::vector<T> buf(static_cast<size_t>(std::min(kGatherBlock, end - begin)));
+            for (int64_t p = begin; p < end; p += kGatherBlock) {
+              const int64_t stop = std::min(end, p + kGatherBlock);
+              gather_grad(g, offsets, p, stop, buf.data());
+              shared_forward_range(prm, buf.data(), 1, source.coords + 3 * p, gI + p, 0, stop - p);
+            }
           });
         }
         return;
       }
       at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+        std::vector<T> buf(gather ? static_cast<size_t>(kReduceBlock) : 0);
         for (int64_t b = block_begin; b < block_end; ++b) {
           std::array<double, 4> acc = {0, 0, 0, 0};
-          const int64_t end = std::min(n, (b + 1) * kReduceBlock);
+          const int64_t begin = b * kReduceBlock, end = std::min(n, begin + kReduceBlock);
+          if (fast && gather) {
+            // The block from its own start (the same lanes and sums).
+            gather_grad(g, offsets, begin, end, buf.data());
+            PixelSource<T> block = source;
+            block.intensity += begin;
+            block.coords += 3 * begin;
+            shared_backward_block(prm, block, buf.data(), 1, gI ? gI + begin : nullptr,
+                                  gP ? gP + 3 * begin : nullptr, 0, end - begin,
+                                  need_sums ? acc.data() : nullptr);
+            partial[static_cast<size_t>(b)] = acc;
+            continue;
+          }
           if (fast) {
-            shared_backward_block(prm, source, g, g_stride, gI, gP, b * kReduceBlock, end,
+            shared_backward_block(prm, source, g, g_stride, gI, gP, begin, end,
                                   need_sums ? acc.data() : nullptr);
             partial[static_cast<size_t>(b)] = acc;
             continue;
@@ -212,7 +290,7 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output, const at::Tensor
                   acc[1 + d] += static_cast<double>(out.odet[d]);
                 }
               },
-              b * kReduceBlock, end);
+              begin, end);
           partial[static_cast<size_t>(b)] = acc;
         }
       });

@@ -327,6 +327,69 @@ TEST_P(Absorption, GradientAtZeroThicknessAndInfiniteAttenuation) {
   EXPECT_EQ(gd[0].abs().max().item<double>(), 0.0);
 }
 
+// The incoming gradient as `.backward(g)` hands it over in any layout: the
+// same values, so the same gradients. On the CPU each layout takes another
+// route to the same arithmetic (one stride, or gathered block by block,
+// row by row or, transposed, column by column), so they must agree to the
+// bit; pixel counts that do not fill whole blocks or rows check the
+// gathers' partial rows. With every input needing a gradient and with the
+// intensity alone (its own loop).
+TEST_P(Absorption, GradientsDoNotDependOnTheIncomingGradientsLayout) {
+  const int64_t H = 70, W = 300;  // 21000 pixels: blocks of 4096 and 8192 end mid-row
+  for (at::ScalarType dtype : {at::kFloat, at::kDouble}) {
+    AbsorptionCase c = make(at::rand({H, W}, at::kDouble) + 1, plane(H, W), unit({0.2, 0.1, 1}), 5,
+                            true, false, 3e-4, 2e-4, dtype);
+    const at::Tensor g = at::rand({H, W}, c.intensity.options());
+    at::Tensor wide = at::zeros({H, W + 5}, g.options());
+    wide.slice(1, 0, W).copy_(g);
+    at::Tensor every_other = at::zeros({H, 2 * W}, g.options());
+    every_other.slice(1, 0, 2 * W, 2).copy_(g);
+    at::Tensor tall = at::zeros({W, H + 3}, g.options());
+    tall.slice(1, 0, H).copy_(g.t());
+    const std::vector<std::pair<std::string, at::Tensor>> layouts = {
+        {"transposed", g.t().contiguous().t()},
+        {"transposed, columns of a taller tensor", tall.slice(1, 0, H).t()},
+        {"rows of a wider tensor", wide.slice(1, 0, W)},
+        {"every other column", every_other.slice(1, 0, 2 * W, 2)},
+    };
+    for (bool all : {true, false}) {
+      auto grads = [&](const at::Tensor& grad_output) {
+        std::vector<at::Tensor> leaves = {c.intensity.detach().requires_grad_(true)};
+        AbsorptionCase d = c;
+        d.intensity = leaves[0];
+        if (all) {
+          for (auto* t : {&d.coords, &d.odet, &d.thickness, &d.attenuation_length}) {
+            *t = t->detach().requires_grad_(true);
+            leaves.push_back(*t);
+          }
+        }
+        return torch::autograd::grad({run(d)}, leaves, {grad_output});
+      };
+      const auto want = grads(g);
+      for (const auto& [name, layout] : layouts) {
+        const std::string what =
+            name + (all ? ", every input" : ", intensity alone") + ", " + c10::toString(dtype);
+        ASSERT_TRUE(at::equal(layout.cpu(), g.cpu())) << what;
+        // (a view that merged into one dimension would test nothing new)
+        if (name != "every other column") {
+          ASSERT_FALSE(layout.is_contiguous()) << what;
+        }
+        const auto got = grads(layout);
+        ASSERT_EQ(got.size(), want.size()) << what;
+        for (size_t k = 0; k < got.size(); ++k) {
+          if (got[k].is_cuda()) {
+            EXPECT_LE(max_rel_error(to_vector(got[k]), to_vector(want[k]), 1e-30),
+                      dtype == at::kDouble ? 1e-12 : 1e-5)
+                << what << ", input " << k;
+          } else {
+            EXPECT_TRUE(bitwise_equal(got[k], want[k])) << what << ", input " << k;
+          }
+        }
+      }
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Devices, Absorption, ::testing::ValuesIn(test_devices()),
                          device_test_name);
 
