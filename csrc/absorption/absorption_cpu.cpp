@@ -136,14 +136,17 @@ void gather_grad(const T* g, const PointOffsets<3>& offsets, int64_t begin, int6
   T* dst = buf + (first_row * inner - begin);
   const int64_t rows = end_row - first_row;  // at most a block's
   bool transposed = false;
+#if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, float>) {
     if (row_stride == 1 && inner <= std::numeric_limits<int>::max()) {
-      // A plain transpose: ATen's, 16 x 16 in registers with AVX-512.
+      // A plain transpose: ATen's, 16 x 16 in AVX-512 registers (its other
+      // builds walk column by column, slower than the tiles below).
       at::vec::transpose_mxn<float>(src, stride, dst, inner, static_cast<int>(inner),
                                     static_cast<int>(rows));
       transposed = true;
     }
   }
+#endif
   constexpr int64_t kTile = 16;  // columns per tile: its reads and writes stay in L1
   for (int64_t c0 = 0; !transposed && c0 < inner; c0 += kTile) {
     const int64_t c1 = std::min(inner, c0 + kTile);
