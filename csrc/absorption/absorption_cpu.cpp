@@ -8,9 +8,9 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <limits>
-#include <array>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -245,15 +245,16 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output, const at::Tensor
       if (fast && intensity_only) {
         if (gI != nullptr) {
           at::parallel_for(0, n, kPixelGrain, [&](int64_t begin, int64_t end) {
-            if (!gather) {
-              shared_forward_range(prm, g, g_stride, source.coords, gI, begin, end);
-              return;
-            }
-            std::vector<T> buf(static_cast<size_t>(std::min(kGatherBlock, end - begin)));
+            std::vector<T> buf(gather ? static_cast<size_t>(std::min(kGatherBlock, end - begin))
+                                      : 0);
             for (int64_t p = begin; p < end; p += kGatherBlock) {
               const int64_t stop = std::min(end, p + kGatherBlock);
-              gather_grad(g, offsets, p, stop, buf.data());
-              shared_forward_range(prm, buf.data(), 1, source.coords + 3 * p, gI + p, 0, stop - p);
+              const T* gp = g + p * g_stride;
+              if (gather) {
+                gather_grad(g, offsets, p, stop, buf.data());
+                gp = buf.data();
+              }
+              shared_forward_range(prm, gp, g_stride, source.coords + 3 * p, gI + p, 0, stop - p);
             }
           });
         }
@@ -264,20 +265,19 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output, const at::Tensor
         for (int64_t b = block_begin; b < block_end; ++b) {
           std::array<double, 4> acc = {0, 0, 0, 0};
           const int64_t begin = b * kReduceBlock, end = std::min(n, begin + kReduceBlock);
-          if (fast && gather) {
-            // The block from its own start (the same lanes and sums).
-            gather_grad(g, offsets, begin, end, buf.data());
+          if (fast) {
+            // The block from its own start, its gradients read in place or
+            // gathered (the same lanes and sums either way).
+            const T* gb = g + begin * g_stride;
+            if (gather) {
+              gather_grad(g, offsets, begin, end, buf.data());
+              gb = buf.data();
+            }
             PixelSource<T> block = source;
             block.intensity += begin;
             block.coords += 3 * begin;
-            shared_backward_block(prm, block, buf.data(), 1, gI ? gI + begin : nullptr,
+            shared_backward_block(prm, block, gb, g_stride, gI ? gI + begin : nullptr,
                                   gP ? gP + 3 * begin : nullptr, 0, end - begin,
-                                  need_sums ? acc.data() : nullptr);
-            partial[static_cast<size_t>(b)] = acc;
-            continue;
-          }
-          if (fast) {
-            shared_backward_block(prm, source, g, g_stride, gI, gP, begin, end,
                                   need_sums ? acc.data() : nullptr);
             partial[static_cast<size_t>(b)] = acc;
             continue;
