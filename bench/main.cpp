@@ -625,15 +625,10 @@ void add_interleaved_backward(const Options& o, const Workload& w, std::vector<n
     });
     if (f == rows.end()) continue;
     const Case cf{fb.op, "fused", "forward", fb.size, o.per_pixel};
-    // Absorption: every input needing a gradient, and the intensity alone,
-    // each with the three layouts of the output gradient (Case::grads,
-    // Case::grad_layout); tricubic: every input, `.sum().backward()`.
-    std::vector<std::pair<std::string, std::string>> variants = {{"all", "expanded"}};
-    if (fb.op == "detector_absorption") {
-      variants = {{"all", "expanded"},       {"all", "contiguous"},       {"all", "strided"},
-                  {"intensity", "expanded"}, {"intensity", "contiguous"}, {"intensity", "strided"}};
-    }
-    for (const auto& [grads, layout] : variants) {
+    // Which inputs need a gradient, and the output gradient's layout
+    // (Case::grads, Case::grad_layout): nb::backward_variants.
+    for (const nb::BackwardVariant& v : nb::backward_variants(fb.op)) {
+      const std::string &grads = v.grads, &layout = v.layout;
       Case cfb{fb.op, "fused", "forward_backward", fb.size, o.per_pixel};
       cfb.grads = grads, cfb.grad_layout = layout;
       interleaved_measurement(o, fb, fb.threads, "interleaved backward", [&] {

@@ -45,6 +45,15 @@ std::string message_of(const std::exception& e) {
   return e.what();
 }
 
+const std::vector<BackwardVariant>& backward_variants(const std::string& op) {
+  static const std::vector<BackwardVariant> tricubic = {{"all", "expanded", 2.0}};
+  static const std::vector<BackwardVariant> absorption = {
+      {"all", "expanded", 3.0},         {"all", "contiguous", 3.0},
+      {"all", "strided", 3.0},          {"intensity", "expanded", 1.5},
+      {"intensity", "contiguous", 1.5}, {"intensity", "strided", 1.5}};
+  return op == "tricubic_interp" ? tricubic : absorption;
+}
+
 std::string backward_field(const std::string& grads, const std::string& layout) {
   const std::string base = "backward_in_forwards_interleaved";
   return grads == "all" && layout == "expanded" ? base : base + "_" + grads + "_" + layout;
@@ -482,49 +491,38 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
              << " | " << (speedup >= need ? "yes" : "**no**") << " |\n";
         }
       }
-      // The backward alone, in forwards: interleaved with forwards where the
-      // bench timed it (main.cpp, add_interleaved_backward), else, for the
-      // rows' own variant, forward+backward minus forward from their medians.
-      // Issue 17's goals: tricubic with every input needing a gradient ≤ 2;
-      // absorption ≤ 3 with every input, ≤ 1.5 with the intensity alone,
-      // for each layout of the output gradient.
-      struct BackwardGoal {
-        std::string op, grads, layout;
-        double need;
-      };
-      const std::vector<BackwardGoal> backward_goals = {
-          {"tricubic_interp", "all", "expanded", 2.0},
-          {"detector_absorption", "all", "expanded", 3.0},
-          {"detector_absorption", "all", "contiguous", 3.0},
-          {"detector_absorption", "all", "strided", 3.0},
-          {"detector_absorption", "intensity", "expanded", 1.5},
-          {"detector_absorption", "intensity", "contiguous", 1.5},
-          {"detector_absorption", "intensity", "strided", 1.5}};
-      for (const BackwardGoal& g : backward_goals) {
-        const Row* f = find(rows, g.op, "fused", "forward", 512, "float32", device, threads);
+      // The backward alone, in forwards (backward_variants' goals):
+      // interleaved with forwards where the bench timed it (main.cpp,
+      // add_interleaved_backward), else, for the rows' own variant,
+      // forward+backward minus forward from their medians.
+      for (const std::string op : {"tricubic_interp", "detector_absorption"}) {
+        const Row* f = find(rows, op, "fused", "forward", 512, "float32", device, threads);
         const Row* fb =
-            find(rows, g.op, "fused", "forward_backward", 512, "float32", device, threads);
+            find(rows, op, "fused", "forward_backward", 512, "float32", device, threads);
         if (f == nullptr || fb == nullptr) continue;
-        const bool rows_variant = g.grads == "all" && g.layout == "expanded";
-        const double of_rows = (fb->warm_seconds - f->warm_seconds) / f->warm_seconds;
-        const auto interleaved = fb->fields.find(backward_field(g.grads, g.layout));
-        const bool have = interleaved != fb->fields.end();
-        if (!have && !rows_variant) continue;  // not timed in this run (CUDA)
-        const double forwards = have ? interleaved->second : of_rows;
-        const std::string needing =
-            g.grads == "all" ? "every input needs a gradient" : "only intensity needs a gradient";
-        const std::string layout = g.layout == "expanded" ? "`.sum().backward()`"
-                                   : g.layout == "contiguous"
-                                       ? "a contiguous output gradient"
-                                       : "a strided (transposed) output gradient";
-        md << "| " << where << ": " << g.op << " backward (" << needing << ", " << layout << ") ≤ "
-           << fmt(g.need, g.need == 1.5 ? 1 : 0) << " forwards | " << fmt(forwards, 2)
-           << " forwards"
-           << (have ? " (median of " + fmt(fb->fields.at("interleaved_rounds"), 0) +
-                          " interleaved rounds" +
-                          (rows_variant ? "; from the rows' medians " + fmt(of_rows, 2) : "") + ")"
-                    : std::string())
-           << " | " << (forwards <= g.need ? "yes" : "**no**") << " |\n";
+        for (const BackwardVariant& g : backward_variants(op)) {
+          const bool rows_variant = g.grads == "all" && g.layout == "expanded";
+          const double of_rows = (fb->warm_seconds - f->warm_seconds) / f->warm_seconds;
+          const auto interleaved = fb->fields.find(backward_field(g.grads, g.layout));
+          const bool have = interleaved != fb->fields.end();
+          if (!have && !rows_variant) continue;  // not timed in this run (CUDA)
+          const double forwards = have ? interleaved->second : of_rows;
+          const std::string needing =
+              g.grads == "all" ? "every input needs a gradient" : "only intensity needs a gradient";
+          const std::string layout = g.layout == "expanded" ? "`.sum().backward()`"
+                                     : g.layout == "contiguous"
+                                         ? "a contiguous output gradient"
+                                         : "a strided (transposed) output gradient";
+          md << "| " << where << ": " << op << " backward (" << needing << ", " << layout << ") ≤ "
+             << fmt(g.goal, g.goal == std::floor(g.goal) ? 0 : 1) << " forwards | "
+             << fmt(forwards, 2) << " forwards"
+             << (have
+                     ? " (median of " + fmt(fb->fields.at("interleaved_rounds"), 0) +
+                           " interleaved rounds" +
+                           (rows_variant ? "; from the rows' medians " + fmt(of_rows, 2) : "") + ")"
+                     : std::string())
+             << " | " << (forwards <= g.goal ? "yes" : "**no**") << " |\n";
+        }
       }
       target("absorption forward ≥ 5× aten_composite", "detector_absorption", "forward",
              "aten_composite", 5, false);

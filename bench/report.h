@@ -77,6 +77,17 @@ void set_warm_times(Row& r, const std::vector<double>& seconds);
 // An exception's message, without c10's backtrace: for rows' errors.
 std::string message_of(const std::exception& e);
 
+// The backward variants the bench times interleaved with forwards, and
+// their goals in forwards (issue 17): tricubic with every input needing a
+// gradient and `.sum().backward()` (≤ 2); absorption with every input (≤ 3)
+// or the intensity alone (≤ 1.5) needing one, for each layout of the output
+// gradient ("expanded" from `.sum()`, "contiguous", "strided": transposed).
+struct BackwardVariant {
+  std::string grads, layout;
+  double goal;
+};
+const std::vector<BackwardVariant>& backward_variants(const std::string& op);
+
 // The forward_backward row's field that holds the backward's cost in
 // forwards, timed interleaved with forwards, for the inputs needing a
 // gradient ("all", "intensity") and the output gradient's layout
