@@ -353,36 +353,27 @@ def test_torch_compile_fullgraph_matches_eager(absorption_device):
         torch.testing.assert_close(b.grad, a.grad)
 
 
+def bad_scalar(name, factor, message):
+    """An error case: the valid `thickness` or `attenuation_length` times
+    `factor`, as a 0-dim CPU tensor, checked on the host with data on either
+    device. (Held on a GPU a bad value gives an all-NaN result instead, not
+    an error: test_cuda.py.)"""
+    if name == "thickness":
+        return (lambda i, p, o, t, a: dict(thickness=(t * factor).cpu()), message)
+    return (lambda i, p, o, t, a: dict(attenuation_length=(a * factor).cpu()), message)
+
+
 ERROR_CASES = {
     # name: (changes to a valid call, what the message must say after the operator name)
     "thicksteps-0": (lambda i, p, o, t, a: dict(thicksteps=0), r"argument 'thicksteps' must be at least 1, got 0"),
-    # Bad thickness and attenuation values as 0-dim CPU tensors: checked on the
-    # host with data on either device. (Held on a GPU they give an all-NaN
-    # result instead, not an error: test_cuda.py.)
-    "thickness-negative": (
-        lambda i, p, o, t, a: dict(thickness=(-t).cpu()),
-        r"argument 'thickness' must be finite and >= 0, got -0.0003",
+    "thickness-negative": bad_scalar("thickness", -1, r"argument 'thickness' must be finite and >= 0, got -0.0003"),
+    "thickness-nan": bad_scalar("thickness", math.nan, r"argument 'thickness' must be finite and >= 0, got nan"),
+    "thickness-inf": bad_scalar("thickness", math.inf, r"argument 'thickness' must be finite and >= 0, got inf"),
+    "attenuation-zero": bad_scalar("attenuation_length", 0, r"argument 'attenuation_length' must be > 0 .*got 0"),
+    "attenuation-negative": bad_scalar(
+        "attenuation_length", -1, r"argument 'attenuation_length' must be > 0 .*got -0.0002"
     ),
-    "thickness-nan": (
-        lambda i, p, o, t, a: dict(thickness=(t * math.nan).cpu()),
-        r"argument 'thickness' must be finite and >= 0, got nan",
-    ),
-    "thickness-inf": (
-        lambda i, p, o, t, a: dict(thickness=(t * math.inf).cpu()),
-        r"argument 'thickness' must be finite and >= 0, got inf",
-    ),
-    "attenuation-zero": (
-        lambda i, p, o, t, a: dict(attenuation_length=(a * 0).cpu()),
-        r"argument 'attenuation_length' must be > 0 .*got 0",
-    ),
-    "attenuation-negative": (
-        lambda i, p, o, t, a: dict(attenuation_length=(-a).cpu()),
-        r"argument 'attenuation_length' must be > 0 .*got -0.0002",
-    ),
-    "attenuation-nan": (
-        lambda i, p, o, t, a: dict(attenuation_length=(a * math.nan).cpu()),
-        r"argument 'attenuation_length' must be > 0 .*got nan",
-    ),
+    "attenuation-nan": bad_scalar("attenuation_length", math.nan, r"argument 'attenuation_length' must be > 0 .*got nan"),
     "intensity-layers": (
         lambda i, p, o, t, a: dict(intensity=i.expand(2, S, F), pixel_coords=p[None], per_layer=True),
         r"argument 'intensity' has a layer dimension \(dim 0\) of size 2.*thicksteps = 3 or 1",
