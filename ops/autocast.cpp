@@ -9,6 +9,8 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include "common/library_init.h"
+
 #include "dispatch.h"
 
 namespace nanobragg {
@@ -47,12 +49,12 @@ using AutocastCuda = Autocast<c10::DispatchKey::AutocastCUDA, c10::DeviceType::C
 }  // namespace
 }  // namespace nanobragg
 
-TORCH_LIBRARY_IMPL(nanobragg, AutocastCPU, m) {
+NANOBRAGG_LIBRARY_IMPL(AutocastCPU, m) {
   m.impl("tricubic_interp", TORCH_FN(nanobragg::AutocastCpu::tricubic_interp));
   m.impl("detector_absorption", TORCH_FN(nanobragg::AutocastCpu::detector_absorption));
 }
 
-TORCH_LIBRARY_IMPL(nanobragg, AutocastCUDA, m) {
+NANOBRAGG_LIBRARY_IMPL(AutocastCUDA, m) {
   m.impl("tricubic_interp", TORCH_FN(nanobragg::AutocastCuda::tricubic_interp));
   m.impl("detector_absorption", TORCH_FN(nanobragg::AutocastCuda::detector_absorption));
 }

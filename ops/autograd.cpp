@@ -32,6 +32,8 @@
 #include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
+#include "common/library_init.h"
+
 #include <algorithm>
 #include <array>
 #include <mutex>
@@ -403,7 +405,7 @@ struct Autograd<Op, std::index_sequence<I...>, op_traits::Params<F...>, op_trait
 }  // namespace
 }  // namespace nanobragg
 
-TORCH_LIBRARY_IMPL(nanobragg, Autograd, m) {
+NANOBRAGG_LIBRARY_IMPL(Autograd, m) {
   using namespace nanobragg;
   Autograd<op_traits::TricubicInterp>::register_kernels(m);
   Autograd<op_traits::DetectorAbsorption>::register_kernels(m);

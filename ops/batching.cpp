@@ -18,6 +18,8 @@
 #include <ATen/functorch/PlumbingHelper.h>
 #include <torch/library.h>
 
+#include "common/library_init.h"
+
 #include <optional>
 #include <string>
 #include <vector>
@@ -269,7 +271,7 @@ void register_rules(torch::Library& m) {
 }  // namespace
 }  // namespace nanobragg
 
-TORCH_LIBRARY_IMPL(nanobragg, FuncTorchBatched, m) {
+NANOBRAGG_LIBRARY_IMPL(FuncTorchBatched, m) {
   using namespace nanobragg;
   register_rules<op_traits::TricubicInterp, &fold_tricubic, &fold_tricubic_backward, &no_fold>(m);
   register_rules<op_traits::DetectorAbsorption, &fold_absorption, &no_fold, &no_fold>(m);

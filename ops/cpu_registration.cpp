@@ -3,6 +3,8 @@
 // as ATen's DispatchStub does for its native/cpu kernels.
 #include <torch/library.h>
 
+#include "common/library_init.h"
+
 #include "common/cpu_capability.h"
 #include "common/cpu_kernels.h"
 
@@ -75,7 +77,7 @@ NANOBRAGG_STUB_FN(absorption, detector_absorption_double_backward_cpu, Tuple6,
 }  // namespace cpu_stub
 }  // namespace nanobragg
 
-TORCH_LIBRARY_IMPL(nanobragg, CPU, m) {
+NANOBRAGG_LIBRARY_IMPL(CPU, m) {
   namespace s = nanobragg::cpu_stub;
   m.impl("tricubic_interp", TORCH_FN(s::tricubic_interp_cpu));
   m.impl("tricubic_interp_backward", TORCH_FN(s::tricubic_interp_backward_cpu));

@@ -5,6 +5,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "common/library_init.h"
+
 #include <array>
 #include <tuple>
 
@@ -110,7 +112,7 @@ detector_absorption_double_backward_meta(
 }  // namespace
 }  // namespace nanobragg
 
-TORCH_LIBRARY_IMPL(nanobragg, Meta, m) {
+NANOBRAGG_LIBRARY_IMPL(Meta, m) {
   m.impl("tricubic_interp_double_backward",
          TORCH_FN(nanobragg::tricubic_interp_double_backward_meta));
   m.impl("detector_absorption_double_backward",

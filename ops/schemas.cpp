@@ -7,7 +7,9 @@
 // lookup of a handle checks these schemas against that description.
 #include <torch/library.h>
 
-TORCH_LIBRARY(nanobragg, m) {
+#include "common/library_init.h"
+
+NANOBRAGG_LIBRARY(m) {
   // docs/CONTRACT.md §1.
   m.def(
       "tricubic_interp(Tensor grid, Tensor hkl, int[3] index_min, "

@@ -19,6 +19,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
+#include "common/library_init.h"
+
 #include <algorithm>
 #include <array>
 #include <tuple>
@@ -301,7 +303,7 @@ detector_absorption_double_backward_cuda(
 }  // namespace absorption
 }  // namespace nanobragg
 
-TORCH_LIBRARY_IMPL(nanobragg, CUDA, m) {
+NANOBRAGG_LIBRARY_IMPL(CUDA, m) {
   m.impl("detector_absorption", TORCH_FN(nanobragg::absorption::detector_absorption_cuda));
   m.impl("detector_absorption_backward",
          TORCH_FN(nanobragg::absorption::detector_absorption_backward_cuda));

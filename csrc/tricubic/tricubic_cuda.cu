@@ -21,6 +21,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
+#include "common/library_init.h"
+
 #include <array>
 #include <limits>
 #include <tuple>
@@ -357,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tricubic_interp_double_backward_c
 }  // namespace tricubic
 }  // namespace nanobragg
 
-TORCH_LIBRARY_IMPL(nanobragg, CUDA, m) {
+NANOBRAGG_LIBRARY_IMPL(CUDA, m) {
   m.impl("tricubic_interp", TORCH_FN(nanobragg::tricubic::tricubic_interp_cuda));
   m.impl("tricubic_interp_backward", TORCH_FN(nanobragg::tricubic::tricubic_interp_backward_cuda));
   m.impl("tricubic_interp_double_backward",

@@ -8,6 +8,7 @@ code, ``torch.jit.script`` and ``torch.compile``).
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 from pathlib import Path
@@ -50,7 +51,41 @@ def _check_torch_version(path: Path) -> None:
         )
 
 
-def _load() -> Path:
+def _already_loaded() -> Path | None:
+    """The file of the copy of the library that serves the operators, if one
+    is in this process already (None when none is, or when it cannot be told).
+
+    A second copy (the build directory's after the wheel's, say) would only
+    warn and register nothing (csrc/common/library_init.h), so the package
+    uses the copy loaded first: by torch.ops.load_library, by a C++ host that
+    links it, or by an earlier import. Each copy answers whether it is that
+    one (nanobragg_ops_serves_operators).
+    """
+    if not hasattr(torch.ops.nanobragg, "tricubic_interp"):
+        return None
+    files = sorted(torch.ops.loaded_libraries)
+    try:  # linked by the host, or loaded some other way: the mapped files
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and Path(fields[5].strip()).name.startswith(_LIBRARY_NAME):
+                    files.append(fields[5].strip())
+    except OSError:
+        pass
+    for file in files:
+        try:  # (already loaded: ctypes gets the same handle, nothing runs again)
+            serves = ctypes.CDLL(file).nanobragg_ops_serves_operators
+        except (OSError, AttributeError):
+            continue
+        serves.restype = ctypes.c_int
+        if serves() == 1:
+            return Path(file)
+    return None
+
+
+def _load() -> Path | None:
+    if hasattr(torch.ops.nanobragg, "tricubic_interp"):
+        return _already_loaded()
     candidates = _candidate_paths()
     for path in candidates:
         if path.is_file():
@@ -70,7 +105,9 @@ def _load() -> Path:
     )
 
 
-library_path: Path = _load()
+# The file the operators come from (None only when they were registered before
+# the import by a copy that cannot be found, such as one linked statically).
+library_path: Path | None = _load()
 
 
 def tricubic_interp(

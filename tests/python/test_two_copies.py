@@ -1,0 +1,72 @@
+"""Two copies of the library in one process (a wheel's and a build
+directory's, say): torch aborts the process when a namespace is defined
+twice, so the second copy registers nothing and warns, and the package uses
+the copy that was loaded first (csrc/common/library_init.h)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import nanobragg_ops
+
+# A linear grid (value 36 h + 6 k + l) is interpolated exactly, with
+# gradient (36, 6, 1): an answer that needs the forward and the Autograd
+# kernels of whichever copy serves the calls.
+USE_THE_OPS = (
+    "g = torch.arange(216.0, dtype=torch.float64).view(6, 6, 6)\n"
+    "h = torch.tensor([[2.5, 2.0, 2.25]], dtype=torch.float64, requires_grad=True)\n"
+    "F = nanobragg_ops.tricubic_interp(g, h, (0, 0, 0))\n"
+    "F.sum().backward()\n"
+    "assert F.item() == 36 * 2.5 + 6 * 2.0 + 2.25, F.item()\n"
+    "want = torch.tensor([[36.0, 6.0, 1.0]], dtype=torch.float64)\n"
+    "assert torch.allclose(h.grad, want, rtol=1e-12, atol=0), h.grad.tolist()\n"
+)
+WARNING = "registers nothing, and the earlier copy's operators stay in use"
+
+
+@pytest.fixture
+def copy_of_library(tmp_path) -> Path:
+    # Another file (not a link: the loader would see the same one), with a
+    # name of its own, as torch.ops.load_library allows.
+    copy = tmp_path / "copy_of_nanobragg_ops.so"
+    shutil.copyfile(nanobragg_ops.library_path, copy)
+    return copy
+
+
+def run(code: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, NANOBRAGG_OPS_LIBRARY=str(nanobragg_ops.library_path))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+
+
+def test_import_uses_a_copy_loaded_before_it(copy_of_library):
+    out = run(
+        "import torch, ctypes\n"
+        f"torch.ops.load_library({str(copy_of_library)!r})\n"
+        "import nanobragg_ops\n"
+        f"assert nanobragg_ops.library_path.samefile({str(copy_of_library)!r}), "
+        "nanobragg_ops.library_path\n" + USE_THE_OPS + "print('ok')\n"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ok"]
+    assert WARNING not in out.stderr  # the package loaded no second copy
+
+
+def test_a_copy_loaded_after_import_registers_nothing(copy_of_library):
+    out = run(
+        "import torch, ctypes, nanobragg_ops\n"
+        "first = nanobragg_ops.library_path\n"
+        f"torch.ops.load_library({str(copy_of_library)!r})\n"
+        + USE_THE_OPS
+        + f"second = ctypes.CDLL({str(copy_of_library)!r}).nanobragg_ops_serves_operators\n"
+        "served = ctypes.CDLL(str(first)).nanobragg_ops_serves_operators\n"
+        "print(served(), second())\n"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "0"]
+    assert WARNING in out.stderr and str(copy_of_library) in out.stderr
