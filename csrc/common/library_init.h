@@ -22,7 +22,10 @@ namespace nanobragg {
 __attribute__((visibility("hidden"))) bool this_copy_registers();
 
 // torch::detail::TorchLibraryInit, skipped when !this_copy_registers().
-class LibraryInit {
+// Hidden too: its inline members would otherwise be exported, and a copy
+// loaded after one that the host links would run the host's copy's
+// constructor, which asks the host's copy whether to register.
+class __attribute__((visibility("hidden"))) LibraryInit {
  public:
   LibraryInit(torch::Library::Kind kind, void (*init)(torch::Library&),
               std::optional<c10::DispatchKey> key, const char* file, uint32_t line) {
@@ -38,19 +41,18 @@ class LibraryInit {
 }  // namespace nanobragg
 
 // TORCH_LIBRARY(nanobragg, m): the one definition of the namespace.
-#define NANOBRAGG_LIBRARY(m)                                                                   \
-  static void nanobragg_library_init(torch::Library&);                                         \
-  static const nanobragg::LibraryInit nanobragg_library_static_init(                          \
-      torch::Library::DEF, &nanobragg_library_init, std::nullopt, __FILE__, __LINE__);        \
+#define NANOBRAGG_LIBRARY(m)                                                           \
+  static void nanobragg_library_init(torch::Library&);                                 \
+  static const nanobragg::LibraryInit nanobragg_library_static_init(                   \
+      torch::Library::DEF, &nanobragg_library_init, std::nullopt, __FILE__, __LINE__); \
   void nanobragg_library_init(torch::Library& m)
 
 // TORCH_LIBRARY_IMPL(nanobragg, key, m). (C10_UID is __COUNTER__: expanded
 // once, as an argument, so that the three names below share it.)
 #define NANOBRAGG_LIBRARY_IMPL(key, m) NANOBRAGG_LIBRARY_IMPL_UID(key, m, C10_UID)
-#define NANOBRAGG_LIBRARY_IMPL_UID(key, m, uid)                                                \
-  static void C10_CONCATENATE(nanobragg_library_impl_##key##_, uid)(torch::Library&);          \
-  static const nanobragg::LibraryInit C10_CONCATENATE(nanobragg_library_impl_init_##key##_,   \
-                                                      uid)(                                    \
-      torch::Library::IMPL, &C10_CONCATENATE(nanobragg_library_impl_##key##_, uid),            \
-      std::make_optional(c10::DispatchKey::key), __FILE__, __LINE__);                          \
+#define NANOBRAGG_LIBRARY_IMPL_UID(key, m, uid)                                                   \
+  static void C10_CONCATENATE(nanobragg_library_impl_##key##_, uid)(torch::Library&);             \
+  static const nanobragg::LibraryInit C10_CONCATENATE(nanobragg_library_impl_init_##key##_, uid)( \
+      torch::Library::IMPL, &C10_CONCATENATE(nanobragg_library_impl_##key##_, uid),               \
+      std::make_optional(c10::DispatchKey::key), __FILE__, __LINE__);                             \
   void C10_CONCATENATE(nanobragg_library_impl_##key##_, uid)(torch::Library & m)
