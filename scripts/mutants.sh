@@ -72,6 +72,8 @@ csrc/absorption/absorption_cpu_vec.h|second[d][j] = e < 2 * W ? j : W + e - 2 * 
 csrc/absorption/absorption_cpu_vec.h|to_second[r][i] = d < 2 ? i : W + j;|to_second[r][i] = d < 2 ? i : j;|AVX-512 absorption: the z gradients stored from the wrong register
 csrc/absorption/absorption_scalars.h|        return static_cast<double>(static_cast<float>(*static_cast<const c10::Half*>(device)));|        return static_cast<double>(static_cast<float>(*static_cast<const c10::BFloat16*>(device)));|a float16 scalar in device memory read as bfloat16 (`ScalarArg`)
 csrc/absorption/absorption_cpu.cpp|const int64_t rows = end_row - first_row;|const int64_t rows = end_row - first_row - 1;|a transposed incoming gradient gathered without a block's last whole row
+csrc/common/library_init.h|class __attribute__((visibility("hidden"))) LibraryInit {|class LibraryInit {|the registration guard's class exported: a second copy dlopen'ed beside a linked one runs the linked copy's constructor and registers again
+csrc/common/library_init.cpp|    return !defined;|    return true;|the registration guard never skips: a second copy defines the namespace again (torch aborts the process)
 EOF
 )
 
