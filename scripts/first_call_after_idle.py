@@ -9,13 +9,19 @@ ratio that ATen's own elementwise op shows too is the cost of waking the
 threads, not of the operator.
 
   .venv/bin/python scripts/first_call_after_idle.py [--threads 2] [--rounds 5] [--idle 2]
+
+Prints a Markdown table (with the date and the git revision): the runs kept
+are in reports/first_call_after_idle/.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import time
+from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
@@ -60,7 +66,13 @@ def main() -> None:
             ratios[name].append(times[0] / warm)
             warm_ms[name].append(warm * 1e3)
 
-    print(f"{args.threads} threads, {args.rounds} rounds, {args.idle:g} s idle before each first call")
+    revision = subprocess.run(
+        ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
+        capture_output=True, text=True,
+    ).stdout.strip()
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"{stamp}, git {revision or 'unknown'}, {torch.get_num_threads()} threads, {args.rounds} rounds, "
+          f"{args.idle:g} s idle before each first call\n")
     print("| call | warm ms (median) | first call / warm, each round | median |")
     print("|---|---:|---|---:|")
     for name in calls:

@@ -3,6 +3,7 @@
 // the namespace's second definition; the copy registers nothing, warns,
 // naming its file, and the linked copy keeps serving the operators.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <dlfcn.h>
 #include <gtest/gtest.h>
@@ -25,17 +26,32 @@ class WarningsSeen : public c10::WarningHandler {
   std::vector<std::string> messages;
 };
 
-using ServesFn = int (*)();
+using ServingFileFn = const char* (*)();
+
+// Every kernel registered for every nanobragg operator, with where it was
+// registered from: a second copy that registered anything changes it.
+std::string registrations() {
+  std::string all;
+  for (const char* op : {"tricubic_interp", "tricubic_interp_backward",
+                         "tricubic_interp_double_backward", "detector_absorption",
+                         "detector_absorption_backward", "detector_absorption_double_backward"}) {
+    const auto handle =
+        c10::Dispatcher::singleton().findSchema({std::string("nanobragg::") + op, ""});
+    all += handle ? handle->dumpState() : std::string("missing ") + op;
+  }
+  return all;
+}
 
 TEST(TwoCopies, ASecondCopyRegistersNothingAndTheFirstKeepsServing) {
   // The file of the copy this binary links, found from one of its functions.
   Dl_info info{};
   ASSERT_NE(dladdr(reinterpret_cast<void*>(&nanobragg_ops::tricubic_interp), &info), 0);
   const fs::path linked = fs::canonical(info.dli_fname);
-  const fs::path copy = fs::temp_directory_path() /
-                        ("nanobragg_ops_second_copy_" + std::to_string(getpid()) + ".so");
+  const fs::path copy =
+      fs::temp_directory_path() / ("nanobragg_ops_second_copy_" + std::to_string(getpid()) + ".so");
   fs::copy_file(linked, copy, fs::copy_options::overwrite_existing);
 
+  const std::string before = registrations();
   WarningsSeen seen;
   void* handle = nullptr;
   {
@@ -45,17 +61,20 @@ TEST(TwoCopies, ASecondCopyRegistersNothingAndTheFirstKeepsServing) {
   fs::remove(copy);  // (the loaded copy stays mapped; it is never closed)
   ASSERT_NE(handle, nullptr) << dlerror();
 
+  EXPECT_EQ(registrations(), before);  // nothing registered again, nothing replaced
   ASSERT_EQ(seen.messages.size(), 1u);
   EXPECT_NE(seen.messages[0].find("registers nothing"), std::string::npos) << seen.messages[0];
   EXPECT_NE(seen.messages[0].find(copy.string()), std::string::npos) << seen.messages[0];
 
-  const auto copy_serves = reinterpret_cast<ServesFn>(dlsym(handle, "nanobragg_ops_serves_operators"));
-  const auto linked_serves =
-      reinterpret_cast<ServesFn>(dlsym(RTLD_DEFAULT, "nanobragg_ops_serves_operators"));
-  ASSERT_NE(copy_serves, nullptr);
-  ASSERT_NE(linked_serves, nullptr);
-  EXPECT_EQ(copy_serves(), 0);
-  EXPECT_EQ(linked_serves(), 1);
+  const auto copy_file =
+      reinterpret_cast<ServingFileFn>(dlsym(handle, "nanobragg_ops_serving_file"));
+  const auto linked_file =
+      reinterpret_cast<ServingFileFn>(dlsym(RTLD_DEFAULT, "nanobragg_ops_serving_file"));
+  ASSERT_NE(copy_file, nullptr);
+  ASSERT_NE(linked_file, nullptr);
+  EXPECT_EQ(copy_file(), nullptr);  // the copy serves nothing
+  ASSERT_NE(linked_file(), nullptr);
+  EXPECT_EQ(fs::canonical(linked_file()), linked);
 
   // The operators still answer: a linear grid (36 h + 6 k + l) is
   // interpolated exactly.

@@ -11,6 +11,12 @@ import torch
 
 import nanobragg_ops  # noqa: F401  (loads the operator library)
 
+# Tests copy, inspect and pass on the library's file: one that cannot be told
+# (operators registered by an unidentified copy) stops the session here.
+if nanobragg_ops.library_path is None:
+    raise RuntimeError("nanobragg_ops.library_path is None: the operators were registered "
+                       "before the import by a copy of the library that cannot be identified")
+
 
 def cuda_unavailable_reason(op: str) -> str | None:
     if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"):

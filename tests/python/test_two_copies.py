@@ -29,46 +29,77 @@ USE_THE_OPS = (
 )
 WARNING = "registers nothing, and the earlier copy's operators stay in use"
 OVERRIDE = "Overriding a previously registered kernel"  # torch's, were any registered again
+NOT_THE_ONE_ASKED_FOR = "it serves them, not NANOBRAGG_OPS_LIBRARY="
 
 
-@pytest.fixture
-def copy_of_library(tmp_path) -> Path:
-    # Another file (not a link: the loader would see the same one), with a
-    # name of its own, as torch.ops.load_library allows.
-    copy = tmp_path / "copy_of_nanobragg_ops.so"
+def copy_of_library(folder: Path, name: str) -> Path:
+    # Another file (not a link: the loader would see the same one).
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = folder / name
     shutil.copyfile(nanobragg_ops.library_path, copy)
     return copy
 
 
-def run(code: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, NANOBRAGG_OPS_LIBRARY=str(nanobragg_ops.library_path))
+def run(code: str, library_env: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("NANOBRAGG_OPS_LIBRARY", None)
+    if library_env:
+        env["NANOBRAGG_OPS_LIBRARY"] = str(nanobragg_ops.library_path)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
 
 
-def test_import_uses_a_copy_loaded_before_it(copy_of_library):
+def test_import_uses_a_copy_loaded_before_it(tmp_path):
+    # A name of its own, as torch.ops.load_library allows.
+    copy = copy_of_library(tmp_path, "copy_of_nanobragg_ops.so")
     out = run(
-        "import torch, ctypes\n"
-        f"torch.ops.load_library({str(copy_of_library)!r})\n"
+        "import torch\n"
+        f"torch.ops.load_library({str(copy)!r})\n"
         "import nanobragg_ops\n"
-        f"assert nanobragg_ops.library_path.samefile({str(copy_of_library)!r}), "
-        "nanobragg_ops.library_path\n" + USE_THE_OPS + "print('ok')\n"
+        f"assert nanobragg_ops.library_path.samefile({str(copy)!r}), nanobragg_ops.library_path\n"
+        + USE_THE_OPS
+        + "print('ok')\n"
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["ok"]
     assert WARNING not in out.stderr and OVERRIDE not in out.stderr  # no second copy loaded
+    # NANOBRAGG_OPS_LIBRARY named the build's file: the import says it is not the one used.
+    assert NOT_THE_ONE_ASKED_FOR in out.stderr
 
 
-def test_a_copy_loaded_after_import_registers_nothing(copy_of_library):
+def test_import_finds_a_copy_loaded_without_torch(tmp_path):
+    # Loaded by plain dlopen (as a C++ host's linker would): not in
+    # torch.ops.loaded_libraries, found among the process's mapped files.
+    copy = copy_of_library(tmp_path / "elsewhere", "libnanobragg_ops.so")
     out = run(
-        "import torch, ctypes, nanobragg_ops\n"
-        "first = nanobragg_ops.library_path\n"
-        f"torch.ops.load_library({str(copy_of_library)!r})\n"
+        "import ctypes, torch\n"
+        f"ctypes.CDLL({str(copy)!r})\n"
+        "import nanobragg_ops\n"
+        f"assert nanobragg_ops.library_path.samefile({str(copy)!r}), nanobragg_ops.library_path\n"
         + USE_THE_OPS
-        + f"second = ctypes.CDLL({str(copy_of_library)!r}).nanobragg_ops_serves_operators\n"
-        "served = ctypes.CDLL(str(first)).nanobragg_ops_serves_operators\n"
-        "print(served(), second())\n"
+        + "print('ok')\n",
+        library_env=False,
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["1", "0"]
-    assert WARNING in out.stderr and str(copy_of_library) in out.stderr
+    assert out.stdout.split() == ["ok"]
+    assert WARNING not in out.stderr and OVERRIDE not in out.stderr
+    assert NOT_THE_ONE_ASKED_FOR not in out.stderr
+
+
+def test_a_copy_loaded_after_import_registers_nothing(tmp_path):
+    copy = copy_of_library(tmp_path, "copy_of_nanobragg_ops.so")
+    out = run(
+        "import ctypes, torch, nanobragg_ops\n"
+        "first = nanobragg_ops.library_path\n"
+        f"torch.ops.load_library({str(copy)!r})\n"
+        + USE_THE_OPS
+        + "def serving_file(path):\n"
+        "    fn = ctypes.CDLL(str(path)).nanobragg_ops_serving_file\n"
+        "    fn.restype = ctypes.c_char_p\n"
+        "    return fn()\n"
+        f"print(serving_file({str(copy)!r}))\n"
+        "print(first.samefile(serving_file(first).decode()))\n"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "True"]
+    assert WARNING in out.stderr and str(copy) in out.stderr
     assert OVERRIDE not in out.stderr

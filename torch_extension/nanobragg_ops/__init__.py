@@ -1,9 +1,10 @@
 """Fused, differentiable building blocks of nanoBragg's diffraction simulation.
 
 Importing this package loads the compiled operator library into PyTorch
-(``torch.ops.load_library``), after which the operators are available both as
-the functions below and as ``torch.ops.nanobragg.<name>`` (usable from eager
-code, ``torch.jit.script`` and ``torch.compile``).
+(``torch.ops.load_library``), unless a copy of it is in the process already,
+after which the operators are available both as the functions below and as
+``torch.ops.nanobragg.<name>`` (usable from eager code, ``torch.jit.script``
+and ``torch.compile``). ``library_path`` names the file that serves them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
@@ -58,11 +60,9 @@ def _already_loaded() -> Path | None:
     A second copy (the build directory's after the wheel's, say) would only
     warn and register nothing (csrc/common/library_init.h), so the package
     uses the copy loaded first: by torch.ops.load_library, by a C++ host that
-    links it, or by an earlier import. Each copy answers whether it is that
-    one (nanobragg_ops_serves_operators).
+    links it, or by an earlier import. The copies answer which file that is
+    (nanobragg_ops_serving_file).
     """
-    if not hasattr(torch.ops.nanobragg, "tricubic_interp"):
-        return None
     files = sorted(torch.ops.loaded_libraries)
     try:  # linked by the host, or loaded some other way: the mapped files
         with open("/proc/self/maps") as maps:
@@ -74,18 +74,35 @@ def _already_loaded() -> Path | None:
         pass
     for file in files:
         try:  # (already loaded: ctypes gets the same handle, nothing runs again)
-            serves = ctypes.CDLL(file).nanobragg_ops_serves_operators
+            serving_file = ctypes.CDLL(file).nanobragg_ops_serving_file
         except (OSError, AttributeError):
             continue
-        serves.restype = ctypes.c_int
-        if serves() == 1:
-            return Path(file)
+        serving_file.restype = ctypes.c_char_p
+        answer = serving_file()
+        if answer:
+            return Path(os.fsdecode(answer))
     return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
 
 
 def _load() -> Path | None:
     if hasattr(torch.ops.nanobragg, "tricubic_interp"):
-        return _already_loaded()
+        serving = _already_loaded()
+        wanted = os.environ.get("NANOBRAGG_OPS_LIBRARY")
+        if serving is None or (wanted and not _same_file(serving, Path(wanted))):
+            warnings.warn(
+                f"nanobragg_ops: the operators are already registered in this process, by "
+                f"{serving or 'a copy of the library that cannot be identified'}; it serves them"
+                + (f", not NANOBRAGG_OPS_LIBRARY={wanted}" if wanted else ""),
+                stacklevel=3,
+            )
+        return serving
     candidates = _candidate_paths()
     for path in candidates:
         if path.is_file():
