@@ -75,20 +75,19 @@ void shared_forward_range(const AbsorptionParams<T>& prm, const T* value, int64_
   }
 }
 
-// Gradients of pixels [begin, end) of the common case (incoming gradient of
-// pixel p at g[p * g_stride]); adds the block's dL/ds and dL/dodet to acc
-// when it is not null.
+// Gradients of pixels [0, count) of the common case (incoming gradient of
+// pixel p at g[p * g_stride]; callers pass a block's pointers); adds the
+// block's dL/ds and dL/dodet to acc when it is not null.
 template <typename T>
 void shared_backward_block(const AbsorptionParams<T>& prm, const PixelSource<T>& source, const T* g,
-                           int64_t g_stride, T* gI, T* gP, int64_t begin, int64_t end,
-                           double* acc) {
+                           int64_t g_stride, T* gI, T* gP, int64_t count, double* acc) {
   const T* I = source.intensity;
   const T* C = source.coords;
 #if !defined(CPU_CAPABILITY_DEFAULT)
-  vec::shared_backward(prm, I, C, g, g_stride, gI, gP, begin, end, acc);
+  vec::shared_backward(prm, I, C, g, g_stride, gI, gP, count, acc);
   return;
 #endif
-  for (int64_t p = begin; p < end; ++p) {
+  for (int64_t p = 0; p < count; ++p) {
     const T* c = C + 3 * p;
     T grad_I, gp[3], d_step, go[3];
     shared_pixel_grad(prm.odet[0], prm.odet[1], prm.odet[2], prm.step, prm.layers, prm.oversample,
@@ -242,6 +241,13 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output, const at::Tensor
       const T* g = grad_output.const_data_ptr<T>();
       T* gI = full.intensity_ptr<T>();
       T* gP = full.coords_ptr<T>();
+      // The incoming gradients of pixels [begin, end), from pixel begin on:
+      // read in place, or gathered into buf (the same values either way).
+      auto grads_of = [&](int64_t begin, int64_t end, std::vector<T>& buf) -> const T* {
+        if (!gather) return g + begin * g_stride;
+        gather_grad(g, offsets, begin, end, buf.data());
+        return buf.data();
+      };
       if (fast && intensity_only) {
         if (gI != nullptr) {
           at::parallel_for(0, n, kPixelGrain, [&](int64_t begin, int64_t end) {
@@ -249,12 +255,8 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output, const at::Tensor
                                       : 0);
             for (int64_t p = begin; p < end; p += kGatherBlock) {
               const int64_t stop = std::min(end, p + kGatherBlock);
-              const T* gp = g + p * g_stride;
-              if (gather) {
-                gather_grad(g, offsets, p, stop, buf.data());
-                gp = buf.data();
-              }
-              shared_forward_range(prm, gp, g_stride, source.coords + 3 * p, gI + p, 0, stop - p);
+              shared_forward_range(prm, grads_of(p, stop, buf), g_stride, source.coords + 3 * p,
+                                   gI + p, 0, stop - p);
             }
           });
         }
@@ -266,19 +268,14 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output, const at::Tensor
           std::array<double, 4> acc = {0, 0, 0, 0};
           const int64_t begin = b * kReduceBlock, end = std::min(n, begin + kReduceBlock);
           if (fast) {
-            // The block from its own start, its gradients read in place or
-            // gathered (the same lanes and sums either way).
-            const T* gb = g + begin * g_stride;
-            if (gather) {
-              gather_grad(g, offsets, begin, end, buf.data());
-              gb = buf.data();
-            }
+            // The block from its own start (the same lanes and sums whether
+            // its gradients are read in place or gathered).
             PixelSource<T> block = source;
             block.intensity += begin;
             block.coords += 3 * begin;
-            shared_backward_block(prm, block, gb, g_stride, gI ? gI + begin : nullptr,
-                                  gP ? gP + 3 * begin : nullptr, 0, end - begin,
-                                  need_sums ? acc.data() : nullptr);
+            shared_backward_block(prm, block, grads_of(begin, end, buf), g_stride,
+                                  gI ? gI + begin : nullptr, gP ? gP + 3 * begin : nullptr,
+                                  end - begin, need_sums ? acc.data() : nullptr);
             partial[static_cast<size_t>(b)] = acc;
             continue;
           }

@@ -241,16 +241,16 @@ inline void shared_forward(const AbsorptionParams<T>& prm, const T* value, int64
 template <typename T>
 inline void shared_backward(const AbsorptionParams<T>& prm, const T* intensity, const T* coords,
                             const T* grad, int64_t grad_stride, T* grad_intensity, T* grad_coords,
-                            int64_t begin, int64_t end, double* sums) {
+                            int64_t count, double* sums) {
   using V = at::vec::Vectorized<T>;
   constexpr int64_t W = Lanes<T>::W;
   const V ox(prm.odet[0]), oy(prm.odet[1]), oz(prm.odet[2]), step(prm.step);
   V acc[4] = {V(T(0)), V(T(0)), V(T(0)), V(T(0))};
   Lanes<T> lanes;
   T gp_lanes[3][W];
-  for (int64_t p = begin; p < end; p += W) {
-    const bool full = p + W <= end;
-    const int64_t n = full ? W : lanes.load(intensity, 1, coords, grad, grad_stride, p, end);
+  for (int64_t p = 0; p < count; p += W) {
+    const bool full = p + W <= count;
+    const int64_t n = full ? W : lanes.load(intensity, 1, coords, grad, grad_stride, p, count);
     V xyz[3], value, g;
     if (full) {
       load_xyz(coords + 3 * p, xyz);
