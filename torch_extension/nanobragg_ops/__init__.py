@@ -72,7 +72,7 @@ def _already_loaded() -> Path | None:
                     files.append(fields[5].strip())
     except OSError:
         pass
-    for file in files:
+    for file in dict.fromkeys(files):  # (maps lists a file once per mapped segment)
         try:  # (already loaded: ctypes gets the same handle, nothing runs again)
             serving_file = ctypes.CDLL(file).nanobragg_ops_serving_file
         except (OSError, AttributeError):
