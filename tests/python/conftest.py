@@ -18,6 +18,13 @@ if nanobragg_ops.library_path is None:
                        "before the import by a copy of the library that cannot be identified")
 
 
+@pytest.fixture(autouse=True)
+def _seeded_global_generator():
+    """Every test draws the same numbers from torch's global generator (its own
+    draws and gradcheck's cotangents) whichever tests ran before it."""
+    torch.manual_seed(0)
+
+
 def cuda_unavailable_reason(op: str) -> str | None:
     if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"):
         return f"CUDA kernels of {op} are not built"
