@@ -129,10 +129,12 @@ NO_WARNINGS_SCRIPT = textwrap.dedent(
     """
     import sys, warnings
     sys.path.insert(0, {tests!r})
+    with warnings.catch_warnings():  # what torch's own import warns (no NumPy, say) is not ours
+        warnings.simplefilter("ignore")
+        import torch
     warnings.simplefilter("error")
     # PyTorch's own (torch.func.jvp scripts decompositions with torch.jit).
     warnings.filterwarnings("ignore", message=r".*torch\\.jit\\.script. is deprecated")
-    import torch
     import nanobragg_ops
     from torch.func import grad, hessian, jacfwd, jacrev, vmap
     from test_tricubic import INDEX_MIN, make_inputs as tricubic_inputs
