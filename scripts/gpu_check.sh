@@ -31,7 +31,9 @@
 #   GPU_CHECK_PYTEST_WORKERS  pytest-xdist workers on the GPU (default 4 when
 #                          xdist is importable; 0 = no xdist)
 #   GPU_CHECK_BENCH_ARGS   the bench's arguments after --device/--outdir
-#   PYTHON                 the interpreter (GPU: python3; dry run: .venv/bin/python)
+#   PYTHON                 the interpreter (GPU: python3; dry run: a venv with only
+#                          torch, pytest and their requirements, linked from .venv
+#                          by scripts/gpu_image_python.py, as the GPU image has)
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -179,6 +181,18 @@ STAGES="$WORK/stages.tsv"   # name, status, seconds, note
 NPROC="$(nproc 2>/dev/null || echo 2)"
 if [[ -d /usr/local/cuda/bin && ":$PATH:" != *":/usr/local/cuda/bin:"* ]]; then
   export PATH="$PATH:/usr/local/cuda/bin"
+fi
+if [[ $MODE == dryrun && -z ${PYTHON:-} && -x $ROOT/.venv/bin/python ]]; then
+  # The GPU image's Python has torch and pytest, not the venv's extras (NumPy,
+  # matplotlib, the editable package): run under the same, so that a test
+  # module importing one of those fails here first.
+  if BARE="$("$ROOT/.venv/bin/python" "$ROOT/scripts/gpu_image_python.py" "$WORK/python" \
+    2>"$LOGS/gpu_image_python.log")"; then
+    PY="$BARE"
+  else
+    log "could not make a Python like the GPU image's: $(tail -3 "$LOGS/gpu_image_python.log")"
+    exit 1
+  fi
 fi
 log "mode $MODE, budget ${BUDGET}s, build $BUILD_DIR, report $REPORT, python $PY"
 
