@@ -68,9 +68,8 @@ def test_gradcheck_float64_data_with_float32_scalars(absorption_device):
     # The attenuation length is checked in units of ATTENUATION (2e-4 m): a step
     # of 1e-7 m, 5e-4 of it, left a truncation error above rtol in the second
     # derivative for 1 of 80 random cotangents (the one CI drew); in these units
-    # 0 of 200 fail. The cotangents gradgradcheck draws come from the global
-    # generator: seeded, so the test does not depend on what ran before it.
-    torch.manual_seed(0)
+    # 0 of 200 fail. (The cotangents gradgradcheck draws come from the global
+    # generator, which conftest.py seeds before every test.)
     for oversample_thick in (True, False):
         def f(i_, p_, a_units):
             return OP(i_, p_, o32, t32, a_units * ATTENUATION, 3, oversample_thick, False)

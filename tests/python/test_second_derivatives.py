@@ -26,7 +26,6 @@ def test_gradgradcheck_tricubic(device, mode):
     grid.requires_grad_(True)
     hkl.requires_grad_(True)
     f = lambda g, h: nanobragg_ops.tricubic_interp(g, h, INDEX_MIN, 0.5, mode)  # noqa: E731
-    torch.manual_seed(0)  # gradgradcheck's cotangents: not whatever ran before
     assert gradgradcheck(f, (grid, hkl))
 
 
@@ -36,7 +35,6 @@ def test_gradgradcheck_tricubic_broadcast_points(device):
     grid.requires_grad_(True)
     hkl.requires_grad_(True)
     f = lambda g, h: nanobragg_ops.tricubic_interp(g, h.expand(3, *h.shape), INDEX_MIN)  # noqa: E731
-    torch.manual_seed(0)  # gradgradcheck's cotangents: not whatever ran before
     assert gradgradcheck(f, (grid, hkl))
 
 
@@ -60,9 +58,8 @@ def test_gradgradcheck_absorption(absorption_device, oversample_thick, layout):
     # With that step the differences' rounding is |f| 1.1e-16 / 1e-8, about 1.7e-5 on
     # the thickness gradient (|f| ~ 1.5e3): above gradcheck's default atol (1e-5), so
     # 2 of 40 random cotangents failed (per_layer, oversampled); atol 1e-4 sits above
-    # that floor (0 of 40). The cotangents gradgradcheck draws come from the global
-    # generator: seeded here, so the test does not depend on what ran before it.
-    torch.manual_seed(0)
+    # that floor (0 of 40). (The cotangents gradgradcheck draws come from the global
+    # generator, which conftest.py seeds before every test.)
     assert gradgradcheck(f, tuple(inputs), eps=1e-8, atol=1e-4)
 
 
