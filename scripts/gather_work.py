@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+REPO = Path(__file__).resolve().parent.parent
 GRID = 64  # nodes per axis; Miller indices -32 .. 31
 H200_RESIDENT_WARPS = 132 * 64  # SMs × resident warps per SM: the warps that run at once
 
@@ -80,9 +81,8 @@ def row(name: str, counts: torch.Tensor) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("reports/gather_work"))
+    parser.add_argument("--out", type=Path, default=REPO / "reports" / "gather_work")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.time()
     lines = [
         "| workload | points inside | cells used | most points in a cell | nodes with taps | "
@@ -97,8 +97,8 @@ def main() -> None:
     one_cell[30, 30, 30] = 2048 * 2048 * 9
     lines.append(row("worst case: 2048² × 9 in one cell", one_cell))
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             check=True).stdout.strip()
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         rev = "unknown"
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
