@@ -174,9 +174,11 @@ std::vector<Row> run_cuda_goals(int64_t repeats, double max_seconds) {
     std::shared_ptr<TricubicInputs> in;
     std::string no_inputs;
     double in_range = 0;
+    GridGradientWork work;
     try {
       in = std::make_shared<TricubicInputs>(make_tricubic_inputs(kSize, kPerPixel, opts, kCell));
       in_range = in_range_fraction(*in);
+      work = grid_gradient_work(points_per_cell(in->hkl, in->index_min, in->grid.sizes()));
     } catch (const std::exception& e) {
       no_inputs = "building the inputs: " + message_of(e);
     }
@@ -225,7 +227,24 @@ std::vector<Row> run_cuda_goals(int64_t repeats, double max_seconds) {
                                        .typed<BackwardSig>();
       return std::get<0>(backward.call(ones, x.grid, x.hkl, x.index_min, "default", {true, false}));
     };
-    measure(row("grid_gradient_atomic"), [&](Row& r) {
+    // The grid-gradient rows carry how their taps spread over the nodes
+    // (workloads.h): the gather's busiest node against an even split over
+    // the warps this device runs at once, and the atomic path's adds to its
+    // hottest address.
+    auto grid_gradient_row = [&](const std::string& pass) {
+      Row r = row(pass);
+      const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+      const double warps =
+          double(prop->multiProcessorCount) * prop->maxThreadsPerMultiProcessor / kGatherLanes;
+      const double fair = double(work.gather_iterations) / warps;
+      r.fields["gather_iterations_all_nodes"] = double(work.gather_iterations);
+      r.fields["gather_iterations_busiest_node"] = double(work.busiest_node_iterations);
+      r.fields["gather_busiest_over_fair_share"] =
+          fair > 0 ? work.busiest_node_iterations / fair : 0.0;
+      r.fields["atomic_adds_to_hottest_node"] = double(work.busiest_node_taps);
+      return r;
+    };
+    measure(grid_gradient_row("grid_gradient_atomic"), [&](Row& r) {
       const TricubicInputs& x = inputs();
       const at::Tensor ones = at::ones({n}, opts);
       time_on_gpu(
@@ -233,7 +252,7 @@ std::vector<Row> run_cuda_goals(int64_t repeats, double max_seconds) {
       atomic_grad = grid_gradient(x, ones);
       atomic_seconds = r.warm_seconds;
     });
-    measure(row("grid_gradient_deterministic"), [&](Row& r) {
+    measure(grid_gradient_row("grid_gradient_deterministic"), [&](Row& r) {
       const TricubicInputs& x = inputs();
       const at::Tensor ones = at::ones({n}, opts);
       const DeterministicAlgorithms deterministic;

@@ -49,6 +49,7 @@
 #include <vector>
 
 #include "cuda_goals.h"
+#include "gather_work.h"
 #include "memory.h"
 #include "nanobragg_ops/ops.h"
 #include "report.h"
@@ -61,6 +62,7 @@ namespace {
 struct Options {
   std::vector<std::string> ops = {"tricubic_interp", "detector_absorption"};
   std::vector<int64_t> sizes = {256, 512};
+  bool sizes_given = false;
   // CPU thread counts of the main section's cases; 0 is all the threads ATen
   // has (OMP_NUM_THREADS or the cores). Default: 1 and all.
   std::vector<int64_t> threads = {1, 0};
@@ -68,12 +70,13 @@ struct Options {
   int64_t repeats = 200;
   std::string device = "cpu";
   std::string dtype = "float32";
-  std::string outdir = "reports/perf";
+  std::string outdir;  // default: reports/perf, or reports/gather_work (--gather-work)
   // Per case: fewer repeats for slow baselines. Unset (< 0): 10 s on CPU;
   // 2 s on CUDA, hundreds of repeats of any fused case, and what keeps a
   // GPU run within its minutes (aten_composite at 2048² × 9 takes ~1 s).
   double max_seconds = -1;
   bool scale = false;
+  bool gather_work = false;  // only the grid gradient's work per node (gather_work.h)
   // The memory child's side: the case to measure and where to write its peak.
   std::vector<std::string> single_case;  // op impl pass size
   std::string peak_out;
@@ -86,7 +89,9 @@ struct Options {
                "[--device cpu|cuda] "
                "[--dtype float32|float64] [--outdir DIR] [--max-seconds-per-case S (default 10 on "
                "cpu, 2 on cuda)] "
-               "[--scale | --no-scale]\n";
+               "[--scale | --no-scale]\n"
+               "       nanobragg_bench --gather-work [--sizes S ... --points-per-pixel N] "
+               "[--outdir DIR (default reports/gather_work)]\n";
   std::exit(2);
 }
 
@@ -121,6 +126,7 @@ Options parse(int argc, char** argv) {
       for (const auto& v : values()) o.threads.push_back(std::stoll(v));
     } else if (a == "--sizes") {
       o.sizes.clear();
+      o.sizes_given = true;
       for (const auto& s : values()) o.sizes.push_back(integer(s));
     } else if (a == "--points-per-pixel") {
       o.per_pixel = integer(values().at(0));
@@ -148,6 +154,8 @@ Options parse(int argc, char** argv) {
       if (o.single_case.size() != 4) usage("--single-case needs OP IMPL PASS SIZE");
     } else if (a == "--peak-out") {
       o.peak_out = values().at(0);
+    } else if (a == "--gather-work") {
+      o.gather_work = true;
     } else if (a == "--help" || a == "-h") {
       usage("help");
     } else {
@@ -155,6 +163,7 @@ Options parse(int argc, char** argv) {
     }
   }
   if (o.max_seconds < 0) o.max_seconds = o.device == "cuda" ? 2.0 : 10.0;
+  if (o.outdir.empty()) o.outdir = o.gather_work ? "reports/gather_work" : "reports/perf";
   return o;
 }
 
@@ -794,6 +803,15 @@ int main(int argc, char** argv) {
   std::vector<nb::Row> rows;
   nb::ScaleInfo scale;
   try {
+    if (o.gather_work) {
+      std::filesystem::create_directories(o.outdir);
+      const std::string path = o.outdir + "/" + utc_stamp() + ".md";
+      const int rc = nb::write_gather_work(
+          path, nb::collect_env(NANOBRAGG_SOURCE_DIR, NANOBRAGG_BUILD_TYPE).summary_line,
+          o.sizes_given ? o.sizes : std::vector<int64_t>{}, o.per_pixel);
+      std::cout << path << "\n";
+      return rc;
+    }
     if (!o.single_case.empty()) {
       if (o.peak_out.empty()) usage("--single-case needs --peak-out");
       const auto& sc = o.single_case;

@@ -87,6 +87,53 @@ at::Tensor grid_sample_coords(const at::Tensor& hkl, const std::array<int64_t, 3
   return norm.flip(-1).contiguous().view({1, -1, 1, 1, 3});
 }
 
+at::Tensor points_per_cell(const at::Tensor& hkl, const std::array<int64_t, 3>& index_min,
+                           at::IntArrayRef grid_sizes) {
+  TORCH_CHECK(
+      grid_sizes.size() == 3 && grid_sizes[0] >= 4 && grid_sizes[1] >= 4 && grid_sizes[2] >= 4,
+      "points_per_cell: a grid of at least 4 nodes per axis, got ", grid_sizes);
+  const int64_t cells[3] = {grid_sizes[0] - 3, grid_sizes[1] - 3, grid_sizes[2] - 3};
+  // A stencil starts one node below floor(x) and ends two above it.
+  const at::Tensor first = at::floor(hkl.to(at::kDouble)).to(at::kLong) - 1;
+  at::Tensor inside = at::ones({hkl.size(0)}, hkl.options().dtype(at::kBool));
+  at::Tensor cell = at::zeros({hkl.size(0)}, hkl.options().dtype(at::kLong));
+  for (int d = 0; d < 3; ++d) {
+    const at::Tensor f = first.select(1, d) - index_min[d];
+    inside = inside & (f >= 0) & (f < cells[d]);
+    cell = cell * cells[d] + f;
+  }
+  const int64_t num_cells = cells[0] * cells[1] * cells[2];
+  return at::bincount(cell.masked_select(inside), {}, num_cells)
+      .view({cells[0], cells[1], cells[2]});
+}
+
+GridGradientWork grid_gradient_work(const at::Tensor& cell_counts) {
+  TORCH_CHECK(cell_counts.dim() == 3, "grid_gradient_work: [C0, C1, C2] counts");
+  const at::Tensor counts = cell_counts.to(at::kLong);
+  const int64_t c0 = counts.size(0), c1 = counts.size(1), c2 = counts.size(2);
+  // A node's taps: the points of every cell whose 4×4×4 stencil covers it.
+  at::Tensor taps = at::zeros({c0 + 3, c1 + 3, c2 + 3}, counts.options());
+  for (int64_t a = 0; a < 4; ++a) {
+    for (int64_t b = 0; b < 4; ++b) {
+      for (int64_t c = 0; c < 4; ++c) {
+        taps.slice(0, a, a + c0).slice(1, b, b + c1).slice(2, c, c + c2).add_(counts);
+      }
+    }
+  }
+  GridGradientWork w;
+  w.points_inside = counts.sum().item<int64_t>();
+  TORCH_CHECK(taps.sum().item<int64_t>() == 64 * w.points_inside,
+              "grid_gradient_work: every point's 64 taps must land on a node");
+  w.cells_used = (counts > 0).sum().item<int64_t>();
+  w.most_points_in_a_cell = counts.numel() > 0 ? counts.max().item<int64_t>() : 0;
+  w.nodes_with_taps = (taps > 0).sum().item<int64_t>();
+  const at::Tensor iterations = at::floor_divide(taps + (kGatherLanes - 1), kGatherLanes);
+  w.gather_iterations = iterations.sum().item<int64_t>();
+  w.busiest_node_iterations = iterations.max().item<int64_t>();
+  w.busiest_node_taps = taps.max().item<int64_t>();
+  return w;
+}
+
 AbsorptionInputs make_absorption_inputs(int64_t size, const at::TensorOptions& opts) {
   at::manual_seed(11);
   AbsorptionInputs in;

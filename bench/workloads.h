@@ -31,6 +31,32 @@ constexpr int64_t kGridNodes = 64 * 64 * 64;  // TricubicInputs::grid
 TricubicInputs make_tricubic_inputs(int64_t size, int64_t per_pixel, const at::TensorOptions& opts,
                                     double cell = 50.0);
 
+// How a grid gradient's taps spread over the grid's nodes, for the two ways
+// the CUDA kernels add them (tricubic_cuda.cu): the deterministic gather
+// gives each node one warp, whose 32 lanes walk the taps that land on it; the
+// atomic path adds each tap at its node's address, one add after another
+// where they meet. Counted from the points' stencils, not timed: it says
+// where the time can go (the GPU goals' grid-gradient rows carry it beside
+// their times).
+struct GridGradientWork {
+  int64_t points_inside = 0;            // points whose 4×4×4 stencil is inside the grid
+  int64_t cells_used = 0;               // distinct stencil starts among them
+  int64_t most_points_in_a_cell = 0;    // points sharing one stencil start, at most
+  int64_t nodes_with_taps = 0;          // nodes some stencil covers
+  int64_t gather_iterations = 0;        // every node's warp iterations: ceil(taps / 32)
+  int64_t busiest_node_iterations = 0;  // the most one node's warp takes
+  int64_t busiest_node_taps = 0;        // the atomic path's adds to its hottest address
+};
+constexpr int64_t kGatherLanes = 32;  // a warp: the lanes that share one node's taps
+
+// Points per stencil start, [S0 - 3, S1 - 3, S2 - 3] int64 on hkl's device,
+// for a grid of `grid_sizes` whose first node is index_min; points whose
+// stencil leaves the grid are not counted (they add no taps).
+at::Tensor points_per_cell(const at::Tensor& hkl, const std::array<int64_t, 3>& index_min,
+                           at::IntArrayRef grid_sizes);
+// The work of the grid gradient of points counted per stencil start.
+GridGradientWork grid_gradient_work(const at::Tensor& cell_counts);
+
 // grid_sample's [1, N, 1, 1, 3] coordinates (align_corners=true) of the
 // points hkl [N, 3] in a grid of `grid_sizes` whose first node is index_min.
 at::Tensor grid_sample_coords(const at::Tensor& hkl, const std::array<int64_t, 3>& index_min,
