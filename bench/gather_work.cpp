@@ -33,9 +33,8 @@ std::string row(const std::string& name, const GridGradientWork& w) {
   std::snprintf(ratio, sizeof ratio, "%.1f", fair > 0 ? w.busiest_node_iterations / fair : 0.0);
   return "| " + name + " | " + with_commas(w.points_inside) + " | " + with_commas(w.cells_used) +
          " | " + with_commas(w.most_points_in_a_cell) + " | " + with_commas(w.nodes_with_taps) +
-         " | " + with_commas(w.gather_iterations) + " | " +
-         with_commas(w.busiest_node_iterations) + " | " + ratio + " | " +
-         with_commas(w.busiest_node_taps) + " |";
+         " | " + with_commas(w.gather_iterations) + " | " + with_commas(w.busiest_node_iterations) +
+         " | " + ratio + " | " + with_commas(w.busiest_node_taps) + " |";
 }
 
 GridGradientWork workload(int64_t size, int64_t per_pixel, double cell) {
@@ -46,16 +45,17 @@ GridGradientWork workload(int64_t size, int64_t per_pixel, double cell) {
 
 }  // namespace
 
-int write_gather_work(const std::string& path, const std::string& env_line,
-                      const std::vector<int64_t>& sizes, int64_t per_pixel) {
+void write_gather_work(const std::string& path, const std::string& env_line,
+                       const std::vector<int64_t>& sizes, int64_t per_pixel) {
   std::ostringstream t;
   t << "# The CUDA grid gradient's work per node\n\n"
     << "Counted by `nanobragg_bench --gather-work` from the bench's own lookups "
-       "(`bench/workloads.cpp`; " << env_line << "). A node's taps are the points of the 64 "
+       "(`bench/workloads.cpp`; "
+    << env_line << "). A node's taps are the points of the 64 "
     << "stencils that cover it; the deterministic gather's warp takes ceil(taps / 32) iterations "
        "for it, and the atomic path adds every one of them at its address. A fair share is all "
-       "nodes' iterations divided by " << kH200ResidentWarps
-    << " resident warps (an H200: 132 SMs × 64).\n\n"
+       "nodes' iterations divided by "
+    << kH200ResidentWarps << " resident warps (an H200: 132 SMs × 64).\n\n"
     << "| workload | points inside | cells used | most points in a cell | nodes with taps | "
        "gather: warp iterations, all nodes | gather: the busiest node's | busiest ÷ fair share "
        "of an H200's resident warps | atomic: adds to the hottest node |\n"
@@ -75,16 +75,15 @@ int write_gather_work(const std::string& path, const std::string& env_line,
   // Stencils at the grid's edges (nodes -32 .. 31): x's stencil is nodes
   // floor(x) - 1 .. floor(x) + 2, so x = -31 and 29.9 are inside, -31.5 and
   // 30 are not; 0.5 starts at node -1, cell 31.
-  const at::Tensor edges = at::tensor({0.5, 0.5, 0.5, -31.0, -31.0, -31.0, 29.9, 29.9, 29.9,
-                                       -31.5, 0.5, 0.5, 0.5, 30.0, 0.5},
+  const at::Tensor edges = at::tensor({0.5, 0.5, 0.5, -31.0, -31.0, -31.0, 29.9, 29.9, 29.9, -31.5,
+                                       0.5, 0.5, 0.5, 30.0, 0.5},
                                       at::kDouble)
                                .view({5, 3});
   const at::Tensor edge_counts = points_per_cell(edges, {-32, -32, -32}, {64, 64, 64});
-  TORCH_CHECK(edge_counts.sum().item<int64_t>() == 3 &&
-                  edge_counts[31][31][31].item<int64_t>() == 1 &&
-                  edge_counts[0][0][0].item<int64_t>() == 1 &&
-                  edge_counts[60][60][60].item<int64_t>() == 1,
-              "points_per_cell: stencils at the grid's edges counted wrong");
+  TORCH_CHECK(
+      edge_counts.sum().item<int64_t>() == 3 && edge_counts[31][31][31].item<int64_t>() == 1 &&
+          edge_counts[0][0][0].item<int64_t>() == 1 && edge_counts[60][60][60].item<int64_t>() == 1,
+      "points_per_cell: stencils at the grid's edges counted wrong");
   // Every point of the GPU goals in one cell: 64 nodes of n taps each.
   const int64_t n = 2048 * 2048 * 9;
   at::Tensor one_cell = at::zeros({61, 61, 61}, at::kLong);
@@ -98,7 +97,6 @@ int write_gather_work(const std::string& path, const std::string& env_line,
   t << row("worst case: 2048² × 9 in one cell", worst) << "\n";
   std::ofstream(path) << t.str();
   std::cout << t.str();
-  return 0;
 }
 
 }  // namespace nanobragg_bench

@@ -12,13 +12,13 @@
 namespace nanobragg_bench {
 
 // Writes `path` (markdown: one row per workload, and a worst case with every
-// point in one cell), prints it, and returns 0; throws if a count fails its
+// point in one cell) and prints it; throws if a count fails its
 // own checks (stencils at the grid's edges, and the worst case, whose
 // numbers are known in closed form). The workloads: the GPU goals' (2048² ×
 // 9, 30 A cell), the same with a 50 A cell and the bench's CPU cases (512² ×
 // 1, 50 A); or, when `sizes` is not empty, size² × per_pixel with a 30 A and
 // a 50 A cell for each size.
-int write_gather_work(const std::string& path, const std::string& env_line,
-                      const std::vector<int64_t>& sizes, int64_t per_pixel);
+void write_gather_work(const std::string& path, const std::string& env_line,
+                       const std::vector<int64_t>& sizes, int64_t per_pixel);
 
 }  // namespace nanobragg_bench
