@@ -16,7 +16,9 @@ if [[ "${version%%.*}" != 14 ]]; then
   echo "check_format: clang-format $version found; the repository is formatted with version 14" >&2
   exit 1
 fi
-mapfile -t files < <(git ls-files '*.h' '*.cpp' '*.cu' '*.cuh')
+# Tracked files and new ones not yet added (not the ignored: build trees,
+# vendored sources), so that a file is checked before its first commit.
+mapfile -t files < <(git ls-files --cached --others --exclude-standard '*.h' '*.cpp' '*.cu' '*.cuh')
 if [[ "${1:-}" == "--fix" ]]; then
   clang-format -i "${files[@]}"
   exit 0
