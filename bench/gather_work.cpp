@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <sstream>
 #include <string>
 
@@ -43,18 +44,50 @@ GridGradientWork workload(int64_t size, int64_t per_pixel, double cell) {
   return grid_gradient_work(points_per_cell(in.hkl, in.index_min, in.grid.sizes()));
 }
 
+// The counts where they are known in closed form; throws if one is off.
+void check_counts() {
+  // Stencils at the grid's edges (nodes -32 .. 31): x's stencil is nodes
+  // floor(x) - 1 .. floor(x) + 2, so x = -31 and 29.9 are inside, -31.5 and
+  // 30 are not, nor are NaN and Inf; 0.5 starts at node -1, cell 31.
+  const double inf = std::numeric_limits<double>::infinity();
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const at::Tensor edges =
+      at::tensor({0.5, 0.5, 0.5, -31.0, -31.0, -31.0, 29.9, 29.9, 29.9, -31.5, 0.5,  0.5, 0.5, 30.0,
+                  0.5, nan, 0.5, 0.5,   0.5,   inf,   0.5,  0.5,  0.5,  -inf,  1e30, 0.5, 0.5},
+                 at::kDouble)
+          .view({9, 3});
+  const at::Tensor edge_counts = points_per_cell(edges, {-32, -32, -32}, {64, 64, 64});
+  TORCH_CHECK(
+      edge_counts.sum().item<int64_t>() == 3 && edge_counts[31][31][31].item<int64_t>() == 1 &&
+          edge_counts[0][0][0].item<int64_t>() == 1 && edge_counts[60][60][60].item<int64_t>() == 1,
+      "points_per_cell: stencils at the grid's edges counted wrong");
+  // Two neighbouring cells along l with 1000 points each (not a multiple of
+  // 32): 4 × 4 × 5 nodes, the 48 that both stencils cover take 2000 taps
+  // and two runs of ceil(1000 / 32) = 32 iterations, the other 32 nodes one.
+  at::Tensor two = at::zeros({61, 61, 61}, at::kLong);
+  two[30][30][30] = 1000;
+  two[30][30][31] = 1000;
+  const GridGradientWork w = grid_gradient_work(two);
+  TORCH_CHECK(w.points_inside == 2000 && w.cells_used == 2 && w.most_points_in_a_cell == 1000 &&
+                  w.nodes_with_taps == 80 && w.busiest_node_taps == 2000 &&
+                  w.busiest_node_iterations == 64 && w.gather_iterations == 48 * 64 + 32 * 32,
+              "grid_gradient_work: two neighbouring cells, whose counts are known, came out wrong");
+}
+
 }  // namespace
 
 void write_gather_work(const std::string& path, const std::string& env_line,
                        const std::vector<int64_t>& sizes, int64_t per_pixel) {
+  check_counts();
   std::ostringstream t;
   t << "# The CUDA grid gradient's work per node\n\n"
     << "Counted by `nanobragg_bench --gather-work` from the bench's own lookups "
-       "(`bench/workloads.cpp`; "
-    << env_line << "). A node's taps are the points of the 64 "
-    << "stencils that cover it; the deterministic gather's warp takes ceil(taps / 32) iterations "
-       "for it, and the atomic path adds every one of them at its address. A fair share is all "
-       "nodes' iterations divided by "
+       "(`bench/workloads.cpp`, float64, on the CPU; "
+    << env_line
+    << "). A node's taps are the points of the 64 stencils that cover it; the deterministic "
+       "gather's warp walks the runs of points of those 64 stencil starts one after another, "
+       "ceil(run / 32) iterations each, and the atomic path adds every tap at its node's "
+       "address. A fair share is all nodes' iterations divided by "
     << kH200ResidentWarps << " resident warps (an H200: 132 SMs × 64).\n\n"
     << "| workload | points inside | cells used | most points in a cell | nodes with taps | "
        "gather: warp iterations, all nodes | gather: the busiest node's | busiest ÷ fair share "
@@ -72,30 +105,14 @@ void write_gather_work(const std::string& path, const std::string& env_line,
       t << row(name, workload(size, per_pixel, cell)) << "\n";
     }
   }
-  // Stencils at the grid's edges (nodes -32 .. 31): x's stencil is nodes
-  // floor(x) - 1 .. floor(x) + 2, so x = -31 and 29.9 are inside, -31.5 and
-  // 30 are not; 0.5 starts at node -1, cell 31.
-  const at::Tensor edges = at::tensor({0.5, 0.5, 0.5, -31.0, -31.0, -31.0, 29.9, 29.9, 29.9, -31.5,
-                                       0.5, 0.5, 0.5, 30.0, 0.5},
-                                      at::kDouble)
-                               .view({5, 3});
-  const at::Tensor edge_counts = points_per_cell(edges, {-32, -32, -32}, {64, 64, 64});
-  TORCH_CHECK(
-      edge_counts.sum().item<int64_t>() == 3 && edge_counts[31][31][31].item<int64_t>() == 1 &&
-          edge_counts[0][0][0].item<int64_t>() == 1 && edge_counts[60][60][60].item<int64_t>() == 1,
-      "points_per_cell: stencils at the grid's edges counted wrong");
   // Every point of the GPU goals in one cell: 64 nodes of n taps each.
-  const int64_t n = 2048 * 2048 * 9;
   at::Tensor one_cell = at::zeros({61, 61, 61}, at::kLong);
-  one_cell[30][30][30] = n;
-  const GridGradientWork worst = grid_gradient_work(one_cell);
-  const int64_t iterations = (n + kGatherLanes - 1) / kGatherLanes;
-  TORCH_CHECK(worst.points_inside == n && worst.cells_used == 1 && worst.nodes_with_taps == 64 &&
-                  worst.busiest_node_taps == n && worst.busiest_node_iterations == iterations &&
-                  worst.gather_iterations == 64 * iterations,
-              "grid_gradient_work: the one-cell case, whose counts are known, came out wrong");
-  t << row("worst case: 2048² × 9 in one cell", worst) << "\n";
-  std::ofstream(path) << t.str();
+  one_cell[30][30][30] = 2048 * 2048 * 9;
+  t << row("worst case: 2048² × 9 in one cell", grid_gradient_work(one_cell)) << "\n";
+  std::ofstream file(path);
+  file << t.str();
+  file.close();
+  TORCH_CHECK(file.good(), "--gather-work: could not write ", path);
   std::cout << t.str();
 }
 

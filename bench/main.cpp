@@ -16,6 +16,12 @@
 // The exit status is 1 if a case failed or a check found a mismatch (the
 // report is written all the same).
 //
+//   nanobragg_bench --gather-work [--sizes S ... [--points-per-pixel N]]
+//                   [--outdir reports/gather_work]
+//
+// only counts how the CUDA grid gradient's work spreads over the grid's
+// nodes (gather_work.h), on the CPU, and writes <outdir>/<UTC stamp>.md.
+//
 // On a GPU, the command of the one-shot GPU check (scripts/gpu_check.sh):
 //
 //   build-gpu/bench/nanobragg_bench --device cuda --sizes 512 2048 --points-per-pixel 9
@@ -90,7 +96,7 @@ struct Options {
                "[--dtype float32|float64] [--outdir DIR] [--max-seconds-per-case S (default 10 on "
                "cpu, 2 on cuda)] "
                "[--scale | --no-scale]\n"
-               "       nanobragg_bench --gather-work [--sizes S ... --points-per-pixel N] "
+               "       nanobragg_bench --gather-work [--sizes S ... [--points-per-pixel N]] "
                "[--outdir DIR (default reports/gather_work)]\n";
   std::exit(2);
 }
@@ -164,6 +170,8 @@ Options parse(int argc, char** argv) {
   }
   if (o.max_seconds < 0) o.max_seconds = o.device == "cuda" ? 2.0 : 10.0;
   if (o.outdir.empty()) o.outdir = o.gather_work ? "reports/gather_work" : "reports/perf";
+  if (o.gather_work && o.per_pixel != 1 && !o.sizes_given)
+    usage("--gather-work: --points-per-pixel applies to the workloads of --sizes");
   return o;
 }
 

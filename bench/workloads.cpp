@@ -93,33 +93,50 @@ at::Tensor points_per_cell(const at::Tensor& hkl, const std::array<int64_t, 3>& 
       grid_sizes.size() == 3 && grid_sizes[0] >= 4 && grid_sizes[1] >= 4 && grid_sizes[2] >= 4,
       "points_per_cell: a grid of at least 4 nodes per axis, got ", grid_sizes);
   const int64_t cells[3] = {grid_sizes[0] - 3, grid_sizes[1] - 3, grid_sizes[2] - 3};
-  // A stencil starts one node below floor(x) and ends two above it.
-  const at::Tensor first = at::floor(hkl.to(at::kDouble)).to(at::kLong) - 1;
+  // A stencil starts one node below floor(x) and ends two above it. The
+  // range test in float64, before any integer conversion, so that NaN, Inf
+  // and huge indices are outside rather than wrapped.
+  const at::Tensor first = at::floor(hkl.to(at::kDouble)) - 1;
   at::Tensor inside = at::ones({hkl.size(0)}, hkl.options().dtype(at::kBool));
-  at::Tensor cell = at::zeros({hkl.size(0)}, hkl.options().dtype(at::kLong));
   for (int d = 0; d < 3; ++d) {
-    const at::Tensor f = first.select(1, d) - index_min[d];
-    inside = inside & (f >= 0) & (f < cells[d]);
-    cell = cell * cells[d] + f;
+    const at::Tensor f = first.select(1, d) - double(index_min[d]);
+    inside = inside & (f >= 0) & (f < double(cells[d]));
   }
+  const at::Tensor start = first.index({inside}).to(at::kLong);  // [M, 3], in range
+  at::Tensor cell = at::zeros({start.size(0)}, start.options());
+  for (int d = 0; d < 3; ++d) cell = cell * cells[d] + (start.select(1, d) - index_min[d]);
   const int64_t num_cells = cells[0] * cells[1] * cells[2];
-  return at::bincount(cell.masked_select(inside), {}, num_cells)
-      .view({cells[0], cells[1], cells[2]});
+  return at::bincount(cell, {}, num_cells).view({cells[0], cells[1], cells[2]});
 }
+
+namespace {
+
+// x [C0, C1, C2] per stencil start summed over the 4×4×4 nodes each stencil
+// covers: [C0 + 3, C1 + 3, C2 + 3] per node.
+at::Tensor spread_over_stencils(const at::Tensor& x) {
+  const int64_t c0 = x.size(0), c1 = x.size(1), c2 = x.size(2);
+  at::Tensor out = at::zeros({c0 + 3, c1 + 3, c2 + 3}, x.options());
+  for (int64_t a = 0; a < 4; ++a) {
+    for (int64_t b = 0; b < 4; ++b) {
+      for (int64_t c = 0; c < 4; ++c) {
+        out.slice(0, a, a + c0).slice(1, b, b + c1).slice(2, c, c + c2).add_(x);
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace
 
 GridGradientWork grid_gradient_work(const at::Tensor& cell_counts) {
   TORCH_CHECK(cell_counts.dim() == 3, "grid_gradient_work: [C0, C1, C2] counts");
   const at::Tensor counts = cell_counts.to(at::kLong);
-  const int64_t c0 = counts.size(0), c1 = counts.size(1), c2 = counts.size(2);
-  // A node's taps: the points of every cell whose 4×4×4 stencil covers it.
-  at::Tensor taps = at::zeros({c0 + 3, c1 + 3, c2 + 3}, counts.options());
-  for (int64_t a = 0; a < 4; ++a) {
-    for (int64_t b = 0; b < 4; ++b) {
-      for (int64_t c = 0; c < 4; ++c) {
-        taps.slice(0, a, a + c0).slice(1, b, b + c1).slice(2, c, c + c2).add_(counts);
-      }
-    }
-  }
+  // A node's taps: the points of every cell whose stencil covers it. Its
+  // warp's iterations: the lanes walk each of those cells' runs of points
+  // in turn (tricubic_math.h, gather_node_lane), ceil(run / 32) each.
+  const at::Tensor taps = spread_over_stencils(counts);
+  const at::Tensor iterations =
+      spread_over_stencils(at::floor_divide(counts + (kGatherLanes - 1), kGatherLanes));
   GridGradientWork w;
   w.points_inside = counts.sum().item<int64_t>();
   TORCH_CHECK(taps.sum().item<int64_t>() == 64 * w.points_inside,
@@ -127,7 +144,6 @@ GridGradientWork grid_gradient_work(const at::Tensor& cell_counts) {
   w.cells_used = (counts > 0).sum().item<int64_t>();
   w.most_points_in_a_cell = counts.numel() > 0 ? counts.max().item<int64_t>() : 0;
   w.nodes_with_taps = (taps > 0).sum().item<int64_t>();
-  const at::Tensor iterations = at::floor_divide(taps + (kGatherLanes - 1), kGatherLanes);
   w.gather_iterations = iterations.sum().item<int64_t>();
   w.busiest_node_iterations = iterations.max().item<int64_t>();
   w.busiest_node_taps = taps.max().item<int64_t>();

@@ -33,7 +33,8 @@ TricubicInputs make_tricubic_inputs(int64_t size, int64_t per_pixel, const at::T
 
 // How a grid gradient's taps spread over the grid's nodes, for the two ways
 // the CUDA kernels add them (tricubic_cuda.cu): the deterministic gather
-// gives each node one warp, whose 32 lanes walk the taps that land on it; the
+// gives each node one warp, whose 32 lanes walk the runs of points (one per
+// stencil start) of the 64 stencils that cover it, one run after another; the
 // atomic path adds each tap at its node's address, one add after another
 // where they meet. Counted from the points' stencils, not timed: it says
 // where the time can go (the GPU goals' grid-gradient rows carry it beside
@@ -43,7 +44,8 @@ struct GridGradientWork {
   int64_t cells_used = 0;               // distinct stencil starts among them
   int64_t most_points_in_a_cell = 0;    // points sharing one stencil start, at most
   int64_t nodes_with_taps = 0;          // nodes some stencil covers
-  int64_t gather_iterations = 0;        // every node's warp iterations: ceil(taps / 32)
+  int64_t gather_iterations = 0;        // all nodes' warp iterations: per node, the sum of
+                                        // ceil(run / 32) over the runs of its 64 stencils
   int64_t busiest_node_iterations = 0;  // the most one node's warp takes
   int64_t busiest_node_taps = 0;        // the atomic path's adds to its hottest address
 };

@@ -18,13 +18,23 @@ if [[ "${version%%.*}" != 14 ]]; then
 fi
 # Tracked files and new ones not yet added (not the ignored: build trees,
 # vendored sources), so that a file is checked before its first commit.
-mapfile -t files < <(git ls-files --cached --others --exclude-standard '*.h' '*.cpp' '*.cu' '*.cuh')
+# (A tracked file deleted in the work tree is left out.)
+mapfile -t listed < <(git ls-files --cached --others --exclude-standard '*.h' '*.cpp' '*.cu' '*.cuh')
+files=()
+for f in "${listed[@]}"; do [[ -f $f ]] && files+=("$f"); done
 if [[ "${1:-}" == "--fix" ]]; then
   clang-format -i "${files[@]}"
   exit 0
 fi
 if ! clang-format --dry-run --Werror "${files[@]}" 2>/tmp/nanobragg_format.$$; then
-  grep -E '^[^ ].*(warning|error):' /tmp/nanobragg_format.$$ | cut -d: -f1 | sort -u | sed 's/^/  /' >&2
+  drifted="$(grep -E '^[^ ].*(warning|error):' /tmp/nanobragg_format.$$ | cut -d: -f1 | sort -u)" || true
+  if [[ -z $drifted ]]; then  # clang-format itself failed: say how
+    cat /tmp/nanobragg_format.$$ >&2
+    echo "check_format: clang-format failed" >&2
+    rm -f /tmp/nanobragg_format.$$
+    exit 1
+  fi
+  sed 's/^/  /' <<<"$drifted" >&2
   echo "check_format: the files above drift from .clang-format; scripts/check_format.sh --fix" >&2
   rm -f /tmp/nanobragg_format.$$
   exit 1
