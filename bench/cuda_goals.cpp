@@ -19,7 +19,6 @@
 #include <functional>
 #include <iomanip>
 #include <iostream>
-#include <optional>
 #include <string>
 #include <tuple>
 
@@ -125,19 +124,6 @@ class DeterministicAlgorithms {
   bool was_, warn_only_;
 };
 
-// The share of points whose 4×4×4 stencil is inside the grid (the others
-// cost no taps, so they would flatter a throughput).
-double in_range_fraction(const TricubicInputs& in) {
-  const at::Tensor f = in.hkl.floor();
-  at::Tensor inside = at::ones({in.hkl.size(0)}, in.hkl.options().dtype(at::kBool));
-  for (int d = 0; d < 3; ++d) {
-    const at::Tensor fd = f.select(1, d);
-    inside =
-        inside & (fd - 1 >= in.index_min[d]) & (fd + 2 <= in.index_min[d] + in.grid.size(d) - 1);
-  }
-  return inside.to(at::kDouble).mean().item<double>();
-}
-
 using BackwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                        const at::Tensor&, c10::IntArrayRef,
                                                        c10::string_view, std::array<bool, 2>);
@@ -174,21 +160,19 @@ std::vector<Row> run_cuda_goals(int64_t repeats, double max_seconds) {
     const int64_t n = kSize * kSize * kPerPixel;
     std::shared_ptr<TricubicInputs> in;
     std::string no_inputs;
+    // The share of points whose 4×4×4 stencil is inside the grid (the
+    // others cost no taps, so they would flatter a throughput), from the
+    // count of the grid gradient's work (workloads.h).
     double in_range = 0;
-    std::optional<GridGradientWork> work;
+    GridGradientWork work;
     try {
-      in = std::make_shared<TricubicInputs>(make_tricubic_inputs(kSize, kPerPixel, opts, kCell));
-      in_range = in_range_fraction(*in);
+      auto built =
+          std::make_shared<TricubicInputs>(make_tricubic_inputs(kSize, kPerPixel, opts, kCell));
+      work = grid_gradient_work(points_per_cell(built->hkl, built->index_min, built->grid.sizes()));
+      in_range = double(work.points_inside) / double(n);
+      in = built;
     } catch (const std::exception& e) {
       no_inputs = "building the inputs: " + message_of(e);
-    }
-    if (in) {
-      try {
-        work = grid_gradient_work(points_per_cell(in->hkl, in->index_min, in->grid.sizes()));
-      } catch (const std::exception& e) {  // the rows go on without their counts
-        std::cerr << "  counting the grid gradient's work per node failed: " << message_of(e)
-                  << "\n";
-      }
     }
     auto inputs = [&]() -> const TricubicInputs& {
       if (!in) throw std::runtime_error(no_inputs);
@@ -241,16 +225,12 @@ std::vector<Row> run_cuda_goals(int64_t repeats, double max_seconds) {
     // hottest address.
     auto grid_gradient_row = [&](const std::string& pass) {
       Row r = row(pass);
-      if (!work) return r;
       const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-      const double warps =
-          double(prop->multiProcessorCount) * prop->maxThreadsPerMultiProcessor / kGatherLanes;
-      const double fair = double(work->gather_iterations) / warps;
-      r.fields["gather_iterations_all_nodes"] = double(work->gather_iterations);
-      r.fields["gather_iterations_busiest_node"] = double(work->busiest_node_iterations);
-      r.fields["gather_busiest_over_fair_share"] =
-          fair > 0 ? work->busiest_node_iterations / fair : 0.0;
-      r.fields["atomic_adds_to_hottest_node"] = double(work->busiest_node_taps);
+      r.fields["gather_iterations_all_nodes"] = double(work.gather_iterations);
+      r.fields["gather_iterations_busiest_node"] = double(work.busiest_node_iterations);
+      r.fields["gather_busiest_over_fair_share"] = work.busiest_over_fair_share(
+          double(prop->multiProcessorCount) * prop->maxThreadsPerMultiProcessor / kGatherLanes);
+      r.fields["atomic_adds_to_hottest_node"] = double(work.busiest_node_taps);
       return r;
     };
     measure(grid_gradient_row("grid_gradient_atomic"), [&](Row& r) {

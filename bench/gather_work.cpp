@@ -19,19 +19,20 @@ namespace {
 // over these. (The GPU goals' rows use the device's own numbers.)
 constexpr int64_t kH200ResidentWarps = 132 * 64;
 
+// A count with thousands separators (counts are never negative).
 std::string with_commas(int64_t v) {
-  std::string digits = std::to_string(v < 0 ? -v : v), out;
+  const std::string digits = std::to_string(v);
+  std::string out;
   for (size_t i = 0; i < digits.size(); ++i) {
     if (i > 0 && (digits.size() - i) % 3 == 0) out += ',';
     out += digits[i];
   }
-  return (v < 0 ? "-" : "") + out;
+  return out;
 }
 
 std::string row(const std::string& name, const GridGradientWork& w) {
-  const double fair = double(w.gather_iterations) / double(kH200ResidentWarps);
   char ratio[32];
-  std::snprintf(ratio, sizeof ratio, "%.1f", fair > 0 ? w.busiest_node_iterations / fair : 0.0);
+  std::snprintf(ratio, sizeof ratio, "%.1f", w.busiest_over_fair_share(kH200ResidentWarps));
   return "| " + name + " | " + with_commas(w.points_inside) + " | " + with_commas(w.cells_used) +
          " | " + with_commas(w.most_points_in_a_cell) + " | " + with_commas(w.nodes_with_taps) +
          " | " + with_commas(w.gather_iterations) + " | " + with_commas(w.busiest_node_iterations) +

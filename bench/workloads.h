@@ -48,6 +48,13 @@ struct GridGradientWork {
                                         // ceil(run / 32) over the runs of its 64 stencils
   int64_t busiest_node_iterations = 0;  // the most one node's warp takes
   int64_t busiest_node_taps = 0;        // the atomic path's adds to its hottest address
+
+  // The busiest node's iterations over an even share of all nodes' among
+  // `resident_warps`, the warps the device runs at once (0 with no work).
+  double busiest_over_fair_share(double resident_warps) const {
+    const double fair = double(gather_iterations) / resident_warps;
+    return fair > 0 ? double(busiest_node_iterations) / fair : 0.0;
+  }
 };
 constexpr int64_t kGatherLanes = 32;  // a warp: the lanes that share one node's taps
 
