@@ -26,18 +26,17 @@ if [[ "${1:-}" == "--fix" ]]; then
   clang-format -i "${files[@]}"
   exit 0
 fi
-if ! clang-format --dry-run --Werror "${files[@]}" 2>/tmp/nanobragg_format.$$; then
-  drifted="$(grep -E '^[^ ].*(warning|error):' /tmp/nanobragg_format.$$ | cut -d: -f1 | sort -u)" || true
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+if ! clang-format --dry-run --Werror "${files[@]}" 2>"$log"; then
+  drifted="$(grep -E '^[^ ].*(warning|error):' "$log" | cut -d: -f1 | sort -u)" || true
   if [[ -z $drifted ]]; then  # clang-format itself failed: say how
-    cat /tmp/nanobragg_format.$$ >&2
+    cat "$log" >&2
     echo "check_format: clang-format failed" >&2
-    rm -f /tmp/nanobragg_format.$$
     exit 1
   fi
   sed 's/^/  /' <<<"$drifted" >&2
   echo "check_format: the files above drift from .clang-format; scripts/check_format.sh --fix" >&2
-  rm -f /tmp/nanobragg_format.$$
   exit 1
 fi
-rm -f /tmp/nanobragg_format.$$
 echo "check_format: ${#files[@]} files formatted as .clang-format says"
