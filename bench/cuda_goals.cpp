@@ -39,8 +39,6 @@ std::vector<Row> run_cuda_goals(int64_t, double) {
 
 namespace {
 
-constexpr int64_t kSize = 2048, kPerPixel = 9;
-constexpr double kCell = 30.0;  // A: the whole 2048² detector inside the 64³ grid (workloads.h)
 constexpr double kForwardGoal = 10.0;         // G lookups/s
 constexpr double kForwardBackwardGoal = 2.0;  // G lookups/s
 constexpr double kDeterministicGoal = 2.0;    // × the atomic grid gradient's time
@@ -157,7 +155,7 @@ std::vector<Row> run_cuda_goals(int64_t repeats, double max_seconds) {
 
   // Tricubic over the clustered lookups.
   {
-    const int64_t n = kSize * kSize * kPerPixel;
+    const int64_t n = kGoalSize * kGoalSize * kGoalPointsPerPixel;
     std::shared_ptr<TricubicInputs> in;
     std::string no_inputs;
     // The share of points whose 4×4×4 stencil is inside the grid (the
@@ -166,8 +164,8 @@ std::vector<Row> run_cuda_goals(int64_t repeats, double max_seconds) {
     double in_range = 0;
     GridGradientWork work;
     try {
-      auto built =
-          std::make_shared<TricubicInputs>(make_tricubic_inputs(kSize, kPerPixel, opts, kCell));
+      auto built = std::make_shared<TricubicInputs>(
+          make_tricubic_inputs(kGoalSize, kGoalPointsPerPixel, opts, kGoalCell));
       work = grid_gradient_work(points_per_cell(built->hkl, built->index_min, built->grid.sizes()));
       in_range = double(work.points_inside) / double(n);
       in = built;
@@ -179,7 +177,7 @@ std::vector<Row> run_cuda_goals(int64_t repeats, double max_seconds) {
       return *in;
     };
     auto row = [&](const std::string& pass) {
-      Row r = goal_row("tricubic_interp", "fused", pass, kSize, n);
+      Row r = goal_row("tricubic_interp", "fused", pass, kGoalSize, n);
       r.fields["in_range_fraction"] = in_range;
       return r;
     };
@@ -272,41 +270,42 @@ std::vector<Row> run_cuda_goals(int64_t repeats, double max_seconds) {
     r.fields["bytes_per_call"] = bytes;
     r.fields["copy_bandwidth_bytes_per_second"] = copy_bandwidth;
   });
-  measure(goal_row("detector_absorption", "fused", "forward", kSize, kSize * kSize), [&](Row& r) {
-    const AbsorptionInputs a = make_absorption_inputs(kSize, opts);
-    // Copies of the inputs and of the output, used in turn, several times
-    // L2's size in all: each call then streams its tensors from memory, as
-    // in a simulation where other work runs between two calls.
-    const int64_t in_bytes = a.intensity.nbytes() + a.pixel_coords.nbytes();
-    const int64_t l2 = at::cuda::getCurrentDeviceProperties()->l2CacheSize;
-    const int64_t copies = std::clamp<int64_t>((4 * l2 + in_bytes - 1) / in_bytes, 2, 16);
-    std::vector<at::Tensor> I, P, out(static_cast<size_t>(copies));
-    for (int64_t i = 0; i < copies; ++i) {
-      I.push_back(a.intensity.clone());
-      P.push_back(a.pixel_coords.clone());
-    }
-    size_t next = 0;
-    time_on_gpu(
-        r,
-        [&] {
-          const size_t i = next++ % copies;
-          out[i] = nanobragg_ops::detector_absorption(I[i], P[i], a.odet, a.thickness,
-                                                      a.attenuation_length, a.thicksteps,
-                                                      a.oversample_thick);
-        },
-        repeats, max_seconds);
-    // intensity and positions read, the output written (odet and the two
-    // scalars are 20 bytes).
-    const double bytes = static_cast<double>(in_bytes + a.intensity.nbytes());
-    const double bandwidth = bytes / r.warm_seconds;
-    r.fields["bytes_per_call"] = bytes;
-    r.fields["bandwidth_bytes_per_second"] = bandwidth;
-    r.fields["input_copies"] = static_cast<double>(copies);
-    if (copy_bandwidth <= 0) throw std::runtime_error("no copy bandwidth to compare with");
-    r.fields["fraction_of_copy_bandwidth"] = bandwidth / copy_bandwidth;
-    r.goal = Goal{"absorption forward bandwidth, fraction of the measured copy bandwidth", "",
-                  bandwidth / copy_bandwidth, kBandwidthGoal, false};
-  });
+  measure(goal_row("detector_absorption", "fused", "forward", kGoalSize, kGoalSize * kGoalSize),
+          [&](Row& r) {
+            const AbsorptionInputs a = make_absorption_inputs(kGoalSize, opts);
+            // Copies of the inputs and of the output, used in turn, several times
+            // L2's size in all: each call then streams its tensors from memory, as
+            // in a simulation where other work runs between two calls.
+            const int64_t in_bytes = a.intensity.nbytes() + a.pixel_coords.nbytes();
+            const int64_t l2 = at::cuda::getCurrentDeviceProperties()->l2CacheSize;
+            const int64_t copies = std::clamp<int64_t>((4 * l2 + in_bytes - 1) / in_bytes, 2, 16);
+            std::vector<at::Tensor> I, P, out(static_cast<size_t>(copies));
+            for (int64_t i = 0; i < copies; ++i) {
+              I.push_back(a.intensity.clone());
+              P.push_back(a.pixel_coords.clone());
+            }
+            size_t next = 0;
+            time_on_gpu(
+                r,
+                [&] {
+                  const size_t i = next++ % copies;
+                  out[i] = nanobragg_ops::detector_absorption(I[i], P[i], a.odet, a.thickness,
+                                                              a.attenuation_length, a.thicksteps,
+                                                              a.oversample_thick);
+                },
+                repeats, max_seconds);
+            // intensity and positions read, the output written (odet and the two
+            // scalars are 20 bytes).
+            const double bytes = static_cast<double>(in_bytes + a.intensity.nbytes());
+            const double bandwidth = bytes / r.warm_seconds;
+            r.fields["bytes_per_call"] = bytes;
+            r.fields["bandwidth_bytes_per_second"] = bandwidth;
+            r.fields["input_copies"] = static_cast<double>(copies);
+            if (copy_bandwidth <= 0) throw std::runtime_error("no copy bandwidth to compare with");
+            r.fields["fraction_of_copy_bandwidth"] = bandwidth / copy_bandwidth;
+            r.goal = Goal{"absorption forward bandwidth, fraction of the measured copy bandwidth",
+                          "", bandwidth / copy_bandwidth, kBandwidthGoal, false};
+          });
   return rows;
 }
 

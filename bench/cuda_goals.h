@@ -25,6 +25,12 @@
 
 namespace nanobragg_bench {
 
+// The workload of the tricubic goals: a kGoalSize² detector, kGoalPointsPerPixel
+// lookups per pixel, a kGoalCell cell (A; every lookup inside the 64³ grid,
+// workloads.h); the absorption goal's detector is kGoalSize² too.
+constexpr int64_t kGoalSize = 2048, kGoalPointsPerPixel = 9;
+constexpr double kGoalCell = 30.0;
+
 // The goal rows (Row::cuda_goal), each with its Goal where it measures one;
 // a measurement that fails gives a row with its error instead. At most
 // `repeats` timed batches, and no more than about `max_seconds` of them, per

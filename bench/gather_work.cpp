@@ -9,6 +9,7 @@
 #include <sstream>
 #include <string>
 
+#include "cuda_goals.h"
 #include "workloads.h"
 
 namespace nanobragg_bench {
@@ -37,6 +38,11 @@ std::string row(const std::string& name, const GridGradientWork& w) {
          " | " + with_commas(w.most_points_in_a_cell) + " | " + with_commas(w.nodes_with_taps) +
          " | " + with_commas(w.gather_iterations) + " | " + with_commas(w.busiest_node_iterations) +
          " | " + ratio + " | " + with_commas(w.busiest_node_taps) + " |";
+}
+
+std::string workload_name(int64_t size, int64_t per_pixel, double cell) {
+  return std::to_string(size) + "² × " + std::to_string(per_pixel) + ", " +
+         std::to_string(int(cell)) + " A cell";
 }
 
 GridGradientWork workload(int64_t size, int64_t per_pixel, double cell) {
@@ -95,21 +101,28 @@ void write_gather_work(const std::string& path, const std::string& env_line,
        "of an H200's resident warps | atomic: adds to the hottest node |\n"
     << "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
   if (sizes.empty()) {
-    t << row("GPU goals: 2048² × 9, 30 A cell", workload(2048, 9, 30.0)) << "\n";
-    t << row("2048² × 9, 50 A cell", workload(2048, 9, 50.0)) << "\n";
+    t << row("GPU goals: " + workload_name(kGoalSize, kGoalPointsPerPixel, kGoalCell),
+             workload(kGoalSize, kGoalPointsPerPixel, kGoalCell))
+      << "\n";
+    t << row(workload_name(kGoalSize, kGoalPointsPerPixel, 50.0),
+             workload(kGoalSize, kGoalPointsPerPixel, 50.0))
+      << "\n";
     t << row("512² × 1, 50 A cell (the bench's CPU cases)", workload(512, 1, 50.0)) << "\n";
   }
   for (const int64_t size : sizes) {
     for (const double cell : {30.0, 50.0}) {
-      const std::string name = std::to_string(size) + "² × " + std::to_string(per_pixel) + ", " +
-                               std::to_string(int(cell)) + " A cell";
-      t << row(name, workload(size, per_pixel, cell)) << "\n";
+      t << row(workload_name(size, per_pixel, cell), workload(size, per_pixel, cell)) << "\n";
     }
   }
-  // Every point of the GPU goals in one cell: 64 nodes of n taps each.
-  at::Tensor one_cell = at::zeros({61, 61, 61}, at::kLong);
-  one_cell[30][30][30] = 2048 * 2048 * 9;
-  t << row("worst case: 2048² × 9 in one cell", grid_gradient_work(one_cell)) << "\n";
+  // Every point of the GPU goals in one cell of the bench's grid (a stencil
+  // start per cell: kGridSide - 3 per axis): 64 nodes of n taps each.
+  const int64_t cells = kGridSide - 3, middle = cells / 2;
+  at::Tensor one_cell = at::zeros({cells, cells, cells}, at::kLong);
+  one_cell[middle][middle][middle] = kGoalSize * kGoalSize * kGoalPointsPerPixel;
+  t << row("worst case: " + std::to_string(kGoalSize) + "² × " +
+               std::to_string(kGoalPointsPerPixel) + " in one cell",
+           grid_gradient_work(one_cell))
+    << "\n";
   std::ofstream file(path);
   file << t.str();
   file.close();

@@ -38,13 +38,15 @@ TricubicInputs make_tricubic_inputs(int64_t size, int64_t per_pixel, const at::T
                                     double cell) {
   at::manual_seed(7);
   TricubicInputs in;
-  in.index_min = {-32, -32, -32};
+  const int64_t lowest_index = -kGridSide / 2;  // h, k, l in [-32, 31]
+  in.index_min = {lowest_index, lowest_index, lowest_index};
   // Structure factors: a Wilson-like fall-off with random amplitudes, drawn
   // on the CPU so that every device gets the same grid.
-  at::Tensor idx = at::arange(-32, 32, at::kDouble);
-  at::Tensor r2 =
-      idx.view({64, 1, 1}).pow(2) + idx.view({1, 64, 1}).pow(2) + idx.view({1, 1, 64}).pow(2);
-  at::Tensor grid = 100 * at::exp(-r2 / 800) * (0.5 + at::rand({64, 64, 64}, at::kDouble));
+  at::Tensor idx = at::arange(lowest_index, lowest_index + kGridSide, at::kDouble);
+  at::Tensor r2 = idx.view({kGridSide, 1, 1}).pow(2) + idx.view({1, kGridSide, 1}).pow(2) +
+                  idx.view({1, 1, kGridSide}).pow(2);
+  at::Tensor grid =
+      100 * at::exp(-r2 / 800) * (0.5 + at::rand({kGridSide, kGridSide, kGridSide}, at::kDouble));
 
   // The Miller indices are computed in float64 where they will live: at
   // 2048² × 9 that is 37.7 M points, seconds of CPU time per process (and
@@ -67,7 +69,7 @@ TricubicInputs make_tricubic_inputs(int64_t size, int64_t per_pixel, const at::T
   at::Tensor hkl = at::stack(domains, 1).reshape({-1, 3});
   in.grid = grid.to(opts);
   in.hkl = hkl.to(opts);
-  in.grid_sample_input = in.grid.view({1, 1, 64, 64, 64});
+  in.grid_sample_input = in.grid.view({1, 1, kGridSide, kGridSide, kGridSide});
   in.grid_sample_coords = grid_sample_coords(hkl, in.index_min, in.grid.sizes()).to(opts);
   return in;
 }

@@ -22,7 +22,8 @@ struct TricubicInputs {
   at::Tensor grid_sample_coords;  // hkl normalised to [-1, 1], [1, N, 1, 1, 3]
 };
 
-constexpr int64_t kGridNodes = 64 * 64 * 64;  // TricubicInputs::grid
+constexpr int64_t kGridSide = 64;  // TricubicInputs::grid's nodes per axis
+constexpr int64_t kGridNodes = kGridSide * kGridSide * kGridSide;
 
 // `cell` (A) sets how far the detector reaches in hkl: with the default
 // 50 A, a 2048² detector (2θ up to 55°) reaches |h| ≈ 46, so part of it
