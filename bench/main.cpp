@@ -50,6 +50,7 @@
 #include <iomanip>
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -810,6 +811,28 @@ int main(int argc, char** argv) {
                         .device(o.device == "cuda" ? at::kCUDA : at::kCPU);
   std::vector<nb::Row> rows;
   nb::ScaleInfo scale;
+  // The report's folder; the rows so far are written there after each group
+  // of cases (write_rows), so that a run stopped by a time limit (the GPU
+  // check gives the bench a few minutes) leaves what it measured.
+  const std::string dir = o.outdir + "/" + utc_stamp();
+  std::optional<nb::EnvInfo> env;
+  auto write_rows = [&](bool complete) {
+    if (!env) env = nb::collect_env(NANOBRAGG_SOURCE_DIR, NANOBRAGG_BUILD_TYPE);
+    std::vector<nb::Row> so_far = rows;
+    nb::compute_speedups(so_far);
+    // Written beside, then renamed in: a run killed while writing leaves the
+    // previous files whole.
+    const std::filesystem::path writing = std::filesystem::path(dir) / ".writing";
+    std::filesystem::create_directories(writing);
+    nb::write_report(writing.string(), so_far, *env, command_line, scale,
+                     complete ? ""
+                              : "Unfinished: the rows measured when this was written; the "
+                                "run did not reach its end.");
+    for (const auto& f : std::filesystem::directory_iterator(writing)) {
+      std::filesystem::rename(f.path(), std::filesystem::path(dir) / f.path().filename());
+    }
+    std::filesystem::remove(writing);
+  };
   try {
     if (o.gather_work) {
       std::filesystem::create_directories(o.outdir);
@@ -832,11 +855,13 @@ int main(int argc, char** argv) {
       for (const auto& op : o.ops) {
         std::cerr << op << ", size " << size << " (" << o.device << ", " << o.dtype << ")\n";
         run_cases(o, cases_of(o, op, size), opts, rows);
+        write_rows(false);
       }
     }
     if (o.device == "cuda") {
       const std::vector<nb::Row> goals = nb::run_cuda_goals(o.repeats, o.max_seconds);
       rows.insert(rows.end(), goals.begin(), goals.end());
+      if (o.scale) write_rows(false);
     }
     if (o.scale) run_scale(o, opts, rows, scale);
   } catch (const c10::Error& e) {
@@ -846,11 +871,7 @@ int main(int argc, char** argv) {
     std::cerr << "nanobragg_bench: " << e.what() << "\n";
     return 1;
   }
-  nb::compute_speedups(rows);
-  const std::string dir = o.outdir + "/" + utc_stamp();
-  std::filesystem::create_directories(dir);
-  const nb::EnvInfo env = nb::collect_env(NANOBRAGG_SOURCE_DIR, NANOBRAGG_BUILD_TYPE);
-  nb::write_report(dir, rows, env, command_line, scale);
+  write_rows(true);
   std::cout << dir << "\n";
   // A goal missed is a finding; a case that failed or a mismatch is not.
   const bool failed = std::any_of(rows.begin(), rows.end(), [](const nb::Row& r) {

@@ -302,7 +302,8 @@ EnvInfo collect_env(const std::string& source_dir, const std::string& build_type
 }
 
 void write_report(const std::string& dir, const std::vector<Row>& rows, const EnvInfo& env,
-                  const std::string& command_line, const ScaleInfo& scale) {
+                  const std::string& command_line, const ScaleInfo& scale,
+                  const std::string& unfinished) {
   nlohmann::json results = nlohmann::json::array();
   for (const Row& r : rows) {
     nlohmann::ordered_json j;
@@ -358,8 +359,9 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
 
   std::ostringstream md;
   md << "# Performance summary\n\n"
-     << env.summary_line << ".\n\nCommand: `" << command_line
-     << "`\n\nWarm time is the median of `repeats` calls after one cold (first) call, each "
+     << env.summary_line << ".\n\nCommand: `" << command_line << "`\n\n"
+     << (unfinished.empty() ? "" : "**" + unfinished + "**\n\n")
+     << "Warm time is the median of `repeats` calls after one cold (first) call, each "
         "followed by a device synchronise; speedup = the other implementation's warm time / "
         "this one's, from the same run. Peak is the peak extra memory of one call, the output "
         "and the gradients included, measured in a child process of its own for each row: it "

@@ -105,7 +105,10 @@ struct EnvInfo {
 };
 EnvInfo collect_env(const std::string& source_dir, const std::string& build_type);
 
+// perf_results.json, env.json and perf_summary.md into dir. `unfinished`: a
+// note for a report written before the run ended (empty: the run's own).
 void write_report(const std::string& dir, const std::vector<Row>& rows, const EnvInfo& env,
-                  const std::string& command_line, const ScaleInfo& scale);
+                  const std::string& command_line, const ScaleInfo& scale,
+                  const std::string& unfinished = "");
 
 }  // namespace nanobragg_bench

@@ -25,7 +25,8 @@
 #       reports/gpu/dryrun-<UTC stamp>/.
 #
 # Output folder (at most 8 files, the device tool's limit): gpu_check_summary.md,
-# perf_results.json, perf_summary.md, logs.tar.gz (every raw log), summary.json.
+# perf_results.json, perf_summary.md, logs.tar.gz (every raw log), summary.json;
+# while the check runs, stages_so_far.tsv (what comes back if it is stopped).
 # Exits non-zero when any stage failed. Environment overrides:
 #   GPU_CHECK_BUDGET_S     total wall-clock budget (GPU 455, dry run 1500)
 #   GPU_CHECK_PYTEST_WORKERS  pytest-xdist workers on the GPU (default 4 when
@@ -61,7 +62,9 @@ fi
 log() { echo "[gpu_check $(date -u +%H:%M:%S)] $*" >&2; }
 
 # ---------------------------------------------------------------------------
-# --prepare: the vendored dependencies, on a machine with apt and PyPI.
+# --prepare: the vendored dependencies, on a machine with apt and PyPI. All of
+# it is made in gpu_deps.tmp/ and takes gpu_deps/'s place only when complete:
+# a failed step leaves gpu_deps/ as it was.
 prepare() {
   set -e
   local apt_missing=()
@@ -74,19 +77,17 @@ prepare() {
     apt-get install -y -qq "${apt_missing[@]}" >/dev/null
   fi
 
-  # The wheels: every pin of requirements.txt that the GPU image lacks. Kept
-  # between runs (no download when the file is there already).
-  local wheels=(expecttest)
   local tmp="$DEPS.tmp"
   rm -rf "$tmp"
-  mkdir -p "$tmp/nlohmann_json/include" "$DEPS/wheels"
+  mkdir -p "$tmp/nlohmann_json/include" "$tmp/wheels"
   # Timestamps kept: a second --prepare must not make builds recompile.
   cp -rL --preserve=timestamps /usr/src/googletest "$tmp/googletest"
   cp -rL --preserve=timestamps /usr/include/nlohmann "$tmp/nlohmann_json/include/nlohmann"
-  mv "$DEPS/wheels" "$tmp/wheels"
-  rm -rf "$DEPS"
-  mv "$tmp" "$DEPS"
 
+  # The wheels: every pin of requirements.txt that the GPU image lacks. Kept
+  # between runs (no download when the file is there already).
+  local wheels=(expecttest)
+  if compgen -G "$DEPS/wheels/*.whl" >/dev/null; then cp -p "$DEPS"/wheels/*.whl "$tmp/wheels/"; fi
   local pip=(python3 -m pip)
   if [[ -x "$ROOT/.venv/bin/python" ]]; then pip=("$ROOT/.venv/bin/python" -m pip); fi
   local name pin wanted=()
@@ -94,19 +95,35 @@ prepare() {
     pin="$(grep -E "^${name}==" requirements.txt | tr -d '[:space:]')"
     [[ -n "$pin" ]] || { log "requirements.txt pins no $name"; return 1; }
     wanted+=("${pin%%==*}-${pin##*==}-")
-    if ! compgen -G "$DEPS/wheels/${pin%%==*}-${pin##*==}-*.whl" >/dev/null; then
+    if ! compgen -G "$tmp/wheels/${pin%%==*}-${pin##*==}-*.whl" >/dev/null; then
       log "downloading $pin (Python 3.12 wheel)"
       "${pip[@]}" download -q --no-deps --only-binary=:all: --python-version 3.12 \
-        -d "$DEPS/wheels" "$pin"
+        -d "$tmp/wheels" "$pin"
     fi
   done
   # Only the wanted versions stay (an older pin's wheel goes).
   local whl keep w
-  for whl in "$DEPS"/wheels/*.whl; do
+  for whl in "$tmp"/wheels/*.whl; do
     keep=0
     for w in "${wanted[@]}"; do [[ "$(basename "$whl")" == "$w"* ]] && keep=1; done
     ((keep)) || rm -f "$whl"
   done
+
+  # The GPU machine's copy of the tree has no .git: the revision here, and
+  # the checksum of every file git tracks or would add, with which the check
+  # there tells whether it runs this tree or a changed one.
+  if git rev-parse HEAD >/dev/null 2>&1; then
+    {
+      git rev-parse HEAD
+      git diff --quiet HEAD || echo "(with uncommitted changes when --prepare ran)"
+    } | paste -sd' ' >"$tmp/SOURCE_REVISION"
+    git ls-files -z --cached --others --exclude-standard |
+      while IFS= read -r -d '' f; do if [[ -f $f ]]; then printf '%s\0' "$f"; fi; done |
+      xargs -0 -r sha256sum >"$tmp/SOURCE_FILES.sha256"
+  else
+    echo "unknown (no git repository when --prepare ran)" >"$tmp/SOURCE_REVISION"
+    : >"$tmp/SOURCE_FILES.sha256"
+  fi
 
   # The manifest: what is there, which version, how big.
   local gtest_v json_v
@@ -114,37 +131,42 @@ prepare() {
   json_v="$(dpkg-query -W -f='${Version}' nlohmann-json3-dev 2>/dev/null || echo unknown)"
   {
     echo "gpu_deps/ for scripts/gpu_check.sh (made by --prepare)"
-    echo "made: $(date -u +%Y-%m-%dT%H:%M:%SZ) at git $(git rev-parse --short=10 HEAD 2>/dev/null || echo unknown)"
+    echo "made: $(date -u +%Y-%m-%dT%H:%M:%SZ) at git $(cut -c1-10 "$tmp/SOURCE_REVISION")" \
+      "($(wc -l <"$tmp/SOURCE_FILES.sha256") source files' checksums in SOURCE_FILES.sha256)"
     echo
     printf '%-44s %-12s %8s  %s\n' path version KiB from
-    printf '%-44s %-12s %8s  %s\n' googletest/ "$gtest_v" "$(du -sk "$DEPS/googletest" | cut -f1)" \
+    printf '%-44s %-12s %8s  %s\n' googletest/ "$gtest_v" "$(du -sk "$tmp/googletest" | cut -f1)" \
       "/usr/src/googletest (Debian googletest)"
     printf '%-44s %-12s %8s  %s\n' nlohmann_json/include/nlohmann/ "$json_v" \
-      "$(du -sk "$DEPS/nlohmann_json" | cut -f1)" "/usr/include/nlohmann (Debian nlohmann-json3-dev)"
-    for whl in "$DEPS"/wheels/*.whl; do
+      "$(du -sk "$tmp/nlohmann_json" | cut -f1)" "/usr/include/nlohmann (Debian nlohmann-json3-dev)"
+    for whl in "$tmp"/wheels/*.whl; do
       printf '%-44s %-12s %8s  %s\n' "wheels/$(basename "$whl")" \
         "$(basename "$whl" | cut -d- -f2)" "$(du -sk "$whl" | cut -f1)" \
         "PyPI, sha256 $(sha256sum "$whl" | cut -c1-16)…"
     done
-  } >"$DEPS/MANIFEST.txt"
-  # The GPU machine's copy of the tree may have no .git: the revision here.
-  {
-    git rev-parse HEAD 2>/dev/null || echo unknown
-    git diff --quiet HEAD 2>/dev/null || echo "(with uncommitted changes when --prepare ran)"
-  } | paste -sd' ' >"$DEPS/SOURCE_REVISION"
+  } >"$tmp/MANIFEST.txt"
   local bytes
-  bytes="$(du -sb "$DEPS" | cut -f1)"
-  echo "total: $bytes bytes ($(find "$DEPS" -type f | wc -l) files), limit $MAX_DEPS_BYTES" >>"$DEPS/MANIFEST.txt"
-  cat "$DEPS/MANIFEST.txt"
+  bytes="$(du -sb "$tmp" | cut -f1)"
+  echo "total: $bytes bytes ($(find "$tmp" -type f | wc -l) files), limit $MAX_DEPS_BYTES" >>"$tmp/MANIFEST.txt"
   if ((bytes > MAX_DEPS_BYTES)); then
-    log "gpu_deps/ is $bytes bytes, over the 64 MiB the device tool carries"
+    log "gpu_deps/ would be $bytes bytes, over the 64 MiB the device tool carries"
     return 1
   fi
-  set +e
+  rm -rf "$DEPS"
+  mv "$tmp" "$DEPS"
+  cat "$DEPS/MANIFEST.txt"
 }
 
 if [[ $MODE == prepare ]]; then
-  (prepare) || { log "--prepare failed"; exit 1; }
+  # A subshell whose status is read afterwards: under `if` or `||` bash would
+  # switch prepare's `set -e` off, and a failed step would go unnoticed.
+  (prepare)
+  rc=$?
+  rm -rf "$DEPS.tmp"
+  if ((rc != 0)); then
+    log "--prepare failed (exit $rc); gpu_deps/ is as it was"
+    exit 1
+  fi
   exit 0
 fi
 
@@ -214,6 +236,13 @@ stage_limit() {
 record() {  # name status seconds note
   printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "${4:-}" >>"${RECORD_TO:-$STAGES}"
   log "stage $1: $2 (${3}s) ${4:-}"
+  # The stages so far, in the output folder: what comes back if something
+  # outside stops the check before its summary (replaced in one rename; the
+  # summary removes it).
+  # (The name set here: a redirection's $BASHPID would be the child's.)
+  local writing="$REPORT/stages_so_far.tsv.$BASHPID"
+  cat "$STAGES" "$WORK/stages_sanitizers.tsv" >"$writing" 2>/dev/null
+  mv -f "$writing" "$REPORT/stages_so_far.tsv"
 }
 
 # run_stage NAME LIMIT LOGFILE CMD...: runs CMD under `timeout`, its output
@@ -246,6 +275,25 @@ status_of() {  # rc -> PASS / FAIL / TIMEOUT / NOT RUN
   esac
 }
 
+# Whether this tree's files are those --prepare saw (gpu_deps/SOURCE_FILES.sha256),
+# for a copy with no .git: a tree changed since then is not that revision.
+source_files_check() {
+  local sums="$DEPS/SOURCE_FILES.sha256" total bad
+  if [[ ! -s $sums ]]; then
+    echo "no checksums of its files, so this tree may differ from it"
+    return
+  fi
+  total="$(wc -l <"$sums")"
+  bad="$(sha256sum --quiet -c "$sums" 2>/dev/null | sed -n 's/: FAILED.*$//p')"
+  if [[ -z $bad ]]; then
+    echo "all $total of its files are unchanged here"
+  else
+    local n
+    n="$(echo "$bad" | wc -l)"
+    echo "but $n of its $total files differ here ($(echo "$bad" | head -5 | paste -sd' ')$( ((n > 5)) && echo ' ...')): the results are a changed tree's; run --prepare just before the GPU run"
+  fi
+}
+
 # --- environment ------------------------------------------------------------
 {
   echo "mode: $MODE"
@@ -254,7 +302,7 @@ status_of() {  # rc -> PASS / FAIL / TIMEOUT / NOT RUN
   if git rev-parse HEAD >/dev/null 2>&1; then
     echo "git: $(git rev-parse HEAD)$(git diff --quiet HEAD || echo ' (with uncommitted changes)')"
   else
-    echo "git: $(cat "$DEPS/SOURCE_REVISION" 2>/dev/null || echo unknown) [no .git here: the revision --prepare saw]"
+    echo "git: $(cat "$DEPS/SOURCE_REVISION" 2>/dev/null || echo unknown) [no .git here: the revision --prepare saw; $(source_files_check)]"
   fi
   echo "cpus: $NPROC"
   echo "python: $PY ($("$PY" -V 2>&1))"
@@ -380,8 +428,9 @@ else
 fi
 
 # --- bench ---------------------------------------------------------------------
-# Before pytest: its timings want the GPU to itself, and a bench cut short by
-# the budget reports nothing, while pytest cut short still counts what ran.
+# Before pytest: its timings want the GPU to itself. A bench cut short by the
+# budget keeps the rows of the groups of cases it finished (it writes its
+# report after each; the summary then says "Unfinished"), a stage TIMEOUT.
 if [[ $MODE == gpu ]]; then
   # Both ops at 512² and 2048² (tricubic: × 9 lookups per pixel, 37.7 M points
   # at 2048², aten_composite included: about 60 GB, which the GPU has).
@@ -452,7 +501,7 @@ tests_matched() {
 # memcheck sees out-of-bounds accesses only at allocation boundaries: torch's
 # caching allocator is off for these runs, every tensor its own cudaMalloc.
 sanitize() {
-  local tool=$1 log_ errors hazards ran skipped what filter matched
+  local tool=$1 log_ errors hazards ran skipped what filter matched passed unsupported
   shift
   log_="$LOGS/sanitizer_$tool.log"
   filter="$(IFS=:; echo "$*")"
@@ -492,9 +541,14 @@ sanitize() {
   ran="$(grep -c -E '^\[       OK \]|^\[  FAILED  \] .*\([0-9]+ ms\)$' "$log_")"
   skipped="$(grep -c -E '^\[  SKIPPED \] .*\([0-9]+ ms\)$' "$log_")"
   what="$ran cases ran, $skipped skipped, ${errors:-no} errors reported${hazards:+, $hazards hazards}"
-  if grep -qi -E '^=+ .*(not supported|unsupported)' "$log_"; then
-    record "$tool" "NOT SUPPORTED" "$STAGE_SECS" "$(grep -i -m1 -E '^=+ .*(not supported|unsupported)' "$log_" | cut -c1-140)"
-  elif [[ -z $errors && -z $hazards ]] && grep -q -E '^=+ (Error|Internal)' "$log_" && ((STAGE_RC != 124)); then
+  passed="$(grep -c -E '^\[       OK \]' "$log_")"
+  unsupported="$(grep -i -m1 -E '^=+ .*(not supported|unsupported)' "$log_" | cut -c1-140)"
+  if [[ -n $unsupported ]] && ((passed == 0)); then
+    # (A tool that refuses the device passes no case; where cases passed
+    # under it, it ran, and its summary counts, whatever else it printed.)
+    record "$tool" "NOT SUPPORTED" "$STAGE_SECS" "$unsupported"
+  elif [[ -z $errors && -z $hazards ]] && grep -q -E '^=+ (Error|Internal)' "$log_" &&
+    ((STAGE_RC != 124 && STAGE_RC != 137)); then
     # The tool itself could not run here (no summary at all): not our code.
     record "$tool" "NOT SUPPORTED" "$STAGE_SECS" "$(grep -m1 -E '^=+ (Error|Internal)' "$log_" | cut -c1-140)"
   elif ((STAGE_RC == 124 || STAGE_RC == 137 || STAGE_RC == 125)); then
@@ -572,6 +626,7 @@ done <"$STAGES"
 cp "$STAGES" "$LOGS/stages.tsv"
 [[ -f "$BUILD_DIR/CMakeCache.txt" ]] && cp "$BUILD_DIR/CMakeCache.txt" "$LOGS/CMakeCache.txt"
 tar -czf "$REPORT/logs.tar.gz" -C "$WORK" logs
+rm -f "$REPORT/stages_so_far.tsv"
 timeout 60 "$PY" "$ROOT/scripts/gpu_check_summary.py" --mode "$MODE" --stages "$STAGES" \
   --logs "$LOGS" --report "$REPORT" --total-seconds "$TOTAL" --budget "$BUDGET"
 SUMMARY_RC=$?
