@@ -820,8 +820,8 @@ int main(int argc, char** argv) {
     if (!env) env = nb::collect_env(NANOBRAGG_SOURCE_DIR, NANOBRAGG_BUILD_TYPE);
     std::vector<nb::Row> so_far = rows;
     nb::compute_speedups(so_far);
-    // Written beside, then renamed in: a run killed while writing leaves the
-    // previous files whole.
+    // Written into dir/.writing, then renamed into dir: a run killed while
+    // writing leaves the previous files whole.
     const std::filesystem::path writing = std::filesystem::path(dir) / ".writing";
     std::filesystem::create_directories(writing);
     nb::write_report(writing.string(), so_far, *env, command_line, scale,

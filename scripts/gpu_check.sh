@@ -538,10 +538,10 @@ sanitize() {
   if [[ -z $errors ]]; then
     errors="$(sed -n 's/^=* *RACECHECK SUMMARY: .*(\([0-9]*\) error.*/\1/p' "$log_" | tail -1)"
   fi
-  ran="$(grep -c -E '^\[       OK \]|^\[  FAILED  \] .*\([0-9]+ ms\)$' "$log_")"
+  passed="$(grep -c -E '^\[       OK \]' "$log_")"
+  ran=$((passed + $(grep -c -E '^\[  FAILED  \] .*\([0-9]+ ms\)$' "$log_")))
   skipped="$(grep -c -E '^\[  SKIPPED \] .*\([0-9]+ ms\)$' "$log_")"
   what="$ran cases ran, $skipped skipped, ${errors:-no} errors reported${hazards:+, $hazards hazards}"
-  passed="$(grep -c -E '^\[       OK \]' "$log_")"
   unsupported="$(grep -i -m1 -E '^=+ .*(not supported|unsupported)' "$log_" | cut -c1-140)"
   if [[ -n $unsupported ]] && ((passed == 0)); then
     # (A tool that refuses the device passes no case; where cases passed
