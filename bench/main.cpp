@@ -613,9 +613,23 @@ double median_of_round(const Options& o, const Call& fn) {
   return median(t);
 }
 
+// ratio(ta, tb) of each of kInterleavedRounds rounds, ta and tb the round's
+// times (median_of_round) of a then b, and the median over the rounds; a and
+// b are called once each first, to warm them.
+template <typename Ratio>
+double interleaved_ratio(const Options& o, const Call& a, const Call& b, const Ratio& ratio) {
+  a(), b();
+  std::vector<double> ratios;
+  for (int round = 0; round < kInterleavedRounds; ++round) {
+    const double ta = median_of_round(o, a), tb = median_of_round(o, b);
+    ratios.push_back(ratio(ta, tb));
+  }
+  return median(ratios);
+}
+
 // Runs measure() with ATen on `threads` threads, reporting a failure as
 // "<op> <what>: FAILED", then puts the thread count back and hands cached
-// memory back: what both interleaved measurements below share.
+// memory back: what the interleaved measurements below share.
 template <typename Measure>
 void interleaved_measurement(const Options& o, const nb::Row& row, int64_t threads,
                              const char* what, const Measure& measure) {
@@ -650,14 +664,9 @@ void add_interleaved_backward(const Options& o, const Workload& w, std::vector<n
       Case cfb{fb.op, "fused", "forward_backward", fb.size, o.per_pixel};
       cfb.grads = grads, cfb.grad_layout = layout;
       interleaved_measurement(o, fb, fb.threads, "interleaved backward", [&] {
-        const Call forward = make_call(cf, w), both = make_call(cfb, w);
-        forward(), both();  // warm
-        std::vector<double> ratios;
-        for (int round = 0; round < kInterleavedRounds; ++round) {
-          const double tf = median_of_round(o, forward), tfb = median_of_round(o, both);
-          ratios.push_back((tfb - tf) / tf);
-        }
-        const double backward = median(ratios);
+        const double backward =
+            interleaved_ratio(o, make_call(cf, w), make_call(cfb, w),
+                              [](double tf, double tfb) { return (tfb - tf) / tf; });
         fb.fields[nb::backward_field(grads, layout)] = backward;
         fb.fields["interleaved_rounds"] = kInterleavedRounds;
         std::cerr << "  " << fb.op << " backward in forwards, interleaved (" << fb.threads
@@ -703,6 +712,47 @@ void add_interleaved_scaling(const Options& o, const Workload& w, std::vector<nb
   }
 }
 
+// The tricubic forward's and forward+backward's speed-ups over the
+// baselines of issue 17's goals (scalar_reference; trilinear grid_sample,
+// split into one batch entry per thread where there are several), timed in
+// alternation for the same reason as the backward above: kInterleavedRounds
+// rounds of kCallsPerRound baseline calls then as many fused ones, the ratio
+// of each round's medians, and the median over the rounds. (From the rows'
+// own medians, the same forward against the same scalar loop measured 7.2×
+// and 9.3× in two runs on one machine.) Kept in the fused row's fields
+// (nb::interleaved_speedup_field), which the report's targets use. A
+// baseline whose check against the fused op failed is not timed again.
+void add_interleaved_speedups(const Options& o, const Workload& w, std::vector<nb::Row>& rows,
+                              size_t first_row) {
+  if (o.device != "cpu") return;
+  for (size_t i = first_row; i < rows.size(); ++i) {
+    nb::Row& fused = rows[i];
+    if (fused.op != "tricubic_interp" || fused.impl != "fused" || !fused.ran() || fused.scale)
+      continue;
+    const std::string trilinear = fused.threads > 1 ? "grid_sample_split" : "grid_sample_trilinear";
+    for (const std::string& impl : {std::string("scalar_reference"), trilinear}) {
+      const auto baseline =
+          std::find_if(rows.begin() + first_row, rows.end(), [&](const nb::Row& r) {
+            return r.impl == impl && r.pass == fused.pass && r.threads == fused.threads &&
+                   r.ran() && !r.check_failed();
+          });
+      if (baseline == rows.end()) continue;
+      const Case cf{fused.op, "fused", fused.pass, fused.size, o.per_pixel};
+      const Case cb{fused.op, impl, fused.pass, fused.size, o.per_pixel};
+      interleaved_measurement(o, fused, fused.threads, "interleaved speed-up", [&] {
+        const double speedup =
+            interleaved_ratio(o, make_call(cb, w), make_call(cf, w),
+                              [](double theirs, double ours) { return theirs / ours; });
+        fused.fields[nb::interleaved_speedup_field(impl)] = speedup;
+        fused.fields["interleaved_rounds"] = kInterleavedRounds;
+        std::cerr << "  " << fused.op << " " << fused.pass << ", " << fused.threads
+                  << " threads, fused over " << impl << ", interleaved: " << std::setprecision(2)
+                  << speedup << "x\n";
+      });
+    }
+  }
+}
+
 // Cases of one op at one size (and points per pixel), on the inputs they
 // share.
 void run_cases(const Options& o, const std::vector<Case>& cases, const at::TensorOptions& opts,
@@ -727,6 +777,7 @@ void run_cases(const Options& o, const std::vector<Case>& cases, const at::Tenso
   for (const Case& c : cases) rows.push_back(run_case(o, c, *w, opts, rows));
   add_interleaved_backward(o, *w, rows, first_row);
   add_interleaved_scaling(o, *w, rows, first_row);
+  add_interleaved_speedups(o, *w, rows, first_row);
 }
 
 // The child's side (--single-case): one call of one case, and its peak extra

@@ -95,6 +95,10 @@ const std::vector<BackwardVariant>& backward_variants(const std::string& op);
 // for {all, expanded}, else that name with _<grads>_<layout> appended.
 std::string backward_field(const std::string& grads, const std::string& layout);
 
+// The fused row's field that holds its speed-up over a baseline `impl`
+// timed interleaved with it: speedup_vs_<impl>_interleaved.
+std::string interleaved_speedup_field(const std::string& impl);
+
 // Fills speedup_vs for rows that ran and share op, pass, device, dtype,
 // size and section (main, --scale, GPU goals).
 void compute_speedups(std::vector<Row>& rows);
