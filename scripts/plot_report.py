@@ -79,8 +79,8 @@ def throughput_figure(rows, out: Path) -> bool:
             ax.set_title(f"{op} {pass_.replace('_', '+')}")
             ax.grid(axis="y", which="both", alpha=0.3)
             # Room above the tallest bar for the legend, which would hide it:
-            # a third more of the axis' span in decades, the legend in two
-            # columns where it has more than three entries.
+            # 35% more of the axis' span in decades, the legend in two columns
+            # where it has more than three entries.
             if ys_all := [r["points_per_second"] / 1e6 for r in sel]:
                 lo, hi = ax.get_ylim()
                 ax.set_ylim(lo, max(ys_all) * (hi / lo) ** 0.35)
