@@ -122,6 +122,14 @@ std::string sci(double v) {
   return s.str();
 }
 
+// What the Targets table adds after a figure timed in alternation (main.cpp's
+// interleaved measurements): the rounds, read from the row, and the figure
+// from the two rows' own medians where there is one to show.
+std::string interleaved_note(const Row& r, const std::string& rows_figure) {
+  return " (median of " + fmt(r.fields.at("interleaved_rounds"), 0) + " interleaved rounds" +
+         (rows_figure.empty() ? "" : "; from the rows' medians " + rows_figure) + ")";
+}
+
 // A row of the main tables (not --scale, not a GPU goal).
 bool main_row(const Row& r) {
   return !r.scale && !r.cuda_goal;
@@ -459,9 +467,8 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
         const double shown = at_most_time_ratio ? 1.0 / ratio : ratio;
         const std::string unit = at_most_time_ratio ? "× its time" : "×";
         md << "| " << where << ": " << what << " | " << fmt(shown, 2) << unit
-           << (have ? " (median of " + fmt(r->fields.at("interleaved_rounds"), 0) +
-                          " interleaved rounds; from the rows' medians " +
-                          fmt(at_most_time_ratio ? 1.0 / of_rows : of_rows, 2) + unit + ")"
+           << (have ? interleaved_note(*r,
+                                       fmt(at_most_time_ratio ? 1.0 / of_rows : of_rows, 2) + unit)
                     : std::string())
            << " | " << ((at_most_time_ratio ? shown <= need : shown >= need) ? "yes" : "**no**")
            << " |\n";
@@ -498,10 +505,8 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
           const double need = threads >= 2 ? 1.7 * threads / 2.0 : 1.0;
           md << "| " << where << ": tricubic forward ≥ " << fmt(need, 2)
              << "× faster than on 1 thread | " << fmt(speedup, 2) << "×"
-             << (have ? " (median of " + fmt(all->fields.at("interleaved_rounds"), 0) +
-                            " interleaved rounds; from the rows' medians " + fmt(of_rows, 2) + "×)"
-                      : std::string())
-             << " | " << (speedup >= need ? "yes" : "**no**") << " |\n";
+             << (have ? interleaved_note(*all, fmt(of_rows, 2) + "×") : std::string()) << " | "
+             << (speedup >= need ? "yes" : "**no**") << " |\n";
         }
       }
       // The backward alone, in forwards (backward_variants' goals):
@@ -529,11 +534,8 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
           md << "| " << where << ": " << op << " backward (" << needing << ", " << layout << ") ≤ "
              << fmt(g.goal, g.goal == std::floor(g.goal) ? 0 : 1) << " forwards | "
              << fmt(forwards, 2) << " forwards"
-             << (have
-                     ? " (median of " + fmt(fb->fields.at("interleaved_rounds"), 0) +
-                           " interleaved rounds" +
-                           (rows_variant ? "; from the rows' medians " + fmt(of_rows, 2) : "") + ")"
-                     : std::string())
+             << (have ? interleaved_note(*fb, rows_variant ? fmt(of_rows, 2) : std::string())
+                      : std::string())
              << " | " << (forwards <= g.goal ? "yes" : "**no**") << " |\n";
         }
       }

@@ -53,6 +53,16 @@ def rotation(axis: list[float], angle: float) -> torch.Tensor:
     )
 
 
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it, else what platform knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
 def bench_lookups(size: int = 512, cell: float = 50.0):
     """The bench's grid and Miller indices at size², one lookup per pixel."""
     torch.manual_seed(7)
@@ -119,14 +129,9 @@ def main() -> None:
         ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
         capture_output=True, text=True,
     ).stdout.strip()
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        platform.processor() or "unknown CPU",
-    ) if Path("/proc/cpuinfo").exists() else platform.processor() or "unknown CPU"
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(
-        f"{stamp}, git {revision or 'unknown'}, {cpu}, CPU capability "
+        f"{stamp}, git {revision or 'unknown'}, {cpu_model()}, CPU capability "
         f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thread(s), "
         f"{hkl.shape[0]} lookups (the bench's 512², float32), {args.rounds} rounds of "
         f"{kCalls} calls each\n"
