@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
 import nanobragg_ops
+from run_facts import git_revision
 
 
 def main() -> None:
@@ -66,12 +65,8 @@ def main() -> None:
             ratios[name].append(times[0] / warm)
             warm_ms[name].append(warm * 1e3)
 
-    revision = subprocess.run(
-        ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
-        capture_output=True, text=True,
-    ).stdout.strip()
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"{stamp}, git {revision or 'unknown'}, {torch.get_num_threads()} threads, {args.rounds} rounds, "
+    print(f"{stamp}, git {git_revision()}, {torch.get_num_threads()} threads, {args.rounds} rounds, "
           f"{args.idle:g} s idle before each first call\n")
     print("| call | warm ms (median) | first call / warm, each round | median |")
     print("|---|---:|---|---:|")

@@ -61,6 +61,13 @@ fi
 
 log() { echo "[gpu_check $(date -u +%H:%M:%S)] $*" >&2; }
 
+# The checked-out revision, and " (with uncommitted changes$1)" after it when
+# the tree differs from it; fails outside a git repository.
+git_revision() {
+  git rev-parse HEAD 2>/dev/null || return 1
+  git diff --quiet HEAD || echo " (with uncommitted changes$1)"
+}
+
 # ---------------------------------------------------------------------------
 # --prepare: the vendored dependencies, on a machine with apt and PyPI. All of
 # it is made in gpu_deps.tmp/ and takes gpu_deps/'s place only when complete:
@@ -112,11 +119,7 @@ prepare() {
   # The GPU machine's copy of the tree has no .git: the revision here, and
   # the checksum of every file git tracks or would add, with which the check
   # there tells whether it runs this tree or a changed one.
-  if git rev-parse HEAD >/dev/null 2>&1; then
-    {
-      git rev-parse HEAD
-      git diff --quiet HEAD || echo "(with uncommitted changes when --prepare ran)"
-    } | paste -sd' ' >"$tmp/SOURCE_REVISION"
+  if git_revision " when --prepare ran" | paste -sd '' >"$tmp/SOURCE_REVISION"; then
     git ls-files -z --cached --others --exclude-standard |
       while IFS= read -r -d '' f; do if [[ -f $f ]]; then printf '%s\0' "$f"; fi; done |
       xargs -0 -r sha256sum >"$tmp/SOURCE_FILES.sha256"
@@ -299,8 +302,8 @@ source_files_check() {
   echo "mode: $MODE"
   echo "host: $(hostname)"
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  if git rev-parse HEAD >/dev/null 2>&1; then
-    echo "git: $(git rev-parse HEAD)$(git diff --quiet HEAD || echo ' (with uncommitted changes)')"
+  if revision="$(git_revision "" | paste -sd '')"; then
+    echo "git: $revision"
   else
     echo "git: $(cat "$DEPS/SOURCE_REVISION" 2>/dev/null || echo unknown) [no .git here: the revision --prepare saw; $(source_files_check)]"
   fi

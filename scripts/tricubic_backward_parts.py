@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
-import subprocess
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
 import nanobragg_ops  # noqa: F401  (registers torch.ops.nanobragg)
+from run_facts import cpu_model, git_revision
 
 kCalls = 5
 kGridSide = 64
@@ -52,15 +50,6 @@ def rotation(axis: list[float], angle: float) -> torch.Tensor:
         dtype=torch.float64,
     )
 
-
-def cpu_model() -> str:
-    """The CPU's model name as /proc/cpuinfo gives it, else what platform knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def bench_lookups(size: int = 512, cell: float = 50.0):
@@ -125,13 +114,9 @@ def main() -> None:
         less = 1.0 if name == kAutograd else 0.0  # its backward: less one forward
         return [t / f - less for t, f in zip(ms[name], ms["forward"])]
 
-    revision = subprocess.run(
-        ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
-        capture_output=True, text=True,
-    ).stdout.strip()
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(
-        f"{stamp}, git {revision or 'unknown'}, {cpu_model()}, CPU capability "
+        f"{stamp}, git {git_revision()}, {cpu_model()}, CPU capability "
         f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thread(s), "
         f"{hkl.shape[0]} lookups (the bench's 512², float32), {args.rounds} rounds of "
         f"{kCalls} calls each\n"
