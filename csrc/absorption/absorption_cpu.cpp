@@ -218,9 +218,11 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output, const at::Tensor
   // read with stride 1. Either way each pixel's arithmetic, and each
   // block's sums, are the same, so the gradients do not depend on the
   // incoming gradient's layout.
-  const bool fast = n > 0 && contiguous_shared(in, in.pixel_offsets(in.intensity.select(0, 0)),
-                                               scalars.thickness > 0.0);
-  const PointOffsets<3> offsets = in.pixel_offsets(grad_output);
+  at::Tensor layer0 = in.intensity.select(0, 0);
+  const bool fast =
+      n > 0 && contiguous_shared(in, in.pixel_offsets(layer0), scalars.thickness > 0.0);
+  at::Tensor grad = grad_output;  // (or a contiguous copy: pixel_offsets)
+  const PointOffsets<3> offsets = in.pixel_offsets(grad);
   const bool gather = fast && offsets.ndim != 1;
   const int64_t g_stride = gather ? 1 : offsets.strides[2][0];
   // What is asked for: only intensity's gradient is g * capture, the
@@ -238,7 +240,7 @@ detector_absorption_backward_cpu(const at::Tensor& grad_output, const at::Tensor
       const auto prm = params_from<scalar_t>(scalars, thicksteps, oversample_thick);
       const auto source = in.source<scalar_t>();
       using T = scalar_t;
-      const T* g = grad_output.const_data_ptr<T>();
+      const T* g = grad.const_data_ptr<T>();
       T* gI = full.intensity_ptr<T>();
       T* gP = full.coords_ptr<T>();
       // The incoming gradients of pixels [begin, end), from pixel begin on:
@@ -328,7 +330,7 @@ detector_absorption_double_backward_cpu(
   const ScalarValues dir_scalars = read_host_direction(c.dir);
   // (named references: lambdas cannot capture structured bindings)
   ExpandedInputs& in = c.call.in;
-  const DualDirection& dir = c.dir;
+  DualDirection& dir = c.dir;
   at::Tensor& grad_grad_output = c.grad_grad_output;
   FullGrads& full = c.full;
   const bool input_grads = c.input_grads;
@@ -338,14 +340,15 @@ detector_absorption_double_backward_cpu(
   std::vector<std::array<double, kDoubleBackwardTotals>> partial(static_cast<size_t>(blocks),
                                                                  {0, 0, 0, 0, 0});
   if (n > 0) {
-    const auto offsets = dual_pixel_offsets(in, dir.tangent, grad_output);
+    at::Tensor grad = grad_output;  // (or a contiguous copy: dual_pixel_offsets)
+    const auto offsets = dual_pixel_offsets(in, dir.tangent, grad);
     AT_DISPATCH_FLOATING_TYPES(
         intensity.scalar_type(), "detector_absorption_double_backward_cpu", [&] {
           using T = scalar_t;
           const auto prm = dual_params_from<T>(scalars, dir_scalars, thicksteps, oversample_thick);
           const auto source = in.source<T>();
           const auto tangent = dir.tangent.source<T>();
-          const T* g = grad_output.const_data_ptr<T>();
+          const T* g = grad.const_data_ptr<T>();
           T* ggo = output_mask[0] ? grad_grad_output.mutable_data_ptr<T>() : nullptr;
           T* gI = full.intensity_ptr<T>();
           T* gP = full.coords_ptr<T>();

@@ -234,11 +234,12 @@ detector_absorption_backward_cuda(const at::Tensor& grad_output, const at::Tenso
   // (With no pixels, one block writes zero partials: the scalar gradients
   // are then zero, through the same code.)
   at::Tensor partials = at::empty({blocks, kBackwardTotals}, opts.dtype(at::kDouble));
-  const auto offsets = in.pixel_offsets(grad_output);
+  at::Tensor grad = grad_output;  // (or a contiguous copy: pixel_offsets)
+  const auto offsets = in.pixel_offsets(grad);
   AT_DISPATCH_FLOATING_TYPES(intensity.scalar_type(), "detector_absorption_backward_cuda", [&] {
     backward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         scalars, thicksteps, oversample_thick, in.source<scalar_t>(),
-        grad_output.const_data_ptr<scalar_t>(), offsets, n, full.intensity_ptr<scalar_t>(),
+        grad.const_data_ptr<scalar_t>(), offsets, n, full.intensity_ptr<scalar_t>(),
         full.coords_ptr<scalar_t>(), partials.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -268,7 +269,7 @@ detector_absorption_double_backward_cuda(
   const ScalarArgs dir_scalars = device_direction(c.dir);
   // (named references: lambdas cannot capture structured bindings)
   ExpandedInputs& in = c.call.in;
-  const DualDirection& dir = c.dir;
+  DualDirection& dir = c.dir;
   at::Tensor& grad_grad_output = c.grad_grad_output;
   FullGrads& full = c.full;
   const bool input_grads = c.input_grads;
@@ -278,12 +279,13 @@ detector_absorption_double_backward_cuda(
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t blocks = cuda::reduction_blocks_for(n);  // (fixed sum order)
   at::Tensor partials = at::empty({blocks, kDoubleBackwardTotals}, opts.dtype(at::kDouble));
-  const auto offsets = dual_pixel_offsets(in, dir.tangent, grad_output);
+  at::Tensor grad = grad_output;  // (or a contiguous copy: dual_pixel_offsets)
+  const auto offsets = dual_pixel_offsets(in, dir.tangent, grad);
   AT_DISPATCH_FLOATING_TYPES(
       intensity.scalar_type(), "detector_absorption_double_backward_cuda", [&] {
         double_backward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
             scalars, dir_scalars, thicksteps, oversample_thick, in.source<scalar_t>(),
-            dir.tangent.source<scalar_t>(), grad_output.const_data_ptr<scalar_t>(), offsets, n,
+            dir.tangent.source<scalar_t>(), grad.const_data_ptr<scalar_t>(), offsets, n,
             input_grads, output_mask[0] ? grad_grad_output.mutable_data_ptr<scalar_t>() : nullptr,
             full.intensity_ptr<scalar_t>(), full.coords_ptr<scalar_t>(),
             partials.mutable_data_ptr<double>());

@@ -8,22 +8,44 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <array>
 
 namespace nanobragg {
 namespace absorption {
 
-PointOffsets<3> ExpandedInputs::pixel_offsets(const at::Tensor& third) const {
-  const size_t np = pixel_shape.size();
-  PointOffsets<3> offsets;
-  const bool ok = make_point_offsets<3>(
-      pixel_shape,
-      {intensity.strides().slice(1, np), coords.strides().slice(1, np), third.strides()}, offsets);
-  // Pixel shapes beyond kMaxPointDims non-mergeable dims are not worth a
-  // second code path: the inputs' pixel dims come from torch tensors.
-  TORCH_CHECK(ok, "nanobragg::detector_absorption: pixel shape of ", np,
-              " dimensions with incompatible strides is not supported; "
-              "make the inputs contiguous");
+namespace {
+
+// PointOffsets of `operands` (sizes and strides of the pixel dims each), or,
+// where more than kMaxPointDims dims remain after merging (point_offsets.h),
+// of contiguous copies, which then replace them: their pixel dims merge into
+// one. Broadcast inputs of that many dims are copied out in full, a cost
+// only such rare layouts pay.
+template <int N>
+PointOffsets<N> offsets_or_contiguous(const std::vector<int64_t>& pixel_shape,
+                                      const std::array<at::Tensor*, N>& operands,
+                                      const std::array<int64_t, N>& first_pixel_dim) {
+  const auto np = static_cast<int64_t>(pixel_shape.size());
+  std::array<c10::IntArrayRef, N> strides;
+  const auto gather = [&] {
+    for (int i = 0; i < N; ++i) {
+      strides[i] = operands[i]->strides().slice(first_pixel_dim[i], np);
+    }
+  };
+  gather();
+  PointOffsets<N> offsets;
+  if (!make_point_offsets<N>(pixel_shape, strides, offsets)) {
+    for (at::Tensor* t : operands) *t = t->contiguous();
+    gather();
+    TORCH_INTERNAL_ASSERT(make_point_offsets<N>(pixel_shape, strides, offsets),
+                          "contiguous operands have pixel offsets");
+  }
   return offsets;
+}
+
+}  // namespace
+
+PointOffsets<3> ExpandedInputs::pixel_offsets(at::Tensor& third) {
+  return offsets_or_contiguous<3>(pixel_shape, {&intensity, &coords, &third}, {1, 1, 0});
 }
 
 at::Tensor ExpandedInputs::reduce_to_intensity(const at::Tensor& grad_full) const {
@@ -257,19 +279,12 @@ DoubleBackwardCall prepare_double_backward(
   return {std::move(call), std::move(dir), ggo, full, input_grads};
 }
 
-PointOffsets<5> dual_pixel_offsets(const ExpandedInputs& in, const ExpandedInputs& tangent,
-                                   const at::Tensor& grad_output) {
-  const size_t np = in.pixel_shape.size();
-  PointOffsets<5> offsets;
-  const bool ok = make_point_offsets<5>(
+PointOffsets<5> dual_pixel_offsets(ExpandedInputs& in, ExpandedInputs& tangent,
+                                   at::Tensor& grad_output) {
+  return offsets_or_contiguous<5>(
       in.pixel_shape,
-      {in.intensity.strides().slice(1, np), in.coords.strides().slice(1, np), grad_output.strides(),
-       tangent.intensity.strides().slice(1, np), tangent.coords.strides().slice(1, np)},
-      offsets);
-  TORCH_CHECK(ok, "nanobragg::detector_absorption_double_backward: pixel shape of ", np,
-              " dimensions with incompatible strides is not supported; make the inputs "
-              "contiguous");
-  return offsets;
+      {&in.intensity, &in.coords, &grad_output, &tangent.intensity, &tangent.coords},
+      {1, 1, 0, 1, 1});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>

@@ -34,7 +34,9 @@ struct ExpandedInputs {
 
   // Offsets of each pixel in intensity, coords and a third tensor of shape P
   // (the incoming gradient); intensity and coords offsets are at layer 0.
-  PointOffsets<3> pixel_offsets(const at::Tensor& third) const;
+  // Where the three layouts leave more dims than PointOffsets holds, all
+  // three are first replaced by contiguous copies (any strides work).
+  PointOffsets<3> pixel_offsets(at::Tensor& third);
 
   template <typename T>
   PixelSource<T> source() const {
@@ -180,9 +182,10 @@ DoubleBackwardCall prepare_double_backward(
     int64_t thicksteps, bool per_layer, const std::array<bool, 6>& output_mask);
 
 // Offsets of each pixel in (intensity, coords, grad_output, tangent
-// intensity, tangent coords).
-PointOffsets<5> dual_pixel_offsets(const ExpandedInputs& in, const ExpandedInputs& tangent,
-                                   const at::Tensor& grad_output);
+// intensity, tangent coords); contiguous copies replace all five where their
+// layouts leave more dims than PointOffsets holds, as pixel_offsets does.
+PointOffsets<5> dual_pixel_offsets(ExpandedInputs& in, ExpandedInputs& tangent,
+                                   at::Tensor& grad_output);
 
 // The six outputs of the double backward, in schema order.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>

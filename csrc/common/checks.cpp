@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <sstream>
+#include <string>
 
 namespace nanobragg {
 namespace checks {
@@ -18,12 +19,17 @@ std::string shape_string(c10::SymIntArrayRef shape) {
 void check_floating(const char* op, const char* arg, const at::Tensor& t) {
   TORCH_CHECK(t.defined(), op, ": argument '", arg, "' must be a defined tensor");
   const auto dtype = t.scalar_type();
+  if (dtype == at::kFloat || dtype == at::kDouble) {
+    return;
+  }
+  // The hint only where it helps: autocast has kernels for the forward ops,
+  // not for the backward ones (which autograd calls in the forward's dtype).
   const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op, ": argument '", arg,
-              "' must be a float32 or float64 tensor, got ", dtype,
-              half ? " (for half precision, call it under torch.autocast, which runs it "
-                     "in float32)"
-                   : "");
+  const bool backward_op = std::string(op).find("_backward") != std::string::npos;
+  TORCH_CHECK(false, op, ": argument '", arg, "' must be a float32 or float64 tensor, got ", dtype,
+              half && !backward_op ? " (for half precision, call it under torch.autocast, which "
+                                     "runs it in float32)"
+                                   : "");
 }
 
 // The geometry scalars of detector_absorption (odet, thickness,
@@ -102,8 +108,8 @@ void check_cotangent(const char* op, const char* arg, const std::optional<at::Te
     return;
   }
   // `like` was checked already (odet, thickness and attenuation_length may
-  // be half precision), and the cotangent must have its dtype.
-  check_floating_scalar(op, arg, *t);
+  // be half precision), and the cotangent must have its dtype: that one
+  // check says what is accepted, for an integer cotangent too.
   check_same_dtype(op, arg, *t, like_arg, like);
   check_same_device(op, arg, *t, like_arg, like);
   TORCH_CHECK(t->sym_sizes() == like.sym_sizes(), op, ": argument '", arg,

@@ -3,7 +3,9 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <array>
 #include <functional>
+#include <tuple>
 #include <limits>
 
 #include "nanobragg_ops/ops.h"
@@ -166,6 +168,78 @@ TEST_P(AbsorptionErrors, ScalarsOfAnyFloatingDtypeAreAccepted) {
                                          c.A.to(c.device), c.L, c.oversample, c.per_layer);
   EXPECT_EQ(thickness_on_cpu.device(), c.I.to(c.device).device());
   EXPECT_TRUE(at::allclose(thickness_on_cpu.cpu(), want.cpu(), 1e-6, 0.0));
+}
+
+// Another device than intensity's, for pixel_coords and the scalars: a meta
+// tensor stands for one on a machine with a single device (a 0-dim CPU
+// scalar with data on CUDA is allowed, so it is no error case).
+TEST_P(AbsorptionErrors, OtherDevices) {
+  Args a = args();
+  a.P = a.P.to(at::kMeta);
+  expect_error([&] { a.call(); }, {"'pixel_coords'", "device of 'intensity'", "meta"});
+  Args b = args();
+  b.T = b.T.to(at::kMeta);
+  expect_error([&] { b.call(); },
+               {"'thickness'", "device of 'intensity'", "or a 0-dim CPU tensor", "meta"});
+  Args c = args();
+  c.A = c.A.to(at::kMeta);
+  expect_error([&] { c.call(); }, {"'attenuation_length'", "or a 0-dim CPU tensor", "meta"});
+}
+
+// From C++ an argument can be an undefined tensor.
+TEST_P(AbsorptionErrors, UndefinedTensors) {
+  const Args a = args();
+  auto on = [&](const at::Tensor& t) { return t.to(a.device); };
+  expect_error(
+      [&] {
+        nanobragg_ops::detector_absorption(at::Tensor(), on(a.P), on(a.o), on(a.T), on(a.A), a.L,
+                                           a.oversample, a.per_layer);
+      },
+      {"nanobragg::detector_absorption", "'intensity'", "defined tensor"});
+  expect_error(
+      [&] {
+        nanobragg_ops::detector_absorption(on(a.I), on(a.P), on(a.o), at::Tensor(), on(a.A), a.L,
+                                           a.oversample, a.per_layer);
+      },
+      {"nanobragg::detector_absorption", "'thickness'", "defined tensor"});
+}
+
+TEST_P(AbsorptionErrors, PerLayerPixelCoordsNeedALayerDimension) {
+  Args a = args();
+  a.per_layer = true;
+  a.I = a.I.unsqueeze(0);
+  a.P = at::tensor({0.0, 0.0, 1.0}, at::kDouble);  // one pixel, no layer dimension
+  expect_error([&] { a.call(); }, {"'pixel_coords'", "[L or 1, ..., 3]", "[3]"});
+}
+
+TEST_P(AbsorptionErrors, BackwardChecksItsGradient) {
+  using Sig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, int64_t, bool, bool, std::array<bool, 5>);
+  const auto op = c10::Dispatcher::singleton()
+                      .findSchemaOrThrow("nanobragg::detector_absorption_backward", "")
+                      .typed<Sig>();
+  const Args a = args();
+  auto on = [&](const at::Tensor& t) { return t.to(a.device); };
+  auto backward = [&](const at::Tensor& grad) {
+    op.call(on(grad), on(a.I), on(a.P), on(a.o), on(a.T), on(a.A), a.L, a.oversample, a.per_layer,
+            {true, true, true, true, true});
+  };
+  expect_error(
+      [&] {
+        backward(at::rand({3, 5}, at::kDouble));
+      },
+      {"nanobragg::detector_absorption_backward", "'grad_output'", "[3, 4]", "[3, 5]"});
+  expect_error(
+      [&] {
+        backward(at::rand({3, 4}, at::kFloat));
+      },
+      {"nanobragg::detector_absorption_backward", "'grad_output'", "dtype of 'intensity'"});
+  expect_error(
+      [&] {
+        backward(at::ones({3, 4}, at::kInt));
+      },
+      {"nanobragg::detector_absorption_backward", "'grad_output'", "float32 or float64"});
 }
 
 INSTANTIATE_TEST_SUITE_P(Devices, AbsorptionErrors, ::testing::ValuesIn(test_devices()),

@@ -189,6 +189,10 @@ TEST_P(TricubicSecondDerivatives, BadCotangentIsAClearError) {
                {kTricubicDD, "'grad_grad_grid'", "shape of 'grid'"});
   expect_error([&] { tricubic_double_backward(G, v.to(at::kFloat), g, grid, hkl, "default"); },
                {kTricubicDD, "'grad_grad_hkl'", "dtype"});
+  // an integer cotangent: the message names the one dtype accepted
+  expect_error(
+      [&] { tricubic_double_backward(G.to(at::kLong), v, g, grid, hkl, "default"); },
+      {kTricubicDD, "'grad_grad_grid'", "must have the dtype of 'grid' (Double), got Long"});
 }
 
 class AbsorptionSecondDerivatives : public DoubleBackward {
@@ -290,6 +294,11 @@ TEST_P(AbsorptionSecondDerivatives, BadCotangentIsAClearError) {
   c[2] = at::randn({4}, opts());
   expect_error([&] { absorption_double_backward(c, a); },
                {kAbsorptionDD, "'grad_grad_odet'", "shape of 'odet'"});
+  c = cotangents(a);
+  c[3] = at::ones({}, opts().dtype(at::kInt));
+  expect_error(
+      [&] { absorption_double_backward(c, a); },
+      {kAbsorptionDD, "'grad_grad_thickness'", "must have the dtype of 'thickness'", "Int"});
 }
 
 INSTANTIATE_TEST_SUITE_P(Devices, TricubicSecondDerivatives, ::testing::ValuesIn(test_devices()),

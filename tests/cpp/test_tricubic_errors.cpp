@@ -6,7 +6,6 @@
 
 #include "nanobragg_ops/ops.h"
 #include "test_utils.h"
-#include "test_utils.h"
 
 namespace nanobragg_test {
 namespace {
@@ -62,6 +61,14 @@ TEST_P(TricubicErrors, IntegerAndComplexDtypes) {
   expect_error(
       [&] { nanobragg_ops::tricubic_interp(grid().to(at::kComplexDouble), points(), kIndexMin); },
       {"'grid'", "float32 or float64"});
+}
+
+// From C++ an argument can be an undefined tensor.
+TEST_P(TricubicErrors, UndefinedTensors) {
+  expect_error([&] { nanobragg_ops::tricubic_interp(at::Tensor(), points(), kIndexMin); },
+               {"nanobragg::tricubic_interp", "'grid'", "defined tensor"});
+  expect_error([&] { nanobragg_ops::tricubic_interp(grid(), at::Tensor(), kIndexMin); },
+               {"nanobragg::tricubic_interp", "'hkl'", "defined tensor"});
 }
 
 TEST_P(TricubicErrors, MismatchedDtypes) {

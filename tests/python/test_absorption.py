@@ -265,6 +265,49 @@ def test_strided_inputs_match_contiguous(absorption_device):
         torch.testing.assert_close(b, a, rtol=1e-14, atol=0)
 
 
+
+@pytest.mark.parametrize("oversample_thick", [True, False])
+def test_twelve_unmergeable_pixel_dims(absorption_device, oversample_thick):
+    # 12 pixel dims of size 2: intensity holds every other one and is
+    # broadcast over the rest, pixel_coords the opposite, and the incoming
+    # gradient is permuted, so no two neighbouring dims merge: more than the
+    # kernels' pixel offsets hold (kMaxPointDims, csrc/common/point_offsets.h).
+    # Values, gradients and second derivatives as the float64 reference's.
+    dims = 12
+    gen = torch.Generator().manual_seed(3)
+    intensity = (torch.rand(64, generator=gen, dtype=torch.float64) + 0.5).view(
+        [2 if d % 2 == 0 else 1 for d in range(dims)]
+    )
+    xy = 0.1 * (torch.rand(64, 2, generator=gen, dtype=torch.float64) - 0.5)
+    pixels = torch.cat([xy, torch.full((64, 1), DISTANCE, dtype=torch.float64)], -1).view(
+        *[1 if d % 2 == 0 else 2 for d in range(dims)], 3
+    )
+    _, _, odet, thickness, attenuation = make_inputs(absorption_device, odet="tilted")
+    leaves = [
+        x.to(absorption_device).requires_grad_()
+        for x in (intensity, pixels, odet, thickness, attenuation)
+    ]
+    args = (4, oversample_thick, False)
+    out = OP(*leaves, *args)
+    expected = reference(*leaves, *args)
+    assert out.shape == expected.shape == (2,) * dims
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=0)
+
+    g = torch.rand([2] * dims, generator=gen, dtype=torch.float64).permute(*reversed(range(dims)))
+    g = g.to(absorption_device)
+    grads = torch.autograd.grad(out, leaves, g, create_graph=True)
+    expected_grads = torch.autograd.grad(expected, leaves, g, create_graph=True)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12 * want.abs().max().item())
+
+    # a second derivative along random cotangents of every gradient (the
+    # intensity's broadcast like intensity itself)
+    cotangents = [torch.rand(x.shape, generator=gen, dtype=torch.float64).to(absorption_device) for x in grads]
+    second = torch.autograd.grad(sum((a * v).sum() for a, v in zip(grads, cotangents)), leaves)
+    expected_second = torch.autograd.grad(sum((a * v).sum() for a, v in zip(expected_grads, cotangents)), leaves)
+    for got, want in zip(second, expected_second):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11 * want.abs().max().item())
+
 def test_empty_inputs_give_empty_output(absorption_device):
     intensity, pixels, odet, thickness, attenuation = make_inputs(absorption_device)
     out = OP(intensity[:0], pixels[:0], odet, thickness, attenuation, 3, True, False)
@@ -436,3 +479,29 @@ def test_errors_name_the_operator_and_argument(absorption_device, case):
     args.update(changes(*inputs))
     with pytest.raises(RuntimeError, match=r"nanobragg::detector_absorption: " + message):
         OP(*args.values())
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(thickness=1 + 2j), dict(attenuation_length="2e-4"), dict(thicksteps=2.7), dict(thicksteps="3")],
+    ids=lambda b: "-".join(f"{k}={v!r}" for k, v in b.items()),
+)
+def test_wrapper_leaves_non_numbers_to_the_schema(bad):
+    # What the wrapper does not convert reaches the schema, whose message
+    # names the operator and the argument: no bare TypeError for a complex
+    # thickness, no 2.7 layers turned into 2.
+    intensity, pixels, odet, _, _ = make_inputs()
+    args = dict(thickness=THICKNESS, attenuation_length=ATTENUATION, thicksteps=3)
+    args.update(bad)
+    (name,) = bad
+    with pytest.raises(RuntimeError, match=rf"nanobragg::detector_absorption\(\) .* argument '{name}'"):
+        nanobragg_ops.detector_absorption(intensity, pixels, odet, oversample_thick=True, **args)
+
+
+def test_wrapper_takes_numpy_numbers():
+    np = pytest.importorskip("numpy")
+    intensity, pixels, odet, thickness, attenuation = make_inputs()
+    expected = OP(intensity, pixels, odet, thickness, attenuation, 3, True, False)
+    got = nanobragg_ops.detector_absorption(
+        intensity, pixels, odet, np.float64(THICKNESS), np.float64(ATTENUATION), np.int32(3), True
+    )
+    assert torch.equal(got, expected)

@@ -134,3 +134,21 @@ def test_third_derivative_is_a_clear_error(device):
         lambda p: nanobragg_ops.detector_absorption(intensity, p, odet, thickness, attenuation, 3, True),
         pixels.requires_grad_(True),
     )
+
+
+def test_forward_mode_third_derivative_is_a_clear_error(device):
+    # A tangent into the double backward asks for a third derivative too.
+    import torch.autograd.forward_ad as fwAD
+
+    grid, hkl = tricubic_inputs(device)
+    grad = torch.ones(hkl.shape[:-1], dtype=hkl.dtype, device=device)
+    intensity, pixels, odet, thickness, attenuation = absorption_inputs(device)
+    with fwAD.dual_level():
+        dual_hkl = fwAD.make_dual(hkl, torch.ones_like(hkl))
+        with pytest.raises(NotImplementedError, match="forward-mode AD of the double backward"):
+            TRICUBIC_DD(torch.ones_like(grid), torch.ones_like(hkl), grad, grid, dual_hkl, INDEX_MIN, "default",
+                        [True, True, True])
+        dual_pixels = fwAD.make_dual(pixels, torch.ones_like(pixels))
+        with pytest.raises(NotImplementedError, match="forward-mode AD of the double backward"):
+            ABSORPTION_DD(torch.ones_like(intensity), None, None, None, None, torch.ones_like(intensity),
+                          intensity, dual_pixels, odet, thickness, attenuation, 3, True, False, [True] * 6)

@@ -160,6 +160,44 @@ def test_torch_compile_fullgraph_matches_eager(device):
     assert g1.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("mode", ["default", "nearest"])
+def test_eleven_unmergeable_point_dims_match_the_flat_points(device, mode):
+    """Points over 11 dims of size 2, permuted so that no two neighbouring
+    dims merge (hkl and the incoming gradient), more than the kernels' point
+    offsets hold (kMaxPointDims, csrc/common/point_offsets.h): values, both
+    gradients and the double backward the same, to the bit, as for the same
+    points flattened in that order. (The values themselves: polin3 in
+    test_tricubic_forward.cpp.)"""
+    grid, flat = make_inputs(device, n=2**11, outside=100, seed=5)
+    dims = 11
+    order = list(reversed(range(dims)))
+    hkl = flat.view(*[2] * dims, 3).permute(*order, dims)
+    gen = torch.Generator().manual_seed(6)
+    grad = torch.rand([2] * dims, generator=gen, dtype=torch.float64).to(device).permute(*order)
+    assert not hkl.is_contiguous() and not grad.is_contiguous()
+    hkl_flat, grad_flat = hkl.reshape(-1, 3), grad.reshape(-1)
+
+    out = OP(grid, hkl, INDEX_MIN, -2.0, mode)
+    assert torch.equal(out.reshape(-1), OP(grid, hkl_flat, INDEX_MIN, -2.0, mode))
+    g_grid, g_hkl = BACKWARD_OP(grad, grid, hkl, INDEX_MIN, mode, [True, True])
+    f_grid, f_hkl = BACKWARD_OP(grad_flat, grid, hkl_flat, INDEX_MIN, mode, [True, True])
+    if device == "cpu":  # (CUDA's grid gradient adds atomically: compared with a tolerance)
+        assert torch.equal(g_grid, f_grid)
+    torch.testing.assert_close(g_grid, f_grid, rtol=1e-13, atol=1e-13)
+    assert torch.equal(g_hkl.reshape(-1, 3), f_hkl)
+
+    double_backward = torch.ops.nanobragg.tricubic_interp_double_backward.default
+    gg_hkl = torch.rand(hkl.shape, generator=gen, dtype=torch.float64).to(device).permute(*order, dims)
+    gg_grid = torch.rand(grid.shape, generator=gen, dtype=torch.float64).to(device)
+    permuted = double_backward(gg_grid, gg_hkl, grad, grid, hkl, INDEX_MIN, mode, [True, True, True])
+    flat_ones = double_backward(
+        gg_grid, gg_hkl.reshape(-1, 3), grad_flat, grid, hkl_flat, INDEX_MIN, mode, [True, True, True]
+    )
+    assert torch.equal(permuted[0].reshape(-1), flat_ones[0])
+    torch.testing.assert_close(permuted[1], flat_ones[1], rtol=1e-13, atol=1e-13)
+    assert torch.equal(permuted[2].reshape(-1, 3), flat_ones[2])
+
+
 def test_errors_name_the_operator_and_argument(device):
     grid, hkl = make_inputs(device)
     with pytest.raises(RuntimeError, match=r"nanobragg::tricubic_interp: argument 'hkl'.*\[40, 2\]"):
@@ -172,6 +210,36 @@ def test_errors_name_the_operator_and_argument(device):
         nanobragg_ops.tricubic_interp(grid, hkl, INDEX_MIN, out_of_range="sideways")
     with pytest.raises(RuntimeError, match=r"argument 'index_min' must have 3 entries"):
         nanobragg_ops.tricubic_interp(grid, hkl, (0, 0))
+    # What the wrapper does not convert reaches the schema, whose message
+    # names the operator and the argument (no bare TypeError, no truncation).
+    with pytest.raises(RuntimeError, match=r"nanobragg::tricubic_interp\(\) .* argument 'index_min'"):
+        nanobragg_ops.tricubic_interp(grid, hkl, 1.5)
+    for bad in (1j, "0"):
+        with pytest.raises(RuntimeError, match=r"nanobragg::tricubic_interp\(\) .* argument 'default_value'"):
+            nanobragg_ops.tricubic_interp(grid, hkl, INDEX_MIN, bad)
+
+
+def test_half_precision_hint_only_where_autocast_helps(device):
+    # autocast has kernels for the forward ops only: the backward op's error
+    # for a half-precision incoming gradient does not send the user there.
+    grid, hkl = make_inputs(device)
+    with pytest.raises(RuntimeError, match=r"tricubic_interp: argument 'grid' .*Half .*torch\.autocast"):
+        OP(grid.half(), hkl.half(), INDEX_MIN, 0.0, "default")
+    half_grad = torch.ones(hkl.shape[0], dtype=torch.half, device=device)
+    with pytest.raises(RuntimeError, match=r"tricubic_interp_backward: argument 'grad_output' .*Half") as error:
+        BACKWARD_OP(half_grad, grid, hkl, INDEX_MIN, "default", [True, True])
+    assert "autocast" not in str(error.value)
+
+
+def test_wrapper_takes_one_int_index_min_and_numpy_numbers(device):
+    # int[3] takes one int for all three, as torch.ops does; NumPy scalars
+    # are numbers like Python's.
+    np = pytest.importorskip("numpy")
+    grid, hkl = make_inputs(device)
+    hkl = hkl - torch.tensor(INDEX_MIN, dtype=hkl.dtype, device=device) + 2  # index_min (2, 2, 2)
+    expected = OP(grid, hkl, [2, 2, 2], -1.0, "default")
+    assert torch.equal(nanobragg_ops.tricubic_interp(grid, hkl, 2, -1.0), expected)
+    assert torch.equal(nanobragg_ops.tricubic_interp(grid, hkl, np.int64(2), np.float32(-1.0)), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

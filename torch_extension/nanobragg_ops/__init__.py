@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import ctypes
 import math
+import numbers
+import operator
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Callable, Iterable, Sequence, Union
 
 import torch
 
@@ -130,7 +132,7 @@ library_path: Path | None = _load()
 def tricubic_interp(
     grid: torch.Tensor,
     hkl: torch.Tensor,
-    index_min: Sequence[int],
+    index_min: Union[Sequence[int], int],
     default_value: float = 0.0,
     out_of_range: str = "default",
 ) -> torch.Tensor:
@@ -146,7 +148,8 @@ def tricubic_interp(
             ``(h_min + i, k_min + j, l_min + k)``.
         hkl: ``[..., 3]`` fractional Miller indices (h, k, l last), same
             dtype and device as ``grid``; any leading shape and strides.
-        index_min: ``(h_min, k_min, l_min)``, the Miller index of ``grid[0, 0, 0]``.
+        index_min: ``(h_min, k_min, l_min)``, the Miller index of ``grid[0, 0, 0]``
+            (one int: the same for all three, as for any ``int[3]`` argument).
         default_value: the value of points whose stencil leaves the grid.
         out_of_range: what such points get, decided per point:
             ``"default"``: ``default_value``;
@@ -159,8 +162,26 @@ def tricubic_interp(
         ``grid`` and ``hkl`` (exact analytic first derivatives).
     """
     return torch.ops.nanobragg.tricubic_interp.default(
-        grid, hkl, list(index_min), float(default_value), out_of_range
+        grid,
+        hkl,
+        list(index_min) if isinstance(index_min, Iterable) else _integer(index_min),
+        _number(default_value),
+        out_of_range,
     )
+
+
+# Arguments that are not what the schema takes pass through unconverted, so
+# that the operator's schema rejects them with a message that names the
+# operator and the argument (float() and int() would raise a bare TypeError
+# for a complex number, accept a string, or turn 2.7 into 2).
+def _number(value):
+    """A real number (int, float, bool, NumPy's real scalars) as a float."""
+    return float(value) if isinstance(value, numbers.Real) else value
+
+
+def _integer(value):
+    """An integer (int, NumPy's integer scalars) as an int."""
+    return operator.index(value) if isinstance(value, numbers.Integral) else value
 
 
 def _scalar_like(
@@ -168,8 +189,8 @@ def _scalar_like(
 ) -> torch.Tensor:
     """A Python number as a 0-dim tensor for the operator; tensors pass as given
     (no copy, wherever they live)."""
-    if isinstance(value, torch.Tensor):
-        return value
+    if isinstance(value, torch.Tensor) or not isinstance(value, numbers.Real):
+        return value  # (not a number: the schema names the argument it rejects)
     if not valid(float(value)):
         # Outside the contract (thickness finite and >= 0, attenuation length
         # > 0): as a CPU tensor, which the operator reads on the host and
@@ -223,16 +244,16 @@ def detector_absorption(
             of any floating dtype on ``intensity``'s device or on the CPU.
         attenuation_length: ``1 / mu``, > 0; ``inf`` means nothing is absorbed
             (every fraction, and the output, is 0). Taken like ``thickness``.
-
-    ``odet``, ``thickness`` and ``attenuation_length`` are read and combined
-    in float64 whatever their dtype (a Python number as a float64 value), the
-    per-pixel math runs in ``intensity``'s dtype, and each gradient comes
-    back in its argument's own dtype and device.
         thicksteps: number of layers ``L`` >= 1.
         oversample_thick: sum the layers (True) or take the last one (False).
         per_layer: False: the same ``intensity`` and ``pixel_coords`` serve
             every layer and broadcast to the pixel shape ``P``. True:
             dimension 0 of both is the layer dimension, of size L or 1.
+
+    ``odet``, ``thickness`` and ``attenuation_length`` are read and combined
+    in float64 whatever their dtype (a Python number as a float64 value), the
+    per-pixel math runs in ``intensity``'s dtype, and each gradient comes
+    back in its argument's own dtype and device.
 
     nanoBragg C's ``-thicksteps N`` uses ``dz = T / (N - 1)``; to reproduce
     its layering pass ``thickness = N * T / (N - 1)``. C's last-value mode
@@ -250,7 +271,7 @@ def detector_absorption(
         odet,
         _scalar_like(thickness, intensity, lambda t: 0 <= t < math.inf),
         _scalar_like(attenuation_length, intensity, lambda a: a > 0),
-        int(thicksteps),
+        _integer(thicksteps),
         bool(oversample_thick),
         bool(per_layer),
     )
