@@ -1,5 +1,5 @@
 """Loads nanobragg_ops and prints tricubic structure-factor values and their
-gradients for a few Miller indices (the main job until the bench lands)."""
+gradients for a few Miller indices."""
 
 import torch
 
@@ -26,4 +26,4 @@ for x, f, g in zip(hkl.detach(), F.detach(), hkl.grad):
           " ".join(f"{v:10.4f}" for v in g.tolist()))
 print(f"dF/dgrid: {int((grid.grad != 0).sum())} nodes touched, sum {grid.grad.sum().item():.6f}"
       " (3 interpolated points whose 64 weights sum to 1 each, plus 1 nearest-node point)")
-print("(7.6, 0, 0) needs node 10 > h_max = 8, so it takes the nearest node's value: 'nearest' mode.")
+print("(7.6, 0, 0) needs nodes 6..9, and 9 > h_max = 8, so it takes the nearest node's (8) value: 'nearest' mode.")

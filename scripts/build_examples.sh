@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the library from the build tree into build/install (cmake --install)
 # and builds examples/ against that installed package, as a user's project
-# would: build/examples/refine and build/examples/run_scripted.
+# would: build/examples/refine, build/examples/run_scripted and
+# build/examples/run_aoti (tests/python/test_consumers.py and test_export.py
+# run them).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

@@ -9,6 +9,7 @@
 #include <c10/macros/Macros.h>
 #include <c10/util/ArrayRef.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <initializer_list>
@@ -66,6 +67,12 @@ inline bool make_point_offsets(c10::IntArrayRef shape,
                                const std::array<c10::IntArrayRef, NumOperands>& operand_strides,
                                PointOffsets<NumOperands>& out) {
   out = PointOffsets<NumOperands>();
+  // No points: one empty dimension, whatever the strides (a copy would not
+  // change them: an empty tensor counts as contiguous).
+  if (std::find(shape.begin(), shape.end(), int64_t(0)) != shape.end()) {
+    out.ndim = 1;
+    return true;
+  }
   for (int64_t d = static_cast<int64_t>(shape.size()) - 1; d >= 0; --d) {
     const int64_t size = shape[d];
     if (size == 1) {

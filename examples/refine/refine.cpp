@@ -22,8 +22,10 @@ int main() {
   const auto F =
       10 * torch::exp(-(h * h + k * k + l * l) / 60) * (1 + 0.5 * torch::cos(h + 2 * k - l)) + 1;
 
-  // A 48 x 48 detector, 0.2 m wide, 0.1 m from the sample, tilted by 40
-  // degrees so that the parallax spans 0.59 to 1 (what makes T observable).
+  // A 48 x 48 detector, 0.2 m wide, 0.1 m from the sample along its normal
+  // odet, tilted by 40 degrees (which moves the pixels' Miller indices); the
+  // parallax odet . p / |p| spans 0.59 (corners) to 1 across its width, what
+  // makes T observable.
   const int64_t S = 48;
   const double tilt = 40.0 * M_PI / 180.0;
   const auto odet = torch::tensor({std::sin(tilt), 0.0, std::cos(tilt)}, f64);

@@ -14,7 +14,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    torch::jit::script::Module module = torch::jit::load(argv[1]);
+    torch::jit::Module module = torch::jit::load(argv[1]);
     const at::Tensor loss = module.forward({}).toTensor();
     loss.backward();
     std::printf("loss %.17g\n", loss.item<double>());

@@ -172,7 +172,9 @@ TEST_P(AbsorptionErrors, ScalarsOfAnyFloatingDtypeAreAccepted) {
 
 // Another device than intensity's, for pixel_coords and the scalars: a meta
 // tensor stands for one on a machine with a single device (a 0-dim CPU
-// scalar with data on CUDA is allowed, so it is no error case).
+// scalar with data on CUDA is allowed, so it is no error case). With a meta
+// argument the dispatcher picks the Meta kernel, which runs the same
+// argument checks (common/checks.cpp) as the CPU and CUDA kernels.
 TEST_P(AbsorptionErrors, OtherDevices) {
   Args a = args();
   a.P = a.P.to(at::kMeta);

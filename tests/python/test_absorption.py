@@ -265,40 +265,56 @@ def test_strided_inputs_match_contiguous(absorption_device):
         torch.testing.assert_close(b, a, rtol=1e-14, atol=0)
 
 
-
-@pytest.mark.parametrize("oversample_thick", [True, False])
-def test_twelve_unmergeable_pixel_dims(absorption_device, oversample_thick):
-    # 12 pixel dims of size 2: intensity holds every other one and is
-    # broadcast over the rest, pixel_coords the opposite, and the incoming
-    # gradient is permuted, so no two neighbouring dims merge: more than the
-    # kernels' pixel offsets hold (kMaxPointDims, csrc/common/point_offsets.h).
-    # Values, gradients and second derivatives as the float64 reference's.
+def unmergeable_inputs(case, gen):
+    """Inputs over 12 pixel dims of size 2 (one of size 0 for "empty") whose
+    layouts leave more dims than the kernels' pixel offsets hold
+    (kMaxPointDims, csrc/common/point_offsets.h), and an incoming gradient:
+    "broadcast": intensity holds every other dim and is broadcast over the
+    rest, pixel_coords the opposite, and the gradient is permuted; "gradient":
+    contiguous inputs, only the gradient permuted; "per_layer": the broadcast
+    ones with a layer dim of 3 on intensity; "empty": broadcast, one dim 0."""
     dims = 12
+    sizes = [0 if case == "empty" and d == 5 else 2 for d in range(dims)]
+    i_shape = [sizes[d] if d % 2 == 0 else 1 for d in range(dims)]
+    p_shape = [1 if d % 2 == 0 else sizes[d] for d in range(dims)]
+    if case == "gradient":
+        i_shape = p_shape = sizes
+    layers = [3] if case == "per_layer" else []
+    intensity = torch.rand(*layers, *i_shape, generator=gen, dtype=torch.float64) + 0.5
+    count = math.prod(p_shape)
+    xy = 0.1 * (torch.rand(count, 2, generator=gen, dtype=torch.float64) - 0.5)
+    pixels = torch.cat([xy, torch.full((count, 1), DISTANCE, dtype=torch.float64)], -1)
+    pixels = pixels.view(*([1] if layers else []), *p_shape, 3)
+    grad = torch.rand(sizes[::-1], generator=gen, dtype=torch.float64).permute(*reversed(range(dims)))
+    return intensity, pixels, grad
+
+
+@pytest.mark.parametrize("case", ["broadcast", "gradient", "per_layer", "empty"])
+@pytest.mark.parametrize("oversample_thick", [True, False])
+def test_twelve_unmergeable_pixel_dims(absorption_device, oversample_thick, case):
+    # Where the layouts leave too many dims the operands are copied
+    # contiguous: values, gradients and second derivatives as the float64
+    # reference's.
     gen = torch.Generator().manual_seed(3)
-    intensity = (torch.rand(64, generator=gen, dtype=torch.float64) + 0.5).view(
-        [2 if d % 2 == 0 else 1 for d in range(dims)]
-    )
-    xy = 0.1 * (torch.rand(64, 2, generator=gen, dtype=torch.float64) - 0.5)
-    pixels = torch.cat([xy, torch.full((64, 1), DISTANCE, dtype=torch.float64)], -1).view(
-        *[1 if d % 2 == 0 else 2 for d in range(dims)], 3
-    )
+    intensity, pixels, grad = unmergeable_inputs(case, gen)
     _, _, odet, thickness, attenuation = make_inputs(absorption_device, odet="tilted")
     leaves = [
         x.to(absorption_device).requires_grad_()
         for x in (intensity, pixels, odet, thickness, attenuation)
     ]
-    args = (4, oversample_thick, False)
+    grad = grad.to(absorption_device)
+    args = (3 if case == "per_layer" else 4, oversample_thick, case == "per_layer")
     out = OP(*leaves, *args)
     expected = reference(*leaves, *args)
-    assert out.shape == expected.shape == (2,) * dims
+    assert out.shape == expected.shape == grad.shape
+    assert (out.numel() == 0) == (case == "empty")
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=0)
 
-    g = torch.rand([2] * dims, generator=gen, dtype=torch.float64).permute(*reversed(range(dims)))
-    g = g.to(absorption_device)
-    grads = torch.autograd.grad(out, leaves, g, create_graph=True)
-    expected_grads = torch.autograd.grad(expected, leaves, g, create_graph=True)
+    grads = torch.autograd.grad(out, leaves, grad, create_graph=True)
+    expected_grads = torch.autograd.grad(expected, leaves, grad, create_graph=True)
     for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12 * want.abs().max().item())
+        atol = 1e-12 * want.abs().max().item() if want.numel() else 0.0
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=atol)
 
     # a second derivative along random cotangents of every gradient (the
     # intensity's broadcast like intensity itself)
@@ -306,7 +322,9 @@ def test_twelve_unmergeable_pixel_dims(absorption_device, oversample_thick):
     second = torch.autograd.grad(sum((a * v).sum() for a, v in zip(grads, cotangents)), leaves)
     expected_second = torch.autograd.grad(sum((a * v).sum() for a, v in zip(expected_grads, cotangents)), leaves)
     for got, want in zip(second, expected_second):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11 * want.abs().max().item())
+        atol = 1e-11 * want.abs().max().item() if want.numel() else 0.0
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=atol)
+
 
 def test_empty_inputs_give_empty_output(absorption_device):
     intensity, pixels, odet, thickness, attenuation = make_inputs(absorption_device)
@@ -482,7 +500,14 @@ def test_errors_name_the_operator_and_argument(absorption_device, case):
 
 
 @pytest.mark.parametrize(
-    "bad", [dict(thickness=1 + 2j), dict(attenuation_length="2e-4"), dict(thicksteps=2.7), dict(thicksteps="3")],
+    "bad",
+    [
+        dict(thickness=1 + 2j),
+        dict(attenuation_length="2e-4"),
+        dict(thicksteps=2.7),
+        dict(thicksteps="3"),
+        dict(oversample_thick="False"),
+    ],
     ids=lambda b: "-".join(f"{k}={v!r}" for k, v in b.items()),
 )
 def test_wrapper_leaves_non_numbers_to_the_schema(bad):
@@ -490,18 +515,24 @@ def test_wrapper_leaves_non_numbers_to_the_schema(bad):
     # names the operator and the argument: no bare TypeError for a complex
     # thickness, no 2.7 layers turned into 2.
     intensity, pixels, odet, _, _ = make_inputs()
-    args = dict(thickness=THICKNESS, attenuation_length=ATTENUATION, thicksteps=3)
+    args = dict(thickness=THICKNESS, attenuation_length=ATTENUATION, thicksteps=3, oversample_thick=True)
     args.update(bad)
     (name,) = bad
     with pytest.raises(RuntimeError, match=rf"nanobragg::detector_absorption\(\) .* argument '{name}'"):
-        nanobragg_ops.detector_absorption(intensity, pixels, odet, oversample_thick=True, **args)
+        nanobragg_ops.detector_absorption(intensity, pixels, odet, **args)
 
 
 def test_wrapper_takes_numpy_numbers():
+    # NumPy's scalars, 0-dim arrays and bools, as Python's numbers
     np = pytest.importorskip("numpy")
     intensity, pixels, odet, thickness, attenuation = make_inputs()
     expected = OP(intensity, pixels, odet, thickness, attenuation, 3, True, False)
-    got = nanobragg_ops.detector_absorption(
-        intensity, pixels, odet, np.float64(THICKNESS), np.float64(ATTENUATION), np.int32(3), True
-    )
-    assert torch.equal(got, expected)
+    for t, a, steps, flag in [
+        (np.float64(THICKNESS), np.float32(ATTENUATION).astype(np.float64), np.int32(3), np.bool_(True)),
+        (np.array(THICKNESS), np.array(ATTENUATION), np.array(3), 1),
+    ]:
+        got = nanobragg_ops.detector_absorption(intensity, pixels, odet, t, a, steps, flag)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+    exact = nanobragg_ops.detector_absorption(intensity, pixels, odet, np.array(THICKNESS), np.array(ATTENUATION),
+                                              np.array(3), np.bool_(True))
+    assert torch.equal(exact, expected)

@@ -240,6 +240,8 @@ def test_wrapper_takes_one_int_index_min_and_numpy_numbers(device):
     expected = OP(grid, hkl, [2, 2, 2], -1.0, "default")
     assert torch.equal(nanobragg_ops.tricubic_interp(grid, hkl, 2, -1.0), expected)
     assert torch.equal(nanobragg_ops.tricubic_interp(grid, hkl, np.int64(2), np.float32(-1.0)), expected)
+    assert torch.equal(nanobragg_ops.tricubic_interp(grid, hkl, np.array([2, 2, 2]), np.array(-1.0)), expected)
+    assert torch.equal(nanobragg_ops.tricubic_interp(grid, hkl, torch.tensor(2), -1), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

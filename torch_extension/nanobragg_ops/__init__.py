@@ -16,7 +16,7 @@ import operator
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Sequence, Union
+from typing import Any, Callable, Iterable, Sequence, Union
 
 import torch
 
@@ -164,7 +164,7 @@ def tricubic_interp(
     return torch.ops.nanobragg.tricubic_interp.default(
         grid,
         hkl,
-        list(index_min) if isinstance(index_min, Iterable) else _integer(index_min),
+        _index_triple(index_min),
         _number(default_value),
         out_of_range,
     )
@@ -172,30 +172,60 @@ def tricubic_interp(
 
 # Arguments that are not what the schema takes pass through unconverted, so
 # that the operator's schema rejects them with a message that names the
-# operator and the argument (float() and int() would raise a bare TypeError
-# for a complex number, accept a string, or turn 2.7 into 2).
+# operator and the argument (float(), int() and bool() would raise a bare
+# TypeError for a complex number, accept a string, or turn 2.7 into 2).
 def _number(value):
-    """A real number (int, float, bool, NumPy's real scalars) as a float."""
-    return float(value) if isinstance(value, numbers.Real) else value
+    """A real number as a float: Python's, NumPy's scalars and 0-dim arrays,
+    Decimal; a string, a complex number or a tensor as given."""
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, (str, bytes, torch.Tensor)) or not hasattr(value, "__float__"):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):  # NumPy's complex arrays, ...
+        return value
 
 
 def _integer(value):
-    """An integer (int, NumPy's integer scalars) as an int."""
-    return operator.index(value) if isinstance(value, numbers.Integral) else value
+    """An integer as an int: Python's, NumPy's scalars, integer 0-dim arrays
+    and tensors; anything else (2.7, "3") as given."""
+    if isinstance(value, (str, bytes)):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
+
+
+def _flag(value):
+    """A bool: Python's or NumPy's, or an integer; anything else ("False") as given."""
+    if isinstance(value, numbers.Integral) or type(value).__name__ == "bool_":
+        return bool(value)
+    return value
+
+
+def _index_triple(value):
+    """index_min as a list of ints, or one integer for all three."""
+    if isinstance(value, Iterable) and getattr(value, "ndim", 1) != 0:
+        return [_integer(v) for v in value]
+    return _integer(value)
 
 
 def _scalar_like(
     value: Union[float, torch.Tensor], like: torch.Tensor, valid: Callable[[float], bool]
-) -> torch.Tensor:
-    """A Python number as a 0-dim tensor for the operator; tensors pass as given
-    (no copy, wherever they live)."""
-    if isinstance(value, torch.Tensor) or not isinstance(value, numbers.Real):
-        return value  # (not a number: the schema names the argument it rejects)
-    if not valid(float(value)):
+) -> Any:
+    """A real number (_number) as a 0-dim tensor for the operator; tensors pass
+    as given (no copy, wherever they live), and so does what is no number (for
+    the schema to reject)."""
+    number = _number(value)
+    if not isinstance(number, float):
+        return value
+    if not valid(number):
         # Outside the contract (thickness finite and >= 0, attenuation length
         # > 0): as a CPU tensor, which the operator reads on the host and
         # rejects with its error. On a GPU it could only give NaN.
-        return torch.tensor(float(value), dtype=torch.float64)
+        return torch.tensor(number, dtype=torch.float64)
     # In float64, as a 0-dim float64 tensor would be: the operator reads the
     # scalars in double and combines them there (thickness / (L att)), so a
     # number is not rounded to intensity's dtype first (1e-50 is a valid
@@ -203,7 +233,7 @@ def _scalar_like(
     # value on the device (a fill kernel); torch.tensor would copy it from
     # host memory, which waits for the GPU and cannot be captured in a CUDA
     # graph.
-    return torch.full((), float(value), dtype=torch.float64, device=like.device)
+    return torch.full((), number, dtype=torch.float64, device=like.device)
 
 
 def detector_absorption(
@@ -272,6 +302,6 @@ def detector_absorption(
         _scalar_like(thickness, intensity, lambda t: 0 <= t < math.inf),
         _scalar_like(attenuation_length, intensity, lambda a: a > 0),
         _integer(thicksteps),
-        bool(oversample_thick),
-        bool(per_layer),
+        _flag(oversample_thick),
+        _flag(per_layer),
     )

@@ -1,7 +1,12 @@
 // nanobragg_ops: the public C++ API. Plain functions that call the operators
 // through the PyTorch dispatcher, so autograd, device dispatch (CPU, CUDA)
 // and tracing all apply, exactly as for torch.ops.nanobragg.* in Python.
-// The contract of each operator is docs/CONTRACT.md.
+// The full contract of each operator is docs/CONTRACT.md in the source tree.
+//
+// Common to both: float32 or float64 data (the tensors on one device, CPU or
+// CUDA), any strides; bad input throws c10::Error naming the operator and the
+// argument; results do not depend on the thread count; the functions may be
+// called from several threads at once (they keep no state between calls).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -17,8 +22,10 @@ namespace nanobragg_ops {
 //   grid:      [Nh, Nk, Nl] float32/float64; grid[i, j, k] is the value at the
 //              Miller index (h_min + i, k_min + j, l_min + k).
 //   hkl:       [..., 3] fractional Miller indices, grid's dtype and device.
-//   index_min: (h_min, k_min, l_min).
-//   default_value: returned where the 4x4x4 stencil leaves the grid.
+//   index_min: (h_min, k_min, l_min), exactly 3 entries (a single int64
+//              converts to an IntArrayRef of one, which is an error).
+//   default_value: returned where the 4x4x4 stencil leaves the grid, and
+//              for non-finite coordinates.
 //   out_of_range: "default" (default_value) or "nearest" (the grid value at
 //              the nearest node, ceil(x - 0.5) per axis, or default_value if
 //              that node is outside the grid too). Decided per point.
@@ -34,12 +41,20 @@ at::Tensor tricubic_interp(const at::Tensor& grid, const at::Tensor& hkl, at::In
 //   c_t = exp(-t dz mu / rho_t) - exp(-(t+1) dz mu / rho_t)
 //   out = sum_t c_t I_t (oversample_thick) or c_{L-1} * mean_t I_t.
 //   intensity:    pixel intensities; pixel_coords: [..., 3] pixel positions
-//                 relative to the sample (any length unit, the same as
-//                 thickness and attenuation_length).
+//                 relative to the sample, intensity's dtype (any unit: only
+//                 their direction p / |p| enters).
 //   per_layer:    false: one intensity and position for all layers (they
 //                 broadcast to the pixel shape P); true: dimension 0 of both
 //                 is the layer dimension, of size L or 1.
-//   odet:         [3] detector normal; thickness, attenuation_length: 0-dim.
+//   odet:         [3] detector normal, a unit vector.
+//   thickness:    0-dim, finite and >= 0 (0: no thickness modelling, the
+//                 mean of the layers' intensities); attenuation_length: 0-dim,
+//                 > 0, in thickness's unit (inf: nothing absorbed, out = 0).
+//                 odet and both scalars: any floating dtype, read as double;
+//                 on intensity's device, or the scalars 0-dim CPU tensors.
+//                 Held on a GPU an invalid scalar cannot be checked without
+//                 waiting for the device, and gives an all-NaN result.
+//   thicksteps:   L >= 1.
 // Returns P, intensity's dtype. Differentiable in intensity, pixel_coords,
 // odet, thickness and attenuation_length.
 at::Tensor detector_absorption(const at::Tensor& intensity, const at::Tensor& pixel_coords,
@@ -50,7 +65,8 @@ at::Tensor detector_absorption(const at::Tensor& intensity, const at::Tensor& pi
 // The build of the CPU kernels that runs in this process: "default", "avx2"
 // or "avx512", the best this CPU and build support unless the environment
 // variable ATEN_CPU_CAPABILITY names a lower one (as for ATen's own
-// kernels); and that best one.
+// kernels; read once, the first time a CPU kernel or this function needs
+// it); and that best one.
 std::string cpu_capability();
 std::string best_cpu_capability();
 
