@@ -116,10 +116,14 @@ def test_tricubic_one_pass_backward_matches_single_gradients(dtype):
         assert torch.equal(both[0], grid_only[0])
         tol = dict(rtol=1e-13, atol=1e-13) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(both[1], hkl_only[1], **tol)
+        # and on 1 and on 2 threads, set explicitly (the default may be 1)
         saved = torch.get_num_threads()
         try:
-            torch.set_num_threads(1)
-            one = TRI_BACKWARD(grad, grid, hkl, [-10, -10, -11], mode, [True, True])
+            runs = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                runs.append(TRI_BACKWARD(grad, grid, hkl, [-10, -10, -11], mode, [True, True]))
         finally:
             torch.set_num_threads(saved)
-        assert torch.equal(one[0], both[0]) and torch.equal(one[1], both[1])
+        for run in runs:
+            assert torch.equal(run[0], both[0]) and torch.equal(run[1], both[1])

@@ -821,10 +821,9 @@ def test_cuda_index_min_near_int64_limits_never_indexes_out_of_bounds():
     for imin in ((big - 2,) * 3, (small,) * 3, (big, small, 0)):
         for mode in ("default", "nearest"):
             out = nanobragg_ops.tricubic_interp(grid, hkl, imin, -3.0, mode).cpu()
-            assert torch.equal(out[:3], torch.full((3,), -3.0, dtype=F64)), f"{imin} {mode}: {out}"
-            # at 2^63 double cannot tell the nodes apart: any in-grid value
-            # is acceptable, an out-of-bounds read is not
-            assert out[3].item() == -3.0 or (math.isfinite(out[3].item()) and abs(out[3].item()) <= 40.0), out
+            # every row is out on some axis, 2^63 (exact in double, past
+            # int64) included: test_tricubic_forward.cpp works them out
+            assert torch.equal(out, torch.full((4,), -3.0, dtype=F64)), f"{imin} {mode}: {out}"
     torch.cuda.synchronize()
 
 

@@ -4,9 +4,6 @@ with all of them."""
 
 from __future__ import annotations
 
-import os
-import socket
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -44,9 +41,10 @@ def loss_of(model, hkl, pixels, target):
     return ((model(hkl, pixels) - target) ** 2).mean()
 
 
-def worker(rank, world, port, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def worker(rank, world, rendezvous, results):
+    # A file rendezvous: no port to pick, so none another process can take
+    # between picking it and binding it.
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         model = torch.nn.parallel.DistributedDataParallel(Detector())
@@ -58,13 +56,7 @@ def worker(rank, world, port, results):
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ddp_gradients_equal_single_process():
+def test_ddp_gradients_equal_single_process(tmp_path):
     single = Detector()
     loss_of(single, *batch()).backward()
     expected = {n: p.grad for n, p in single.named_parameters()}
@@ -72,7 +64,7 @@ def test_ddp_gradients_equal_single_process():
 
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(worker, args=(2, free_port(), results), nprocs=2, join=True)
+        mp.spawn(worker, args=(2, str(tmp_path / "rendezvous"), results), nprocs=2, join=True)
         got = dict(results)
     for rank in (0, 1):
         for name, grad in expected.items():

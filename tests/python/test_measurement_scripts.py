@@ -15,7 +15,8 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 def test_tricubic_backward_parts_prints_every_part():
     out = subprocess.run(
         [sys.executable, str(SCRIPTS / "tricubic_backward_parts.py"), "--rounds", "1"],
-        capture_output=True, text=True, timeout=300, env=dict(os.environ),
+        capture_output=True, text=True, env=dict(os.environ),
+        timeout=300,  # a hang guard only: one round takes seconds
     )
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
@@ -30,5 +31,4 @@ def test_tricubic_backward_parts_prints_every_part():
     for row in rows[1:]:
         ms, forwards = float(row.split("|")[2]), float(row.split("|")[3])
         assert ms > 0 and math.isfinite(forwards)
-    assert float(rows[1].split("|")[3]) == 1.0  # the forward, in forwards
     assert "262144 lookups" in out.stdout  # the bench's 512², one per pixel

@@ -44,11 +44,22 @@ def describe(r: dict) -> str:
     return f"grew {r['growth_bytes'] / MIB:.1f} MiB{how}; {r}"
 
 
+def assert_at_most(r: dict, bound: float) -> None:
+    """growth <= bound, where the call's own peak could be measured; where
+    VmHWM could not be reset the growth includes what the process held at
+    its peak before the call, and an upper bound says nothing: skip."""
+    if not r["hwm_reset"]:
+        pytest.skip("VmHWM could not be reset (/proc/self/clear_refs refused): "
+                    "the call's own peak cannot be told from the process's")
+    assert r["growth_bytes"] <= bound, f"bound {bound / MIB:.1f} MiB, " + describe(r)
+
+
 def test_measurement_sees_a_known_allocation():
     # Without this, a blind measurement (always ~0) would pass every bound.
     r = run_child("allocate", 256)
     assert r["allocated_bytes"] == 256 * MIB
-    assert 256 * MIB <= r["growth_bytes"] <= 256 * MIB + 16 * MB, describe(r)
+    assert 256 * MIB <= r["growth_bytes"], describe(r)
+    assert_at_most(r, 256 * MIB + 16 * MB)
 
 
 def tricubic_bound(r: dict) -> float:
@@ -59,8 +70,7 @@ def test_tricubic_forward_backward_2048x2048x9_float32():
     # 37.7 M points: output 151 MB, hkl gradient 453 MB.
     r = run_child("tricubic", "fused", 2048, 9)
     assert r["points"] == 2048 * 2048 * 9
-    bound = tricubic_bound(r)
-    assert r["growth_bytes"] <= bound, f"bound {bound / MIB:.1f} MiB, " + describe(r)
+    assert_at_most(r, tricubic_bound(r))
 
 
 def test_tricubic_bound_rejects_a_gathered_neighbourhood():
@@ -77,5 +87,4 @@ def test_absorption_forward_4096x4096_16_layers_float32(oversample_thick):
     # 16.8 M pixels: output 67 MB; nothing per layer may be materialised.
     r = run_child("absorption", 4096, 16, int(oversample_thick))
     assert r["pixels"] == 4096 * 4096
-    bound = 4 * r["output_bytes"] + 100 * MB
-    assert r["growth_bytes"] <= bound, f"bound {bound / MIB:.1f} MiB, " + describe(r)
+    assert_at_most(r, 4 * r["output_bytes"] + 100 * MB)

@@ -1,0 +1,38 @@
+// The cpu_baseline_isa_<capability> CTest entries (tests/cpp/CMakeLists.txt)
+// run the CPU parity and gradient tests with ATEN_CPU_CAPABILITY set. On a
+// CPU that lacks the capability asked for, a lower build runs instead (as
+// ATen caps it); this test then prints the line the entry's
+// SKIP_REGULAR_EXPRESSION matches, so that the entry is reported skipped,
+// with the reason, not passed as if that build had run.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cstdlib>
+#include <iostream>
+#include <string>
+
+#include "nanobragg_ops/ops.h"
+
+namespace nanobragg_test {
+namespace {
+
+TEST(CpuCapability, TheBuildAskedForRuns) {
+  const char* asked_env = std::getenv("ATEN_CPU_CAPABILITY");
+  if (asked_env == nullptr) {
+    GTEST_SKIP() << "ATEN_CPU_CAPABILITY is not set: nothing was asked for";
+  }
+  std::string asked = asked_env;
+  std::transform(asked.begin(), asked.end(), asked.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  const std::string runs = nanobragg_ops::cpu_capability();
+  if (runs != asked) {
+    std::cout << "NANOBRAGG_CAPABILITY_UNAVAILABLE: ATEN_CPU_CAPABILITY=" << asked
+              << " asked for, this CPU runs the " << runs
+              << " build (its best: " << nanobragg_ops::best_cpu_capability() << ")" << std::endl;
+    GTEST_SKIP() << "the " << asked << " build cannot run on this CPU";
+  }
+}
+
+}  // namespace
+}  // namespace nanobragg_test
