@@ -63,28 +63,35 @@ def test_gradgradcheck_absorption(absorption_device, oversample_thick, layout):
     assert gradgradcheck(f, tuple(inputs), eps=1e-8, atol=1e-4)
 
 
-def refinement_loss(params, grid, hkl, pixels, target):
+def refinement_loss(params, grid, hkl, pixels, target, mode="default"):
     """A miniature refinement: the structure-factor grid scaled, the Miller
-    indices shifted, F^2 absorbed by a sensor whose thickness and normal are
-    refined too."""
+    indices shifted, F^2 absorbed by a sensor whose thickness, attenuation
+    length and normal are refined too, and the pixels moved along z (so
+    every differentiable input of both operators carries a parameter)."""
     scale, shift, thickness, tilt = params[0], params[1:4], params[4], params[5:7]
-    F = nanobragg_ops.tricubic_interp(grid * scale, hkl + shift, INDEX_MIN)
+    attenuation, dz = params[7], params[8]
+    F = nanobragg_ops.tricubic_interp(grid * scale, hkl + shift, INDEX_MIN, 0.0, mode)
     odet = torch.cat([tilt, torch.ones_like(tilt[:1])])
     odet = odet / odet.norm()
-    attenuation = torch.tensor(2e-4, dtype=grid.dtype, device=grid.device)
-    image = nanobragg_ops.detector_absorption(F**2, pixels, odet, thickness, attenuation, 3, True)
+    moved = pixels + torch.cat([torch.zeros_like(params[:2]), dz.reshape(1)])
+    image = nanobragg_ops.detector_absorption(F**2, moved, odet, thickness, attenuation, 3, True)
     return ((image - target) ** 2).sum()
 
 
-def test_hvp_of_refinement_loss_matches_finite_differences(device):
-    grid, hkl = tricubic_inputs(device, n=20, outside=0)
+@pytest.mark.parametrize("mode", ["default", "nearest"])
+def test_hvp_of_refinement_loss_matches_finite_differences(device, mode):
+    # "nearest": 4 of the 20 points leave the grid, 2 of them within reach
+    # of a node (make_inputs), so their F is the nearest node's value.
+    grid, hkl = tricubic_inputs(device, n=20, outside=0 if mode == "default" else 4)
+    if mode == "nearest":
+        assert_nearest_differs(grid, hkl)
     hkl = hkl.view(4, 5, 3)
     _, pixels, *_ = absorption_inputs(device)
-    params = torch.tensor([1.1, 0.01, -0.02, 0.03, 3e-4, 0.05, -0.1], dtype=torch.float64, device=device)
+    params = torch.tensor([1.1, 0.01, -0.02, 0.03, 3e-4, 0.05, -0.1, 2e-4, 0.0], dtype=torch.float64, device=device)
     target = torch.rand(4, 5, dtype=torch.float64, device=device) * 100
-    loss = lambda p: refinement_loss(p, grid, hkl, pixels, target)  # noqa: E731
-    # Directions scaled to each parameter's size (thickness ~1e-4).
-    v = torch.tensor([0.3, -0.5, 0.2, 0.7, 1e-4, 0.4, 0.6], dtype=torch.float64, device=device)
+    loss = lambda p: refinement_loss(p, grid, hkl, pixels, target, mode)  # noqa: E731
+    # Directions scaled to each parameter's size (thickness and attenuation ~1e-4).
+    v = torch.tensor([0.3, -0.5, 0.2, 0.7, 1e-4, 0.4, 0.6, 5e-5, 0.01], dtype=torch.float64, device=device)
     _, hv = torch.autograd.functional.hvp(loss, params, v)
 
     def gradient(p):
@@ -92,7 +99,7 @@ def test_hvp_of_refinement_loss_matches_finite_differences(device):
         (g,) = torch.autograd.grad(loss(p), p)
         return g
 
-    eps = 1e-6  # small enough that no point's stencil moves
+    eps = 1e-6  # small enough that no point's stencil or nearest node moves
     fd = (gradient(params + eps * v) - gradient(params - eps * v)) / (2 * eps)
     torch.testing.assert_close(hv, fd, rtol=1e-6, atol=1e-6 * fd.abs().max().item())
     assert hv.abs().max() > 1.0  # a real curvature, not zeros
