@@ -377,6 +377,58 @@ CMAKE_ARGS=(-S "$ROOT" -B "$BUILD_DIR" "${GEN[@]}"
 if [[ "$(cmake --version 2>/dev/null | sed -n 's/^cmake version \([0-9]*\).*/\1/p')" -ge 4 ]]; then
   CMAKE_ARGS+=(-DCMAKE_POLICY_VERSION_MINIMUM=3.10 -Wno-deprecated)
 fi
+# --- the C++ runtime ------------------------------------------------------------
+# A g++ that links libstdc++ into shared libraries statically (the GPU image's
+# /opt/gcc g++ 13.3 does) gives the library a private copy of the C++ runtime
+# inside a Python process that runs torch on the system's: the two copies
+# mixed crashed every error message there (a TORCH_CHECK's `ostream << long`
+# segfaulted in the private copy). So the library must load the libstdc++
+# that torch loads. links_cxx_runtime_dynamically CXX [LINK_ITEM]: whether
+# a shared library built by CXX (LINK_ITEM on its link line) needs libstdc++.so.
+links_cxx_runtime_dynamically() {
+  local dir ok=1
+  dir="$(mktemp -d "$WORK/cxx_probe.XXXXXX")"
+  printf '#include <sstream>\nstd::string probe(long v) { std::ostringstream s; s << v; return s.str(); }\n' \
+    >"$dir/probe.cpp"
+  if "$1" -shared -fPIC -o "$dir/probe.so" "$dir/probe.cpp" ${2:+"$2"} >>"$LOGS/cxx_runtime.log" 2>&1 &&
+    { readelf -d "$dir/probe.so" 2>/dev/null || objdump -p "$dir/probe.so"; } | grep -q 'NEEDED.*libstdc++'; then
+    ok=0
+  fi
+  rm -rf "$dir"
+  return $ok
+}
+CXX_RUNTIME_NOTE=""
+if [[ $MODE == gpu ]]; then
+  cxx="$(command -v "${CXX:-c++}" || command -v g++ || true)"
+  {
+    echo "compiler CMake picks: ${cxx:-none} ($("${cxx:-false}" --version 2>/dev/null | head -1))"
+  } >"$LOGS/cxx_runtime.log"
+  if [[ -n $cxx ]] && ! links_cxx_runtime_dynamically "$cxx"; then
+    CXX_RUNTIME_NOTE="$cxx links libstdc++ statically"
+    # The libstdc++ that torch runs on, put on the link line ahead of the
+    # compiler's own: every C++ runtime symbol then resolves to it.
+    torch_stdcxx="$("$PY" -c 'import torch
+print(next((l.split()[-1] for l in open("/proc/self/maps") if "/libstdc++.so" in l), ""))' 2>>"$LOGS/cxx_runtime.log")"
+    echo "libstdc++ that torch loads: ${torch_stdcxx:-not found}" >>"$LOGS/cxx_runtime.log"
+    fixed=""
+    for other in /usr/bin/g++ /usr/bin/c++ /usr/bin/g++-14 /usr/bin/g++-13 /usr/bin/g++-12; do
+      if [[ -x $other && $(readlink -f "$other") != $(readlink -f "$cxx") ]] &&
+        links_cxx_runtime_dynamically "$other"; then
+        CMAKE_ARGS+=(-DCMAKE_CXX_COMPILER="$other" -DCMAKE_CUDA_HOST_COMPILER="$other")
+        fixed="built with $other instead"
+        break
+      fi
+    done
+    if [[ -z $fixed && -n $torch_stdcxx ]] && links_cxx_runtime_dynamically "$cxx" "$torch_stdcxx"; then
+      CMAKE_ARGS+=(-DCMAKE_CXX_STANDARD_LIBRARIES="$torch_stdcxx")
+      fixed="linked against $torch_stdcxx"
+    fi
+    CXX_RUNTIME_NOTE+="; ${fixed:-no fix found: error messages may crash Python}"
+    echo "$CXX_RUNTIME_NOTE" >>"$LOGS/cxx_runtime.log"
+    log "C++ runtime: $CXX_RUNTIME_NOTE"
+  fi
+fi
+
 if [[ $MODE == gpu ]]; then
   CMAKE_ARGS+=(-DCMAKE_BUILD_TYPE=Release -DNANOBRAGG_CUDA=ON)
   # torch's CMake takes the architectures from the environment.
@@ -394,7 +446,7 @@ else
 fi
 CONFIGURED=$STAGE_RC
 record configure "$(status_of "$STAGE_RC")" "$STAGE_SECS" \
-  "$(sed -n 's/^-- nanobragg_ops: \(CUDA kernels .*\)/\1/p' "$LOGS/configure.log" | head -1)"
+  "$(sed -n 's/^-- nanobragg_ops: \(CUDA kernels .*\)/\1/p' "$LOGS/configure.log" | head -1)${CXX_RUNTIME_NOTE:+; $CXX_RUNTIME_NOTE}"
 
 # --- build ------------------------------------------------------------------
 TARGETS=(nanobragg_ops nanobragg_tests nanobragg_bench)
@@ -409,8 +461,16 @@ if ((CONFIGURED == 0)); then
   for f in lib/libnanobragg_ops.so tests/cpp/nanobragg_tests bench/nanobragg_bench; do
     [[ -e "$BUILD_DIR/$f" ]] && built+=("${f##*/}")
   done
+  # The library must share torch's C++ runtime (see "the C++ runtime").
+  runtime_note=""
+  if [[ -e "$BUILD_DIR/lib/libnanobragg_ops.so" ]] &&
+    ! { readelf -d "$BUILD_DIR/lib/libnanobragg_ops.so" 2>/dev/null ||
+      objdump -p "$BUILD_DIR/lib/libnanobragg_ops.so"; } | grep -q 'NEEDED.*libstdc++'; then
+    runtime_note="; libnanobragg_ops.so has libstdc++ linked in statically, not torch's"
+    ((STAGE_RC == 0)) && STAGE_RC=1
+  fi
   record build "$(status_of "$STAGE_RC")" "$STAGE_SECS" "$NPROC jobs; built: ${built[*]:-nothing}$( \
-    ((STAGE_RC)) && grep -m1 -E '^FAILED: ' "$LOGS/build.log" | cut -c1-100 | sed 's/^/; /')"
+    ((STAGE_RC)) && grep -m1 -E '^FAILED: ' "$LOGS/build.log" | cut -c1-100 | sed 's/^/; /')$runtime_note"
 else
   record build "NOT RUN" 0 "configure failed"
 fi

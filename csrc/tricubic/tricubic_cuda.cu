@@ -75,18 +75,118 @@ struct AtomicAdd {
   __device__ void operator()(int64_t i, T v) const { atomicAdd(dest + i, v); }
 };
 
+// One step of a transposing warp sum: each lane keeps half of its kHalf * 2
+// entries (the upper half where its bit kHalf / 2 is set), adds the same
+// half from the lane that differs in that bit, and sends it the other.
+template <int kHalf, int N, typename T>
+__device__ __forceinline__ void warp_transpose_step(T (&v)[N], int lane) {
+  const bool upper = (lane & (kHalf / 2)) != 0;
+#pragma unroll
+  for (int i = 0; i < kHalf; ++i) {
+    const T send = upper ? v[i] : v[i + kHalf];
+    const T keep = upper ? v[i + kHalf] : v[i];
+    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, kHalf / 2);
+  }
+}
+
+// The 64 taps ga[a] kl[4 b + c] of the warp's points summed over its 32
+// lanes (32 + 16 + 8 + 4 + 2 = 62 shuffles, not 64 x 5): lane L gets the
+// sums of taps 2L and 2L + 1 (tap 16 a + 4 b + c) in v[0] and v[1]. The
+// first step makes its taps as it sends them, so that 32 live values (not
+// 64) fit in registers. All 32 lanes must call it.
+template <typename T>
+__device__ __forceinline__ void warp_sum_taps(const T (&ga)[4], const T (&kl)[16], int lane,
+                                              T (&v)[32]) {
+  const bool upper = (lane & 16) != 0;  // keeps taps 32..63 (a = 2, 3)
+  const T keep_a[2] = {upper ? ga[2] : ga[0], upper ? ga[3] : ga[1]};
+  const T send_a[2] = {upper ? ga[0] : ga[2], upper ? ga[1] : ga[3]};
+#pragma unroll
+  for (int i = 0; i < 32; ++i) {
+    v[i] =
+        keep_a[i / 16] * kl[i % 16] + __shfl_xor_sync(0xffffffffu, send_a[i / 16] * kl[i % 16], 16);
+  }
+  warp_transpose_step<16>(v, lane);
+  warp_transpose_step<8>(v, lane);
+  warp_transpose_step<4>(v, lane);
+  warp_transpose_step<2>(v, lane);
+}
+
+// The first-order grid gradient by atomics, aggregated per warp. Detector
+// lookups come pixel by pixel, so most of a warp's 32 points share their
+// stencil start, and their 64 taps land on the same 64 nodes: one atomicAdd
+// per tap and point would serialise 32 deep on each node. Instead the lanes
+// whose points share a start (__match_any_sync) sum their taps in the warp
+// (warp_transpose_sum64), and each lane adds two of the 64 sums: 64 atomics
+// per start instead of 64 per point. Up to kWarpRounds starts shared by two
+// or more points are summed so; every other stencil point adds its own taps
+// (tricubic_grid_grad_scatter), as do nearest points. Each tap is
+// grad w_h[a] (w_k[b] w_l[c]), as on the CPU; only the order of the sums
+// differs (the atomic path's order is not fixed anyway).
+constexpr int kWarpRounds = 8;
+
 template <typename T>
 __global__ void grid_grad_atomic_kernel(GridShape shape, const T* __restrict__ hkl,
                                         int64_t hkl_last, const T* __restrict__ grad,
                                         PointOffsets<2> offsets, int64_t n, OutOfRange mode,
                                         T* grad_grid) {
-  AtomicAdd<T> add{grad_grid};
-  grid_stride(n, [&](int64_t p) {
-    int64_t off[2];
-    offsets.get(p, off);
-    const T* x = hkl + off[0];
-    tricubic_grid_grad_scatter<T>(shape.size, shape.lo, x[0], x[hkl_last], x[2 * hkl_last], mode,
-                                  grad[off[1]], add);
+  const int64_t stride[3] = {shape.size[1] * shape.size[2], shape.size[2], 1};
+  const int64_t groups = (n + cuda::kWarp - 1) / cuda::kWarp;
+  cuda::warp_stride(groups, [&](int64_t group, int lane) {
+    const int64_t p = group * cuda::kWarp + lane;
+    bool stencil = false;
+    int64_t base = -1;  // node of the stencil start; -1: no stencil
+    T g = T(0);
+    T wh[4] = {T(0), T(0), T(0), T(0)}, wk[4] = {T(0), T(0), T(0), T(0)},
+      wl[4] = {T(0), T(0), T(0), T(0)};
+    if (p < n) {
+      int64_t off[2];
+      offsets.get(p, off);
+      const T* x = hkl + off[0];
+      const PointStencil<T> s =
+          classify_point(shape.size, shape.lo, x[0], x[hkl_last], x[2 * hkl_last], mode);
+      if (s.kind == PointKind::Nearest) {
+        atomicAdd(grad_grid + node_offset<T>(stride, s.first), grad[off[1]]);
+      } else if (s.kind == PointKind::Stencil) {
+        stencil = true;
+        base = node_offset<T>(stride, s.first);
+        g = grad[off[1]];
+        lagrange_weights(s.u[0], wh);
+        lagrange_weights(s.u[1], wk);
+        lagrange_weights(s.u[2], wl);
+      }
+    }
+    // The lanes with the same start as this one (non-stencil lanes share
+    // base -1 and are left out below).
+    const unsigned peers = __match_any_sync(0xffffffffu, static_cast<unsigned long long>(base));
+    const bool leads_a_group = stencil && __popc(peers) >= 2 && lane == __ffs(peers) - 1;
+    unsigned leaders = __ballot_sync(0xffffffffu, leads_a_group);  // the same in every lane
+    bool pending = stencil;
+    for (int round = 0; round < kWarpRounds && leaders != 0; ++round) {
+      const int leader = __ffs(leaders) - 1;
+      leaders &= leaders - 1;
+      const int64_t start = __shfl_sync(0xffffffffu, base, leader);
+      const bool mine = stencil && ((peers >> leader) & 1u) != 0;
+      pending = pending && !mine;
+      T ga[4], kl[16], v[32];
+#pragma unroll
+      for (int a = 0; a < 4; ++a) {
+        ga[a] = mine ? g * wh[a] : T(0);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          kl[4 * a + c] = wk[a] * wl[c];
+        }
+      }
+      warp_sum_taps(ga, kl, lane, v);
+      // This lane's taps 2L, 2L + 1: (a, b, c) and (a, b, c + 1).
+      const int a = lane >> 3, b = (lane >> 1) & 3, c = 2 * (lane & 1);
+      T* node = grad_grid + start + a * stride[0] + b * stride[1] + c;
+      atomicAdd(node, v[0]);
+      atomicAdd(node + 1, v[1]);
+    }
+    if (pending) {  // a start of its own, or past kWarpRounds
+      AtomicAdd<T> add{grad_grid};
+      scatter_rows(base, stride, scatter_weights(g, wh, wk, wl), add);
+    }
   });
 }
 

@@ -606,6 +606,62 @@ TEST(CudaDeterminism, ContendedGridGradientDeterministicVsAtomic) {
   }
 }
 
+// The atomic path sums the taps of a warp's points that share a stencil
+// start before adding them (tricubic_cuda.cu, grid_grad_atomic_kernel): up
+// to 8 shared starts per warp, the rest point by point. Points laid out so
+// that warps see each case: all 32 in one cell, 4 cells in turn, 16 cells of
+// 2 points each (8 rounds, then the rest alone), every point its own cell,
+// and warps mixing stencil points with nearest and out-of-grid ones. Against
+// the CPU kernel in float64, in both out_of_range modes and both dtypes.
+TEST(CudaDeterminism, WarpAggregatedGridGradientMatchesCpu) {
+  NANOBRAGG_SKIP_UNLESS_CUDA();
+  at::manual_seed(23);
+  const int64_t warp = 32, warps_per_case = 64;
+  auto cell_corner = [&](const at::Tensor& cell_index) {  // [m] -> [m, 3], inside the grid
+    at::Tensor c = at::empty({cell_index.size(0), 3}, f64());
+    for (int d = 0; d < 3; ++d) {
+      const int64_t span = kGridShape[d] - 3;  // stencil starts n - 1 in [0, size - 4]
+      c.select(1, d).copy_((cell_index * (d + 3)).remainder(span).to(at::kDouble) + 1 +
+                           double(kIndexMin[d]));
+    }
+    return c;
+  };
+  std::vector<at::Tensor> parts;
+  const int64_t m = warp * warps_per_case;
+  const at::Tensor i = at::arange(m, at::TensorOptions().dtype(at::kLong));
+  const at::Tensor warp_of = at::floor_divide(i, warp);
+  parts.push_back(cell_corner(warp_of));                       // one cell a warp
+  parts.push_back(cell_corner(warp_of * 7 + i.remainder(4)));  // 4 in turn
+  parts.push_back(cell_corner(warp_of * 5 + at::floor_divide(i.remainder(warp), 2)));  // 16 of 2
+  parts.push_back(cell_corner(i));          // each its own
+  at::Tensor mixed = cell_corner(warp_of);  // one cell, and
+  mixed.slice(0, 0, m, 3).select(1, 0).fill_(double(kIndexMin[0] + kGridShape[0]) + 5);  // outside
+  mixed.slice(0, 1, m, 5).select(1, 0).fill_(double(kIndexMin[0]) + 0.25);  // nearest range
+  parts.push_back(mixed);
+  at::Tensor hkl = at::cat(parts);
+  hkl = hkl + at::rand(hkl.sizes(), f64()) * 0.999;  // fractional offsets in the cell
+  const int64_t n = hkl.size(0);
+  const at::Tensor grid = tricubic_grid(), g = at::randn({n}, f64());
+  for (const char* mode : {"default", "nearest"}) {
+    for (auto dtype : {at::kFloat, at::kDouble}) {
+      const auto o = at::TensorOptions().device(kCuda).dtype(dtype);
+      const at::Tensor cg = grid.to(o), ch = hkl.to(o), cgo = g.to(o);
+      auto host = [](const at::Tensor& t) { return t.to(at::kCPU).to(at::kDouble); };
+      const at::Tensor ref =
+          tricubic_backward(host(cgo), host(cg), host(ch), mode, {true, false})[0];
+      at::Tensor got;
+      {
+        DeterministicScope det(false);
+        got = tricubic_backward(cgo, cg, ch, mode, {true, false})[0];
+      }
+      const double tol = dtype == at::kFloat ? 2e-5 : 1e-12;
+      EXPECT_LE(max_rel_error(to_vector(got), to_vector(ref), ref.abs().max().item<double>()), tol)
+          << mode << " " << c10::toString(dtype);
+      EXPECT_GT(ref.abs().sum().item<double>(), 1.0);
+    }
+  }
+}
+
 TEST(CudaDeterminism, AutogradGridGradientRepeatsBitwiseUnderDeterministicAlgorithms) {
   NANOBRAGG_SKIP_UNLESS_CUDA();
   at::manual_seed(21);
