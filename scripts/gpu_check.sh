@@ -415,13 +415,20 @@ print(next((l.split()[-1] for l in open("/proc/self/maps") if "/libstdc++.so" in
       if [[ -x $other && $(readlink -f "$other") != $(readlink -f "$cxx") ]] &&
         links_cxx_runtime_dynamically "$other"; then
         CMAKE_ARGS+=(-DCMAKE_CXX_COMPILER="$other" -DCMAKE_CUDA_HOST_COMPILER="$other")
-        fixed="built with $other instead"
+        fixed="built with $other"
         break
       fi
     done
-    if [[ -z $fixed && -n $torch_stdcxx ]] && links_cxx_runtime_dynamically "$cxx" "$torch_stdcxx"; then
-      CMAKE_ARGS+=(-DCMAKE_CXX_STANDARD_LIBRARIES="$torch_stdcxx")
-      fixed="linked against $torch_stdcxx"
+    # And whatever the compiler: torch's libstdc++ first on every link line
+    # (a shared library before the objects defines the C++ runtime's symbols
+    # for all that follows, so no static copy's members are pulled in).
+    # (With /usr/bin/g++ alone the library still came out with a static
+    # copy on that image: something else on the link line brings one.)
+    if [[ -n $torch_stdcxx ]]; then
+      first="-Wl,--push-state,--no-as-needed $torch_stdcxx -Wl,--pop-state"
+      CMAKE_ARGS+=(-DCMAKE_SHARED_LINKER_FLAGS="$first" -DCMAKE_MODULE_LINKER_FLAGS="$first"
+        -DCMAKE_EXE_LINKER_FLAGS="$first")
+      fixed="${fixed:+$fixed, }$torch_stdcxx first on the link lines"
     fi
     CXX_RUNTIME_NOTE+="; ${fixed:-no fix found: error messages may crash Python}"
     echo "$CXX_RUNTIME_NOTE" >>"$LOGS/cxx_runtime.log"
@@ -461,13 +468,37 @@ if ((CONFIGURED == 0)); then
   for f in lib/libnanobragg_ops.so tests/cpp/nanobragg_tests bench/nanobragg_bench; do
     [[ -e "$BUILD_DIR/$f" ]] && built+=("${f##*/}")
   done
-  # The library must share torch's C++ runtime (see "the C++ runtime").
+  # The library must share torch's C++ runtime (see "the C++ runtime"): it
+  # needs libstdc++.so and holds no copy of its code (ostream::_M_insert<long>,
+  # which the crash was in, is one of libstdc++'s own instantiations).
   runtime_note=""
-  if [[ -e "$BUILD_DIR/lib/libnanobragg_ops.so" ]] &&
-    ! { readelf -d "$BUILD_DIR/lib/libnanobragg_ops.so" 2>/dev/null ||
-      objdump -p "$BUILD_DIR/lib/libnanobragg_ops.so"; } | grep -q 'NEEDED.*libstdc++'; then
-    runtime_note="; libnanobragg_ops.so has libstdc++ linked in statically, not torch's"
-    ((STAGE_RC == 0)) && STAGE_RC=1
+  lib_so="$BUILD_DIR/lib/libnanobragg_ops.so"
+  if [[ -e $lib_so ]]; then
+    {
+      echo "== link command"
+      (cd "$BUILD_DIR" && ninja -t commands "lib/$(basename "$(readlink -f "$lib_so")")" 2>/dev/null | tail -1)
+      echo "== NEEDED"
+      readelf -d "$lib_so" 2>&1 | grep NEEDED
+      echo "== libstdc++ code defined in the library"
+      nm -D --defined-only "$lib_so" 2>&1 | grep -E '_ZNSo9_M_insert|_ZNSt6locale|codecvt' | head
+    } >"$LOGS/library_runtime.log" 2>&1
+    if ! readelf -d "$lib_so" 2>/dev/null | grep -q 'NEEDED.*libstdc++'; then
+      runtime_note="; libnanobragg_ops.so does not load libstdc++.so"
+    elif nm -D --defined-only "$lib_so" 2>/dev/null | grep -q '_ZNSo9_M_insertIlEERSoT_'; then
+      runtime_note="; libnanobragg_ops.so holds a copy of libstdc++'s code"
+    fi
+    if [[ -n $runtime_note ]]; then
+      # Last resort: keep the copy private (its symbols local), so that it
+      # at least never mixes with torch's; the stage still fails.
+      flags="$(sed -n 's/^CMAKE_SHARED_LINKER_FLAGS:STRING=//p' "$BUILD_DIR/CMakeCache.txt")"
+      if cmake "$BUILD_DIR" -DCMAKE_SHARED_LINKER_FLAGS="$flags -Wl,--exclude-libs,ALL" \
+        >>"$LOGS/library_runtime.log" 2>&1 &&
+        cmake --build "$BUILD_DIR" --target nanobragg_ops >>"$LOGS/library_runtime.log" 2>&1; then
+        runtime_note+="; relinked with -Wl,--exclude-libs,ALL"
+      fi
+      runtime_note+=" (library_runtime.log)"
+      ((STAGE_RC == 0)) && STAGE_RC=1
+    fi
   fi
   record build "$(status_of "$STAGE_RC")" "$STAGE_SECS" "$NPROC jobs; built: ${built[*]:-nothing}$( \
     ((STAGE_RC)) && grep -m1 -E '^FAILED: ' "$LOGS/build.log" | cut -c1-100 | sed 's/^/; /')$runtime_note"
