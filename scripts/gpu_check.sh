@@ -302,7 +302,12 @@ source_files_check() {
   echo "mode: $MODE"
   echo "host: $(hostname)"
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  if revision="$(git_revision "" | paste -sd '')"; then
+  # The device tool's copy of the tree can carry a .git of an older commit
+  # (the session's first) under newer files: the revision --prepare saw,
+  # with every file's checksum matching, says more than that .git does.
+  if [[ -s $DEPS/SOURCE_FILES.sha256 ]] && sha256sum --quiet -c "$DEPS/SOURCE_FILES.sha256" >/dev/null 2>&1; then
+    echo "git: $(cat "$DEPS/SOURCE_REVISION") [the revision --prepare saw; $(source_files_check)]"
+  elif revision="$(git_revision "" | paste -sd '')"; then
     echo "git: $revision"
   else
     echo "git: $(cat "$DEPS/SOURCE_REVISION" 2>/dev/null || echo unknown) [no .git here: the revision --prepare saw; $(source_files_check)]"
