@@ -126,6 +126,11 @@ macro(nanobragg_find_torch)
     # A CPU-only build against a CUDA build of torch, without nvcc: torch's
     # own package would fail looking for the toolkit, and none of it is
     # needed, so import just the CPU libraries and headers.
+    # (Not cached: a build directory reconfigured against another torch, as
+    # gpu_check.sh --dry-run does with a new temporary Python each run, must
+    # not keep the first one's paths.)
+    unset(_torch_cpu_lib CACHE)
+    unset(_c10_lib CACHE)
     find_library(_torch_cpu_lib torch_cpu PATHS "${_torch_root}/lib" NO_DEFAULT_PATH REQUIRED)
     find_library(_c10_lib c10 PATHS "${_torch_root}/lib" NO_DEFAULT_PATH REQUIRED)
     target_include_directories(nanobragg_torch SYSTEM INTERFACE
@@ -135,6 +140,37 @@ macro(nanobragg_find_torch)
     message(STATUS "nanobragg_ops: CPU-only import of torch from ${_torch_root}")
   endif()
   set(NANOBRAGG_TORCH_ROOT "${_torch_root}")
+
+  # The C++ runtime: the shared libstdc++ that torch loads, first on our link
+  # lines. Where a static-only libstdc++.a comes first among the link
+  # directories (seen on a GPU image: nvcc reported a g++ tree holding only
+  # the archive among CUDA's implicit link directories), the library got a
+  # private copy of the runtime beside torch's, and every operator error
+  # message crashed Python. A shared library ahead of the objects defines the
+  # runtime's symbols for all that follows, so no member of an archive is
+  # pulled in; elsewhere it is the library the link takes anyway. The test
+  # cxx_runtime_is_shared checks the result.
+  if(CMAKE_SYSTEM_NAME STREQUAL "Linux" AND CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang"
+     AND NOT CMAKE_CXX_FLAGS MATCHES "stdlib=libc\\+\\+")
+    # The one the loader gives torch (ldd of libc10.so), else the system's.
+    set(_stdcxx "")
+    execute_process(COMMAND ldd "${_torch_root}/lib/libc10.so" OUTPUT_VARIABLE _ldd
+                    ERROR_QUIET RESULT_VARIABLE _ldd_rc)
+    if(_ldd_rc EQUAL 0 AND _ldd MATCHES "libstdc\\+\\+\\.so\\.6 => ([^ \t\n]+)")
+      set(_stdcxx "${CMAKE_MATCH_1}")
+    endif()
+    if(NOT EXISTS "${_stdcxx}")
+      unset(_stdcxx_found CACHE)
+      find_library(_stdcxx_found NAMES libstdc++.so.6 NO_CMAKE_ENVIRONMENT_PATH
+                   NO_SYSTEM_ENVIRONMENT_PATH)
+      set(_stdcxx "${_stdcxx_found}")
+    endif()
+    if(EXISTS "${_stdcxx}")
+      target_link_options(nanobragg_torch INTERFACE
+        "SHELL:-Wl,--push-state,--no-as-needed \"${_stdcxx}\" -Wl,--pop-state")
+      message(STATUS "nanobragg_ops: C++ runtime ${_stdcxx}")
+    endif()
+  endif()
 
   # at::parallel_for is inline: with torch's OpenMP backend (the pip wheels')
   # it is an `omp parallel` region compiled into our own code, so without

@@ -3,6 +3,8 @@
 // an inline copy compiled for AVX-512 could end up shared with the others).
 #include "absorption/absorption_layout.h"
 
+#include "common/operand_offsets.h"
+
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -12,37 +14,6 @@
 
 namespace nanobragg {
 namespace absorption {
-
-namespace {
-
-// PointOffsets of `operands` (sizes and strides of the pixel dims each), or,
-// where more than kMaxPointDims dims remain after merging (point_offsets.h),
-// of contiguous copies, which then replace them: their pixel dims merge into
-// one. Broadcast inputs of that many dims are copied out in full, a cost
-// only such rare layouts pay.
-template <int N>
-PointOffsets<N> offsets_or_contiguous(const std::vector<int64_t>& pixel_shape,
-                                      const std::array<at::Tensor*, N>& operands,
-                                      const std::array<int64_t, N>& first_pixel_dim) {
-  const auto np = static_cast<int64_t>(pixel_shape.size());
-  std::array<c10::IntArrayRef, N> strides;
-  const auto gather = [&] {
-    for (int i = 0; i < N; ++i) {
-      strides[i] = operands[i]->strides().slice(first_pixel_dim[i], np);
-    }
-  };
-  gather();
-  PointOffsets<N> offsets;
-  if (!make_point_offsets<N>(pixel_shape, strides, offsets)) {
-    for (at::Tensor* t : operands) *t = t->contiguous();
-    gather();
-    TORCH_INTERNAL_ASSERT(make_point_offsets<N>(pixel_shape, strides, offsets),
-                          "contiguous operands have pixel offsets");
-  }
-  return offsets;
-}
-
-}  // namespace
 
 PointOffsets<3> ExpandedInputs::pixel_offsets(at::Tensor& third) {
   return offsets_or_contiguous<3>(pixel_shape, {&intensity, &coords, &third}, {1, 1, 0});

@@ -1268,7 +1268,7 @@ struct BackwardPoints {
       : hkl(hkl_in), grad(grad_output) {
     const auto point_shape = point_shape_of(hkl_in);
     count = c10::multiply_integers(point_shape);
-    offsets = point_offsets_or_contiguous<2>(point_shape, {&hkl, &grad});
+    offsets = offsets_or_contiguous<2>(point_shape, {&hkl, &grad}, {0, 0});
     direct = direct_layout<T>(hkl, &grad, offsets);
     hkl_data = hkl.const_data_ptr<T>();
     grad_data = grad.const_data_ptr<T>();
@@ -1424,7 +1424,7 @@ at::Tensor tricubic_interp_cpu(const at::Tensor& grid, const at::Tensor& hkl_in,
   if (n == 0) {
     return out;
   }
-  const auto offsets = point_offsets_or_contiguous<1>(point_shape, {&hkl});
+  const auto offsets = offsets_or_contiguous<1>(point_shape, {&hkl}, {0});
   AT_DISPATCH_FLOATING_TYPES(grid.scalar_type(), "tricubic_interp_cpu", [&] {
     const GridView<scalar_t> view = make_grid_view<scalar_t>(grid, index_min);
     const scalar_t* hkl_data = hkl.const_data_ptr<scalar_t>();

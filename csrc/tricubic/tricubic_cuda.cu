@@ -347,7 +347,7 @@ at::Tensor tricubic_interp_cuda(const at::Tensor& grid, const at::Tensor& hkl_in
   if (n == 0) {
     return out;
   }
-  const auto offsets = point_offsets_or_contiguous<1>(point_shape, {&hkl});
+  const auto offsets = offsets_or_contiguous<1>(point_shape, {&hkl}, {0});
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(grid.scalar_type(), "tricubic_interp_cuda", [&] {
     forward_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
@@ -374,7 +374,7 @@ std::tuple<at::Tensor, at::Tensor> tricubic_interp_backward_cuda(
   at::Tensor grad = grad_output;
   const auto point_shape = point_shape_of(hkl);
   const int64_t n = c10::multiply_integers(point_shape);
-  const auto offsets = point_offsets_or_contiguous<2>(point_shape, {&hkl, &grad});
+  const auto offsets = offsets_or_contiguous<2>(point_shape, {&hkl, &grad}, {0, 0});
   const auto stream = at::cuda::getCurrentCUDAStream();
   const GridShape shape = make_grid_shape(grid.sizes(), index_min);
   AT_DISPATCH_FLOATING_TYPES(grid.scalar_type(), "tricubic_interp_backward_cuda", [&] {
@@ -394,7 +394,8 @@ std::tuple<at::Tensor, at::Tensor> tricubic_interp_backward_cuda(
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else {
         // (grad stands in for the absent third operand, v.)
-        const auto offsets3 = point_offsets_or_contiguous<3>(point_shape, {&hkl, &grad, &grad});
+        const auto offsets3 =
+            offsets_or_contiguous<3>(point_shape, {&hkl, &grad, &grad}, {0, 0, 0});
         const StridedPoints<scalar_t> points{hkl.const_data_ptr<scalar_t>(),
                                              hkl.stride(-1),
                                              grad.const_data_ptr<scalar_t>(),

@@ -49,32 +49,6 @@ c10::IntArrayRef point_shape_of(const at::Tensor& hkl) {
   return hkl.sizes().slice(0, hkl.dim() - 1);
 }
 
-template <int N>
-PointOffsets<N> point_offsets_or_contiguous(c10::IntArrayRef point_shape,
-                                            std::array<at::Tensor*, N> operands) {
-  std::array<c10::IntArrayRef, N> strides;
-  for (int i = 0; i < N; ++i) {
-    strides[i] = operands[i]->strides().slice(0, point_shape.size());
-  }
-  PointOffsets<N> offsets;
-  if (!make_point_offsets<N>(point_shape, strides, offsets)) {
-    for (int i = 0; i < N; ++i) {
-      *operands[i] = operands[i]->contiguous();
-      strides[i] = operands[i]->strides().slice(0, point_shape.size());
-    }
-    TORCH_INTERNAL_ASSERT(make_point_offsets<N>(point_shape, strides, offsets),
-                          "contiguous operands have point offsets");
-  }
-  return offsets;
-}
-
-template PointOffsets<1> point_offsets_or_contiguous<1>(c10::IntArrayRef,
-                                                        std::array<at::Tensor*, 1>);
-template PointOffsets<2> point_offsets_or_contiguous<2>(c10::IntArrayRef,
-                                                        std::array<at::Tensor*, 2>);
-template PointOffsets<3> point_offsets_or_contiguous<3>(c10::IntArrayRef,
-                                                        std::array<at::Tensor*, 3>);
-
 std::tuple<at::Tensor, at::Tensor> allocate_backward_outputs(
     const at::Tensor& grid, const at::Tensor& hkl, const std::array<bool, 2>& output_mask) {
   return {output_mask[0] ? at::zeros(grid.sizes(), grid.options()) : at::empty({0}, grid.options()),
@@ -108,7 +82,7 @@ DoubleBackwardCall prepare_double_backward(const char* op,
   const auto point_shape = point_shape_of(hkl);
   c.num_points = c10::multiply_integers(point_shape);
   if (c.num_points > 0) {
-    c.offsets = point_offsets_or_contiguous<3>(point_shape, {&c.hkl, &c.grad, &c.gg_hkl});
+    c.offsets = offsets_or_contiguous<3>(point_shape, {&c.hkl, &c.grad, &c.gg_hkl}, {0, 0, 0});
   }
   return c;
 }

@@ -18,7 +18,7 @@
 #include <type_traits>
 
 #include "common/checks.h"
-#include "common/point_offsets.h"
+#include "common/operand_offsets.h"
 #include "tricubic/tricubic_math.h"
 
 namespace nanobragg {
@@ -36,14 +36,6 @@ GridShape make_grid_shape(c10::IntArrayRef grid_sizes, c10::IntArrayRef index_mi
 
 // hkl.shape[:-1].
 c10::IntArrayRef point_shape_of(const at::Tensor& hkl);
-
-// Offsets of the per-point operands (hkl without its last dimension, the
-// incoming gradient, ...), for N = 1, 2, 3; falls back to contiguous copies
-// only when the point shape has more non-mergeable dimensions than
-// PointOffsets holds.
-template <int N>
-PointOffsets<N> point_offsets_or_contiguous(c10::IntArrayRef point_shape,
-                                            std::array<at::Tensor*, N> operands);
 
 // The backward's outputs: a zeroed grid gradient (the kernels add into it)
 // and an hkl gradient (written whole), or shape-[0] tensors for gradients
