@@ -17,7 +17,10 @@ if ! grep -q 'NEEDED.*libstdc++' <<<"$needed"; then
   echo "check_cxx_runtime: $lib does not load libstdc++.so (a static copy of the C++ runtime?)" >&2
   exit 1
 fi
-if nm -D --defined-only "$lib" 2>/dev/null | grep -q '_ZNSo9_M_insertIlEERSoT_'; then
+# (The symbols read whole first: `nm | grep -q` would end nm early, and under
+# pipefail its SIGPIPE would read as "not found".)
+symbols="$(nm -D --defined-only "$lib" 2>/dev/null)"
+if grep -q '_ZNSo9_M_insertIlEERSoT_' <<<"$symbols"; then
   echo "check_cxx_runtime: $lib holds a copy of libstdc++'s code (std::ostream::_M_insert<long>)" >&2
   exit 1
 fi

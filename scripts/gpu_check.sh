@@ -398,7 +398,7 @@ links_cxx_runtime_dynamically() {
   printf '#include <sstream>\nstd::string probe(long v) { std::ostringstream s; s << v; return s.str(); }\n' \
     >"$dir/probe.cpp"
   if "$1" -shared -fPIC -o "$dir/probe.so" "$dir/probe.cpp" >>"$LOGS/cxx_runtime.log" 2>&1 &&
-    { readelf -d "$dir/probe.so" 2>/dev/null || objdump -p "$dir/probe.so"; } | grep -q 'NEEDED.*libstdc++'; then
+    grep -q 'NEEDED.*libstdc++' <<<"$(readelf -d "$dir/probe.so" 2>/dev/null || objdump -p "$dir/probe.so")"; then
     ok=0
   fi
   rm -rf "$dir"

@@ -116,7 +116,7 @@ __device__ __forceinline__ void warp_sum_taps(const T (&ga)[4], const T (&kl)[16
 // stencil start, and their 64 taps land on the same 64 nodes: one atomicAdd
 // per tap and point would serialise 32 deep on each node. Instead the lanes
 // whose points share a start (__match_any_sync) sum their taps in the warp
-// (warp_transpose_sum64), and each lane adds two of the 64 sums: 64 atomics
+// (warp_sum_taps), and each lane adds two of the 64 sums: 64 atomics
 // per start instead of 64 per point. Up to kWarpRounds starts shared by two
 // or more points are summed so; every other stencil point adds its own taps
 // (tricubic_grid_grad_scatter), as do nearest points. Each tap is
@@ -155,9 +155,14 @@ __global__ void grid_grad_atomic_kernel(GridShape shape, const T* __restrict__ h
         lagrange_weights(s.u[2], wl);
       }
     }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
+    // (__match_any_sync needs sm_70: older GPUs add every point's taps.)
+    const unsigned peers = 1u << lane;
+#else
     // The lanes with the same start as this one (non-stencil lanes share
     // base -1 and are left out below).
     const unsigned peers = __match_any_sync(0xffffffffu, static_cast<unsigned long long>(base));
+#endif
     const bool leads_a_group = stencil && __popc(peers) >= 2 && lane == __ffs(peers) - 1;
     unsigned leaders = __ballot_sync(0xffffffffu, leads_a_group);  // the same in every lane
     bool pending = stencil;

@@ -611,17 +611,22 @@ TEST(CudaDeterminism, ContendedGridGradientDeterministicVsAtomic) {
 // to 8 shared starts per warp, the rest point by point. Points laid out so
 // that warps see each case: all 32 in one cell, 4 cells in turn, 16 cells of
 // 2 points each (8 rounds, then the rest alone), every point its own cell,
-// and warps mixing stencil points with nearest and out-of-grid ones. Against
-// the CPU kernel in float64, in both out_of_range modes and both dtypes.
+// and warps mixing stencil points with nearest and out-of-grid ones; a last
+// warp only partly filled; a NaN and an Inf incoming gradient among them;
+// more points than the device's resident threads (warps loop). Against the
+// CPU kernel in float64, in both out_of_range modes and both dtypes.
 TEST(CudaDeterminism, WarpAggregatedGridGradientMatchesCpu) {
   NANOBRAGG_SKIP_UNLESS_CUDA();
   at::manual_seed(23);
-  const int64_t warp = 32, warps_per_case = 64;
-  auto cell_corner = [&](const at::Tensor& cell_index) {  // [m] -> [m, 3], inside the grid
+  const int64_t warp = 32, warps_per_case = 2048;  // 5 cases: 327 680 points, + 19
+  // [m] cell numbers -> [m, 3] stencil starts inside the grid (n - 1 in
+  // [0, size - 4] per axis; multipliers 3, 5, 7 coprime with the spans 8, 9,
+  // 10, so every start of each axis occurs)
+  auto cell_corner = [&](const at::Tensor& cell_index) {
     at::Tensor c = at::empty({cell_index.size(0), 3}, f64());
     for (int d = 0; d < 3; ++d) {
-      const int64_t span = kGridShape[d] - 3;  // stencil starts n - 1 in [0, size - 4]
-      c.select(1, d).copy_((cell_index * (d + 3)).remainder(span).to(at::kDouble) + 1 +
+      const int64_t span = kGridShape[d] - 3;
+      c.select(1, d).copy_((cell_index * (2 * d + 3)).remainder(span).to(at::kDouble) + 1 +
                            double(kIndexMin[d]));
     }
     return c;
@@ -635,13 +640,17 @@ TEST(CudaDeterminism, WarpAggregatedGridGradientMatchesCpu) {
   parts.push_back(cell_corner(warp_of * 5 + at::floor_divide(i.remainder(warp), 2)));  // 16 of 2
   parts.push_back(cell_corner(i));          // each its own
   at::Tensor mixed = cell_corner(warp_of);  // one cell, and
-  mixed.slice(0, 0, m, 3).select(1, 0).fill_(double(kIndexMin[0] + kGridShape[0]) + 5);  // outside
+  mixed.slice(0, 0, m, 3).select(1, 0).fill_(double(kIndexMin[0] + kGridShape[0]) + 5);  // out
   mixed.slice(0, 1, m, 5).select(1, 0).fill_(double(kIndexMin[0]) + 0.25);  // nearest range
   parts.push_back(mixed);
+  parts.push_back(cell_corner(at::full({19}, 11, at::TensorOptions().dtype(at::kLong))));  // tail
   at::Tensor hkl = at::cat(parts);
   hkl = hkl + at::rand(hkl.sizes(), f64()) * 0.999;  // fractional offsets in the cell
   const int64_t n = hkl.size(0);
-  const at::Tensor grid = tricubic_grid(), g = at::randn({n}, f64());
+  const at::Tensor grid = tricubic_grid();
+  at::Tensor g = at::randn({n}, f64());
+  g[5] = std::numeric_limits<double>::quiet_NaN();      // in a one-cell warp: its 64 nodes NaN
+  g[m + 40] = std::numeric_limits<double>::infinity();  // in a 4-cell warp
   for (const char* mode : {"default", "nearest"}) {
     for (auto dtype : {at::kFloat, at::kDouble}) {
       const auto o = at::TensorOptions().device(kCuda).dtype(dtype);
@@ -652,12 +661,20 @@ TEST(CudaDeterminism, WarpAggregatedGridGradientMatchesCpu) {
       at::Tensor got;
       {
         DeterministicScope det(false);
-        got = tricubic_backward(cgo, cg, ch, mode, {true, false})[0];
+        got = host(tricubic_backward(cgo, cg, ch, mode, {true, false})[0]);
       }
+      const std::string what = std::string(mode) + " " + c10::toString(dtype);
+      // Non-finite nodes where the CPU has them, and of the same kind.
+      EXPECT_TRUE(at::equal(at::isnan(got), at::isnan(ref))) << what;
+      EXPECT_TRUE(at::equal(at::isinf(got), at::isinf(ref))) << what;
+      EXPECT_GT(at::isnan(ref).sum().item<int64_t>(), 0) << what;
+      const at::Tensor finite = at::isfinite(ref);
+      const at::Tensor want = ref.masked_select(finite), have = got.masked_select(finite);
       const double tol = dtype == at::kFloat ? 2e-5 : 1e-12;
-      EXPECT_LE(max_rel_error(to_vector(got), to_vector(ref), ref.abs().max().item<double>()), tol)
-          << mode << " " << c10::toString(dtype);
-      EXPECT_GT(ref.abs().sum().item<double>(), 1.0);
+      EXPECT_LE(max_rel_error(to_vector(have), to_vector(want), want.abs().max().item<double>()),
+                tol)
+          << what;
+      EXPECT_GT(want.abs().sum().item<double>(), 1.0) << what;
     }
   }
 }
