@@ -391,14 +391,14 @@ fi
 # first on its link lines (cmake/NanoBraggTorch.cmake) whatever the compiler;
 # here, where the compiler CMake would pick links statically, a system g++
 # that links dynamically is taken instead. links_cxx_runtime_dynamically CXX:
-# whether a shared library built by CXX needs libstdc++.so.
+# whether a shared library built by CXX passes scripts/check_cxx_runtime.sh.
 links_cxx_runtime_dynamically() {
   local dir ok=1
   dir="$(mktemp -d "$WORK/cxx_probe.XXXXXX")"
   printf '#include <sstream>\nstd::string probe(long v) { std::ostringstream s; s << v; return s.str(); }\n' \
     >"$dir/probe.cpp"
   if "$1" -shared -fPIC -o "$dir/probe.so" "$dir/probe.cpp" >>"$LOGS/cxx_runtime.log" 2>&1 &&
-    grep -q 'NEEDED.*libstdc++' <<<"$(readelf -d "$dir/probe.so" 2>/dev/null || objdump -p "$dir/probe.so")"; then
+    bash "$ROOT/scripts/check_cxx_runtime.sh" "$dir/probe.so" >>"$LOGS/cxx_runtime.log" 2>&1; then
     ok=0
   fi
   rm -rf "$dir"
