@@ -224,6 +224,7 @@ std::vector<Row> run_cuda_goals(int64_t repeats, double max_seconds) {
     auto grid_gradient_row = [&](const std::string& pass) {
       Row r = row(pass);
       const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+      r.fields["table_iterations"] = double(work.table_iterations);
       r.fields["gather_iterations_all_nodes"] = double(work.gather_iterations);
       r.fields["gather_iterations_busiest_node"] = double(work.busiest_node_iterations);
       r.fields["gather_busiest_over_fair_share"] = work.busiest_over_fair_share(

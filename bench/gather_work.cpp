@@ -36,8 +36,9 @@ std::string row(const std::string& name, const GridGradientWork& w) {
   std::snprintf(ratio, sizeof ratio, "%.1f", w.busiest_over_fair_share(kH200ResidentWarps));
   return "| " + name + " | " + with_commas(w.points_inside) + " | " + with_commas(w.cells_used) +
          " | " + with_commas(w.most_points_in_a_cell) + " | " + with_commas(w.nodes_with_taps) +
-         " | " + with_commas(w.gather_iterations) + " | " + with_commas(w.busiest_node_iterations) +
-         " | " + ratio + " | " + with_commas(w.busiest_node_taps) + " |";
+         " | " + with_commas(w.table_iterations) + " | " + with_commas(w.gather_iterations) +
+         " | " + with_commas(w.busiest_node_iterations) + " | " + ratio + " | " +
+         with_commas(w.busiest_node_taps) + " |";
 }
 
 std::string workload_name(int64_t size, int64_t per_pixel, double cell) {
@@ -68,17 +69,29 @@ void check_counts() {
       edge_counts.sum().item<int64_t>() == 3 && edge_counts[31][31][31].item<int64_t>() == 1 &&
           edge_counts[0][0][0].item<int64_t>() == 1 && edge_counts[60][60][60].item<int64_t>() == 1,
       "points_per_cell: stencils at the grid's edges counted wrong");
-  // Two neighbouring cells along l with 1000 points each (not a multiple of
-  // 32): 4 × 4 × 5 nodes, the 48 that both stencils cover take 2000 taps
-  // and two runs of ceil(1000 / 32) = 32 iterations, the other 32 nodes one.
+  // Two neighbouring cells along l with 1000 points each: sorted positions
+  // [0, 1000) and [1000, 2000). The first is one long piece (32 table
+  // iterations); the second is cut at 1024 into a short piece of 24 and a
+  // long one of 976 (31 iterations). A node covered by the first's stencil
+  // takes 1 iteration, by the second's 2 (a table read, a short piece); the
+  // 48 nodes both cover 3, the other 16 + 16 one or two.
   at::Tensor two = at::zeros({61, 61, 61}, at::kLong);
   two[30][30][30] = 1000;
   two[30][30][31] = 1000;
   const GridGradientWork w = grid_gradient_work(two);
   TORCH_CHECK(w.points_inside == 2000 && w.cells_used == 2 && w.most_points_in_a_cell == 1000 &&
                   w.nodes_with_taps == 80 && w.busiest_node_taps == 2000 &&
-                  w.busiest_node_iterations == 64 && w.gather_iterations == 48 * 64 + 32 * 32,
+                  w.table_iterations == 32 + 31 && w.busiest_node_iterations == 3 &&
+                  w.gather_iterations == 48 * 3 + 16 * 1 + 16 * 2,
               "grid_gradient_work: two neighbouring cells, whose counts are known, came out wrong");
+  // One cell of 40 × 1024 points: 40 whole pieces, 40 × 32 table
+  // iterations; its 64 nodes read 40 table rows in ceil(40 / 32) = 2.
+  at::Tensor one = at::zeros({61, 61, 61}, at::kLong);
+  one[5][6][7] = 40 * 1024;
+  const GridGradientWork v = grid_gradient_work(one);
+  TORCH_CHECK(v.table_iterations == 40 * 32 && v.busiest_node_iterations == 2 &&
+                  v.gather_iterations == 64 * 2,
+              "grid_gradient_work: one cell of whole pieces came out wrong");
 }
 
 }  // namespace
@@ -91,15 +104,19 @@ void write_gather_work(const std::string& path, const std::string& env_line,
     << "Counted by `nanobragg_bench --gather-work` from the bench's own lookups "
        "(`bench/workloads.cpp`, float64, on the CPU; "
     << env_line
-    << "). A node's taps are the points of the 64 stencils that cover it; the deterministic "
-       "gather's warp walks the runs of points of those 64 stencil starts one after another, "
-       "ceil(run / 32) iterations each, and the atomic path adds every tap at its node's "
-       "address. A fair share is all nodes' iterations divided by "
+    << "). A node's taps are the points of the 64 stencils that cover it. The deterministic "
+       "path sorts the points by stencil start and cuts each start's run of points at every "
+       "1024th sorted position; one warp sums each piece of 32 points or more into a table row "
+       "(table iterations: 32 points each), and one warp per node takes, for each of its 64 "
+       "stencil starts, the table rows of that run 32 at a time and each short piece's points "
+       "(fewer than 32) in one iteration (gather iterations). The atomic path adds every tap "
+       "at its node's address. A fair share is all nodes' gather iterations divided by "
     << kH200ResidentWarps << " resident warps (an H200: 132 SMs × 64).\n\n"
     << "| workload | points inside | cells used | most points in a cell | nodes with taps | "
-       "gather: warp iterations, all nodes | gather: the busiest node's | busiest ÷ fair share "
-       "of an H200's resident warps | atomic: adds to the hottest node |\n"
-    << "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+       "table: warp iterations | gather: warp iterations, all nodes | gather: the busiest "
+       "node's | busiest ÷ fair share of an H200's resident warps | atomic: adds to the hottest "
+       "node |\n"
+    << "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
   if (sizes.empty()) {
     t << row("GPU goals: " + workload_name(kGoalSize, kGoalPointsPerPixel, kGoalCell),
              workload(kGoalSize, kGoalPointsPerPixel, kGoalCell))

@@ -133,22 +133,47 @@ at::Tensor spread_over_stencils(const at::Tensor& x) {
 GridGradientWork grid_gradient_work(const at::Tensor& cell_counts) {
   TORCH_CHECK(cell_counts.dim() == 3, "grid_gradient_work: [C0, C1, C2] counts");
   const at::Tensor counts = cell_counts.to(at::kLong);
+  // Each start's run of sorted positions [begin, end): runs in key order,
+  // the cells' linear order (points outside the grid sort last).
+  const at::Tensor flat = counts.reshape({-1});
+  const at::Tensor end = at::cumsum(flat, 0);
+  const at::Tensor begin = end - flat;
+  const int64_t span = kGatherPieceSpan, lanes = kGatherLanes;
+  auto ceil_div = [](const at::Tensor& x, int64_t d) { return at::floor_divide(x + (d - 1), d); };
+  const at::Tensor used = flat > 0;
+  const at::Tensor last = at::floor_divide((end - 1).clamp_min(0), span);
+  const at::Tensor pieces = at::where(used, last - at::floor_divide(begin, span) + 1, 0);
+  // The first piece, and the last where there are two or more; the middle
+  // ones are whole spans.
+  const at::Tensor first_len = at::minimum(end, (at::floor_divide(begin, span) + 1) * span) - begin;
+  const at::Tensor last_len = end - last * span;
+  const at::Tensor cut = pieces >= 2;
+  const at::Tensor first_long = used & (first_len >= lanes);
+  const at::Tensor last_long = cut & (last_len >= lanes);
+  const at::Tensor short_pieces =
+      (used & ~first_long).to(at::kLong) + (cut & ~last_long).to(at::kLong);
+  const at::Tensor long_pieces = pieces - short_pieces;
+  const at::Tensor middle = (pieces - 2).clamp_min(0);
+  const at::Tensor table = at::where(first_long, ceil_div(first_len, lanes), 0) +
+                           middle * (span / lanes) +
+                           at::where(last_long, ceil_div(last_len, lanes), 0);
   // A node's taps: the points of every cell whose stencil covers it. Its
-  // warp's iterations: the lanes walk each of those cells' runs of points
-  // in turn (tricubic_math.h, gather_node_lane), ceil(run / 32) each.
+  // warp's iterations: per covering start, its long pieces' table rows 32
+  // at a time, and one per short piece (tricubic_math.h, run_lane_sum).
+  const at::Tensor per_start = (ceil_div(long_pieces, lanes) + short_pieces).view(counts.sizes());
   const at::Tensor taps = spread_over_stencils(counts);
-  const at::Tensor iterations =
-      spread_over_stencils(at::floor_divide(counts + (kGatherLanes - 1), kGatherLanes));
+  const at::Tensor iterations = spread_over_stencils(per_start);
   GridGradientWork w;
   w.points_inside = counts.sum().item<int64_t>();
   TORCH_CHECK(taps.sum().item<int64_t>() == 64 * w.points_inside,
               "grid_gradient_work: every point's 64 taps must land on a node");
-  w.cells_used = (counts > 0).sum().item<int64_t>();
+  w.cells_used = used.sum().item<int64_t>();
   w.most_points_in_a_cell = counts.numel() > 0 ? counts.max().item<int64_t>() : 0;
   w.nodes_with_taps = (taps > 0).sum().item<int64_t>();
+  w.table_iterations = table.sum().item<int64_t>();
   w.gather_iterations = iterations.sum().item<int64_t>();
-  w.busiest_node_iterations = iterations.max().item<int64_t>();
-  w.busiest_node_taps = taps.max().item<int64_t>();
+  w.busiest_node_iterations = iterations.numel() > 0 ? iterations.max().item<int64_t>() : 0;
+  w.busiest_node_taps = taps.numel() > 0 ? taps.max().item<int64_t>() : 0;
   return w;
 }
 

@@ -33,9 +33,13 @@ TricubicInputs make_tricubic_inputs(int64_t size, int64_t per_pixel, const at::T
                                     double cell = 50.0);
 
 // How a grid gradient's taps spread over the grid's nodes, for the two ways
-// the CUDA kernels add them (tricubic_cuda.cu): the deterministic gather
-// gives each node one warp, whose 32 lanes walk the runs of points (one per
-// stencil start) of the 64 stencils that cover it, one run after another; the
+// the CUDA kernels add them (tricubic_cuda.cu, tricubic_math.h): the
+// deterministic path sorts the points by stencil start, cuts each start's
+// run of points into pieces at every kPieceSpan-th sorted position, has one
+// warp sum each piece of 32 points or more into a table row (32 points per
+// iteration), and gives each node one warp, whose lanes take the table rows
+// of the 64 covering starts' runs 32 at a time and the points of their
+// short pieces (fewer than 32: a run's first and last piece) one each; the
 // atomic path adds each tap at its node's address, one add after another
 // where they meet. Counted from the points' stencils, not timed: it says
 // where the time can go (the GPU goals' grid-gradient rows carry it beside
@@ -45,8 +49,9 @@ struct GridGradientWork {
   int64_t cells_used = 0;               // distinct stencil starts among them
   int64_t most_points_in_a_cell = 0;    // points sharing one stencil start, at most
   int64_t nodes_with_taps = 0;          // nodes some stencil covers
-  int64_t gather_iterations = 0;        // all nodes' warp iterations: per node, the sum of
-                                        // ceil(run / 32) over the runs of its 64 stencils
+  int64_t table_iterations = 0;         // the piece table's warp iterations, all pieces
+  int64_t gather_iterations = 0;        // all nodes' warp iterations: per node, over the runs
+                                        // of its 64 stencils, ceil(long pieces / 32) + short ones
   int64_t busiest_node_iterations = 0;  // the most one node's warp takes
   int64_t busiest_node_taps = 0;        // the atomic path's adds to its hottest address
 
@@ -58,6 +63,9 @@ struct GridGradientWork {
   }
 };
 constexpr int64_t kGatherLanes = 32;  // a warp: the lanes that share one node's taps
+// tricubic_math.h's kPieceSpan (the bench sees only the public API): the
+// sorted positions at which runs are cut into pieces.
+constexpr int64_t kGatherPieceSpan = 1024;
 
 // Points per stencil start, [S0 - 3, S1 - 3, S2 - 3] int64 on hkl's device,
 // for a grid of `grid_sizes` whose first node is index_min; points whose

@@ -45,7 +45,7 @@ csrc/tricubic/tricubic_math.h|dw[3] = (T(3) * u * u - T(1)) * T(1.0 / 6.0);|dw[3
 csrc/tricubic/tricubic_math.h|d2w[3] = u;|d2w[3] = T(1) - u;|a wrong second derivative of the weights
 csrc/tricubic/tricubic_math.h|if (mode == OutOfRange::Nearest) {|if (mode != OutOfRange::Nearest) {|the wrong out-of-range branch
 csrc/tricubic/tricubic_math.h|j.hess[4] = dot(acc[1], wl.dw);|j.hess[4] = dot(acc[2], wl.dw);|a wrong Hessian entry (hl for kl)
-csrc/tricubic/tricubic_math.h|return s.grad * pick(wh, a) * pick(wk, b) * pick(wl, c);|return s.grad * pick(wh, a) * pick(wk, c) * pick(wl, b);|the deterministic gather's tap (k and l taps swapped)
+csrc/tricubic/tricubic_math.h|return (grad * pick(wh, a)) * (pick(wk, b) * pick(wl, c));|return (grad * pick(wh, a)) * (pick(wk, c) * pick(wl, b));|the deterministic gather's tap (k and l taps swapped)
 csrc/tricubic/tricubic_cpu.cpp|const scalar_t fill = static_cast<scalar_t>(default_value);|const scalar_t fill = static_cast<scalar_t>(0);|the CPU kernel ignores default_value
 csrc/absorption/absorption_math.h|for (int64_t t = 0; t < L; ++t) {\n    const T a = prm.step / pixel_parallax(prm.odet, px, t);|for (int64_t t = 0; t < L - 1; ++t) {\n    const T a = prm.step / pixel_parallax(prm.odet, px, t);|a dropped absorption layer (per-layer pixel positions)
 csrc/absorption/absorption_math.h|expm1_(T(-static_cast<double>(layers)) * a)|expm1_(T(-static_cast<double>(layers - 1)) * a)|the telescoped sum's exponent
@@ -74,6 +74,9 @@ csrc/absorption/absorption_scalars.h|        return static_cast<double>(static_c
 csrc/absorption/absorption_cpu.cpp|const int64_t rows = end_row - first_row;|const int64_t rows = end_row - first_row - 1;|a transposed incoming gradient gathered without a block's last whole row
 csrc/common/library_init.h|class __attribute__((visibility("hidden"))) LibraryInit {|class LibraryInit {|the registration guard's class exported: a second copy dlopen'ed beside a linked one runs the linked copy's constructor and registers again
 csrc/common/library_init.cpp|    return !defined;|    return true;|the registration guard never skips: a second copy defines the namespace again (torch aborts the process)
+csrc/tricubic/tricubic_math.h|for (int64_t k = 0; k < pieces; k += (pieces > 1 ? pieces - 1 : 1)) {|for (int64_t k = 0; k < 1; ++k) {|the deterministic gather leaves out a run's short last piece
+csrc/tricubic/tricubic_math.h|const int64_t last = (span + 1) * kPieceSpan;|const int64_t last = (span + 2) * kPieceSpan;|the deterministic gather cuts its runs into pieces twice as long as the table's
+csrc/tricubic/tricubic_math.h|for (int l = 0; l < 32; ++l) next[l] = v[l] + v[l ^ offset];|for (int l = 0; l < 32; ++l) next[l] = v[l] + v[l ^ (offset / 2)];|the host's lane tree pairs the wrong lanes
 EOF
 )
 

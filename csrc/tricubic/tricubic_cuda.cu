@@ -6,9 +6,11 @@
 // with atomicAdd (order of additions, and so the last bits, vary between
 // runs). Under torch.use_deterministic_algorithms(True) it takes a gather
 // path instead (tricubic_math.h, "deterministic grid gradient"): points are
-// radix-sorted by the node their stencil starts at, and one warp per grid
-// node sums the taps that land on it in a fixed order. That path holds
-// O(points) sort keys and samples. Nothing here waits for the host.
+// radix-sorted by the node their stencil starts at, one warp sums each piece
+// of a start's run of points into a table row of 64 tap sums, and one warp
+// per grid node adds the rows and short pieces that land on it, all in a
+// fixed order. That path holds O(points) sort keys, samples and table rows.
+// Nothing here waits for the host.
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -218,22 +220,22 @@ struct StridedPoints {
 };
 
 // Deterministic path, step 1: the sort key of each point.
-template <typename T>
+template <typename T, typename Key>
 __global__ void sort_key_kernel(GridShape shape, StridedPoints<T> points, int64_t n,
-                                OutOfRange mode, int64_t* __restrict__ keys) {
+                                OutOfRange mode, Key* __restrict__ keys) {
   grid_stride(n, [&](int64_t p) {
     const PointSample<T> s = points(p);
-    keys[p] = point_sort_key<T>(shape, s.h, s.k, s.l, mode);
+    keys[p] = static_cast<Key>(point_sort_key<T>(shape, s.h, s.k, s.l, mode));
   });
 }
 
 // Steps 2 and 3: each key's run, and the samples in sorted order.
-template <typename T, bool kSecondOrder>
+template <typename T, bool kSecondOrder, typename Key>
 __global__ void sorted_samples_kernel(GridShape shape, StridedPoints<T> points, int64_t n,
-                                      OutOfRange mode, const int64_t* __restrict__ sorted_keys,
-                                      const int64_t* __restrict__ order,
-                                      int64_t* __restrict__ run_begin,
-                                      int64_t* __restrict__ run_end,
+                                      OutOfRange mode, const Key* __restrict__ sorted_keys,
+                                      const int32_t* __restrict__ order,
+                                      int32_t* __restrict__ run_begin,
+                                      int32_t* __restrict__ run_end,
                                       SortedSample<T, kSecondOrder>* __restrict__ samples) {
   grid_stride(n, [&](int64_t i) {
     mark_run(sorted_keys, n, i, run_begin, run_end);
@@ -241,17 +243,55 @@ __global__ void sorted_samples_kernel(GridShape shape, StridedPoints<T> points, 
   });
 }
 
-// Step 4: one warp per grid node; its lanes' sums added in the fixed tree of
+// Step 4: one warp per kLongPiece sorted positions, which start at most one
+// long piece; the warp sums it into its table row: the 64 tap sums of a
+// stencil piece (lane L writes taps 2L, 2L + 1), the gradient sum of a
+// nearest piece.
+template <typename T, bool kSecondOrder, typename Key>
+__global__ void piece_table_kernel(const Key* __restrict__ sorted_keys, int64_t n, int64_t max_key,
+                                   const int32_t* __restrict__ run_end,
+                                   const SortedSample<T, kSecondOrder>* __restrict__ samples,
+                                   T* __restrict__ table) {
+  static_assert(kLongPiece == cuda::kWarp, "one lane per position of a window");
+  cuda::warp_stride(piece_table_rows(n), [&](int64_t row, int lane) {
+    const int64_t q = row * kLongPiece + lane;
+    const int64_t end =
+        q < n ? long_piece_end<kSecondOrder>(sorted_keys, q, max_key, run_end) : int64_t(0);
+    const unsigned starts = __ballot_sync(0xffffffffu, end != 0);
+    if (starts == 0) return;  // (the next window)
+    const int first = __ffs(starts) - 1;
+    const Piece piece{row * kLongPiece + first, __shfl_sync(0xffffffffu, end, first)};
+    T* out = table + row * kTaps;
+    if (sorted_keys[piece.begin] % 2 == 0) {  // a stencil piece
+      T acc[kTaps];
+      piece_lane_taps<T, kSecondOrder>(samples, piece, lane, acc);
+      warp_transpose_step<32>(acc, lane);
+      warp_transpose_step<16>(acc, lane);
+      warp_transpose_step<8>(acc, lane);
+      warp_transpose_step<4>(acc, lane);
+      warp_transpose_step<2>(acc, lane);
+      out[2 * lane] = acc[0];
+      out[2 * lane + 1] = acc[1];
+    } else {  // nearest points (first order only)
+      T v = piece_lane_grads<T, kSecondOrder>(samples, piece, lane);
+      for (int offset = cuda::kWarp / 2; offset > 0; offset /= 2) {
+        v += __shfl_xor_sync(0xffffffffu, v, offset);
+      }
+      if (lane == 0) out[0] = v;
+    }
+  });
+}
+
+// Step 5: one warp per grid node; its lanes' sums added in the fixed tree of
 // xor shuffles (what lane_tree_sum reproduces on the host).
 template <typename T, bool kSecondOrder>
-__global__ void grid_grad_gather_kernel(GridShape shape, const int64_t* __restrict__ run_begin,
-                                        const int64_t* __restrict__ run_end,
+__global__ void grid_grad_gather_kernel(GridShape shape, const int32_t* __restrict__ run_begin,
+                                        const int32_t* __restrict__ run_end,
                                         const SortedSample<T, kSecondOrder>* __restrict__ samples,
-                                        T* __restrict__ grad_grid) {
+                                        const T* __restrict__ table, T* __restrict__ grad_grid) {
   const int64_t g_numel = shape.size[0] * shape.size[1] * shape.size[2];
   cuda::warp_stride(g_numel, [&](int64_t node, int lane) {
-    T v = gather_node_lane<T, kSecondOrder>(shape, node, lane, cuda::kWarp, run_begin, run_end,
-                                            samples);
+    T v = gather_node_lane<T, kSecondOrder>(shape, node, lane, run_begin, run_end, samples, table);
     for (int offset = cuda::kWarp / 2; offset > 0; offset /= 2) {
       v += __shfl_xor_sync(0xffffffffu, v, offset);
     }
@@ -289,52 +329,76 @@ __global__ void double_backward_grid_atomic_kernel(GridShape shape, StridedPoint
 }
 
 // A grid gradient in the deterministic order (tricubic_math.h): sort, runs
-// and samples, then gather per node. Writes every node of grad_grid.
-template <typename T, bool kSecondOrder>
-void deterministic_grid_grad(const char* op, const GridShape& shape, const StridedPoints<T>& points,
-                             int64_t n, OutOfRange mode, at::Tensor& grad_grid,
-                             cudaStream_t stream) {
-  // cub's radix sort takes an int count (docs/CONTRACT.md §3, determinism).
-  TORCH_CHECK(n <= std::numeric_limits<int>::max(), op,
-              ": the deterministic grid gradient on CUDA sorts at most 2^31 - 1 points, got ", n,
-              "; split the points into several calls, or leave "
-              "torch.use_deterministic_algorithms off for the atomic path");
-  const auto long_opts = grad_grid.options().dtype(at::kLong);
-  at::Tensor keys = at::empty({n}, long_opts);
-  sort_key_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(shape, points, n, mode,
-                                                             keys.mutable_data_ptr<int64_t>());
+// and samples, piece table, then gather per node. Writes every node of
+// grad_grid. Sort keys are int32 where the grid allows (2 x its nodes below
+// 2^31), which halves the sort's traffic.
+template <typename T, bool kSecondOrder, typename Key>
+void deterministic_grid_grad_keyed(const GridShape& shape, const StridedPoints<T>& points,
+                                   int64_t n, OutOfRange mode, at::Tensor& grad_grid,
+                                   cudaStream_t stream) {
+  const auto key_opts = grad_grid.options().dtype(c10::CppTypeToScalarType<Key>::value);
+  const auto pos_opts = grad_grid.options().dtype(at::kInt);
+  at::Tensor keys = at::empty({n}, key_opts);
+  sort_key_kernel<T, Key><<<blocks_for(n), kThreads, 0, stream>>>(shape, points, n, mode,
+                                                                  keys.mutable_data_ptr<Key>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // A radix sort is stable (equal keys keep point order: a fixed sum order)
   // and needs only the bits the largest key has.
   const int64_t max_key = max_sort_key(shape.size);
-  at::Tensor sorted_keys = at::empty({n}, long_opts);
-  at::Tensor order = at::empty({n}, long_opts);
+  at::Tensor sorted_keys = at::empty({n}, key_opts);
+  at::Tensor order = at::empty({n}, pos_opts);
   {
-    const at::Tensor index = at::arange(n, long_opts);
-    at::cuda::cub::radix_sort_pairs<int64_t, int64_t>(
-        keys.const_data_ptr<int64_t>(), sorted_keys.mutable_data_ptr<int64_t>(),
-        index.const_data_ptr<int64_t>(), order.mutable_data_ptr<int64_t>(), n,
+    const at::Tensor index = at::arange(n, pos_opts);
+    at::cuda::cub::radix_sort_pairs<Key, int32_t>(
+        keys.const_data_ptr<Key>(), sorted_keys.mutable_data_ptr<Key>(),
+        index.const_data_ptr<int32_t>(), order.mutable_data_ptr<int32_t>(), n,
         /*descending=*/false, /*begin_bit=*/0,
         /*end_bit=*/at::cuda::cub::get_num_bits(static_cast<uint64_t>(max_key)));
   }
   keys.reset();
-  at::Tensor run_begin = at::zeros({max_key + 1}, long_opts);
-  at::Tensor run_end = at::zeros({max_key + 1}, long_opts);
+  at::Tensor run_begin = at::zeros({max_key + 1}, pos_opts);
+  at::Tensor run_end = at::zeros({max_key + 1}, pos_opts);
   using Sample = SortedSample<T, kSecondOrder>;
   at::Tensor samples =
       at::empty({n * static_cast<int64_t>(sizeof(Sample))}, grad_grid.options().dtype(at::kByte));
   Sample* sample_ptr = reinterpret_cast<Sample*>(samples.mutable_data_ptr<uint8_t>());
-  sorted_samples_kernel<T, kSecondOrder><<<blocks_for(n), kThreads, 0, stream>>>(
-      shape, points, n, mode, sorted_keys.const_data_ptr<int64_t>(),
-      order.const_data_ptr<int64_t>(), run_begin.mutable_data_ptr<int64_t>(),
-      run_end.mutable_data_ptr<int64_t>(), sample_ptr);
+  sorted_samples_kernel<T, kSecondOrder, Key><<<blocks_for(n), kThreads, 0, stream>>>(
+      shape, points, n, mode, sorted_keys.const_data_ptr<Key>(), order.const_data_ptr<int32_t>(),
+      run_begin.mutable_data_ptr<int32_t>(), run_end.mutable_data_ptr<int32_t>(), sample_ptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  order.reset();
+  // Only the rows of long pieces are written, and only they are read.
+  at::Tensor table = at::empty({piece_table_rows(n), kTaps}, grad_grid.options());
+  piece_table_kernel<T, kSecondOrder, Key>
+      <<<blocks_for(piece_table_rows(n) * cuda::kWarp), kThreads, 0, stream>>>(
+          sorted_keys.const_data_ptr<Key>(), n, max_key, run_end.const_data_ptr<int32_t>(),
+          sample_ptr, table.mutable_data_ptr<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t g_numel = grad_grid.numel();
   grid_grad_gather_kernel<T, kSecondOrder>
       <<<blocks_for(g_numel * cuda::kWarp), kThreads, 0, stream>>>(
-          shape, run_begin.const_data_ptr<int64_t>(), run_end.const_data_ptr<int64_t>(), sample_ptr,
-          grad_grid.mutable_data_ptr<T>());
+          shape, run_begin.const_data_ptr<int32_t>(), run_end.const_data_ptr<int32_t>(), sample_ptr,
+          table.const_data_ptr<T>(), grad_grid.mutable_data_ptr<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, bool kSecondOrder>
+void deterministic_grid_grad(const char* op, const GridShape& shape, const StridedPoints<T>& points,
+                             int64_t n, OutOfRange mode, at::Tensor& grad_grid,
+                             cudaStream_t stream) {
+  // cub's radix sort takes an int count, and sorted positions are int32
+  // (docs/CONTRACT.md §3, determinism).
+  TORCH_CHECK(n <= std::numeric_limits<int>::max(), op,
+              ": the deterministic grid gradient on CUDA sorts at most 2^31 - 1 points, got ", n,
+              "; split the points into several calls, or leave "
+              "torch.use_deterministic_algorithms off for the atomic path");
+  if (max_sort_key(shape.size) <= std::numeric_limits<int32_t>::max()) {
+    deterministic_grid_grad_keyed<T, kSecondOrder, int32_t>(shape, points, n, mode, grad_grid,
+                                                            stream);
+  } else {
+    deterministic_grid_grad_keyed<T, kSecondOrder, int64_t>(shape, points, n, mode, grad_grid,
+                                                            stream);
+  }
 }
 
 }  // namespace

@@ -657,14 +657,27 @@ NANOBRAGG_INLINE void tricubic_double_backward_grid_scatter(const int64_t size[3
 //   2. a stable sort of (key, point index), so each key's points form a run
 //      in point order, and a table of each key's run [begin, end);
 //   3. each point's SortedSample, in sorted order (contiguous reads below);
-//   4. per grid node, one warp: lane l adds the taps of run positions
-//      begin + l, begin + l + 32, ... of each of the 64 stencil starts that
-//      cover the node, in the order (a, b, c); then the 32 lane sums are
-//      added in a fixed tree (lane_tree_sum).
-// Every sum has a fixed order, so the result is bitwise repeatable. The work
-// of a node is split 32 ways and reads samples contiguously, so clustered
-// lookups (many points per cell) do not serialise on one thread, and empty
-// nodes cost 64 table reads.
+//   4. the runs cut into pieces at every kPieceSpan-th sorted position
+//      (run_piece); each piece of kLongPiece points or more is summed by one
+//      warp into its row of a table (row = first position / kLongPiece,
+//      distinct because such pieces start kLongPiece or more apart): the 64
+//      tap sums of a stencil piece, lane l adding positions first + l,
+//      first + l + 32, ... and the lanes' sums then added in the fixed
+//      tree of a transposing warp sum (warp_tap_sums reproduces it); the
+//      gradient sum of a nearest piece in slot 0 (lane_tree_sum's tree);
+//   5. per grid node, one warp: for each of the 64 stencil starts that
+//      cover the node, in the order (a, b, c), lane l adds the table
+//      entries of its run's long pieces l, l + 32, ... and the tap of
+//      position first + l of each short piece (fewer than 32 points: only
+//      a run's first and last piece can be short); then (first order) the
+//      nearest points on the node likewise; the 32 lane sums are added in a
+//      fixed tree (lane_tree_sum).
+// Every sum has a fixed order, so the result is bitwise repeatable. A point
+// of a long piece has its weights computed once (as in the atomic scatter),
+// not once per node it touches; a piece is at most kPieceSpan points, so a
+// warp's work is bounded however the lookups cluster; a node's warp reads
+// one table entry per kPieceSpan points of a run. Empty nodes cost 64 run
+// table reads.
 
 // Grid extents and index origin, without the data.
 struct GridShape {
@@ -712,12 +725,13 @@ NANOBRAGG_INLINE bool stencil_start_valid(const int64_t size[3], const int64_t f
 
 // Step 2's table: position i of the sorted keys starts and/or ends its
 // key's run. run_begin/run_end have max_sort_key + 1 entries, zeroed (an
-// empty run) before.
-NANOBRAGG_INLINE void mark_run(const int64_t* sorted_keys, int64_t n, int64_t i, int64_t* run_begin,
-                               int64_t* run_end) {
-  const int64_t key = sorted_keys[i];
-  if (i == 0 || sorted_keys[i - 1] != key) run_begin[key] = i;
-  if (i == n - 1 || sorted_keys[i + 1] != key) run_end[key] = i + 1;
+// empty run) before. Positions fit in int32 (at most 2^31 - 1 points).
+template <typename Key>
+NANOBRAGG_INLINE void mark_run(const Key* sorted_keys, int64_t n, int64_t i, int32_t* run_begin,
+                               int32_t* run_end) {
+  const Key key = sorted_keys[i];
+  if (i == 0 || sorted_keys[i - 1] != key) run_begin[key] = static_cast<int32_t>(i);
+  if (i == n - 1 || sorted_keys[i + 1] != key) run_end[key] = static_cast<int32_t>(i + 1);
 }
 
 // What the gather needs of point i, in original order: its coordinates,
@@ -761,36 +775,154 @@ NANOBRAGG_INLINE T pick(const T w[4], int i) {
   return i == 0 ? w[0] : (i == 1 ? w[1] : (i == 2 ? w[2] : w[3]));
 }
 
-// The tap (a, b, c) of a stencil sample: grad w_a w_b w_c, or for the double
-// backward's d/dgrid grad * second_order_tap.
+// A stencil sample's weights, computed once, and its taps: tap (a, b, c) is
+// (grad w_h[a]) (w_k[b] w_l[c]), as the CPU scatter forms it, or for the
+// double backward's d/dgrid grad * second_order_tap.
+template <typename T, bool kSecondOrder>
+struct SampleTaps {
+  T wh[4], wk[4], wl[4];
+  T dh[4], dk[4], dl[4];  // kSecondOrder
+  T grad, v[3];
+
+  NANOBRAGG_INLINE explicit SampleTaps(const SortedSample<T, kSecondOrder>& s) : grad(s.grad) {
+    lagrange_weights(s.u[0], wh);
+    lagrange_weights(s.u[1], wk);
+    lagrange_weights(s.u[2], wl);
+    for (int d = 0; d < 3; ++d) v[d] = s.v[kSecondOrder ? d : 0];
+    if (kSecondOrder) {
+      lagrange_weight_derivs(s.u[0], dh);
+      lagrange_weight_derivs(s.u[1], dk);
+      lagrange_weight_derivs(s.u[2], dl);
+    }
+  }
+  NANOBRAGG_INLINE T operator()(int a, int b, int c) const {
+    if (!kSecondOrder) {
+      return (grad * pick(wh, a)) * (pick(wk, b) * pick(wl, c));
+    }
+    return grad * (v[0] * pick(dh, a) * pick(wk, b) * pick(wl, c) +
+                   v[1] * pick(wh, a) * pick(dk, b) * pick(wl, c) +
+                   v[2] * pick(wh, a) * pick(wk, b) * pick(dl, c));
+  }
+};
+
 template <typename T, bool kSecondOrder>
 NANOBRAGG_INLINE T sample_tap(const SortedSample<T, kSecondOrder>& s, int a, int b, int c) {
-  T wh[4], wk[4], wl[4];
-  lagrange_weights(s.u[0], wh);
-  lagrange_weights(s.u[1], wk);
-  lagrange_weights(s.u[2], wl);
-  if (!kSecondOrder) {
-    return s.grad * pick(wh, a) * pick(wk, b) * pick(wl, c);
-  }
-  T dh[4], dk[4], dl[4];
-  lagrange_weight_derivs(s.u[0], dh);
-  lagrange_weight_derivs(s.u[1], dk);
-  lagrange_weight_derivs(s.u[2], dl);
-  const T v2 = s.v[kSecondOrder ? 2 : 0];
-  const T v1 = s.v[kSecondOrder ? 1 : 0];
-  return s.grad * (s.v[0] * pick(dh, a) * pick(wk, b) * pick(wl, c) +
-                   v1 * pick(wh, a) * pick(dk, b) * pick(wl, c) +
-                   v2 * pick(wh, a) * pick(wk, b) * pick(dl, c));
+  return SampleTaps<T, kSecondOrder>(s)(a, b, c);
 }
 
-// Lane `lane` of `lanes`' share of node `node`'s gradient (step 4): its run
-// positions of the 64 stencils covering the node, then (first order) of the
-// nearest points on it.
+// Step 4's pieces. kLongPiece is a warp's width: a long piece gives every
+// lane of its warp a point, and a short one (fewer) gives each lane of a
+// node's warp at most one (step 5). kPieceSpan bounds a warp's work in step
+// 4 (32 points per lane) and sets step 5's table reads per run (one per
+// kPieceSpan points).
+constexpr int64_t kLongPiece = 32;
+constexpr int64_t kPieceSpan = 1024;
+constexpr int kTaps = 64;
+
+struct Piece {
+  int64_t begin, end;  // sorted positions
+  NANOBRAGG_INLINE bool is_long() const { return end - begin >= kLongPiece; }
+  NANOBRAGG_INLINE int64_t table_row() const { return begin / kLongPiece; }
+};
+
+// Rows of the piece table for n points (some rows unused).
+NANOBRAGG_INLINE int64_t piece_table_rows(int64_t n) {
+  return (n + kLongPiece - 1) / kLongPiece;
+}
+
+// The pieces of the run [begin, end): cut at the multiples of kPieceSpan.
+NANOBRAGG_INLINE int64_t piece_count(int64_t begin, int64_t end) {
+  return end > begin ? (end - 1) / kPieceSpan - begin / kPieceSpan + 1 : 0;
+}
+NANOBRAGG_INLINE Piece run_piece(int64_t begin, int64_t end, int64_t k) {
+  const int64_t span = begin / kPieceSpan + k;
+  const int64_t first = k == 0 ? begin : span * kPieceSpan;
+  const int64_t last = (span + 1) * kPieceSpan;
+  return Piece{first, last < end ? last : end};
+}
+
+// Step 4: if sorted position q starts a long piece that the table holds
+// (stencil pieces; nearest ones too unless kSecondOrder, whose d/dgrid
+// nearest points do not touch), its end; else 0.
+template <bool kSecondOrder, typename Key>
+NANOBRAGG_INLINE int64_t long_piece_end(const Key* sorted_keys, int64_t q, int64_t max_key,
+                                        const int32_t* run_end) {
+  const Key key = sorted_keys[q];
+  const bool starts = q == 0 || q % kPieceSpan == 0 || sorted_keys[q - 1] != key;
+  if (!starts || key == max_key || (kSecondOrder && key % 2 != 0)) {
+    return 0;
+  }
+  const int64_t span_end = (q / kPieceSpan + 1) * kPieceSpan;
+  const int64_t end = run_end[key] < span_end ? int64_t(run_end[key]) : span_end;
+  return end - q >= kLongPiece ? end : 0;
+}
+
+// Adds the 64 taps of a stencil sample to acc (tap 16 a + 4 b + c).
 template <typename T, bool kSecondOrder>
-NANOBRAGG_INLINE T gather_node_lane(const GridShape& shape, int64_t node, int lane, int lanes,
-                                    const int64_t* __restrict__ run_begin,
-                                    const int64_t* __restrict__ run_end,
-                                    const SortedSample<T, kSecondOrder>* __restrict__ samples) {
+NANOBRAGG_INLINE void add_sample_taps(const SortedSample<T, kSecondOrder>& s, T (&acc)[kTaps]) {
+  const SampleTaps<T, kSecondOrder> taps(s);
+  NANOBRAGG_UNROLL
+  for (int a = 0; a < 4; ++a) {
+    NANOBRAGG_UNROLL
+    for (int b = 0; b < 4; ++b) {
+      NANOBRAGG_UNROLL
+      for (int c = 0; c < 4; ++c) {
+        acc[16 * a + 4 * b + c] += taps(a, b, c);
+      }
+    }
+  }
+}
+
+// Lane `lane`'s share of a long stencil piece: the taps of positions
+// piece.begin + lane, + 32, ..., summed into acc from 0.
+template <typename T, bool kSecondOrder>
+NANOBRAGG_INLINE void piece_lane_taps(const SortedSample<T, kSecondOrder>* __restrict__ samples,
+                                      const Piece& piece, int lane, T (&acc)[kTaps]) {
+  NANOBRAGG_UNROLL
+  for (int t = 0; t < kTaps; ++t) acc[t] = T(0);
+  for (int64_t i = piece.begin + lane; i < piece.end; i += 32) {
+    add_sample_taps<T, kSecondOrder>(samples[i], acc);
+  }
+}
+
+// ... of a long nearest piece: the gradients of the same positions.
+template <typename T, bool kSecondOrder>
+NANOBRAGG_INLINE T piece_lane_grads(const SortedSample<T, kSecondOrder>* __restrict__ samples,
+                                    const Piece& piece, int lane) {
+  T total = T(0);
+  for (int64_t i = piece.begin + lane; i < piece.end; i += 32) total += samples[i].grad;
+  return total;
+}
+
+// Step 5, one run's part of lane `lane`'s sum: long_sum(piece) (its table
+// entry) for the long pieces lane, lane + 32, ...; term(i) for position
+// piece.begin + lane of a short first or last piece.
+template <typename T, typename LongFn, typename TermFn>
+NANOBRAGG_INLINE T run_lane_sum(int64_t begin, int64_t end, int lane, const LongFn& long_sum,
+                                const TermFn& term) {
+  T total = T(0);
+  const int64_t pieces = piece_count(begin, end);
+  for (int64_t k = lane; k < pieces; k += 32) {
+    const Piece p = run_piece(begin, end, k);
+    if (p.is_long()) total += long_sum(p);
+  }
+  for (int64_t k = 0; k < pieces; k += (pieces > 1 ? pieces - 1 : 1)) {  // first, last
+    const Piece p = run_piece(begin, end, k);
+    const int64_t i = p.begin + lane;
+    if (!p.is_long() && i < p.end) total += term(i);
+  }
+  return total;
+}
+
+// Lane `lane`'s share of node `node`'s gradient (step 5): the runs of the 64
+// stencils covering the node, then (first order) of the nearest points on
+// it. table: piece_table_rows(n) rows of kTaps entries.
+template <typename T, bool kSecondOrder>
+NANOBRAGG_INLINE T gather_node_lane(const GridShape& shape, int64_t node, int lane,
+                                    const int32_t* __restrict__ run_begin,
+                                    const int32_t* __restrict__ run_end,
+                                    const SortedSample<T, kSecondOrder>* __restrict__ samples,
+                                    const T* __restrict__ table) {
   const int64_t idx[3] = {node / (shape.size[1] * shape.size[2]),
                           (node / shape.size[2]) % shape.size[1], node % shape.size[2]};
   T total = T(0);
@@ -802,26 +934,27 @@ NANOBRAGG_INLINE T gather_node_lane(const GridShape& shape, int64_t node, int la
           continue;
         }
         const int64_t key = stencil_key(shape.size, first);
-        const int64_t end = run_end[key];
-        for (int64_t i = run_begin[key] + lane; i < end; i += lanes) {
-          total += sample_tap<T, kSecondOrder>(samples[i], a, b, c);
-        }
+        const int tap = 16 * a + 4 * b + c;
+        total += run_lane_sum<T>(
+            run_begin[key], run_end[key], lane,
+            [&](const Piece& p) { return table[p.table_row() * kTaps + tap]; },
+            [&](int64_t i) { return sample_tap<T, kSecondOrder>(samples[i], a, b, c); });
       }
     }
   }
   if (!kSecondOrder) {  // a nearest point's gradient does not move with hkl
     const int64_t key = nearest_key(node);
-    const int64_t end = run_end[key];
-    for (int64_t i = run_begin[key] + lane; i < end; i += lanes) {
-      total += samples[i].grad;
-    }
+    total += run_lane_sum<T>(
+        run_begin[key], run_end[key], lane,
+        [&](const Piece& p) { return table[p.table_row() * kTaps]; },
+        [&](int64_t i) { return samples[i].grad; });
   }
   return total;
 }
 
 // The sum of 32 lane values in the tree a warp's xor shuffles form
 // (offsets 16, 8, 4, 2, 1), as lane 0 ends up with it: the host's
-// reproduction of the CUDA kernel's order.
+// reproduction of the CUDA kernels' order.
 template <typename T>
 NANOBRAGG_INLINE T lane_tree_sum(const T (&lane_values)[32]) {
   T v[32];
@@ -832,6 +965,32 @@ NANOBRAGG_INLINE T lane_tree_sum(const T (&lane_values)[32]) {
     for (int l = 0; l < 32; ++l) v[l] = next[l];
   }
   return v[0];
+}
+
+// The 64 sums over 32 lanes of their kTaps values, in the tree of the CUDA
+// kernels' transposing warp sum (tricubic_cuda.cu, warp_transpose_step with
+// halves 32, 16, 8, 4, 2; lane L ends with taps 2L and 2L + 1): at each
+// step a lane keeps the half of its entries its bit half / 2 selects and
+// adds the same half of the lane that differs in that bit. Host only.
+template <typename T>
+inline void warp_tap_sums(const T (&lanes)[32][kTaps], T (&sums)[kTaps]) {
+  T v[32][kTaps];
+  for (int l = 0; l < 32; ++l)
+    for (int t = 0; t < kTaps; ++t) v[l][t] = lanes[l][t];
+  for (int half = kTaps / 2; half >= 2; half /= 2) {
+    T next[32][kTaps];
+    for (int l = 0; l < 32; ++l) {
+      const int partner = l ^ (half / 2);
+      const int offset = (l & (half / 2)) != 0 ? half : 0;
+      for (int i = 0; i < half; ++i) next[l][i] = v[l][i + offset] + v[partner][i + offset];
+    }
+    for (int l = 0; l < 32; ++l)
+      for (int i = 0; i < half; ++i) v[l][i] = next[l][i];
+  }
+  for (int l = 0; l < 32; ++l) {
+    sums[2 * l] = v[l][0];
+    sums[2 * l + 1] = v[l][1];
+  }
 }
 
 }  // namespace tricubic

@@ -679,6 +679,69 @@ TEST(CudaDeterminism, WarpAggregatedGridGradientMatchesCpu) {
   }
 }
 
+// The deterministic path's piece table (tricubic_math.h, steps 4 and 5):
+// stencil runs of 31, 32 (the shortest long piece), 538, 941, 1023, 1024,
+// 1025, 5000 and 150 000 points (147 pieces of one run: each lane of a
+// node's warp reads several table rows), each in a cell of its own, in
+// shuffled point order; laid out so that the 150 000 end 10 points into a
+// 1024-position span and the 1023 ... 5000 start 10 or 11 before one ends
+// (short first and last pieces of cut runs). In "nearest" mode 3072 more
+// points nearest one corner node sort first (three long nearest pieces, the
+// rest shifted by whole spans); 100 outside the grid. Against the CPU in
+// float64, first and second order, both dtypes, and bitwise repeatable.
+TEST(CudaDeterminism, RunsCutIntoPiecesMatchCpu) {
+  NANOBRAGG_SKIP_UNLESS_CUDA();
+  at::manual_seed(24);
+  const std::vector<int64_t> lengths = {538, 31, 32, 941, 1023, 1024, 1025, 5000, 150000};
+  std::vector<at::Tensor> parts;
+  const int64_t span0 = kGridShape[0] - 3;
+  for (size_t j = 0; j < lengths.size(); ++j) {
+    const int64_t c = static_cast<int64_t>(j);
+    const at::Tensor corner =
+        at::tensor({double(kIndexMin[0] + 1 + c % span0), double(kIndexMin[1] + 1 + c / span0),
+                    double(kIndexMin[2] + 2)},
+                   f64());
+    parts.push_back(corner + at::rand({lengths[j], 3}, f64()) * 0.999);
+  }
+  const at::Tensor lo =
+      at::tensor({double(kIndexMin[0]), double(kIndexMin[1]), double(kIndexMin[2])}, f64());
+  parts.push_back(lo + at::rand({3072, 3}, f64()) * 0.4);  // nearest node 0
+  parts.push_back(lo - 50.0 + at::rand({100, 3}, f64()));  // outside
+  at::Tensor hkl = at::cat(parts);
+  hkl = hkl.index_select(0, at::randperm(hkl.size(0), at::TensorOptions().dtype(at::kLong)))
+            .contiguous();
+  const int64_t n = hkl.size(0);
+  const at::Tensor grid = tricubic_grid();
+  const at::Tensor g = at::randn({n}, f64()), v = at::randn({n, 3}, f64());
+  DeterministicScope det(true);
+  for (const std::string mode : {"default", "nearest"}) {
+    for (auto dtype : {at::kFloat, at::kDouble}) {
+      const auto o = at::TensorOptions().device(kCuda).dtype(dtype);
+      const at::Tensor cg = grid.to(o), ch = hkl.to(o), cgo = g.to(o), cv = v.to(o);
+      auto host = [](const at::Tensor& t) { return t.to(at::kCPU).to(at::kDouble); };
+      const Tensors ref = {tricubic_backward(host(cgo), host(cg), host(ch), mode, {true, false})[0],
+                           tricubic_double_backward(std::nullopt, host(cv), host(cgo), host(cg),
+                                                    host(ch), mode, {false, true, false})[1]};
+      auto run = [&] {
+        return Tensors{
+            tricubic_backward(cgo, cg, ch, mode, {true, false})[0],
+            tricubic_double_backward(std::nullopt, cv, cgo, cg, ch, mode, {false, true, false})[1]};
+      };
+      const Tensors d1 = run(), d2 = run();
+      const double tol = dtype == at::kFloat ? 1e-4 : 1e-12;
+      for (size_t order = 0; order < 2; ++order) {
+        const std::string what =
+            mode + " " + c10::toString(dtype) + " order " + std::to_string(order + 1);
+        EXPECT_TRUE(bitwise_equal(d1[order], d2[order])) << what << ": not repeatable";
+        const double scale = ref[order].abs().max().item<double>();
+        EXPECT_GT(scale, 1.0) << what;
+        EXPECT_LE(max_rel_error(to_vector(host(d1[order])), to_vector(ref[order]), scale), tol)
+            << what;
+      }
+    }
+  }
+}
+
 TEST(CudaDeterminism, AutogradGridGradientRepeatsBitwiseUnderDeterministicAlgorithms) {
   NANOBRAGG_SKIP_UNLESS_CUDA();
   at::manual_seed(21);

@@ -37,10 +37,18 @@ at::Tensor double_backward_grid(const at::Tensor& v, const at::Tensor& grad, con
       op.call(std::nullopt, v, grad, grid, hkl, kIndexMin, mode, {false, true, false}));
 }
 
-// The four steps of the deterministic path, on the host.
+// What the host run of the deterministic path met: pieces that the table
+// holds (stencil and nearest) and runs cut into several pieces.
+struct PieceCounts {
+  int64_t long_stencil = 0, long_nearest = 0, cut_runs = 0, short_ends_of_cut_runs = 0;
+  int64_t short_firsts_of_cut_runs = 0;
+};
+
+// The five steps of the deterministic path, on the host.
 template <bool kSecondOrder>
 std::vector<double> gather_on_host(const at::Tensor& grid, const at::Tensor& hkl,
-                                   const at::Tensor& grad, const at::Tensor& v, OutOfRange mode) {
+                                   const at::Tensor& grad, const at::Tensor& v, OutOfRange mode,
+                                   PieceCounts* counts = nullptr) {
   const GridShape shape{{grid.size(0), grid.size(1), grid.size(2)},
                         {kIndexMin[0], kIndexMin[1], kIndexMin[2]}};
   const int64_t n = hkl.size(0);
@@ -58,8 +66,8 @@ std::vector<double> gather_on_host(const at::Tensor& grid, const at::Tensor& hkl
   }
   auto [sorted, order] = at::sort(keys, /*stable=*/true, 0, false);
   const int64_t max_key = max_sort_key(shape.size);
-  std::vector<int64_t> run_begin(static_cast<size_t>(max_key + 1), 0);
-  std::vector<int64_t> run_end(static_cast<size_t>(max_key + 1), 0);
+  std::vector<int32_t> run_begin(static_cast<size_t>(max_key + 1), 0);
+  std::vector<int32_t> run_end(static_cast<size_t>(max_key + 1), 0);
   std::vector<SortedSample<double, kSecondOrder>> samples(static_cast<size_t>(n));
   const int64_t* sk = sorted.const_data_ptr<int64_t>();
   const int64_t* ord = order.const_data_ptr<int64_t>();
@@ -68,13 +76,48 @@ std::vector<double> gather_on_host(const at::Tensor& grid, const at::Tensor& hkl
     samples[static_cast<size_t>(i)] =
         make_sorted_sample<double, kSecondOrder>(shape, point(ord[i]), mode);
   }
-  // 4. per node, 32 lanes and their tree.
+  // 4. the table of long pieces: 32 lanes and their trees.
+  std::vector<double> table(static_cast<size_t>(piece_table_rows(n) * kTaps), NAN);
+  for (int64_t q = 0; q < n; ++q) {
+    const int64_t end = long_piece_end<kSecondOrder>(sk, q, max_key, run_end.data());
+    if (end == 0) continue;
+    const Piece piece{q, end};
+    double* row = table.data() + piece.table_row() * kTaps;
+    if (sk[q] % 2 == 0) {
+      double lanes[32][kTaps], sums[kTaps];
+      for (int lane = 0; lane < 32; ++lane) {
+        piece_lane_taps<double, kSecondOrder>(samples.data(), piece, lane, lanes[lane]);
+      }
+      warp_tap_sums(lanes, sums);
+      std::copy(sums, sums + kTaps, row);
+      if (counts != nullptr) ++counts->long_stencil;
+    } else {
+      double lanes[32];
+      for (int lane = 0; lane < 32; ++lane) {
+        lanes[lane] = piece_lane_grads<double, kSecondOrder>(samples.data(), piece, lane);
+      }
+      row[0] = lane_tree_sum(lanes);
+      if (counts != nullptr) ++counts->long_nearest;
+    }
+  }
+  if (counts != nullptr) {
+    for (int64_t key = 0; key < max_key; ++key) {
+      const int64_t pieces = piece_count(run_begin[key], run_end[key]);
+      if (pieces < 2) continue;
+      ++counts->cut_runs;
+      for (int64_t k : {int64_t(0), pieces - 1}) {
+        counts->short_ends_of_cut_runs += !run_piece(run_begin[key], run_end[key], k).is_long();
+      }
+      counts->short_firsts_of_cut_runs += !run_piece(run_begin[key], run_end[key], 0).is_long();
+    }
+  }
+  // 5. per node, 32 lanes and their tree.
   std::vector<double> out(static_cast<size_t>(grid.numel()));
   for (int64_t node = 0; node < grid.numel(); ++node) {
     double lanes[32];
     for (int lane = 0; lane < 32; ++lane) {
-      lanes[lane] = gather_node_lane<double, kSecondOrder>(shape, node, lane, 32, run_begin.data(),
-                                                           run_end.data(), samples.data());
+      lanes[lane] = gather_node_lane<double, kSecondOrder>(
+          shape, node, lane, run_begin.data(), run_end.data(), samples.data(), table.data());
     }
     out[static_cast<size_t>(node)] = lane_tree_sum(lanes);
   }
@@ -215,6 +258,84 @@ TEST(TricubicPointMath, PerPointFunctionsOfTheGpuKernelsMatchPolin3) {
     for (double v : expected) norm += std::abs(v);
     EXPECT_GT(norm, 1.0) << "the reference gradient should not be empty";
   }
+}
+
+// Runs of every length that matters to the piece table (tricubic_math.h,
+// step 4): 1, 31 (short), 32 (the shortest long piece), 33, 1023, 1024,
+// 1025 (one kPieceSpan, either side), 2600 and 364 stencil points in a cell
+// of their own, in shuffled point order, so that runs start at many offsets
+// into a span and are cut into long and short pieces (in "default" mode the
+// run after the 364 starts 10 points before a span ends); in "nearest" mode
+// 417 more points nearest one corner node (a long nearest piece, sorted
+// first: then the 2600-point run ends 10 points into a span) and some
+// outside the grid. The host run of all five steps against the CPU scatter.
+TEST(TricubicGatherMath, RunsOfEveryPieceShapeMatchScatter) {
+  at::manual_seed(7);
+  at::Tensor grid = at::rand({9, 10, 11}, at::kDouble);
+  const std::vector<int64_t> lengths = {1, 31, 32, 33, 1023, 1024, 1025, 2600, 364};
+  std::vector<at::Tensor> parts;
+  for (size_t j = 0; j < lengths.size(); ++j) {  // cell j: first stencil node (j % 5, j / 5, 1)
+    const at::Tensor cell =
+        at::tensor({double(kIndexMin[0] + 1 + int64_t(j) % 5),
+                    double(kIndexMin[1] + 1 + int64_t(j) / 5), double(kIndexMin[2] + 2)},
+                   at::kDouble);
+    parts.push_back(cell + at::rand({lengths[j], 3}, at::kDouble) * 0.999);
+  }
+  const at::Tensor corner =
+      at::tensor({double(kIndexMin[0]), double(kIndexMin[1]), double(kIndexMin[2])}, at::kDouble);
+  parts.push_back(corner + at::rand({417, 3}, at::kDouble) * 0.4);  // nearest node 0
+  parts.push_back(corner - 50.0 + at::rand({40, 3}, at::kDouble));  // outside the grid
+  at::Tensor hkl = at::cat(parts);
+  hkl = hkl.index_select(0, at::randperm(hkl.size(0), at::kLong)).contiguous();
+  const int64_t n = hkl.size(0);
+  at::Tensor grad = at::randn({n}, at::kDouble);
+  at::Tensor v = at::randn({n, 3}, at::kDouble);
+  for (const std::string mode : {"default", "nearest"}) {
+    const OutOfRange m = mode == "nearest" ? OutOfRange::Nearest : OutOfRange::Default;
+    PieceCounts first, second;
+    const std::vector<double> gathered = gather_on_host<false>(grid, hkl, grad, v, m, &first);
+    EXPECT_LE(max_rel_error(gathered, to_vector(backward_grid(grad, grid, hkl, mode)), 1.0), 1e-12)
+        << mode;
+    const std::vector<double> gathered2 = gather_on_host<true>(grid, hkl, grad, v, m, &second);
+    EXPECT_LE(
+        max_rel_error(gathered2, to_vector(double_backward_grid(v, grad, grid, hkl, mode)), 1.0),
+        1e-12)
+        << mode;
+    // 32, 33: one long piece each; 1023 ... 2600 cut at span boundaries.
+    EXPECT_GE(first.long_stencil, 2 + 4 * 2) << mode;
+    EXPECT_EQ(first.long_stencil, second.long_stencil) << mode;
+    EXPECT_GE(first.cut_runs, 4) << mode;
+    EXPECT_GE(first.short_ends_of_cut_runs, 1) << mode << ": no run ends in a short piece";
+    if (mode == "default") {
+      EXPECT_GE(first.short_firsts_of_cut_runs, 1) << mode << ": no run starts with a short piece";
+    }
+    EXPECT_EQ(first.long_nearest > 0, mode == "nearest") << mode;
+    EXPECT_EQ(second.long_nearest, 0) << mode << ": the second order has no nearest terms";
+  }
+}
+
+// The CUDA kernels' transposing warp sum gives each of its 64 sums the same
+// tree of additions as a warp's xor shuffles give one value (offsets 16, 8,
+// 4, 2, 1), so its host reproduction must equal lane_tree_sum column by
+// column, to the bit, on values whose sum depends on the order.
+TEST(TricubicGatherMath, WarpTapSumsAddEachTapInTheLaneTree) {
+  at::manual_seed(9);
+  const at::Tensor values = at::randn({32, kTaps}, at::kFloat) *
+                            at::pow(10.0, at::randint(-6, 7, {32, kTaps}, at::kFloat));
+  float lanes[32][kTaps], sums[kTaps];
+  auto acc = values.accessor<float, 2>();
+  for (int l = 0; l < 32; ++l)
+    for (int t = 0; t < kTaps; ++t) lanes[l][t] = acc[l][t];
+  warp_tap_sums(lanes, sums);
+  int order_matters = 0;
+  for (int t = 0; t < kTaps; ++t) {
+    float column[32];
+    float in_order = 0.0f;
+    for (int l = 0; l < 32; ++l) column[l] = lanes[l][t], in_order += lanes[l][t];
+    EXPECT_EQ(sums[t], lane_tree_sum(column)) << "tap " << t;
+    order_matters += sums[t] != in_order;
+  }
+  EXPECT_GT(order_matters, 8) << "values whose sum does not depend on the order test nothing";
 }
 
 TEST(TricubicGatherMath, LaneTreeSumAddsInATree) {
