@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -396,16 +397,27 @@ struct SimdTaps4 {
   }
   C10_ALWAYS_INLINE void add_scaled(T w, const SimdTaps4& r) { v += w * r.v; }
 
-  // Summed from +0, one product per addition: with contraction on, each
-  // step is one multiply-add, the same wherever this is inlined (in a sum of
-  // two products the compiler may fuse either one, and did differently in
-  // different kernels). RowGroup's dots sum in the same order.
+  // Summed from +0, one product per addition: each step one multiply-add,
+  // the same wherever this is inlined (in a sum of two products the
+  // compiler may fuse either one, and did differently in different
+  // kernels). RowGroup's dots sum in the same order, in vector registers.
+  // Where the build has FMA the multiply-adds are written out (std::fma, one
+  // instruction there): contraction is the compiler's choice, and a
+  // compiler that vectorises the four products first cannot fuse them, so
+  // a point's result would depend on whether it went through a group.
   C10_ALWAYS_INLINE T dot(const T w[4]) const {
     T s = T(0);
+#if defined(__FMA__)
+    s = std::fma(w[0], v[0], s);
+    s = std::fma(w[1], v[1], s);
+    s = std::fma(w[2], v[2], s);
+    s = std::fma(w[3], v[3], s);
+#else
     s += w[0] * v[0];
     s += w[1] * v[1];
     s += w[2] * v[2];
     s += w[3] * v[3];
+#endif
     return s;
   }
 };
