@@ -438,8 +438,12 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
     }
   }
 
-  // The targets of the bench issue: float32, size 512.
-  md << "\n## Targets (float32, size 512)\n\n| target | measured | met |\n|---|---:|:---:|\n";
+  // The CPU kernels' targets (float32, size 512). CUDA rows have their own
+  // goals (write_cuda_goals_section): on a GPU a first call loads the CUDA
+  // module and a 512² case measures kernel launches, so these ratios would
+  // say little about the kernels there.
+  md << "\n## Targets (CPU, float32, size 512)\n\n| target | measured | met |\n"
+        "|---|---:|:---:|\n";
   bool any_target = false;
   std::vector<int64_t> cpu_threads;  // the thread counts of the CPU rows
   for (const Row& r : rows) {
@@ -447,11 +451,10 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
         std::find(cpu_threads.begin(), cpu_threads.end(), r.threads) == cpu_threads.end())
       cpu_threads.push_back(r.threads);
   }
-  for (const std::string device : {"cpu", "cuda"}) {
-    for (const int64_t threads : device == "cpu" ? cpu_threads : std::vector<int64_t>{0}) {
+  for (const std::string device : {"cpu"}) {
+    for (const int64_t threads : cpu_threads) {
       const std::string where =
-          device == "cpu" ? "cpu " + std::to_string(threads) + " thread" + (threads > 1 ? "s" : "")
-                          : device;
+          "cpu " + std::to_string(threads) + " thread" + (threads > 1 ? "s" : "");
       auto target = [&](const std::string& what, const std::string& op, const std::string& pass,
                         const std::string& vs, double need, bool at_most_time_ratio) {
         const Row* r = find(rows, op, "fused", pass, 512, "float32", device, threads);
