@@ -681,7 +681,7 @@ TEST(CudaDeterminism, WarpAggregatedGridGradientMatchesCpu) {
 
 // The deterministic path's piece table (tricubic_math.h, steps 4 and 5):
 // stencil runs of 31, 32 (the shortest long piece), 538, 941, 1023, 1024,
-// 1025, 5000 and 150 000 points (147 pieces of one run: each lane of a
+// 1025, 5000 and 150 000 points (148 pieces of one run: each lane of a
 // node's warp reads several table rows), each in a cell of its own, in
 // shuffled point order; laid out so that the 150 000 end 10 points into a
 // 1024-position span and the 1023 ... 5000 start 10 or 11 before one ends
@@ -782,7 +782,8 @@ TEST(CudaDeterminism, GridGradientRefusesMoreThan2To31MinusOnePoints) {
 
 // n >= 3 x (SMs x resident threads per SM): whatever grid the kernels launch
 // (at most SMs * threads_per_SM / 256 blocks of 256), every grid-stride loop
-// runs more than once, and absorption's reductions have several partials.
+// runs more than once (the deterministic path's piece table too: a warp per
+// 32 sorted positions), and absorption's reductions have several partials.
 TEST(CudaGridStride, LargeNMatchesCpu) {
   NANOBRAGG_SKIP_UNLESS_CUDA();
   at::manual_seed(30);
