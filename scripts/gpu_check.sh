@@ -26,7 +26,8 @@
 #       reports/gpu/dryrun-<UTC stamp>/.
 #
 # Output folder (at most 8 files, the device tool's limit): gpu_check_summary.md,
-# perf_results.json, perf_summary.md, logs.tar.gz (every raw log), summary.json;
+# perf_results.json, perf_summary.md, grid_gradient_profile.md (the grid
+# gradient's kernels, atomic and deterministic), logs.tar.gz (every raw log), summary.json;
 # while the check runs, stages_so_far.tsv (what comes back if it is stopped).
 # Exits non-zero when any stage failed. Environment overrides:
 #   GPU_CHECK_BUDGET_S     total wall-clock budget (GPU 455, dry run 1500)
@@ -538,6 +539,24 @@ else
   record bench "NOT RUN" 0 "no $BENCH_BIN"
 fi
 
+# --- grid gradient profile ---------------------------------------------------------
+# Where the grid gradient's time goes, kernel by kernel (torch.profiler),
+# atomic and deterministic, at the GPU goals' size: what the next change to
+# the deterministic path needs to know. The dry run takes the same steps on
+# the CPU kernels at a tiny size, so that the script keeps working.
+if [[ -f $LIB ]]; then
+  export NANOBRAGG_OPS_LIBRARY="$LIB"
+  PROFILE_ARGS=(--device cuda)
+  [[ $MODE == gpu ]] || PROFILE_ARGS=(--device cpu --size 64)
+  run_stage profile "$(pick 90 60)" "$LOGS/profile.log" "$PY" \
+    "$ROOT/scripts/gpu_profile_grid_gradient.py" "${PROFILE_ARGS[@]}" \
+    --out "$REPORT/grid_gradient_profile.md"
+  record profile "$(status_of "$STAGE_RC")" "$STAGE_SECS" \
+    "scripts/gpu_profile_grid_gradient.py ${PROFILE_ARGS[*]}"
+else
+  record profile "NOT RUN" 0 "no $LIB"
+fi
+
 # --- compute-sanitizer (beside pytest) -----------------------------------------
 # A few small CUDA cases: each op's forward against its reference, tricubic's
 # backward (grid and hkl gradients, strided inputs; empty launches), the
@@ -700,6 +719,7 @@ while IFS=$'\t' read -r name status _; do
     build) f=build.log ;;
     gtest) f=gtest_cuda.log ;;
     bench) f=bench.log ;;
+    profile) f=profile.log ;;
     pytest) f=pytest_cuda.log ;;
     pytest_cpu) f=pytest_cpu.log ;;
     memcheck | racecheck | synccheck) f="sanitizer_$name.log" ;;

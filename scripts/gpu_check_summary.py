@@ -272,7 +272,12 @@ def main() -> int:
                 r["op"], r["pass"], r["device"], r["size"], " (scale)" if r["scale"] else "", r["points"],
                 fmt(r["warm_ms"], ".3f"), fmt(r["mpoints_s"], ".1f"), fmt(r["peak_mib"], ".1f"),
                 fmt(r["vs_aten"], ".1f"), fmt(r["vs_grid_sample"], ".2f")))
-    md += ["", "Files: perf_results.json and perf_summary.md (the bench's report), logs.tar.gz "
+    profile = report / "grid_gradient_profile.md"
+    if gpu and profile.is_file():  # its headline lines; the kernel tables stay in the file
+        head = [line for line in profile.read_text().splitlines() if line.startswith("* ")]
+        md += ["", "## Grid gradient, atomic and deterministic (grid_gradient_profile.md)", ""] + head
+    md += ["", "Files: perf_results.json and perf_summary.md (the bench's report), "
+           "grid_gradient_profile.md (the grid gradient's kernels), logs.tar.gz "
            "(environment, configure/build logs, GoogleTest XML and log, pytest XML and log, "
            "compute-sanitizer logs, stages.tsv, CMakeCache.txt), summary.json.", ""]
     (report / "gpu_check_summary.md").write_text("\n".join(md))
