@@ -675,9 +675,9 @@ NANOBRAGG_INLINE void tricubic_double_backward_grid_scatter(const int64_t size[3
 // Every sum has a fixed order, so the result is bitwise repeatable. A point
 // of a long piece has its weights computed once (as in the atomic scatter),
 // not once per node it touches; a piece is at most kPieceSpan points, so a
-// warp's work is bounded however the lookups cluster; a node's warp reads
-// one table entry per kPieceSpan points of a run. Empty nodes cost 64 run
-// table reads.
+// table warp's work is bounded however the lookups cluster; a node's lane
+// takes, per covering start, at most 2 points and one table entry per
+// 32 kPieceSpan points of its run. Empty nodes cost 64 run table reads.
 
 // Grid extents and index origin, without the data.
 struct GridShape {
