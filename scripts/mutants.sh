@@ -56,7 +56,7 @@ csrc/absorption/absorption_scalars.h|out[3] = total[0] / (L * att);|out[3] = tot
 csrc/absorption/absorption_scalars.h|out[3] = (dD * mu + D * dmu) / L;|out[3] = (dD * mu) / L;|a missing term of the thickness second derivative
 csrc/absorption/absorption_cpu.cpp|shared_pixel_value(prm.odet[0], prm.odet[1], prm.odet[2],|shared_pixel_value(prm.odet[1], prm.odet[0], prm.odet[2],|odet x/y swapped in the CPU kernel (baseline ISA)
 csrc/absorption/absorption_cpu_vec.h|const V ox(prm.odet[0]), oy(prm.odet[1]), oz(prm.odet[2]), step(prm.step);\n  V acc[4]|const V ox(prm.odet[1]), oy(prm.odet[0]), oz(prm.odet[2]), step(prm.step);\n  V acc[4]|odet x/y swapped in the vector backward kernel
-csrc/tricubic/tricubic_cpu.cpp|s = fmadd(load_points(w1), tap<1>(v), s);|s = fmadd(load_points(w1), tap<2>(v), s);|the 4-point register's dot takes the wrong tap
+csrc/tricubic/tricubic_cpu.cpp|s += load_points(w1) * tap<1>(v);|s += load_points(w1) * tap<2>(v);|the 4-point register's dot takes the wrong tap
 csrc/tricubic/tricubic_cpu.cpp|      const __m512i index = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);|      const __m512i index = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 3, 3, 3, 3, 2, 2, 2, 2);|the 4-point register's weights spread to the wrong points
 csrc/tricubic/tricubic_cpu.cpp|add_row<2>(g + 2 * s1, p);|add_row<3>(g + 2 * s1, p);|the pending block's plane written back with a row swapped
 csrc/tricubic/tricubic_cpu.cpp|coordinate_of<1, kLanes>(a, b, c, out, lanes);|coordinate_of<2, kLanes>(a, b, c, out, lanes);|the batch's coordinates read with k for l

@@ -4,7 +4,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2) || defined(__FMA__)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
 #include <ATen/ops/empty.h>
@@ -12,7 +12,6 @@
 
 #include <algorithm>
 #include <array>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -88,58 +87,6 @@ NANOBRAGG_VECTOR_OF(double, 2, Double2)
 NANOBRAGG_VECTOR_OF(double, 4, Double4)
 NANOBRAGG_VECTOR_OF(double, 8, Double8)
 #undef NANOBRAGG_VECTOR_OF
-
-// a * b + c for a scalar or one of the vector types above. Where the build
-// has FMA it is one fused multiply-add, written out (std::fma, or the
-// intrinsic of the vector's width): a point must give the same bits through
-// the single-point path (SimdTaps4) as through a group (RowGroup), and
-// leaving the fusion to -ffp-contract is the compiler's choice per
-// expression (unoptimised builds fuse nothing, and a compiler may vectorise
-// scalar products before it would fuse them). Without FMA, a product and a
-// sum, which no contraction can fuse.
-template <typename V>
-C10_ALWAYS_INLINE V fmadd(const V& a, const V& b, const V& c) {
-#if defined(__FMA__)
-  if constexpr (std::is_floating_point_v<V>) {
-    return std::fma(a, b, c);
-  } else {
-    using E = std::decay_t<decltype(a[0])>;
-    constexpr bool kFloat = std::is_same_v<E, float>;
-    if constexpr (sizeof(V) == 16) {
-      if constexpr (kFloat) {
-        return V(_mm_fmadd_ps(__m128(a), __m128(b), __m128(c)));
-      } else {
-        return V(_mm_fmadd_pd(__m128d(a), __m128d(b), __m128d(c)));
-      }
-    } else if constexpr (sizeof(V) == 32) {
-      if constexpr (kFloat) {
-        return V(_mm256_fmadd_ps(__m256(a), __m256(b), __m256(c)));
-      } else {
-        return V(_mm256_fmadd_pd(__m256d(a), __m256d(b), __m256d(c)));
-      }
-#if defined(__AVX512F__)
-    } else if constexpr (sizeof(V) == 64) {
-      if constexpr (kFloat) {
-        return V(_mm512_fmadd_ps(__m512(a), __m512(b), __m512(c)));
-      } else {
-        return V(_mm512_fmadd_pd(__m512d(a), __m512d(b), __m512d(c)));
-      }
-#endif
-    } else {  // (2 floats)
-      V r;
-      for (int i = 0; i < int(sizeof(V) / sizeof(E)); ++i) r[i] = std::fma(a[i], b[i], c[i]);
-      return r;
-    }
-  }
-#else
-  return a * b + c;
-#endif
-}
-// The same with a scalar a, broadcast.
-template <typename V, typename E>
-C10_ALWAYS_INLINE std::enable_if_t<!std::is_same_v<V, E>, V> fmadd(E a, const V& b, const V& c) {
-  return fmadd(V{} + a, b, c);
-}
 
 // Points go through the kernels in batches of one vector's lanes (8 floats
 // with AVX2, 16 with AVX-512). Where each point falls and its weights are
@@ -447,17 +394,18 @@ struct SimdTaps4 {
     }
     return r;
   }
-  C10_ALWAYS_INLINE void add_scaled(T w, const SimdTaps4& r) { v = fmadd(w, r.v, v); }
+  C10_ALWAYS_INLINE void add_scaled(T w, const SimdTaps4& r) { v += w * r.v; }
 
-  // Summed from +0, one multiply-add (fmadd) per product, in the order of
-  // RowGroup's dots, so that a point's result does not depend on whether it
-  // went through a group.
+  // Summed from +0, one product per addition: with contraction on, each
+  // step is one multiply-add, the same wherever this is inlined (in a sum of
+  // two products the compiler may fuse either one, and did differently in
+  // different kernels). RowGroup's dots sum in the same order.
   C10_ALWAYS_INLINE T dot(const T w[4]) const {
     T s = T(0);
-    s = fmadd(w[0], T(v[0]), s);
-    s = fmadd(w[1], T(v[1]), s);
-    s = fmadd(w[2], T(v[2]), s);
-    s = fmadd(w[3], T(v[3]), s);
+    s += w[0] * v[0];
+    s += w[1] * v[1];
+    s += w[2] * v[2];
+    s += w[3] * v[3];
     return s;
   }
 };
@@ -642,10 +590,10 @@ struct RowGroup {
   static C10_ALWAYS_INLINE PerPoint dot(const V& v, const T* w0, const T* w1, const T* w2,
                                         const T* w3) {
     PerPoint s = PerPoint{};
-    s = fmadd(load_points(w0), tap<0>(v), s);
-    s = fmadd(load_points(w1), tap<1>(v), s);
-    s = fmadd(load_points(w2), tap<2>(v), s);
-    s = fmadd(load_points(w3), tap<3>(v), s);
+    s += load_points(w0) * tap<0>(v);
+    s += load_points(w1) * tap<1>(v);
+    s += load_points(w2) * tap<2>(v);
+    s += load_points(w3) * tap<3>(v);
     return s;
   }
 
@@ -662,7 +610,7 @@ struct RowGroup {
       wc[c] = first_first_second(load_low(w[c]), load_low(dw[c]), Lanes{});
     taps_of_three(x, y, z, tc, Lanes{});
     V d = V{};
-    for (int c = 0; c < 4; ++c) d = fmadd(wc[c], tc[c], d);
+    for (int c = 0; c < 4; ++c) d += wc[c] * tc[c];
     const V s = load_low(scale);
     store_first_three(out, interleave(first_first_second(s, s, Lanes{}) * d, Lanes{}));
   }
@@ -785,11 +733,10 @@ C10_ALWAYS_INLINE void contract_group_rows(const LaneBatch<T, kNeeds>& b, int j,
   for (int a = 0; a < 4; ++a) {
     V plane = V{};
     for (int c = 0; c < 4; ++c) {
-      plane = fmadd(wk[c],
-                    G::template rows<kShared, kUnitL>(block, a * stride[0] + c * stride[1], stride),
-                    plane);
+      plane +=
+          wk[c] * G::template rows<kShared, kUnitL>(block, a * stride[0] + c * stride[1], stride);
     }
-    acc = fmadd(G::spread(&b.w[0][a][j]), plane, acc);
+    acc += G::spread(&b.w[0][a][j]) * plane;
   }
   const typename G::PerPoint value =
       G::dot(acc, &b.w[2][0][j], &b.w[2][1][j], &b.w[2][2][j], &b.w[2][3][j]);
@@ -847,13 +794,13 @@ C10_ALWAYS_INLINE void hkl_grad_group_rows(const LaneBatch<T, kNeeds>& b, int j,
     V plane = V{}, plane_k = V{};
     for (int c = 0; c < 4; ++c) {
       const V r = G::template rows<kShared, kUnitL>(block, a * stride[0] + c * stride[1], stride);
-      plane = fmadd(wk[c], r, plane);
-      plane_k = fmadd(dwk[c], r, plane_k);
+      plane += wk[c] * r;
+      plane_k += dwk[c] * r;
     }
     const V wh = G::spread(&b.w[0][a][j]);
-    acc = fmadd(wh, plane, acc);
-    acc_h = fmadd(G::spread(&b.dw[0][a][j]), plane, acc_h);
-    acc_k = fmadd(wh, plane_k, acc_k);
+    acc += wh * plane;
+    acc_h += G::spread(&b.dw[0][a][j]) * plane;
+    acc_k += wh * plane_k;
   }
   const T* const wl[4] = {&b.w[2][0][j], &b.w[2][1][j], &b.w[2][2][j], &b.w[2][3][j]};
   const T* const dwl[4] = {&b.dw[2][0][j], &b.dw[2][1][j], &b.dw[2][2][j], &b.dw[2][3][j]};
