@@ -75,7 +75,7 @@ csrc/absorption/absorption_cpu.cpp|const int64_t rows = end_row - first_row;|con
 csrc/common/library_init.h|class __attribute__((visibility("hidden"))) LibraryInit {|class LibraryInit {|the registration guard's class exported: a second copy dlopen'ed beside a linked one runs the linked copy's constructor and registers again
 csrc/common/library_init.cpp|    return !defined;|    return true;|the registration guard never skips: a second copy defines the namespace again (torch aborts the process)
 csrc/tricubic/tricubic_math.h|for (int64_t k = 0; k < pieces; k += (pieces > 1 ? pieces - 1 : 1)) {|for (int64_t k = 0; k < 1; ++k) {|the deterministic gather leaves out a run's short last piece
-csrc/tricubic/tricubic_math.h|const int64_t last = (span + 1) * kPieceSpan;|const int64_t last = (span + 2) * kPieceSpan;|the deterministic gather cuts its runs into pieces twice as long as the table's
+csrc/tricubic/tricubic_math.h|return piece_from(k == 0 ? begin : (begin / kPieceSpan + k) * kPieceSpan, end);|return piece_from(k == 0 ? begin : (begin / kPieceSpan + k) * kPieceSpan, end + kPieceSpan);|the deterministic gather's pieces run past their run's end
 csrc/tricubic/tricubic_math.h|for (int l = 0; l < 32; ++l) next[l] = v[l] + v[l ^ offset];|for (int l = 0; l < 32; ++l) next[l] = v[l] + v[l ^ (offset / 2)];|the host's lane tree pairs the wrong lanes
 EOF
 )

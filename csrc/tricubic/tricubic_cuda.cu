@@ -91,6 +91,16 @@ __device__ __forceinline__ void warp_transpose_step(T (&v)[N], int lane) {
   }
 }
 
+// The transposing steps of 32 entries a lane down to its 2 (halves 16, 8,
+// 4, 2): what both warp sums of taps end with (warp_tap_sums, on the host).
+template <int N, typename T>
+__device__ __forceinline__ void warp_transpose_halves(T (&v)[N], int lane) {
+  warp_transpose_step<16>(v, lane);
+  warp_transpose_step<8>(v, lane);
+  warp_transpose_step<4>(v, lane);
+  warp_transpose_step<2>(v, lane);
+}
+
 // The 64 taps ga[a] kl[4 b + c] of the warp's points summed over its 32
 // lanes (32 + 16 + 8 + 4 + 2 = 62 shuffles, not 64 x 5): lane L gets the
 // sums of taps 2L and 2L + 1 (tap 16 a + 4 b + c) in v[0] and v[1]. The
@@ -107,10 +117,7 @@ __device__ __forceinline__ void warp_sum_taps(const T (&ga)[4], const T (&kl)[16
     v[i] =
         keep_a[i / 16] * kl[i % 16] + __shfl_xor_sync(0xffffffffu, send_a[i / 16] * kl[i % 16], 16);
   }
-  warp_transpose_step<16>(v, lane);
-  warp_transpose_step<8>(v, lane);
-  warp_transpose_step<4>(v, lane);
-  warp_transpose_step<2>(v, lane);
+  warp_transpose_halves(v, lane);
 }
 
 // The first-order grid gradient by atomics, aggregated per warp. Detector
@@ -266,10 +273,7 @@ __global__ void piece_table_kernel(const Key* __restrict__ sorted_keys, int64_t 
       T acc[kTaps];
       piece_lane_taps<T, kSecondOrder>(samples, piece, lane, acc);
       warp_transpose_step<32>(acc, lane);
-      warp_transpose_step<16>(acc, lane);
-      warp_transpose_step<8>(acc, lane);
-      warp_transpose_step<4>(acc, lane);
-      warp_transpose_step<2>(acc, lane);
+      warp_transpose_halves(acc, lane);
       out[2 * lane] = acc[0];
       out[2 * lane + 1] = acc[1];
     } else {  // nearest points (first order only)

@@ -834,11 +834,14 @@ NANOBRAGG_INLINE int64_t piece_table_rows(int64_t n) {
 NANOBRAGG_INLINE int64_t piece_count(int64_t begin, int64_t end) {
   return end > begin ? (end - 1) / kPieceSpan - begin / kPieceSpan + 1 : 0;
 }
+// The piece that starts at `first` of a run ending at `end`: up to the next
+// multiple of kPieceSpan (the one rule of where pieces end, for steps 4 and 5).
+NANOBRAGG_INLINE Piece piece_from(int64_t first, int64_t end) {
+  const int64_t span_end = (first / kPieceSpan + 1) * kPieceSpan;
+  return Piece{first, span_end < end ? span_end : end};
+}
 NANOBRAGG_INLINE Piece run_piece(int64_t begin, int64_t end, int64_t k) {
-  const int64_t span = begin / kPieceSpan + k;
-  const int64_t first = k == 0 ? begin : span * kPieceSpan;
-  const int64_t last = (span + 1) * kPieceSpan;
-  return Piece{first, last < end ? last : end};
+  return piece_from(k == 0 ? begin : (begin / kPieceSpan + k) * kPieceSpan, end);
 }
 
 // Step 4: if sorted position q starts a long piece that the table holds
@@ -852,9 +855,8 @@ NANOBRAGG_INLINE int64_t long_piece_end(const Key* sorted_keys, int64_t q, int64
   if (!starts || key == max_key || (kSecondOrder && key % 2 != 0)) {
     return 0;
   }
-  const int64_t span_end = (q / kPieceSpan + 1) * kPieceSpan;
-  const int64_t end = run_end[key] < span_end ? int64_t(run_end[key]) : span_end;
-  return end - q >= kLongPiece ? end : 0;
+  const Piece piece = piece_from(q, run_end[key]);
+  return piece.is_long() ? piece.end : 0;
 }
 
 // Adds the 64 taps of a stencil sample to acc (tap 16 a + 4 b + c).
