@@ -34,6 +34,8 @@
 #   GPU_CHECK_PYTEST_WORKERS  pytest-xdist workers on the GPU (default 4 when
 #                          xdist is importable; 0 = no xdist)
 #   GPU_CHECK_BENCH_ARGS   the bench's arguments after --device/--outdir
+#   GPU_CHECK_CPU_PYTEST   0: leave out the CPU pytest stage (a rerun after a
+#                          CUDA-only change; default 1)
 #   PYTHON                 the interpreter (GPU: python3; dry run: a venv with only
 #                          torch, pytest and their requirements, linked from .venv
 #                          by scripts/gpu_image_python.py, as the GPU image has)
@@ -696,7 +698,7 @@ fi
 # machines', and a CPU test failed there once that passed here (with the
 # image's g++ 13.3, reports/gpu/20261204T122607Z/NOTES.md). Not the two
 # modules that build the examples (minutes).
-if [[ $MODE == gpu && -f $LIB ]]; then
+if [[ $MODE == gpu && -f $LIB && ${GPU_CHECK_CPU_PYTEST:-1} != 0 ]]; then
   CPU_ARGS=(-m pytest tests/python -q -rfEs -k "not cuda" -p no:cacheprovider
     --ignore=tests/python/test_consumers.py --ignore=tests/python/test_export.py
     --junitxml="$LOGS/pytest_cpu.xml" -o junit_family=xunit2)

@@ -15,9 +15,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/EmptyTensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/cuda/cub.h>
-#include <ATen/ops/arange.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
@@ -226,62 +226,68 @@ struct StridedPoints {
   }
 };
 
-// Deterministic path, step 1: the sort key of each point.
+// Deterministic path, step 1: the sort key of each point, and its index
+// (the sort's values).
 template <typename T, typename Key>
 __global__ void sort_key_kernel(GridShape shape, StridedPoints<T> points, int64_t n,
-                                OutOfRange mode, Key* __restrict__ keys) {
+                                OutOfRange mode, Key* __restrict__ keys,
+                                int32_t* __restrict__ index) {
   grid_stride(n, [&](int64_t p) {
     const PointSample<T> s = points(p);
     keys[p] = static_cast<Key>(point_sort_key<T>(shape, s.h, s.k, s.l, mode));
+    index[p] = static_cast<int32_t>(p);
   });
 }
 
-// Steps 2 and 3: each key's run, and the samples in sorted order.
+// Steps 2 and 3: each key's run, the samples in sorted order, and the marks
+// of the long pieces' rows.
 template <typename T, bool kSecondOrder, typename Key>
-__global__ void sorted_samples_kernel(GridShape shape, StridedPoints<T> points, int64_t n,
-                                      OutOfRange mode, const Key* __restrict__ sorted_keys,
-                                      const int32_t* __restrict__ order,
-                                      int32_t* __restrict__ run_begin,
-                                      int32_t* __restrict__ run_end,
-                                      SortedSample<T, kSecondOrder>* __restrict__ samples) {
+__global__ void sorted_samples_kernel(
+    GridShape shape, StridedPoints<T> points, int64_t n, OutOfRange mode, int64_t max_key,
+    const Key* __restrict__ sorted_keys, const int32_t* __restrict__ order,
+    int32_t* __restrict__ run_begin, int32_t* __restrict__ run_end, int32_t* __restrict__ row_marks,
+    SortedSample<T, kSecondOrder>* __restrict__ samples) {
   grid_stride(n, [&](int64_t i) {
     mark_run(sorted_keys, n, i, run_begin, run_end);
+    mark_long_piece<kSecondOrder>(sorted_keys, n, i, max_key, row_marks);
     samples[i] = make_sorted_sample<T, kSecondOrder>(shape, points(order[i]), mode);
   });
 }
 
-// Step 4: one warp per kLongPiece sorted positions, which start at most one
-// long piece; the warp sums it into its table row: the 64 tap sums of a
-// stencil piece (lane L writes taps 2L, 2L + 1), the gradient sum of a
-// nearest piece.
+// Step 4: one warp per 32 table rows; their marks, one per lane, say which
+// rows' long pieces to sum (most rows start none). The warp sums each into
+// its row: the 64 tap sums of a stencil piece (lane L writes taps 2L,
+// 2L + 1), the gradient sum of a nearest piece.
 template <typename T, bool kSecondOrder, typename Key>
-__global__ void piece_table_kernel(const Key* __restrict__ sorted_keys, int64_t n, int64_t max_key,
+__global__ void piece_table_kernel(const Key* __restrict__ sorted_keys, int64_t rows,
+                                   const int32_t* __restrict__ row_marks,
                                    const int32_t* __restrict__ run_end,
                                    const SortedSample<T, kSecondOrder>* __restrict__ samples,
                                    T* __restrict__ table) {
-  static_assert(kLongPiece == cuda::kWarp, "one lane per position of a window");
-  cuda::warp_stride(piece_table_rows(n), [&](int64_t row, int lane) {
-    const int64_t q = row * kLongPiece + lane;
-    const int64_t end =
-        q < n ? long_piece_end<kSecondOrder>(sorted_keys, q, max_key, run_end) : int64_t(0);
-    const unsigned starts = __ballot_sync(0xffffffffu, end != 0);
-    if (starts == 0) return;  // (the next window)
-    const int first = __ffs(starts) - 1;
-    const Piece piece{row * kLongPiece + first, __shfl_sync(0xffffffffu, end, first)};
-    T* out = table + row * kTaps;
-    if (sorted_keys[piece.begin] % 2 == 0) {  // a stencil piece
-      T acc[kTaps];
-      piece_lane_taps<T, kSecondOrder>(samples, piece, lane, acc);
-      warp_transpose_step<32>(acc, lane);
-      warp_transpose_halves(acc, lane);
-      out[2 * lane] = acc[0];
-      out[2 * lane + 1] = acc[1];
-    } else {  // nearest points (first order only)
-      T v = piece_lane_grads<T, kSecondOrder>(samples, piece, lane);
-      for (int offset = cuda::kWarp / 2; offset > 0; offset /= 2) {
-        v += __shfl_xor_sync(0xffffffffu, v, offset);
+  static_assert(kLongPiece == cuda::kWarp, "a long piece gives each lane a position");
+  const unsigned all = 0xffffffffu;
+  cuda::warp_stride((rows + cuda::kWarp - 1) / cuda::kWarp, [&](int64_t group, int lane) {
+    const int64_t lane_row = group * cuda::kWarp + lane;
+    const int32_t lane_mark = lane_row < rows ? row_marks[lane_row] : 0;
+    for (unsigned marked = __ballot_sync(all, lane_mark != 0); marked != 0; marked &= marked - 1) {
+      const int src = __ffs(marked) - 1;
+      const int64_t row = group * cuda::kWarp + src;
+      const Piece piece = marked_piece(sorted_keys, row, __shfl_sync(all, lane_mark, src), run_end);
+      T* out = table + row * kTaps;
+      if (sorted_keys[piece.begin] % 2 == 0) {  // a stencil piece
+        T acc[kTaps];
+        piece_lane_taps<T, kSecondOrder>(samples, piece, lane, acc);
+        warp_transpose_step<32>(acc, lane);
+        warp_transpose_halves(acc, lane);
+        out[2 * lane] = acc[0];
+        out[2 * lane + 1] = acc[1];
+      } else {  // nearest points (first order only)
+        T v = piece_lane_grads<T, kSecondOrder>(samples, piece, lane);
+        for (int offset = cuda::kWarp / 2; offset > 0; offset /= 2) {
+          v += __shfl_xor_sync(all, v, offset);
+        }
+        if (lane == 0) out[0] = v;
       }
-      if (lane == 0) out[0] = v;
     }
   });
 }
@@ -332,6 +338,14 @@ __global__ void double_backward_grid_atomic_kernel(GridShape shape, StridedPoint
   });
 }
 
+// Scratch memory that the path writes before it reads: from the caching
+// allocator like at::empty, but without the fill that at::empty adds under
+// torch.use_deterministic_algorithms (fill_uninitialized_memory), the one
+// mode in which this path runs (hundreds of MB of fills per call otherwise).
+at::Tensor scratch(int64_t size, const at::TensorOptions& options) {
+  return at::detail::empty_cuda({size}, options);
+}
+
 // A grid gradient in the deterministic order (tricubic_math.h): sort, runs
 // and samples, piece table, then gather per node. Writes every node of
 // grad_grid. Sort keys are int32 where the grid allows (2 x its nodes below
@@ -342,41 +356,42 @@ void deterministic_grid_grad_keyed(const GridShape& shape, const StridedPoints<T
                                    cudaStream_t stream) {
   const auto key_opts = grad_grid.options().dtype(c10::CppTypeToScalarType<Key>::value);
   const auto pos_opts = grad_grid.options().dtype(at::kInt);
-  at::Tensor keys = at::empty({n}, key_opts);
-  sort_key_kernel<T, Key><<<blocks_for(n), kThreads, 0, stream>>>(shape, points, n, mode,
-                                                                  keys.mutable_data_ptr<Key>());
+  at::Tensor keys = scratch(n, key_opts);
+  at::Tensor index = scratch(n, pos_opts);
+  sort_key_kernel<T, Key><<<blocks_for(n), kThreads, 0, stream>>>(
+      shape, points, n, mode, keys.mutable_data_ptr<Key>(), index.mutable_data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // A radix sort is stable (equal keys keep point order: a fixed sum order)
   // and needs only the bits the largest key has.
   const int64_t max_key = max_sort_key(shape.size);
-  at::Tensor sorted_keys = at::empty({n}, key_opts);
-  at::Tensor order = at::empty({n}, pos_opts);
-  {
-    const at::Tensor index = at::arange(n, pos_opts);
-    at::cuda::cub::radix_sort_pairs<Key, int32_t>(
-        keys.const_data_ptr<Key>(), sorted_keys.mutable_data_ptr<Key>(),
-        index.const_data_ptr<int32_t>(), order.mutable_data_ptr<int32_t>(), n,
-        /*descending=*/false, /*begin_bit=*/0,
-        /*end_bit=*/at::cuda::cub::get_num_bits(static_cast<uint64_t>(max_key)));
-  }
+  at::Tensor sorted_keys = scratch(n, key_opts);
+  at::Tensor order = scratch(n, pos_opts);
+  at::cuda::cub::radix_sort_pairs<Key, int32_t>(
+      keys.const_data_ptr<Key>(), sorted_keys.mutable_data_ptr<Key>(),
+      index.const_data_ptr<int32_t>(), order.mutable_data_ptr<int32_t>(), n,
+      /*descending=*/false, /*begin_bit=*/0,
+      /*end_bit=*/at::cuda::cub::get_num_bits(static_cast<uint64_t>(max_key)));
   keys.reset();
+  index.reset();
   at::Tensor run_begin = at::zeros({max_key + 1}, pos_opts);
   at::Tensor run_end = at::zeros({max_key + 1}, pos_opts);
+  const int64_t rows = piece_table_rows(n);
+  at::Tensor row_marks = at::zeros({rows}, pos_opts);
   using Sample = SortedSample<T, kSecondOrder>;
   at::Tensor samples =
-      at::empty({n * static_cast<int64_t>(sizeof(Sample))}, grad_grid.options().dtype(at::kByte));
+      scratch(n * static_cast<int64_t>(sizeof(Sample)), grad_grid.options().dtype(at::kByte));
   Sample* sample_ptr = reinterpret_cast<Sample*>(samples.mutable_data_ptr<uint8_t>());
   sorted_samples_kernel<T, kSecondOrder, Key><<<blocks_for(n), kThreads, 0, stream>>>(
-      shape, points, n, mode, sorted_keys.const_data_ptr<Key>(), order.const_data_ptr<int32_t>(),
-      run_begin.mutable_data_ptr<int32_t>(), run_end.mutable_data_ptr<int32_t>(), sample_ptr);
+      shape, points, n, mode, max_key, sorted_keys.const_data_ptr<Key>(),
+      order.const_data_ptr<int32_t>(), run_begin.mutable_data_ptr<int32_t>(),
+      run_end.mutable_data_ptr<int32_t>(), row_marks.mutable_data_ptr<int32_t>(), sample_ptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   order.reset();
   // Only the rows of long pieces are written, and only they are read.
-  at::Tensor table = at::empty({piece_table_rows(n), kTaps}, grad_grid.options());
-  piece_table_kernel<T, kSecondOrder, Key>
-      <<<blocks_for(piece_table_rows(n) * cuda::kWarp), kThreads, 0, stream>>>(
-          sorted_keys.const_data_ptr<Key>(), n, max_key, run_end.const_data_ptr<int32_t>(),
-          sample_ptr, table.mutable_data_ptr<T>());
+  at::Tensor table = scratch(rows * kTaps, grad_grid.options());
+  piece_table_kernel<T, kSecondOrder, Key><<<blocks_for(rows), kThreads, 0, stream>>>(
+      sorted_keys.const_data_ptr<Key>(), rows, row_marks.const_data_ptr<int32_t>(),
+      run_end.const_data_ptr<int32_t>(), sample_ptr, table.mutable_data_ptr<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t g_numel = grad_grid.numel();
   grid_grad_gather_kernel<T, kSecondOrder>

@@ -656,14 +656,15 @@ NANOBRAGG_INLINE void tricubic_double_backward_grid_scatter(const int64_t size[3
 //   1. each point's key (point_sort_key): the node its stencil starts at;
 //   2. a stable sort of (key, point index), so each key's points form a run
 //      in point order, and a table of each key's run [begin, end);
-//   3. each point's SortedSample, in sorted order (contiguous reads below);
+//   3. each point's SortedSample, in sorted order (contiguous reads below),
+//      and a mark in row i / kLongPiece where a long piece (step 4) starts
+//      at position i (mark_long_piece);
 //   4. the runs cut into pieces at every kPieceSpan-th sorted position
-//      (run_piece); each piece of kLongPiece points or more is summed by one
-//      warp into its row of a table (row = first position / kLongPiece,
-//      distinct because such pieces start kLongPiece or more apart): the 64
-//      tap sums of a stencil piece, lane l adding positions first + l,
-//      first + l + 32, ... and the lanes' sums then added in the fixed
-//      tree of a transposing warp sum (warp_tap_sums reproduces it); the
+//      (run_piece); each piece of kLongPiece points or more (a long piece)
+//      is summed by one warp, found by its mark, into its row of a table (row = first position /
+//      kLongPiece, distinct because such pieces start kLongPiece or more apart): the 64 tap sums of
+//      a stencil piece, lane l adding positions first + l, first + l + 32, ... and the lanes' sums
+//      then added in the fixed tree of a transposing warp sum (warp_tap_sums reproduces it); the
 //      gradient sum of a nearest piece in slot 0 (lane_tree_sum's tree);
 //   5. per grid node, one warp: for each of the 64 stencil starts that
 //      cover the node, in the order (a, b, c), lane l adds the table
@@ -744,12 +745,20 @@ struct PointSample {
 };
 
 // ... and in sorted order: fractional offsets (0 for a nearest point), the
-// gradient and (kSecondOrder) v.
+// gradient and (kSecondOrder) v. The first-order sample is four values
+// aligned to 16 bytes: one vector load on the GPU.
 template <typename T, bool kSecondOrder>
 struct SortedSample {
   T u[3];
   T grad;
-  T v[kSecondOrder ? 3 : 1];
+  T v[3];
+  NANOBRAGG_INLINE T cotangent(int d) const { return v[d]; }
+};
+template <typename T>
+struct alignas(16) SortedSample<T, false> {
+  T u[3];
+  T grad;
+  NANOBRAGG_INLINE T cotangent(int) const { return T(0); }
 };
 
 template <typename T, bool kSecondOrder>
@@ -762,8 +771,8 @@ NANOBRAGG_INLINE SortedSample<T, kSecondOrder> make_sorted_sample(const GridShap
     out.u[d] = p.u[d];  // 0 unless a stencil point
   }
   out.grad = s.grad;
-  for (int d = 0; d < (kSecondOrder ? 3 : 1); ++d) {
-    out.v[d] = kSecondOrder ? s.v[d] : T(0);
+  if constexpr (kSecondOrder) {
+    for (int d = 0; d < 3; ++d) out.v[d] = s.v[d];
   }
   return out;
 }
@@ -788,7 +797,7 @@ struct SampleTaps {
     lagrange_weights(s.u[0], wh);
     lagrange_weights(s.u[1], wk);
     lagrange_weights(s.u[2], wl);
-    for (int d = 0; d < 3; ++d) v[d] = s.v[kSecondOrder ? d : 0];
+    for (int d = 0; d < 3; ++d) v[d] = s.cotangent(d);
     if (kSecondOrder) {
       lagrange_weight_derivs(s.u[0], dh);
       lagrange_weight_derivs(s.u[1], dk);
@@ -844,19 +853,40 @@ NANOBRAGG_INLINE Piece run_piece(int64_t begin, int64_t end, int64_t k) {
   return piece_from(k == 0 ? begin : (begin / kPieceSpan + k) * kPieceSpan, end);
 }
 
-// Step 4: if sorted position q starts a long piece that the table holds
-// (stencil pieces; nearest ones too unless kSecondOrder, whose d/dgrid
-// nearest points do not touch), its end; else 0.
+// Step 3's mark of the long pieces that the table holds (stencil pieces;
+// nearest ones too unless kSecondOrder, whose d/dgrid nearest points do not
+// touch): whether sorted position i starts one. It does if a piece starts
+// there and its kLongPiece-th position is still in the same key's run and
+// kPieceSpan span (keys are sorted: equal ends mean equal between), so no
+// run_end is needed yet.
 template <bool kSecondOrder, typename Key>
-NANOBRAGG_INLINE int64_t long_piece_end(const Key* sorted_keys, int64_t q, int64_t max_key,
-                                        const int32_t* run_end) {
-  const Key key = sorted_keys[q];
-  const bool starts = q == 0 || q % kPieceSpan == 0 || sorted_keys[q - 1] != key;
+NANOBRAGG_INLINE bool starts_long_piece(const Key* sorted_keys, int64_t n, int64_t i,
+                                        int64_t max_key) {
+  const Key key = sorted_keys[i];
+  const bool starts = i == 0 || i % kPieceSpan == 0 || sorted_keys[i - 1] != key;
   if (!starts || key == max_key || (kSecondOrder && key % 2 != 0)) {
-    return 0;
+    return false;
   }
-  const Piece piece = piece_from(q, run_end[key]);
-  return piece.is_long() ? piece.end : 0;
+  const int64_t last = i + kLongPiece - 1;
+  return last < n && last / kPieceSpan == i / kPieceSpan && sorted_keys[last] == key;
+}
+// At most one long piece starts in each row's kLongPiece positions (a long
+// piece has that many): row_marks[i / kLongPiece] = i % kLongPiece + 1 marks
+// it, 0 (zeroed before) none, so that step 4 finds its work in one load
+// per row.
+template <bool kSecondOrder, typename Key>
+NANOBRAGG_INLINE void mark_long_piece(const Key* sorted_keys, int64_t n, int64_t i, int64_t max_key,
+                                      int32_t* row_marks) {
+  if (starts_long_piece<kSecondOrder>(sorted_keys, n, i, max_key)) {
+    row_marks[i / kLongPiece] = static_cast<int32_t>(i % kLongPiece + 1);
+  }
+}
+// Step 4: the long piece that row's nonzero mark names.
+template <typename Key>
+NANOBRAGG_INLINE Piece marked_piece(const Key* sorted_keys, int64_t row, int32_t mark,
+                                    const int32_t* run_end) {
+  const int64_t begin = row * kLongPiece + mark - 1;
+  return piece_from(begin, run_end[sorted_keys[begin]]);
 }
 
 // Adds the 64 taps of a stencil sample to acc (tap 16 a + 4 b + c).
@@ -882,9 +912,17 @@ NANOBRAGG_INLINE void piece_lane_taps(const SortedSample<T, kSecondOrder>* __res
                                       const Piece& piece, int lane, T (&acc)[kTaps]) {
   NANOBRAGG_UNROLL
   for (int t = 0; t < kTaps; ++t) acc[t] = T(0);
-  for (int64_t i = piece.begin + lane; i < piece.end; i += 32) {
-    add_sample_taps<T, kSecondOrder>(samples[i], acc);
+  // The next sample is loaded before this one's taps are added, so that the
+  // load's latency hides behind the arithmetic (the sum's order is unchanged).
+  int64_t i = piece.begin + lane;
+  if (i >= piece.end) return;
+  SortedSample<T, kSecondOrder> s = samples[i];
+  for (i += 32; i < piece.end; i += 32) {
+    const SortedSample<T, kSecondOrder> next = samples[i];
+    add_sample_taps<T, kSecondOrder>(s, acc);
+    s = next;
   }
+  add_sample_taps<T, kSecondOrder>(s, acc);
 }
 
 // ... of a long nearest piece: the gradients of the same positions.
@@ -930,6 +968,8 @@ NANOBRAGG_INLINE T gather_node_lane(const GridShape& shape, int64_t node, int la
   T total = T(0);
   for (int a = 0; a < 4; ++a) {
     for (int b = 0; b < 4; ++b) {
+      // (unrolled: the four runs' bounds are loaded together)
+      NANOBRAGG_UNROLL
       for (int c = 0; c < 4; ++c) {
         const int64_t first[3] = {idx[0] - a, idx[1] - b, idx[2] - c};
         if (!stencil_start_valid(shape.size, first)) {

@@ -74,18 +74,28 @@ std::vector<double> gather_on_host(const at::Tensor& grid, const at::Tensor& hkl
   const at::Tensor sorted_keys = sorted.to(c10::CppTypeToScalarType<Key>::value).contiguous();
   const Key* sk = sorted_keys.const_data_ptr<Key>();
   const int64_t* ord = order.const_data_ptr<int64_t>();
+  const int64_t rows = piece_table_rows(n);
+  std::vector<int32_t> row_marks(static_cast<size_t>(rows), 0);
   for (int64_t i = 0; i < n; ++i) {
     mark_run(sk, n, i, run_begin.data(), run_end.data());
+    const bool marked_before = row_marks[static_cast<size_t>(i / kLongPiece)] != 0;
+    mark_long_piece<kSecondOrder>(sk, n, i, max_key, row_marks.data());
+    // at most one mark per row: a second would overwrite the first
+    EXPECT_FALSE(marked_before && starts_long_piece<kSecondOrder>(sk, n, i, max_key)) << i;
     samples[static_cast<size_t>(i)] =
         make_sorted_sample<double, kSecondOrder>(shape, point(ord[i]), mode);
   }
-  // 4. the table of long pieces: 32 lanes and their trees.
-  std::vector<double> table(static_cast<size_t>(piece_table_rows(n) * kTaps), NAN);
-  for (int64_t q = 0; q < n; ++q) {
-    const int64_t end = long_piece_end<kSecondOrder>(sk, q, max_key, run_end.data());
-    if (end == 0) continue;
-    const Piece piece{q, end};
-    double* row = table.data() + piece.table_row() * kTaps;
+  // 4. the table of long pieces, found by their rows' marks: 32 lanes and
+  // their trees.
+  std::vector<double> table(static_cast<size_t>(rows * kTaps), NAN);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t mark = row_marks[static_cast<size_t>(r)];
+    if (mark == 0) continue;
+    const Piece piece = marked_piece(sk, r, mark, run_end.data());
+    EXPECT_TRUE(piece.is_long()) << piece.begin;
+    EXPECT_EQ(piece.table_row(), r);
+    double* row = table.data() + r * kTaps;
+    const int64_t q = piece.begin;
     if (sk[q] % 2 == 0) {
       double lanes[32][kTaps], sums[kTaps];
       for (int lane = 0; lane < 32; ++lane) {
