@@ -77,6 +77,8 @@ csrc/common/library_init.cpp|    return !defined;|    return true;|the registrat
 csrc/tricubic/tricubic_math.h|for (int64_t k = 0; k < pieces; k += (pieces > 1 ? pieces - 1 : 1)) {|for (int64_t k = 0; k < 1; ++k) {|the deterministic gather leaves out a run's short last piece
 csrc/tricubic/tricubic_math.h|return piece_from(k == 0 ? begin : (begin / kPieceSpan + k) * kPieceSpan, end);|return piece_from(k == 0 ? begin : (begin / kPieceSpan + k) * kPieceSpan, end + kPieceSpan);|the deterministic gather's pieces run past their run's end
 csrc/tricubic/tricubic_math.h|for (int l = 0; l < 32; ++l) next[l] = v[l] + v[l ^ offset];|for (int l = 0; l < 32; ++l) next[l] = v[l] + v[l ^ (offset / 2)];|the host's lane tree pairs the wrong lanes
+csrc/tricubic/tricubic_cpu.cpp|const unsigned keep = static_cast<unsigned>(b.inside >> j) & kGroupMask;|const unsigned keep = static_cast<unsigned>(b.inside >> (j + 1)) & kGroupMask;|a window of lanes stores the results of the lanes one along from those inside
+csrc/tricubic/tricubic_math.h|return last < n && last / kPieceSpan == i / kPieceSpan && sorted_keys[last] == key;|return last < n && sorted_keys[last] == key;|the deterministic gather marks a piece long by its run alone, though the span cuts it short
 EOF
 )
 

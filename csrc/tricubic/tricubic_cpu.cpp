@@ -92,12 +92,14 @@ NANOBRAGG_VECTOR_OF(double, 8, Double8)
 // with AVX2, 16 with AVX-512). Where each point falls and its weights are
 // computed for the whole batch at once with at::vec::Vectorized, by the same
 // templates (tricubic_math.h) that the per-point path runs on scalars; then
-// each point whose stencil is inside the grid has its 4x4x4 block contracted
-// on its own (16 rows, each a short vector load: SimdTaps4). Points whose
-// stencil leaves the grid, or that the batch test cannot decide, take the
-// per-point path (tricubic_value, ...). A lane's arithmetic does not depend
-// on its position in a batch, so neither do the results on how the points
-// are split among threads.
+// each point whose stencil is inside the grid has its 4x4x4 block contracted:
+// where a register holds several points' rows (RowGroup: AVX2 floats,
+// AVX-512), in windows of that many lanes, every such point through the one
+// group call; else on its own (16 rows, each a short vector load:
+// SimdTaps4). Points whose stencil leaves the grid, or that the batch test
+// cannot decide, take the per-point path (tricubic_value, ...). A lane's
+// arithmetic does not depend on its position in a batch, so neither do the
+// results on how the points are split among threads.
 //
 // What a kernel needs of a batch besides the weights: their derivatives
 // (the hkl gradient), the incoming gradient (both gradients), and what the
@@ -309,8 +311,10 @@ constexpr bool kDirectLoads = false;
 // coordinates (and grad(p) its incoming gradient, for kGradOut); then
 // stencil(p, j, batch) runs for a point whose stencil is inside the grid
 // (lane j of the batch), per_point(p, h, k, l) for the others.
-// With `group` (kGroup > 1), group(p, j, batch) runs instead for kGroup
-// consecutive lanes j, j + 1, ... whose stencils are all inside the grid.
+// With `group` (kGroup > 1), lanes go in windows of kGroup, j a multiple of
+// kGroup: group(p, j, batch, keep) runs for each window with a stencil
+// inside the grid, storing the results of the lanes j + q with bit q of
+// keep set (those inside), and per_point for the window's other lanes.
 // With `after_batch`, after_batch(batch) runs after each batch's lanes (the
 // grid gradient's scatter of its inside lanes, in one loop).
 struct NoGroups {};
@@ -352,16 +356,31 @@ C10_ALWAYS_INLINE void for_each_point_in_lanes(
       }
     }
     locate_lanes(b, bounds, count);
-    for (int j = 0; j < count;) {
-      if constexpr (!std::is_same_v<GroupFn, NoGroups>) {
-        // kGroup lanes all inside: one call for the group.
-        constexpr uint64_t kGroupMask = (uint64_t(1) << kGroup) - 1;
-        if (j + kGroup <= count && ((b.inside >> j) & kGroupMask) == kGroupMask) {
-          group(i + j, j, b);
-          j += kGroup;
-          continue;
+    if constexpr (!std::is_same_v<GroupFn, NoGroups>) {
+      // The lanes in windows of kGroup: one group call for each window with
+      // a lane inside, storing the inside lanes' results (the others compute
+      // values no one reads, from a block that is in the grid all the same:
+      // locate_lanes puts an axis that a lane leaves at node 0, and a grid
+      // with a stencil inside has 4 nodes or more on each axis); per_point
+      // for the rest. Every inside point thus goes
+      // through one compiled copy of the group's arithmetic, so its bits
+      // cannot depend on its neighbours, whichever multiply-adds the
+      // compiler fuses (g++ 13 fused a single-point path and the group's
+      // differently).
+      static_assert(kLanes % kGroup == 0, "whole windows");
+      constexpr unsigned kGroupMask = (1u << kGroup) - 1;
+      for (int j = 0; j < count; j += kGroup) {
+        const unsigned keep = static_cast<unsigned>(b.inside >> j) & kGroupMask;
+        if (keep != 0) group(i + j, j, b, keep);
+        for (int q = 0; keep != kGroupMask && q < kGroup && j + q < count; ++q) {
+          if (((keep >> q) & 1u) == 0)
+            per_point(i + j + q, b.x[0][j + q], b.x[1][j + q], b.x[2][j + q]);
         }
       }
+      if constexpr (!std::is_same_v<BatchFn, NoBatchHook>) after_batch(b);
+      continue;
+    }
+    for (int j = 0; j < count;) {
       if (b.is_inside(j)) {
         stencil(i + j, j, b);
       } else {
@@ -415,9 +434,10 @@ struct SimdTaps4 {
 // register, so the 20 multiply-adds of contract_stencil cover 4 points and
 // the weights of consecutive lanes are read as one vector. Each element
 // goes through the same operations, in the same order, as in SimdTaps4 (and
-// the dot in Taps4::dot's form), so a point's result does not depend on
-// whether it went through a group: a group is used only where kPoints
-// consecutive lanes are all inside the grid.
+// the dot in Taps4::dot's form); but which products a compiler fuses into
+// multiply-adds may differ between the two (g++ 13.3 fused them
+// differently), so where groups exist every inside point goes through them,
+// a window's outside lanes computed and not stored (for_each_point_in_lanes).
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kRegisterBytes = 64;
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -439,8 +459,9 @@ struct RowGroup {
   static constexpr int kPoints =
       NANOBRAGG_HAVE_SHUFFLEVECTOR ? std::max<int>(1, kRegisterBytes / int(4 * sizeof(T))) : 1;
   static constexpr bool kEnabled = kPoints > 1;
-  using V = typename VectorOf<T, 4 * kPoints>::type;     // kPoints rows of 4 taps
-  using PerPoint = typename VectorOf<T, kPoints>::type;  // one value per point
+  static constexpr unsigned kAllPoints = (1u << kPoints) - 1;  // a `keep` mask
+  using V = typename VectorOf<T, 4 * kPoints>::type;           // kPoints rows of 4 taps
+  using PerPoint = typename VectorOf<T, kPoints>::type;        // one value per point
 
   // Row `offset` of each point's block (block[i] + offset), side by side.
   template <bool kUnitL>
@@ -599,11 +620,12 @@ struct RowGroup {
 
   // Three dots per point at once, in dot's order: {x . w, y . w, z . dw} of
   // each point, times its scale, stored point by point (3 values each) at
-  // out. One register holds tap c of the three rows of every point, so the
-  // 12 dots of 4 float points take 4 multiply-adds and no per-point shuffles.
+  // out, for the points with their bit of keep set. One register holds tap
+  // c of the three rows of every point, so the 12 dots of 4 float points
+  // take 4 multiply-adds and no per-point shuffles.
   static C10_ALWAYS_INLINE void dots_of_three(const V& x, const V& y, const V& z,
                                               const T* const w[4], const T* const dw[4],
-                                              const T* scale, T* out) {
+                                              const T* scale, unsigned keep, T* out) {
     using Lanes = std::make_integer_sequence<int, 4 * kPoints>;
     V wc[4], tc[4];
     for (int c = 0; c < 4; ++c)
@@ -612,7 +634,16 @@ struct RowGroup {
     V d = V{};
     for (int c = 0; c < 4; ++c) d += wc[c] * tc[c];
     const V s = load_low(scale);
-    store_first_three(out, interleave(first_first_second(s, s, Lanes{}) * d, Lanes{}));
+    const V r = interleave(first_first_second(s, s, Lanes{}) * d, Lanes{});
+    if (keep == kAllPoints) {
+      store_first_three(out, r);
+    } else {
+      T all[4 * kPoints];
+      std::memcpy(all, &r, sizeof(r));
+      for (int i = 0; i < kPoints; ++i) {
+        if ((keep >> i) & 1u) std::memcpy(out + 3 * i, all + 3 * i, 3 * sizeof(T));
+      }
+    }
   }
 
  private:
@@ -719,12 +750,13 @@ struct RowGroup {
 #endif
 };
 
-// contract_stencil for the kPoints points of lanes j, j + 1, ... of a batch
-// (all inside), into out[0..kPoints); kShared: all in one block.
+// contract_stencil for the kPoints points of lanes j, j + 1, ... of a batch,
+// into out[i] for the points with bit i of keep set; kShared: all in one
+// block.
 template <typename T, bool kUnitL, bool kShared, int kNeeds>
 C10_ALWAYS_INLINE void contract_group_rows(const LaneBatch<T, kNeeds>& b, int j,
                                            const T* const block[], const int64_t stride[3],
-                                           T* out) {
+                                           unsigned keep, T* out) {
   using G = RowGroup<T>;
   using V = typename G::V;
   V wk[4];
@@ -740,7 +772,13 @@ C10_ALWAYS_INLINE void contract_group_rows(const LaneBatch<T, kNeeds>& b, int j,
   }
   const typename G::PerPoint value =
       G::dot(acc, &b.w[2][0][j], &b.w[2][1][j], &b.w[2][2][j], &b.w[2][3][j]);
-  std::memcpy(out, &value, sizeof(value));
+  if (keep == G::kAllPoints) {
+    std::memcpy(out, &value, sizeof(value));
+  } else {
+    for (int i = 0; i < G::kPoints; ++i) {
+      if ((keep >> i) & 1u) out[i] = value[i];
+    }
+  }
 }
 
 // Consecutive detector lookups mostly share their block (the bench's 512²
@@ -766,20 +804,21 @@ C10_ALWAYS_INLINE void with_group_blocks(const LaneBatch<T, kNeeds>& b, int j, c
 
 template <typename T, bool kUnitL, int kNeeds>
 C10_ALWAYS_INLINE void contract_group(const LaneBatch<T, kNeeds>& b, int j, const T* data,
-                                      const int64_t stride[3], T* out) {
+                                      const int64_t stride[3], unsigned keep, T* out) {
   with_group_blocks(
       b, j, data, stride, [&](auto shared, const T* const block[]) NANOBRAGG_LAMBDA_INLINE {
-        contract_group_rows<T, kUnitL, decltype(shared)::value>(b, j, block, stride, out);
+        contract_group_rows<T, kUnitL, decltype(shared)::value>(b, j, block, stride, keep, out);
       });
 }
 
 // tricubic_hkl_grad_stencil (contract_stencil_grad's arithmetic) for the
-// kPoints points of lanes j, j + 1, ... (all inside): grad_out dF/dhkl of
-// point j + i into grad_hkl[3 i .. 3 i + 2]; kShared: all in one block.
+// kPoints points of lanes j, j + 1, ...: grad_out dF/dhkl of point j + i
+// into grad_hkl[3 i .. 3 i + 2], for bit i of keep set; kShared: all in one
+// block.
 template <typename T, bool kUnitL, bool kShared, int kNeeds>
 C10_ALWAYS_INLINE void hkl_grad_group_rows(const LaneBatch<T, kNeeds>& b, int j,
                                            const T* const block[], const int64_t stride[3],
-                                           const T* grad_out, T* grad_hkl) {
+                                           const T* grad_out, unsigned keep, T* grad_hkl) {
   using G = RowGroup<T>;
   using V = typename G::V;
   V wk[4], dwk[4];
@@ -804,18 +843,19 @@ C10_ALWAYS_INLINE void hkl_grad_group_rows(const LaneBatch<T, kNeeds>& b, int j,
   }
   const T* const wl[4] = {&b.w[2][0][j], &b.w[2][1][j], &b.w[2][2][j], &b.w[2][3][j]};
   const T* const dwl[4] = {&b.dw[2][0][j], &b.dw[2][1][j], &b.dw[2][2][j], &b.dw[2][3][j]};
-  G::dots_of_three(acc_h, acc_k, acc, wl, dwl, grad_out, grad_hkl);
+  G::dots_of_three(acc_h, acc_k, acc, wl, dwl, grad_out, keep, grad_hkl);
 }
 // A group whose points share their block reads each row once, as
 // contract_group does: the same results to the bit; with AVX-512 floats the
 // hkl gradient alone 6% faster, both gradients 3% (the bench's 512²).
 template <typename T, bool kUnitL, int kNeeds>
 C10_ALWAYS_INLINE void hkl_grad_group(const LaneBatch<T, kNeeds>& b, int j, const T* data,
-                                      const int64_t stride[3], const T* grad_out, T* grad_hkl) {
+                                      const int64_t stride[3], const T* grad_out, unsigned keep,
+                                      T* grad_hkl) {
   with_group_blocks(b, j, data, stride,
                     [&](auto shared, const T* const block[]) NANOBRAGG_LAMBDA_INLINE {
-                      hkl_grad_group_rows<T, kUnitL, decltype(shared)::value>(b, j, block, stride,
-                                                                              grad_out, grad_hkl);
+                      hkl_grad_group_rows<T, kUnitL, decltype(shared)::value>(
+                          b, j, block, stride, grad_out, keep, grad_hkl);
                     });
 }
 
@@ -1343,8 +1383,8 @@ void hkl_grad_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
       if constexpr (RowGroup<T>::kEnabled) {
         for_each_point_in_lanes<T, kNeeds, RowGroup<T>::kPoints>(
             begin, end, bounds, direct, coords, grad_at, stencil, per_point,
-            [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
-              hkl_grad_group<T, kUnitL>(b, j, view.data, view.stride, &b.g[j], out + 3 * p);
+            [&](int64_t p, int j, const Batch& b, unsigned keep) NANOBRAGG_LAMBDA_INLINE {
+              hkl_grad_group<T, kUnitL>(b, j, view.data, view.stride, &b.g[j], keep, out + 3 * p);
             });
       } else {
         for_each_point_in_lanes<T, kNeeds>(begin, end, bounds, direct, coords, grad_at, stencil,
@@ -1397,8 +1437,9 @@ void both_grads_kernel(const at::Tensor& grad_output, const at::Tensor& grid,
           if constexpr (RowGroup<T>::kEnabled) {
             for_each_point_in_lanes<T, kNeeds, RowGroup<T>::kPoints>(
                 begin, end, bounds, direct, coords, grad_at, stencil, per_point,
-                [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
-                  hkl_grad_group<T, kUnitL>(b, j, view.data, view.stride, &b.g[j], out + 3 * p);
+                [&](int64_t p, int j, const Batch& b, unsigned keep) NANOBRAGG_LAMBDA_INLINE {
+                  hkl_grad_group<T, kUnitL>(b, j, view.data, view.stride, &b.g[j], keep,
+                                            out + 3 * p);
                 },
                 scatter);
           } else {
@@ -1455,8 +1496,8 @@ at::Tensor tricubic_interp_cpu(const at::Tensor& grid, const at::Tensor& hkl_in,
         if constexpr (RowGroup<T>::kEnabled) {
           for_each_point_in_lanes<T, kWeights, RowGroup<T>::kPoints>(
               begin, end, bounds, direct, coords, no_grad, stencil, per_point,
-              [&](int64_t p, int j, const Batch& b) NANOBRAGG_LAMBDA_INLINE {
-                contract_group<T, kUnitL>(b, j, view.data, view.stride, out_data + p);
+              [&](int64_t p, int j, const Batch& b, unsigned keep) NANOBRAGG_LAMBDA_INLINE {
+                contract_group<T, kUnitL>(b, j, view.data, view.stride, keep, out_data + p);
               });
         } else {
           for_each_point_in_lanes<T, kWeights>(begin, end, bounds, direct, coords, no_grad, stencil,
