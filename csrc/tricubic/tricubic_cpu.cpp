@@ -362,11 +362,13 @@ C10_ALWAYS_INLINE void for_each_point_in_lanes(
       // values no one reads, from a block that is in the grid all the same:
       // locate_lanes puts an axis that a lane leaves at node 0, and a grid
       // with a stencil inside has 4 nodes or more on each axis); per_point
-      // for the rest. Every inside point thus goes
-      // through one compiled copy of the group's arithmetic, so its bits
-      // cannot depend on its neighbours, whichever multiply-adds the
-      // compiler fuses (g++ 13 fused a single-point path and the group's
-      // differently).
+      // for the rest. Every inside point thus goes through the group's
+      // arithmetic, never a single-point path that a compiler may fuse
+      // into multiply-adds differently (g++ 13.3 did). One caveat: the
+      // group is compiled twice, for a window whose lanes share one block
+      // and for one whose lanes do not (with_group_blocks), the same
+      // arithmetic after different loads; the bitwise tests run at every
+      // capability, and gpu_check.sh under the GPU image's compiler.
       static_assert(kLanes % kGroup == 0, "whole windows");
       constexpr unsigned kGroupMask = (1u << kGroup) - 1;
       for (int j = 0; j < count; j += kGroup) {
