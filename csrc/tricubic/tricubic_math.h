@@ -968,8 +968,11 @@ NANOBRAGG_INLINE T gather_node_lane(const GridShape& shape, int64_t node, int la
   T total = T(0);
   for (int a = 0; a < 4; ++a) {
     for (int b = 0; b < 4; ++b) {
-      // (unrolled: the four runs' bounds are loaded together)
-      NANOBRAGG_UNROLL
+      // (unrolled on the GPU: the four runs' bounds are loaded together; a
+      // host compiler may decline, and clang's -Werror says so)
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
       for (int c = 0; c < 4; ++c) {
         const int64_t first[3] = {idx[0] - a, idx[1] - b, idx[2] - c};
         if (!stencil_start_valid(shape.size, first)) {
