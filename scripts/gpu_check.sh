@@ -17,8 +17,9 @@
 #       CUDA GoogleTest cases; the bench on CUDA (both ops, 512² and 2048² × 9);
 #       then the CUDA pytest cases (pytest-xdist, 4 workers) while
 #       compute-sanitizer memcheck, racecheck and synccheck run a few small
-#       CUDA cases; then the CPU pytest cases (the GPU machine's compiler and
-#       CPU are not the development machines').
+#       CUDA cases; then the CPU pytest cases, and test_tricubic.py at the CPU
+#       capabilities below the best (the GPU machine's compiler and CPU are not
+#       the development machines').
 #       The summary goes to $OUT if set, else to reports/gpu/<UTC stamp>/.
 #   scripts/gpu_check.sh --dry-run   (any CPU machine, CI) the same stages with
 #       CPU-only settings in build-gpu-dryrun/: the CUDA cases must all skip;
