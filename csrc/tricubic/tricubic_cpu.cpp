@@ -379,16 +379,14 @@ C10_ALWAYS_INLINE void for_each_point_in_lanes(
             per_point(i + j + q, b.x[0][j + q], b.x[1][j + q], b.x[2][j + q]);
         }
       }
-      if constexpr (!std::is_same_v<BatchFn, NoBatchHook>) after_batch(b);
-      continue;
-    }
-    for (int j = 0; j < count;) {
-      if (b.is_inside(j)) {
-        stencil(i + j, j, b);
-      } else {
-        per_point(i + j, b.x[0][j], b.x[1][j], b.x[2][j]);
+    } else {
+      for (int j = 0; j < count; ++j) {
+        if (b.is_inside(j)) {
+          stencil(i + j, j, b);
+        } else {
+          per_point(i + j, b.x[0][j], b.x[1][j], b.x[2][j]);
+        }
       }
-      ++j;
     }
     if constexpr (!std::is_same_v<BatchFn, NoBatchHook>) after_batch(b);
   }
@@ -640,11 +638,17 @@ struct RowGroup {
     if (keep == kAllPoints) {
       store_first_three(out, r);
     } else {
-      T all[4 * kPoints];
-      std::memcpy(all, &r, sizeof(r));
-      for (int i = 0; i < kPoints; ++i) {
-        if ((keep >> i) & 1u) std::memcpy(out + 3 * i, all + 3 * i, 3 * sizeof(T));
-      }
+      store_kept(out, r, 3, keep);
+    }
+  }
+  // The `per` values of each point (point i's at per i of `values`) into
+  // out + per i, for the points with bit i of keep set.
+  template <typename Values>
+  static C10_ALWAYS_INLINE void store_kept(T* out, const Values& values, int per, unsigned keep) {
+    T all[sizeof(Values) / sizeof(T)];
+    std::memcpy(all, &values, sizeof(values));
+    for (int i = 0; i < kPoints; ++i) {
+      if ((keep >> i) & 1u) std::memcpy(out + per * i, all + per * i, per * sizeof(T));
     }
   }
 
@@ -777,9 +781,7 @@ C10_ALWAYS_INLINE void contract_group_rows(const LaneBatch<T, kNeeds>& b, int j,
   if (keep == G::kAllPoints) {
     std::memcpy(out, &value, sizeof(value));
   } else {
-    for (int i = 0; i < G::kPoints; ++i) {
-      if ((keep >> i) & 1u) out[i] = value[i];
-    }
+    G::store_kept(out, value, 1, keep);
   }
 }
 

@@ -661,11 +661,13 @@ NANOBRAGG_INLINE void tricubic_double_backward_grid_scatter(const int64_t size[3
 //      at position i (mark_long_piece);
 //   4. the runs cut into pieces at every kPieceSpan-th sorted position
 //      (run_piece); each piece of kLongPiece points or more (a long piece)
-//      is summed by one warp, found by its mark, into its row of a table (row = first position /
-//      kLongPiece, distinct because such pieces start kLongPiece or more apart): the 64 tap sums of
-//      a stencil piece, lane l adding positions first + l, first + l + 32, ... and the lanes' sums
-//      then added in the fixed tree of a transposing warp sum (warp_tap_sums reproduces it); the
-//      gradient sum of a nearest piece in slot 0 (lane_tree_sum's tree);
+//      is summed by one warp, found by its mark, into its row of a table
+//      (row = first position / kLongPiece, distinct because such pieces
+//      start kLongPiece or more apart): the 64 tap sums of a stencil piece,
+//      lane l adding positions first + l, first + l + 32, ... and the
+//      lanes' sums then added in the fixed tree of a transposing warp sum
+//      (warp_tap_sums reproduces it); the gradient sum of a nearest piece
+//      in slot 0 (lane_tree_sum's tree);
 //   5. per grid node, one warp: for each of the 64 stencil starts that
 //      cover the node, in the order (a, b, c), lane l adds the table
 //      entries of its run's long pieces l, l + 32, ... and the tap of
