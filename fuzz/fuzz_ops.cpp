@@ -3,8 +3,10 @@
 // int64 limits, special coordinates (NaN, +-Inf, +-1e308, denormals),
 // thicksteps up to 1e5, empty and one-element tensors, forward, backward and
 // double backward.
-// Every call must return or throw c10::Error; a crash, a sanitizer report, a
-// hang, or a non-finite tricubic value from finite inputs is a failure.
+// Every call must return or throw the c10::Error of an argument check (its
+// message starts "nanobragg::<op>: argument ..."); a crash, a sanitizer
+// report, a hang, any other error, or a non-finite tricubic value from finite
+// inputs is a failure.
 #include <ATen/ATen.h>
 #include <fuzzer/FuzzedDataProvider.h>
 #include <torch/autograd.h>
@@ -105,6 +107,12 @@ std::vector<int64_t> shape(FuzzedDataProvider& in, int max_dims, int64_t max_siz
   return s;
 }
 
+// t as a leaf that needs a gradient where its dtype can have one (an integer
+// tensor cannot; the operator's dtype check then raises the error).
+at::Tensor differentiable(const at::Tensor& t) {
+  return t.detach().requires_grad_(at::isFloatingType(t.scalar_type()));
+}
+
 void require(bool ok, const char* what) {
   if (!ok) {
     std::fprintf(stderr, "fuzz_ops: violated: %s\n", what);
@@ -132,8 +140,8 @@ void fuzz_tricubic(FuzzedDataProvider& in) {
   const int order = in.ConsumeIntegralInRange<int>(0, 2);  // derivatives taken
   const bool backward = order > 0;
   if (backward) {
-    grid = grid.detach().requires_grad_(true);
-    hkl = hkl.detach().requires_grad_(true);
+    grid = differentiable(grid);
+    hkl = differentiable(hkl);
   }
   at::Tensor out = nanobragg_ops::tricubic_interp(grid, hkl, imin, fill, mode);
   require(out.sizes() == hkl.sizes().slice(0, hkl.dim() - 1), "output shape is hkl.shape[:-1]");
@@ -198,7 +206,7 @@ void fuzz_absorption(FuzzedDataProvider& in) {
   const bool backward = order > 0;
   if (backward) {
     for (at::Tensor* t : {&intensity, &coords, &odet, &thickness, &attenuation}) {
-      *t = t->detach().requires_grad_(true);
+      *t = differentiable(*t);
     }
   }
   at::Tensor out = nanobragg_ops::detector_absorption(
@@ -230,8 +238,17 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     } else {
       fuzz_absorption(in);
     }
-  } catch (const c10::Error&) {
-    // A clear error for bad input is the documented outcome.
+  } catch (const c10::Error& e) {
+    // A clear error for bad input is the documented outcome: one of the
+    // operators' own argument checks, which name the operator, never an
+    // assertion or an error from deeper down.
+    const std::string message = e.what_without_backtrace();
+    if (message.rfind("nanobragg::", 0) != 0 ||
+        message.find("INTERNAL ASSERT") != std::string::npos) {
+      std::fprintf(stderr, "fuzz_ops: an error that is not an argument check: %s\n",
+                   message.c_str());
+      __builtin_trap();
+    }
   }
   return 0;
 }
