@@ -40,7 +40,12 @@ Capability capability() {
       if (std::strcmp(forced, "avx2") == 0) want = Capability::AVX2;
       if (std::strcmp(forced, "avx512") == 0) want = Capability::AVX512;
     }
-    return want < best ? want : best;
+    Capability runs = want < best ? want : best;
+#if !NANOBRAGG_HAVE_AVX2_KERNELS
+    // Not built: pick() runs the build below it, and so is it named.
+    if (runs == Capability::AVX2) runs = Capability::Default;
+#endif
+    return runs;
   }();
   return chosen;
 }

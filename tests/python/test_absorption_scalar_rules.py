@@ -118,14 +118,29 @@ def test_float32_data_with_float64_scalars(absorption_device):
     assert mixed[0].grad.dtype == torch.float32
 
 
-def test_python_numbers_and_wrapper(absorption_device):
-    """The wrapper fills Python numbers on intensity's device (in float64),
-    and passes tensors of any floating dtype as given."""
+@pytest.mark.parametrize("data_dtype", [torch.float64, torch.float32], ids=str)
+def test_python_numbers_and_wrapper(absorption_device, data_dtype):
+    """The wrapper passes Python numbers as float64 values (bitwise what 0-dim
+    float64 tensors on intensity's device give, never rounded to the data's
+    dtype), and tensors of any floating dtype as given."""
     i, p, o, t, a = make_inputs(absorption_device, odet="tilted")
-    ref = nanobragg_ops.detector_absorption(i, p, o, t.item(), a.item(), 3, True)
+    i, p, o = (x.to(data_dtype) for x in (i, p, o))
+    # Values that float32 does not hold exactly.
+    thickness, attenuation = t.item() * (1 + 1e-9), a.item() * (1 - 1e-9)
+    got = nanobragg_ops.detector_absorption(i, p, o, thickness, attenuation, 3, True)
+    as_float64 = [torch.tensor(v, dtype=torch.float64, device=i.device) for v in (thickness, attenuation)]
+    torch.testing.assert_close(got, OP(i, p, o, *as_float64, 3, True, False), rtol=0, atol=0)
+    # A number rounded to float32 first would give another result.
+    as_float32 = [x.float() for x in as_float64]
+    rounded = OP(i.double(), p.double(), o.double(), *as_float32, 3, True, False)
+    exact = OP(i.double(), p.double(), o.double(), *as_float64, 3, True, False)
+    assert not torch.equal(rounded, exact)
+    if data_dtype == torch.float64:
+        assert not torch.equal(got, rounded)
+
     t32 = t.float().requires_grad_(True)
-    got = nanobragg_ops.detector_absorption(i, p, o.float(), t32, a.item(), 3, True)
-    torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+    got = nanobragg_ops.detector_absorption(i, p, o.float(), t32, attenuation, 3, True)
+    torch.testing.assert_close(got, OP(i, p, o.float(), t32.detach(), as_float64[1], 3, True, False), rtol=0, atol=0)
     got.sum().backward()
     assert t32.grad.dtype == torch.float32
 
@@ -147,6 +162,15 @@ def test_python_numbers_are_not_rounded_to_float32_first(absorption_device, thic
     scalars = [torch.tensor(v, dtype=torch.float64) for v in (thickness, attenuation_length)]
     want = reference(i, p, o, *scalars, 3, True)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-30)
+    # With float64 data too, where the tiny captures (1e-296 of the intensity
+    # and less, flushed to 0 in float32) are resolved: against the layers'
+    # total, 1 - exp(-T / (att rho)), in expm1 (the port's difference of
+    # exponentials gives 0 there).
+    got64 = nanobragg_ops.detector_absorption(i, p, o, thickness, attenuation_length, 3, True)
+    rho = (o * p).sum(-1) / p.norm(dim=-1)
+    total = i * -torch.expm1(-thickness / (attenuation_length * rho))
+    assert (total > 0).all()
+    torch.testing.assert_close(got64, total, rtol=1e-12, atol=0)
 
 
 def test_vmap_grad_and_compile_with_mixed_dtypes(absorption_device):
@@ -178,6 +202,22 @@ def test_opcheck_mixed_dtypes(absorption_device):
     torch.library.opcheck(OP, args)
 
 
+def check_against_float64(out, thickness_grad, inputs, rounding):
+    """An autocast call's output and thickness gradient (of out.sum()) against
+    the float64 call on the same inputs rounded to `rounding` (the float64
+    thickness and attenuation as given), to that dtype's precision: the
+    per-pixel math of the lower-precision run is rounded once per step, so
+    a few of its ulps."""
+    i, p, o, t, a = (x.detach().cpu() for x in inputs)
+    i, p, o = (x.to(rounding).double() for x in (i, p, o))
+    t64 = t.double().requires_grad_(True)
+    want = OP(i, p, o, t64, a.double(), 3, True, False)
+    want.sum().backward()
+    tol = 2e-2 if rounding == torch.bfloat16 else 4e-3
+    torch.testing.assert_close(out.detach().cpu().double(), want.detach(), rtol=tol, atol=tol * want.abs().max().item())
+    torch.testing.assert_close(thickness_grad.cpu(), t64.grad, rtol=tol, atol=0)
+
+
 def test_autocast_cpu_keeps_a_float64_thickness():
     """Autocast casts intensity (and the other CPU tensors of the call) to
     float32 but leaves float64 tensors alone: a float64 thickness is now fine."""
@@ -188,6 +228,7 @@ def test_autocast_cpu_keeps_a_float64_thickness():
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert t64.grad.dtype == torch.float64
+    check_against_float64(out, t64.grad, (i, p, o, t, a), rounding=torch.bfloat16)
 
 
 @pytest.mark.parametrize(
@@ -262,3 +303,4 @@ def test_cuda_autocast_with_a_float64_cpu_thickness():
     assert out.dtype == torch.float16
     out.float().sum().backward()
     assert t64.grad.dtype == torch.float64 and t64.grad.device.type == "cpu"
+    check_against_float64(out, t64.grad, (i, p, o, t, a), rounding=torch.float16)

@@ -29,7 +29,8 @@ def absorption_inputs(dtype):
 
 
 def grad_layouts(values):
-    """values [SIZE, SIZE] in four layouts, all equal elementwise."""
+    """values [SIZE, SIZE] in three layouts, all equal elementwise (the
+    fourth, expanded from one value, is checked on its own)."""
     wide = torch.zeros(SIZE, 2 * SIZE, dtype=values.dtype)
     wide[:, ::2] = values
     return {
@@ -71,6 +72,8 @@ def test_absorption_backward_any_grad_layout(dtype, mask):
         if wanted:
             scale = ref1[i].abs().max()
             torch.testing.assert_close(got1[i] / scale, ref1[i] / scale, **tol, msg=f"expanded, output {i}")
+        else:
+            assert got1[i].shape == (0,), f"expanded: output {i} not asked for"
 
 
 def test_absorption_sum_backward_matches_autograd_of_contiguous():
@@ -112,6 +115,8 @@ def test_tricubic_one_pass_backward_matches_single_gradients(dtype):
         both = TRI_BACKWARD(grad, grid, hkl, [-10, -10, -11], mode, [True, True])
         grid_only = TRI_BACKWARD(grad, grid, hkl, [-10, -10, -11], mode, [True, False])
         hkl_only = TRI_BACKWARD(grad, grid, hkl, [-10, -10, -11], mode, [False, True])
+        # What output_mask does not ask for comes back as an empty [0].
+        assert grid_only[1].shape == (0,) and hkl_only[0].shape == (0,)
         # The grid scatter is the same arithmetic in the same order: equal.
         assert torch.equal(both[0], grid_only[0])
         tol = dict(rtol=1e-13, atol=1e-13) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)

@@ -17,14 +17,16 @@ import nanobragg_ops
 COPIES = [1, 40]
 
 
-def long_h_axis(size: int, base: int) -> torch.Tensor:
+def long_h_axis(size: int, base: int, directory) -> torch.Tensor:
     """A float32 [size, 4, 4] grid whose value at node h >= base is
-    (h - base)^2 (planes constant in k and l); only the nodes from `base` are written, so
-    an axis of 2^31 nodes reserves its memory without touching most of it."""
-    try:
-        storage = torch.empty(size, dtype=torch.float32)
-    except RuntimeError as e:  # torch.OutOfMemoryError too: no overcommit here
-        pytest.skip(f"cannot reserve {size * 4 / 2**30:.1f} GiB here: {e}")
+    (h - base)^2 (planes constant in k and l). Its storage maps a sparse file
+    in `directory` and only the nodes from `base` are written, so an axis of
+    2^31 nodes takes a few pages of memory and disk, whatever the machine's
+    overcommit rules."""
+    path = directory / "long_h_axis.f32"
+    with open(path, "wb") as f:
+        f.truncate(size * 4)
+    storage = torch.from_file(str(path), shared=True, size=size, dtype=torch.float32)
     storage[base:] = torch.arange(size - base, dtype=torch.float32) ** 2
     return storage.as_strided((size, 4, 4), (1, 0, 0))
 
@@ -40,9 +42,9 @@ def long_h_axis(size: int, base: int) -> torch.Tensor:
     ],
     ids=["2^24+2", "2^24+4", "2^31", "2^31-512"],
 )
-def test_float32_long_axis_picks_the_right_node(size, h, copies):
+def test_float32_long_axis_picks_the_right_node(size, h, copies, tmp_path):
     base = h - 600
-    grid = long_h_axis(size, base)
+    grid = long_h_axis(size, base, tmp_path)
     # h is an integer exact in float32: the interpolation is the node's value
     # (the weights are exactly 0, 1, 0, 0 there).
     hkl = torch.tensor([[float(h), 1.5, 1.5]] * copies, dtype=torch.float32, requires_grad=True)
@@ -74,25 +76,40 @@ def test_index_min_near_2_to_62(dtype, copies):
     assert inside.tolist() == [float(grid[1, 2, 3])] * copies
 
 
+@pytest.mark.parametrize("copies", COPIES)
 @pytest.mark.parametrize(
-    "x, lo, node",
+    "dtype, x, lo, node",
     [
         # An odd integer between 2^52 and 2^53, the grid's last node: x - 0.5
-        # rounds to the even x - 1, whose ceiling is not x.
-        (2**52 + 5, 2**52, 2**52 + 5),
+        # rounds to the even x - 1, whose ceiling is not x. (float32: 2^23.)
+        (torch.float64, 2**52 + 5, 2**52, 2**52 + 5),
+        (torch.float32, 2**23 + 5, 2**23, 2**23 + 5),
         # Just above -0.5, nearest 0: x - 0.5 rounds to -1.0 in double.
-        (-0.49999999999999994, -5, 0),
+        (torch.float64, -0.49999999999999994, -5, 0),
+        (torch.float32, -0.4999999701976776, -5, 0),  # float32's next above -0.5
         # -0.5 itself goes down, as nanoBragg's ceil(x - 0.5).
-        (-0.5, -5, -1),
-        (1.5, -4, 1),
+        (torch.float64, -0.5, -5, -1),
+        (torch.float32, -0.5, -5, -1),
+        (torch.float64, 1.5, -4, 1),
+        (torch.float32, 1.5, -4, 1),
     ],
-    ids=["2^52+5", "just-above-minus-half", "minus-half", "one-and-a-half"],
+    ids=[
+        "2^52+5-float64",
+        "2^23+5-float32",
+        "just-above-minus-half-float64",
+        "just-above-minus-half-float32",
+        "minus-half-float64",
+        "minus-half-float32",
+        "one-and-a-half-float64",
+        "one-and-a-half-float32",
+    ],
 )
-def test_nearest_node_is_exact(x, lo, node):
+def test_nearest_node_is_exact(dtype, x, lo, node, copies):
     """The nearest node ceil(x - 0.5), exactly, for points outside the
     stencil range along h (the grid's h nodes are lo .. lo + 5)."""
-    grid = torch.arange(6 * 6 * 6, dtype=torch.float64).reshape(6, 6, 6)
+    assert torch.tensor(x, dtype=dtype).item() == x  # the coordinate as written
+    grid = torch.arange(6 * 6 * 6, dtype=dtype).reshape(6, 6, 6)
     # Put the point outside the stencil range along k, so only nearest applies.
-    hkl = torch.tensor([[x, 5.0, 2.0]], dtype=torch.float64)
+    hkl = torch.tensor([[x, 5.0, 2.0]] * copies, dtype=dtype)
     out = nanobragg_ops.tricubic_interp(grid, hkl, [lo, 0, 0], default_value=-9.0, out_of_range="nearest")
-    assert out.tolist() == [float(grid[node - lo, 5, 2])]
+    assert out.tolist() == [float(grid[node - lo, 5, 2])] * copies

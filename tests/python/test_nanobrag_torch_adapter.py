@@ -20,12 +20,20 @@ import nanobrag_torch_adapter as adapter  # noqa: E402
 DT = torch.float64
 
 
-def fake_crystal(n=6, default_F=3.5):
+# A grid with a different range on each axis, so that an adapter that mixed
+# up the axes' bounds would be seen.
+INDEX_MIN = (-6, -4, -5)
+INDEX_MAX = (6, 7, 3)
+
+
+def fake_crystal(default_F=3.5):
     """What the adapter reads of a port Crystal."""
-    grid = torch.rand(2 * n + 1, 2 * n + 1, 2 * n + 1, dtype=DT, generator=torch.Generator().manual_seed(0))
+    shape = tuple(hi - lo + 1 for lo, hi in zip(INDEX_MIN, INDEX_MAX))
+    grid = torch.rand(shape, dtype=DT, generator=torch.Generator().manual_seed(0))
+    (h_min, k_min, l_min), (h_max, k_max, l_max) = INDEX_MIN, INDEX_MAX
     return types.SimpleNamespace(
         hkl_data=grid,
-        hkl_metadata=dict(h_min=-n, h_max=n, k_min=-n, k_max=n, l_min=-n, l_max=n),
+        hkl_metadata=dict(h_min=h_min, h_max=h_max, k_min=k_min, k_max=k_max, l_min=l_min, l_max=l_max),
         config=types.SimpleNamespace(default_F=default_F),
         dtype=DT, device=torch.device("cpu"), interpolate=True,
     )
@@ -37,15 +45,21 @@ def test_stencil_rule_is_the_ports():
     hkl = torch.stack([torch.zeros_like(x), x, torch.zeros_like(x)], -1)
     got = adapter.stencil_leaves_grid(hkl, (-6, -6, -6), (6, 6, 6))
     assert got.tolist() == [False, True, False, False, True, True]
+    # each axis against its own bounds
+    points = [[0.0, -3.0, 0.0], [0.0, 0.0, 1.5], [0.0, 0.0, 2.0], [-5.0, 0.0, 0.0], [0.0, -3.5, 0.0]]
+    got = adapter.stencil_leaves_grid(torch.tensor(points, dtype=DT), INDEX_MIN, INDEX_MAX)
+    assert got.tolist() == [False, False, True, False, True]
 
 
 def test_in_range_batch_is_the_operator():
     c = fake_crystal()
-    h, k, l = (torch.rand(7, 5, dtype=DT) * 6 - 3 for _ in range(3))  # noqa: E741
+    # inside every axis' stencil range: floor(x) - 1 >= min, floor(x) + 2 <= max
+    h, k, l = (torch.rand(7, 5, dtype=DT) * (hi - lo - 4) + lo + 1 for lo, hi in zip(INDEX_MIN, INDEX_MAX))  # noqa: E741
+    assert not adapter.stencil_leaves_grid(torch.stack([h, k, l], -1), INDEX_MIN, INDEX_MAX).any()
     got = adapter.tricubic_interpolation(c, h, k, l)
-    want = nanobragg_ops.tricubic_interp(c.hkl_data, torch.stack([h, k, l], -1), (-6, -6, -6), 3.5)
+    want = nanobragg_ops.tricubic_interp(c.hkl_data, torch.stack([h, k, l], -1), INDEX_MIN, 3.5)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert c.interpolate is True
+    assert (got != 3.5).all() and c.interpolate is True
 
 
 def test_one_point_out_of_range_falls_back_for_the_whole_batch(capsys):
@@ -68,9 +82,10 @@ def test_per_point_rule_without_the_ports_fallback(out_of_range):
     zeros = torch.zeros_like(h)
     got = adapter.tricubic_interpolation(c, h, zeros, zeros, keep_port_fallback=False, out_of_range=out_of_range)
     assert c.interpolate is True
-    inside = nanobragg_ops.tricubic_interp(c.hkl_data, torch.tensor([[0.5, 0.0, 0.0]], dtype=DT), (-6, -6, -6))
+    inside = nanobragg_ops.tricubic_interp(c.hkl_data, torch.tensor([[0.5, 0.0, 0.0]], dtype=DT), INDEX_MIN)
     assert got[0] == inside[0]
-    assert got[1] == (3.5 if out_of_range == "default" else c.hkl_data[11, 6, 6])
+    # (5, 0, 0): node (5 - h_min, 0 - k_min, 0 - l_min)
+    assert got[1] == (3.5 if out_of_range == "default" else c.hkl_data[11, 4, 5])
 
 
 def test_no_grid_gives_default_F():
@@ -150,3 +165,63 @@ def test_install_replaces_both_steps():
     pixels = torch.rand(2, 2, 3) + torch.tensor([0.0, 0.0, 0.1])
     torch.testing.assert_close(sim._apply_detector_absorption(intensity, pixels, True),
                                adapter.apply_detector_absorption(sim, intensity, pixels, True))
+
+
+# The port's simulator module as the fractional call site sees it: a module
+# whose functions call torch.round through the module's global `torch`, and a
+# Simulator whose run() looks F up at the rounded indices.
+FAKE_PORT_MODULE = """
+def compute_physics_for_position(h, k, l, lookup):
+    return lookup(torch.round(h), torch.round(k), torch.round(l))
+
+
+class Simulator:
+    def __init__(self, crystal, detector):
+        self.crystal, self.detector = crystal, detector
+        self._compiled_compute_physics = None
+
+    def run(self, h, k, l):
+        return compute_physics_for_position(h, k, l, self.crystal.get_structure_factor)
+"""
+
+
+def fake_port_module(monkeypatch):
+    module = types.ModuleType("fake_nanobrag_torch_simulator")
+    module.torch = torch
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(FAKE_PORT_MODULE, module.__dict__)
+    return module
+
+
+def test_fix_rounded_call_gives_the_lookup_the_fractional_indices(monkeypatch):
+    module = fake_port_module(monkeypatch)
+    crystal = fake_crystal()
+    seen = []
+
+    def lookup(h, k, l):  # noqa: E741
+        seen.append((h, k, l))
+        return h + 10 * k + 100 * l
+
+    crystal.get_structure_factor = lookup
+    detector = types.SimpleNamespace(config=types.SimpleNamespace(
+        detector_thick_um=450.0, detector_abs_um=234.0, detector_thicksteps=3), odet_vec=torch.tensor([0.0, 0, 1.0]))
+    h, k, l = (torch.tensor([0.3, 1.7], dtype=DT) + i for i in range(3))  # noqa: E741
+
+    as_shipped = module.Simulator(crystal, detector)
+    torch.testing.assert_close(as_shipped.run(h, k, l), torch.round(h) + 10 * torch.round(k) + 100 * torch.round(l))
+
+    sim = adapter.install(module.Simulator(crystal, detector), fix_rounded_call=True)
+    assert sim._compiled_compute_physics is module.compute_physics_for_position  # the eager path
+    torch.testing.assert_close(sim.run(h, k, l), h + 10 * k + 100 * l)
+    assert all(a is b for a, b in zip(seen[-1], (h, k, l)))
+    # restored after the run
+    assert module.torch is torch and crystal.get_structure_factor is lookup
+
+    def failing(h, k, l):  # noqa: E741
+        raise RuntimeError("lookup failed")
+
+    crystal.get_structure_factor = failing
+    sim = adapter.install(module.Simulator(crystal, detector), fix_rounded_call=True)
+    with pytest.raises(RuntimeError, match="lookup failed"):
+        sim.run(h, k, l)
+    assert module.torch is torch and crystal.get_structure_factor is failing  # restored on error too

@@ -66,7 +66,8 @@ at::Tensor detector_absorption(const at::Tensor& intensity, const at::Tensor& pi
 // or "avx512", the best this CPU and build support unless the environment
 // variable ATEN_CPU_CAPABILITY names a lower one (as for ATen's own
 // kernels; read once, the first time a CPU kernel or this function needs
-// it); and that best one.
+// it; one that was not built runs, and is named, as the next one down); and
+// that best one.
 std::string cpu_capability();
 std::string best_cpu_capability();
 
