@@ -2,7 +2,7 @@
 
     python memory_child.py allocate MIB
     python memory_child.py tricubic fused|gather SIDE PER_PIXEL
-    python memory_child.py absorption SIDE THICKSTEPS OVERSAMPLE(0|1)
+    python memory_child.py absorption SIDE THICKSTEPS OVERSAMPLE(0|1) [PER_LAYER(0|1) [BACKWARD(0|1)]]
 
 It builds the case's inputs, then measures one call: the growth of the
 process's peak resident set (VmHWM) over its resident set (VmRSS) just
@@ -110,7 +110,11 @@ def tricubic(impl: str, side: int, per_pixel: int) -> dict:
     return measure(call)
 
 
-def absorption(side: int, thicksteps: int, oversample: bool) -> dict:
+def absorption(side: int, thicksteps: int, oversample: bool, per_layer: bool = False,
+               backward: bool = False) -> dict:
+    """per_layer: an intensity per layer, [L, side, side], with the pixels
+    shared ([1, side, side, 3]). backward: every input needs a gradient, and
+    the call is forward + out.sum().backward()."""
     def inputs(s):
         # Pixels 0.1 mm apart at 100 mm, written in place: no temporaries.
         c = (torch.arange(s, dtype=torch.float32) - (s - 1) / 2) * 1e-4
@@ -118,36 +122,51 @@ def absorption(side: int, thicksteps: int, oversample: bool) -> dict:
         pixels[..., 0] = c.view(1, s)
         pixels[..., 1] = c.view(s, 1)
         pixels[..., 2] = 0.1
-        return torch.rand(s, s, dtype=torch.float32), pixels
+        intensity = torch.rand((thicksteps, s, s) if per_layer else (s, s), dtype=torch.float32)
+        return intensity, pixels[None] if per_layer else pixels
 
     odet = torch.tensor([0.02, -0.01, 1.0], dtype=torch.float32)
     odet /= odet.norm()
+    thickness = torch.tensor(450e-6)
+    attenuation = torch.tensor(234e-6)
+    if backward:
+        odet, thickness, attenuation = (x.requires_grad_() for x in (odet, thickness, attenuation))
 
-    def forward(intensity, pixels):
-        return nanobragg_ops.detector_absorption(
-            intensity, pixels, odet, 450e-6, 234e-6, thicksteps=thicksteps,
-            oversample_thick=oversample, per_layer=False)
+    def call_once(intensity, pixels):
+        out = nanobragg_ops.detector_absorption(
+            intensity, pixels, odet, thickness, attenuation, thicksteps=thicksteps,
+            oversample_thick=oversample, per_layer=per_layer)
+        if backward:
+            out.sum().backward()
+        return out
 
-    forward(*inputs(16))  # what a process does once, as above
-    intensity, pixels = inputs(side)
+    def prepared(s):
+        intensity, pixels = inputs(s)
+        if backward:
+            intensity.requires_grad_(), pixels.requires_grad_()
+        return intensity, pixels
+
+    call_once(*prepared(16))  # what a process does once, as above
+    intensity, pixels = prepared(side)
 
     def call():
-        out = forward(intensity, pixels)
-        return {"output_bytes": nbytes(out), "pixels": intensity.numel()}
+        out = call_once(intensity, pixels)
+        grads = sum(nbytes(x.grad) for x in (intensity, pixels)) if backward else 0
+        return {"output_bytes": nbytes(out), "grad_bytes": grads, "pixels": out.numel()}
 
     return measure(call)
 
 
-def main(argv: list[str]) -> None:
-    case, args = argv[0], [a if a.isalpha() else int(a) for a in argv[1:]]
-    if case == "allocate":
-        result = allocate(*args)
-    elif case == "tricubic":
-        result = tricubic(*args)
-    elif case == "absorption":
-        result = absorption(args[0], args[1], bool(args[2]))
+def main(argv):
+    kind, *args = argv
+    if kind == "allocate":
+        result = allocate(int(args[0]))
+    elif kind == "tricubic":
+        result = tricubic(args[0], int(args[1]), int(args[2]))
+    elif kind == "absorption":
+        result = absorption(int(args[0]), int(args[1]), *(bool(int(a)) for a in args[2:]))
     else:
-        raise SystemExit(f"unknown case {case}")
+        raise SystemExit(f"unknown case {kind}")
     print(json.dumps(result))
 
 

@@ -132,7 +132,7 @@ def gradcheck_all(inputs, thicksteps, oversample_thick, per_layer):
     # thickness and attenuation are ~1e-4, so even eps = 1e-7 leaves a
     # central-difference truncation error of ~1e-6 relative in their
     # derivatives; a smaller eps drowns the odet derivative in rounding.
-    assert torch.autograd.gradcheck(f, inputs, eps=1e-7, atol=1e-6, rtol=1e-5)
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-7, atol=1e-6, rtol=1e-5, check_forward_ad=True)
     return inputs
 
 

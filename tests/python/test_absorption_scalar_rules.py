@@ -75,8 +75,8 @@ def test_gradcheck_float64_data_with_float32_scalars(absorption_device):
             return OP(i_, p_, o32, t32, a_units * ATTENUATION, 3, oversample_thick, False)
 
         checked = tuple(x.clone().requires_grad_(True) for x in (i, p, a / ATTENUATION))
-        assert torch.autograd.gradcheck(f, checked, eps=1e-7, atol=1e-6, rtol=1e-5)
-        assert torch.autograd.gradgradcheck(f, checked, eps=1e-7, atol=1e-5, rtol=1e-4)
+        assert torch.autograd.gradcheck(f, checked, eps=1e-7, atol=1e-6, rtol=1e-5, check_forward_ad=True)
+        assert torch.autograd.gradgradcheck(f, checked, eps=1e-7, atol=1e-5, rtol=1e-4, check_fwd_over_rev=True)
 
     mixed = (i, p) + rounded_to((i, p, o, t, a), [torch.float32, torch.float32, torch.float64])[2:]
     ref_inputs = float64_of(mixed)

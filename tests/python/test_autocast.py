@@ -26,43 +26,64 @@ def absorption_inputs(device):
     return intensity.to(device), pixels.to(device), torch.tensor([0.1, 0.0, 1.0], device=device)
 
 
+def float32_run(fn, *inputs):
+    """fn on the inputs converted to float32 (leaves that need a gradient),
+    and the gradients of out.sum() rounded back to each input's dtype: what
+    autocast's float32 run gives, bitwise (the casts' backward rounds the
+    float32 gradients once)."""
+    leaves = [x.detach().float().requires_grad_(True) for x in inputs]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out.sum(), leaves)
+    return out, [g.to(x.dtype) for g, x in zip(grads, inputs)]
+
+
 def test_tricubic_runs_in_float32_under_autocast(device):
     half = HALF[device]
     grid, hkl = tricubic_inputs(device)
     g = grid.to(half).requires_grad_(True)
+    h = hkl.to(half).requires_grad_(True)
     with torch.autocast(device, dtype=half):
-        out = nanobragg_ops.tricubic_interp(g, hkl.to(half), (0, 0, 0))
+        out = nanobragg_ops.tricubic_interp(g, h, (0, 0, 0))
     assert out.dtype == half
     # float32 arithmetic on the half-precision inputs, rounded once at the end.
-    expected = nanobragg_ops.tricubic_interp(g.detach().float(), hkl.to(half).float(), (0, 0, 0)).to(half)
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    expected, grads = float32_run(lambda a, b: nanobragg_ops.tricubic_interp(a, b, (0, 0, 0)), g, h)
+    torch.testing.assert_close(out, expected.to(half), rtol=0, atol=0)
     out.float().sum().backward()
-    assert g.grad.dtype == half and g.grad.abs().sum() > 0
+    for x, want in zip((g, h), grads):
+        assert x.grad.dtype == half and x.grad.abs().sum() > 0
+        torch.testing.assert_close(x.grad, want, rtol=0, atol=0)
 
 
 def test_absorption_runs_in_float32_under_autocast(device):
     half = HALF[device]
     intensity, pixels, odet = absorption_inputs(device)
-    I = intensity.to(half).requires_grad_(True)
+    inputs = [x.to(half).requires_grad_(True) for x in (intensity, pixels, odet)]
     with torch.autocast(device, dtype=half):
-        out = nanobragg_ops.detector_absorption(I, pixels.to(half), odet.to(half), 3e-4, 2e-4, 3, True)
+        out = nanobragg_ops.detector_absorption(*inputs, 3e-4, 2e-4, 3, True)
     assert out.dtype == half
-    expected = nanobragg_ops.detector_absorption(
-        I.detach().float(), pixels.to(half).float(), odet.to(half).float(), 3e-4, 2e-4, 3, True
-    ).to(half)
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    expected, grads = float32_run(lambda i, p, o: nanobragg_ops.detector_absorption(i, p, o, 3e-4, 2e-4, 3, True),
+                                  *inputs)
+    torch.testing.assert_close(out, expected.to(half), rtol=0, atol=0)
     out.float().sum().backward()
-    assert I.grad.dtype == half and I.grad.abs().sum() > 0
+    for x, want in zip(inputs, grads):
+        assert x.grad.dtype == half and x.grad.abs().sum() > 0
+        torch.testing.assert_close(x.grad, want, rtol=0, atol=0)
 
 
 def test_float32_and_float64_are_untouched_by_autocast(device):
     grid, hkl = tricubic_inputs(device)
+    intensity, pixels, odet = absorption_inputs(device)
     for dtype in (torch.float32, torch.float64):
         plain = nanobragg_ops.tricubic_interp(grid.to(dtype), hkl.to(dtype), (0, 0, 0))
+        plain_abs = nanobragg_ops.detector_absorption(
+            intensity.to(dtype), pixels.to(dtype), odet.to(dtype), 3e-4, 2e-4, 3, True)
         with torch.autocast(device, dtype=HALF[device]):
             auto = nanobragg_ops.tricubic_interp(grid.to(dtype), hkl.to(dtype), (0, 0, 0))
-        assert auto.dtype == dtype
+            auto_abs = nanobragg_ops.detector_absorption(
+                intensity.to(dtype), pixels.to(dtype), odet.to(dtype), 3e-4, 2e-4, 3, True)
+        assert auto.dtype == dtype and auto_abs.dtype == dtype
         torch.testing.assert_close(auto, plain, rtol=0, atol=0)
+        torch.testing.assert_close(auto_abs, plain_abs, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])

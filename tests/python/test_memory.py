@@ -63,7 +63,14 @@ def test_measurement_sees_a_known_allocation():
 
 
 def tricubic_bound(r: dict) -> float:
-    return 1.5 * (r["output_bytes"] + r["hkl_grad_bytes"]) + 200 * MB
+    """The output and both gradients, the grid gradient's workspace (at most
+    16 lanes, each a partial grid and half a grid of block sums, within
+    256 MiB: tricubic_cpu.cpp, grid_grad_lane_count) and a small constant. A
+    copy of the expanded output gradient (4 bytes a point), or any per-point
+    array, would not fit."""
+    grid = r["grid_grad_bytes"]
+    workspace = min(16 * 1.5 * grid, 256 * MIB)
+    return r["output_bytes"] + r["hkl_grad_bytes"] + grid + workspace + 64 * MB
 
 
 def test_tricubic_forward_backward_2048x2048x9_float32():
@@ -71,6 +78,8 @@ def test_tricubic_forward_backward_2048x2048x9_float32():
     r = run_child("tricubic", "fused", 2048, 9)
     assert r["points"] == 2048 * 2048 * 9
     assert_at_most(r, tricubic_bound(r))
+    # the bound is below what one more array of a float per point would take
+    assert tricubic_bound(r) < r["growth_bytes"] + 4 * r["points"]
 
 
 def test_tricubic_bound_rejects_a_gathered_neighbourhood():
@@ -78,13 +87,20 @@ def test_tricubic_bound_rejects_a_gathered_neighbourhood():
     # gathered, ~1.5 kB per point with autograd's copies) at 1 M points, far
     # from the scale above: the bound tells materialising from not.
     r = run_child("tricubic", "gather", 1024, 1)
+    assert r["hwm_reset"], "VmHWM could not be reset: the growth is only an upper bound"
     bound = tricubic_bound(r)
     assert r["growth_bytes"] > 4 * bound, f"bound {bound / MIB:.1f} MiB, " + describe(r)
 
 
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward_backward"])
+@pytest.mark.parametrize("per_layer", [False, True], ids=["shared", "per_layer"])
 @pytest.mark.parametrize("oversample_thick", [True, False])
-def test_absorption_forward_4096x4096_16_layers_float32(oversample_thick):
-    # 16.8 M pixels: output 67 MB; nothing per layer may be materialised.
-    r = run_child("absorption", 4096, 16, int(oversample_thick))
+def test_absorption_4096x4096_16_layers_float32(oversample_thick, per_layer, backward):
+    # 16.8 M pixels: output 67 MB; nothing per layer (1.1 GB) or per pixel
+    # (67 MB) may be materialised beyond the output and the gradients
+    # (forward_backward: every input needs one; the intensity's is per layer
+    # with per_layer).
+    r = run_child("absorption", 4096, 16, int(oversample_thick), int(per_layer), int(backward))
     assert r["pixels"] == 4096 * 4096
-    assert_at_most(r, 4 * r["output_bytes"] + 100 * MB)
+    assert (r["grad_bytes"] > 0) == backward
+    assert_at_most(r, r["output_bytes"] + r["grad_bytes"] + 32 * MB)

@@ -26,7 +26,7 @@ def test_gradgradcheck_tricubic(device, mode):
     grid.requires_grad_(True)
     hkl.requires_grad_(True)
     f = lambda g, h: nanobragg_ops.tricubic_interp(g, h, INDEX_MIN, 0.5, mode)  # noqa: E731
-    assert gradgradcheck(f, (grid, hkl))
+    assert gradgradcheck(f, (grid, hkl), check_fwd_over_rev=True)
 
 
 def test_gradgradcheck_tricubic_broadcast_points(device):
@@ -35,7 +35,7 @@ def test_gradgradcheck_tricubic_broadcast_points(device):
     grid.requires_grad_(True)
     hkl.requires_grad_(True)
     f = lambda g, h: nanobragg_ops.tricubic_interp(g, h.expand(3, *h.shape), INDEX_MIN)  # noqa: E731
-    assert gradgradcheck(f, (grid, hkl))
+    assert gradgradcheck(f, (grid, hkl), check_fwd_over_rev=True)
 
 
 @pytest.mark.parametrize("oversample_thick", [True, False])
@@ -60,7 +60,7 @@ def test_gradgradcheck_absorption(absorption_device, oversample_thick, layout):
     # 2 of 40 random cotangents failed (per_layer, oversampled); atol 1e-4 sits above
     # that floor (0 of 40). (The cotangents gradgradcheck draws come from the global
     # generator, which conftest.py seeds before every test.)
-    assert gradgradcheck(f, tuple(inputs), eps=1e-8, atol=1e-4)
+    assert gradgradcheck(f, tuple(inputs), eps=1e-8, atol=1e-4, check_fwd_over_rev=True)
 
 
 def refinement_loss(params, grid, hkl, pixels, target, mode="default"):
