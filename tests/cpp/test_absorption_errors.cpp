@@ -46,7 +46,7 @@ struct Args {
 // Every case runs on each device, through the same host-side checks of
 // shapes, dtypes and devices. The values of thickness and attenuation_length
 // are checked on the host only when they are there: held on a GPU they give
-// an all-NaN result instead (CONTRACT §3; test_cuda.cpp, test_cuda.py).
+// an all-NaN result instead (CONTRACT §3; tests/python/test_cuda.py).
 class AbsorptionErrors : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {

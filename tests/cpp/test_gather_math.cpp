@@ -202,14 +202,18 @@ TEST(TricubicPointMath, PerPointFunctionsOfTheGpuKernelsMatchPolin3) {
   const std::array<int64_t, 3>& lo = kIndexMin;
   at::Tensor grid = at::rand({6, 7, 8}, at::kDouble);
   const int64_t n = 24;
-  // Inside (fractional in every axis), near each face, on a node, and out.
-  at::Tensor hkl = at::rand({n, 3}, at::kDouble) * at::tensor({2.0, 3.0, 4.0}, at::kDouble) +
+  // Inside (fractional in every axis, over every stencil start: floor(x) in
+  // [4, 6] x [-4, -1] x [1, 5]), near each face, on a node, and out.
+  at::Tensor hkl = at::rand({n, 3}, at::kDouble) * at::tensor({3.0, 4.0, 5.0}, at::kDouble) +
                    at::tensor({4.0, -4.0, 1.0}, at::kDouble);
   hkl[0] = at::tensor({4.01, -3.98, 1.02}, at::kDouble);  // the lowest stencil start
-  hkl[1] = at::tensor({5.99, -1.01, 4.97}, at::kDouble);  // the highest
+  hkl[1] = at::tensor({6.99, -0.01, 5.99}, at::kDouble);  // the highest
   hkl[2] = at::tensor({5.0, -2.0, 3.0}, at::kDouble);     // on a node
   hkl[3] = at::tensor({2.6, -2.2, 3.4}, at::kDouble);     // h below the stencil range
-  hkl[4] = at::tensor({4.3, -2.2, 7.3}, at::kDouble);     // l past it
+  hkl[4] = at::tensor({4.3, -2.2, 7.3}, at::kDouble);     // l two nodes past it
+  hkl[5] = at::tensor({7.01, -2.2, 3.4}, at::kDouble);    // just past the top, h
+  hkl[6] = at::tensor({5.3, 0.01, 3.4}, at::kDouble);     // k
+  hkl[7] = at::tensor({5.3, -2.2, 6.01}, at::kDouble);    // l
   at::Tensor grad = at::randn({n}, at::kDouble);
   auto x = hkl.accessor<double, 2>();
   auto g = grad.accessor<double, 1>();

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absorption_reference.h"
+#include "tricubic_reference.h"
 #include "nanobragg_ops/ops.h"
 #include "test_utils.h"
 
@@ -84,18 +85,27 @@ TEST(Reliability, Float32GradientsStayFiniteAtGrazingParallaxAndTheGridBorder) {
     EXPECT_TRUE(at::isfinite(out).all().item<bool>()) << oversample;
     for (const auto& t : g) EXPECT_TRUE(at::isfinite(t).all().item<bool>()) << oversample;
   }
-  // Points whose stencil touches the first and last grid nodes.
+  // Points whose stencils touch the first and the last grid nodes (nodes
+  // 0..7: the stencil of floor(x) = 1 starts at node 0, that of 5 ends at 7).
   at::Tensor grid = (at::rand({8, 8, 8}) * 1e3).requires_grad_(true);
   at::Tensor hkl =
-      at::tensor({1.0f, 1.0f, 1.0f, 4.999999f, 4.999999f, 4.999999f, 1.000001f, 3.5f, 4.99f})
+      at::tensor({1.0f, 1.0f, 1.0f, 5.999999f, 5.999999f, 5.999999f, 1.000001f, 3.5f, 5.99f})
           .view({3, 3})
           .requires_grad_(true);
-  at::Tensor F = nanobragg_ops::tricubic_interp(grid, hkl, {0, 0, 0});
+  at::Tensor F = nanobragg_ops::tricubic_interp(grid, hkl, {0, 0, 0}, -1.0);
   auto g = torch::autograd::grad({F.sum()}, {grid, hkl});
   EXPECT_TRUE(at::isfinite(F).all().item<bool>());
   EXPECT_TRUE(at::isfinite(g[0]).all().item<bool>());
   EXPECT_TRUE(at::isfinite(g[1]).all().item<bool>());
   EXPECT_GT(g[1].abs().sum().item<double>(), 0.0);
+  // Every point interpolates (no default -1), as polin3 does in float64 on
+  // the same float32 values, and the first and last nodes get gradient.
+  const std::vector<double> want =
+      tricubic_reference(grid.detach(), hkl.detach(), {0, 0, 0}, -1.0, "default");
+  EXPECT_LE(max_rel_error(to_vector(F), want, 1.0), 1e-5);
+  for (double w : want) EXPECT_GT(w, 0.0);
+  EXPECT_GT(g[0][0].abs().sum().item<double>(), 0.0);  // the first h-slab
+  EXPECT_GT(g[0][7].abs().sum().item<double>(), 0.0);  // the last
 }
 
 TEST(Reliability, TelescopedFormMatchesTheLayerLoopForTinyAbsorption) {
@@ -171,8 +181,9 @@ TEST_P(ReliabilityLargeIndices, ElementOffsetsBeyond2To31InStridedViews) {
   }
   at::manual_seed(31);
   const at::Tensor grid_ref = (at::rand({6, 6, 6}, at::kFloat) * 4 + 1).to(opts(at::kFloat));
+  // Point 0's stencil (h nodes 2..5) reads the last h-slab, past 2^31.
   const at::Tensor hkl_ref =
-      at::tensor({2.3, 2.6, 1.9, 2.7, 1.2, 2.4}, at::kFloat).view({2, 3}).to(opts(at::kFloat));
+      at::tensor({3.4, 2.6, 1.9, 2.7, 1.2, 2.4}, at::kFloat).view({2, 3}).to(opts(at::kFloat));
   // hkl: point 1 starts at element 2^31 + 3.
   at::Tensor hkl = buffer.as_strided({2, 3}, {(int64_t(1) << 31) + 3, 1});
   hkl.copy_(hkl_ref);
@@ -204,29 +215,38 @@ TEST_P(ReliabilityLargeIndices, ElementOffsetsBeyond2To31InStridedViews) {
   EXPECT_GT(want[0].abs().min().item<float>(), 0.5f);  // both points interpolate
 }
 
-TEST_P(ReliabilityLargeIndices, MoreThan2To31ScatteredAddsInTheBackward) {
-  // 2^25 + 7 points (a stride-0 view of one point, so no memory for hkl or
-  // the incoming gradient), 64 taps each: 2^31 + 448 additions into the
-  // grid gradient, which a 32-bit tap counter would get wrong. All points
-  // are the same, so the grid gradient is N times that of one point.
-  const int64_t n = (int64_t(1) << 25) + 7;
+TEST_P(ReliabilityLargeIndices, MoreThan2To31TapContributionsInTheBackward) {
+  // 2^25 + 8 points (a stride-0 view of one point, so no memory for hkl or
+  // the incoming gradient), 64 taps each: 2^31 + 512 tap contributions to the
+  // grid gradient, a count that a 32-bit counter of points times taps would
+  // get wrong. How they reach the grid differs: the CPU sums a run of points
+  // in one block in registers and adds each run once, a CUDA warp sums its
+  // points of one stencil start before its atomics, and the deterministic
+  // CUDA path sorts one run of n points into pieces of 1024 and a table.
+  // Each gives n times the gradient of the one point.
+  const int64_t n = (int64_t(1) << 25) + 8;
   at::Tensor grid = at::rand({8, 8, 8}, at::kDouble).to(opts(at::kDouble)).requires_grad_(true);
   at::Tensor one = at::tensor({3.3, 4.6, 3.9}, at::kDouble).to(opts(at::kDouble));
   at::Tensor hkl = one.view({1, 3}).expand({n, 3});
-  at::Tensor out = nanobragg_ops::tricubic_interp(grid, hkl, {0, 0, 0});
-  ASSERT_EQ(out.numel(), n);
-  auto g = torch::autograd::grad({out.sum()}, {grid});
   at::Tensor g1 = grid.detach().clone().requires_grad_(true);
   auto single = torch::autograd::grad(
       {nanobragg_ops::tricubic_interp(g1, one.view({1, 3}), {0, 0, 0}).sum()}, {g1});
-  // n equal terms summed one after another (CUDA's atomic adds, in any
-  // order) are within (n - 1) 2^-53 ~ 3.7e-9 of n times one; the CPU's
-  // partial sums are closer.
-  const double tol = GetParam() == "cuda" ? 1e-8 : 1e-9;
-  EXPECT_LE(max_rel_error(to_vector(g[0]), to_vector(single[0] * static_cast<double>(n)), 1.0),
-            tol);
   EXPECT_GT(single[0].abs().sum().item<double>(), 0.0);
-  EXPECT_EQ(out[n - 1].item<double>(), out[0].item<double>());
+  for (const bool deterministic : {false, true}) {
+    if (deterministic && GetParam() != "cuda") continue;  // one CPU path
+    DeterministicScope scope(deterministic);
+    at::Tensor out = nanobragg_ops::tricubic_interp(grid, hkl, {0, 0, 0});
+    ASSERT_EQ(out.numel(), n);
+    auto g = torch::autograd::grad({out.sum()}, {grid});
+    // n equal terms summed one after another (CUDA's atomic adds, in any
+    // order) are within (n - 1) 2^-53 ~ 3.7e-9 of n times one; the CPU's
+    // partial sums and the sorted path's tree sums are closer.
+    const double tol = GetParam() == "cuda" ? 1e-8 : 1e-9;
+    EXPECT_LE(max_rel_error(to_vector(g[0]), to_vector(single[0] * static_cast<double>(n)), 1.0),
+              tol)
+        << "deterministic " << deterministic;
+    EXPECT_EQ(out[n - 1].item<double>(), out[0].item<double>());
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Devices, ReliabilityLargeIndices, ::testing::ValuesIn(test_devices()),

@@ -154,6 +154,33 @@ TEST_P(TricubicBackward, HklGradientMatchesFiniteDifferences) {
   }
 }
 
+TEST_P(TricubicBackward, HklGradientOnANodeIsTheOneFromAbove) {
+  // At an exact integer coordinate the stencil of floor(x) is the one
+  // differentiated (docs/CONTRACT.md §1, Gradients): the derivative from
+  // above, checked by forward differences (error about step/2 times the
+  // second derivative, ~1e-6 relative here). Points on nodes in every axis
+  // or in one, the highest stencil start among them.
+  at::Tensor grid = random_grid({7, 8, 6});
+  at::Tensor hkl =
+      at::tensor({5.0, -2.0, 2.0, 5.3, -2.0, 1.7, 6.4, -3.6, 3.0, 7.0, 0.0, 3.0}, at::kDouble)
+          .view({4, 3})
+          .to(opts());
+  at::Tensor c = at::tensor({1.0, -0.7, 1.3, 0.9}, at::kDouble).to(opts());
+  at::Tensor h = hkl.clone().requires_grad_(true);
+  at::Tensor out = nanobragg_ops::tricubic_interp(grid, h, kIndexMin, -100.0);
+  ASSERT_TRUE(at::ne(out, -100.0).all().item<bool>()) << "every point interpolates";
+  const auto grads = torch::autograd::grad({out}, {h}, {c});
+  const double step = 1e-7;
+  at::Tensor fd = at::zeros_like(hkl);
+  for (int d = 0; d < 3; ++d) {
+    at::Tensor up = hkl.clone();
+    up.select(-1, d).add_(step);
+    fd.select(-1, d).copy_(
+        c * (nanobragg_ops::tricubic_interp(grid, up, kIndexMin, -100.0) - out.detach()) / step);
+  }
+  EXPECT_LE(max_rel_error(to_vector(grads[0]), to_vector(fd), 1.0), 1e-5);
+}
+
 TEST_P(TricubicBackward, NearestScattersIntoOneNodeAndDefaultNowhere) {
   at::Tensor grid = random_grid({5, 5, 5});
   // h outside: (8.6 -> nearest h = 9 is outside too -> default),
@@ -238,13 +265,21 @@ TEST_P(TricubicBackward, BitwiseIdenticalWithOneAndTwoThreads) {
     }
     EXPECT_TRUE(bitwise_equal(g1, g2)) << dtype;
     EXPECT_TRUE(bitwise_equal(h1, h2)) << dtype;
-    // And the reduction agrees with a float64 sum (on CUDA: the atomic
-    // path in float64, so this also compares the two CUDA paths, with a
-    // tolerance).
-    auto [g64, h64] = backward_op(grad.to(at::kDouble), grid.to(at::kDouble), hkl.to(at::kDouble),
-                                  "nearest", {true, false});
-    EXPECT_LE(max_rel_error(to_vector(g1), to_vector(g64), 1.0),
+    // And the reduction agrees with another one: the float64 sum of calls on
+    // slices of 4000 points, each of which the CPU accumulates in a single
+    // lane (fewer than 4096 points: grid_grad_lane_count), where the whole
+    // call adds 14 partial grids (on CUDA: the atomic path in float64, so
+    // this also compares the two CUDA paths, with a tolerance).
+    const at::Tensor grid64 = grid.to(at::kDouble);
+    at::Tensor by_slices = at::zeros_like(grid64);
+    for (int64_t begin = 0; begin < 60000; begin += 4000) {
+      by_slices += std::get<0>(
+          backward_op(grad.slice(0, begin, begin + 4000).to(at::kDouble), grid64,
+                      hkl.slice(0, begin, begin + 4000).to(at::kDouble), "nearest", {true, false}));
+    }
+    EXPECT_LE(max_rel_error(to_vector(g1), to_vector(by_slices), 1.0),
               dtype == at::kFloat ? 1e-3 : 1e-12);
+    EXPECT_GT(by_slices.abs().sum().item<double>(), 1.0);
   }
 }
 
