@@ -31,7 +31,9 @@ INDEX_MIN = (-5, -6, -4)
 GRID_SHAPE = (11, 12, 13)
 THICKNESS = 450e-6
 ATTENUATION = 234e-6
-RTOL = 1e-12  # CUDA against CPU in float64 (docs/CONTRACT.md, Devices)
+# CUDA against CPU in float64 (docs/CONTRACT.md, Devices): to RTOL of each
+# result's largest entry, and entry by entry to 10 RTOL (assert_close_rel).
+RTOL = 1e-12
 
 TRICUBIC_BACKWARD = torch.ops.nanobragg.tricubic_interp_backward.default
 TRICUBIC_DOUBLE_BACKWARD = torch.ops.nanobragg.tricubic_interp_double_backward.default
@@ -45,10 +47,18 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def assert_close_rel(actual, expected, rtol=RTOL, floor_frac=1e-3, what=""):
+def assert_close_rel(actual, expected, rtol=None, floor_frac=1e-3, what=""):
     """max |a - e| / max(|e|, floor_frac * max|e|) <= rtol over the finite
     entries; NaN and infinite entries must sit at the same places (and the
-    infinities have the same sign). Both sides are moved to CPU float64."""
+    infinities have the same sign). Both sides are moved to CPU float64.
+    Without rtol, the contract's measure: within RTOL of the largest entry
+    (floor_frac 1) and entry by entry within 10 RTOL (floor_frac 1e-3), since
+    a sum over many points, such as a grid gradient, is added in another
+    order on each device."""
+    if rtol is None:
+        assert_close_rel(actual, expected, RTOL, 1.0, what)
+        assert_close_rel(actual, expected, 10 * RTOL, 1e-3, what + " (entry by entry)")
+        return
     assert isinstance(actual, torch.Tensor), f"{what}: got {type(actual)}"
     a = actual.detach().to("cpu", F64)
     e = expected.detach().to("cpu", F64)
@@ -124,11 +134,11 @@ def run_on(device, make):
     return all_orders(fn, inputs, g, w)
 
 
-def cuda_matches_cpu(make, what, rtol=RTOL):
+def cuda_matches_cpu(make, what):
     cpu = run_on("cpu", make)
     cuda = run_on("cuda", make)
     torch.cuda.synchronize()
-    assert_all_close(cuda, cpu, what=what, rtol=rtol)
+    assert_all_close(cuda, cpu, what=what)
     return cpu, cuda
 
 
@@ -498,6 +508,7 @@ def check_int64_key_case(device, shape, dtype):
             nonzero = torch.count_nonzero(det[order]).item()
             assert nonzero == inside, f"order {order + 1}: {nonzero - inside} nodes outside the windows have a gradient"
     finally:
+        det = atomic = None  # noqa: F841 (the frame pytest keeps holds no GiBs)
         big.clear()
 
 
@@ -506,7 +517,7 @@ def test_cuda_deterministic_grid_gradient_with_int64_sort_keys():
     assert 2 * 1024 * 1024 * 1024 > 2**31 - 1  # the far corner's smallest key needs int64
     # Measured in the caching allocator's blocks: the grid, both orders of the
     # deterministic result, the second first-order one and the two int32 run
-    # tables of 2 x nodes + 1 entries (9 grid sizes), and a block the
+    # tables of 2 x nodes + 1 entries (8 grid sizes), and a block the
     # allocator's splitting leaves unusable; then the atomic results.
     grid_bytes = 4 * nodes
     need = 11 * grid_bytes + (2 << 30)
@@ -685,7 +696,7 @@ def test_cuda_gpu_held_scalars_of_every_floating_dtype_match_cpu(scalar_dtype):
         assert got.dtype == want.dtype, f"{name}: {got.dtype} on CUDA, {want.dtype} on CPU"
         # The scalars' gradients come back in their own (maybe half) dtype:
         # rounded from the same float64 value on both devices.
-        assert_close_rel(got, want, rtol=RTOL, what=f"{name}, scalars in {scalar_dtype}")
+        assert_close_rel(got, want, what=f"{name}, scalars in {scalar_dtype}")
     assert results["cpu"][0].dtype == F64
     assert results["cpu"][4].dtype == scalar_dtype
 
