@@ -3,6 +3,7 @@ CUDA cases skip, saying why, where CUDA cannot run."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -23,6 +24,20 @@ def _seeded_global_generator():
     """Every test draws the same numbers from torch's global generator (its own
     draws and gradcheck's cotangents) whichever tests ran before it."""
     torch.manual_seed(0)
+
+
+@contextlib.contextmanager
+def deterministic(on: bool):
+    """torch.use_deterministic_algorithms(on) inside the block (on CUDA the
+    grid gradient's sorted path instead of atomics), put back as it was,
+    warn_only included, after it."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=warn_only)
 
 
 def cuda_unavailable_reason(op: str) -> str | None:

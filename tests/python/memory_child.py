@@ -123,7 +123,8 @@ def absorption(side: int, thicksteps: int, oversample: bool, per_layer: bool = F
         pixels[..., 1] = c.view(s, 1)
         pixels[..., 2] = 0.1
         intensity = torch.rand((thicksteps, s, s) if per_layer else (s, s), dtype=torch.float32)
-        return intensity, pixels[None] if per_layer else pixels
+        pixels = pixels[None] if per_layer else pixels
+        return intensity.requires_grad_(backward), pixels.requires_grad_(backward)
 
     odet = torch.tensor([0.02, -0.01, 1.0], dtype=torch.float32)
     odet /= odet.norm()
@@ -140,14 +141,8 @@ def absorption(side: int, thicksteps: int, oversample: bool, per_layer: bool = F
             out.sum().backward()
         return out
 
-    def prepared(s):
-        intensity, pixels = inputs(s)
-        if backward:
-            intensity.requires_grad_(), pixels.requires_grad_()
-        return intensity, pixels
-
-    call_once(*prepared(16))  # what a process does once, as above
-    intensity, pixels = prepared(side)
+    call_once(*inputs(16))  # what a process does once, as above
+    intensity, pixels = inputs(side)
 
     def call():
         out = call_once(intensity, pixels)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import nanobragg_ops
+from conftest import deterministic
 
 HALF = {"cpu": torch.bfloat16, "cuda": torch.float16}
 
@@ -37,17 +38,7 @@ def float32_run(fn, *inputs):
     return out, [g.to(x.dtype) for g, x in zip(grads, inputs)]
 
 
-@pytest.fixture
-def deterministic_grid_gradient():
-    """The grid gradient compared bitwise: on CUDA its sorted path (atomics add
-    in any order)."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
-@pytest.mark.usefixtures("deterministic_grid_gradient")
+@deterministic(True)  # the grid gradient compared bitwise: on CUDA the sorted path
 def test_tricubic_runs_in_float32_under_autocast(device):
     half = HALF[device]
     grid, hkl = tricubic_inputs(device)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import nanobragg_ops
-from conftest import cuda_unavailable_reason
+from conftest import cuda_unavailable_reason, deterministic
 
 TRICUBIC = "nanobragg::tricubic_interp"
 ABSORPTION = "nanobragg::detector_absorption"
@@ -89,17 +89,6 @@ def assert_all_close(actual, expected, what="", **kw):
     assert len(actual) == len(expected), f"{what}: {len(actual)} results, expected {len(expected)}"
     for i, (a, e) in enumerate(zip(actual, expected)):
         assert_close_rel(a, e, what=f"{what} [result {i}]", **kw)
-
-
-@contextlib.contextmanager
-def deterministic(on: bool):
-    prev = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(on)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev, warn_only=warn_only)
 
 
 @contextlib.contextmanager
@@ -357,11 +346,15 @@ def test_cuda_absorption_edge_values_match_cpu(per_layer, oversample, scalars):
 # the grid gradient: atomics and the deterministic path
 
 
-def grid_gradients(grid, hkl, g, v, mode="nearest"):
+def first_order_grid_gradient(grid, hkl, g, mode="nearest", index_min=INDEX_MIN):
+    return TRICUBIC_BACKWARD(g, grid, hkl, list(index_min), mode, [True, False])[0]
+
+
+def grid_gradients(grid, hkl, g, v, mode="nearest", index_min=INDEX_MIN):
     """(first-order grid gradient, second-order grid gradient from the
     double backward with a grad_hkl cotangent v)."""
-    first, _ = TRICUBIC_BACKWARD(g, grid, hkl, list(INDEX_MIN), mode, [True, False])
-    _, second, _ = TRICUBIC_DOUBLE_BACKWARD(None, v, g, grid, hkl, list(INDEX_MIN), mode, [False, True, False])
+    first = first_order_grid_gradient(grid, hkl, g, mode, index_min)
+    _, second, _ = TRICUBIC_DOUBLE_BACKWARD(None, v, g, grid, hkl, list(index_min), mode, [False, True, False])
     return first, second
 
 
@@ -449,17 +442,6 @@ def int64_key_points(shape, n=3000, seed=41):
     return hkl, windows
 
 
-def int64_key_gradients(grid, hkl, g, v, orders=(1, 2)):
-    """Grid gradients of the given orders, index_min 0, nearest mode; the
-    second order is the double backward's with a grad_hkl cotangent v."""
-    out = []
-    if 1 in orders:
-        out.append(TRICUBIC_BACKWARD(g, grid, hkl, [0, 0, 0], "nearest", [True, False])[0])
-    if 2 in orders:
-        out.append(TRICUBIC_DOUBLE_BACKWARD(None, v, g, grid, hkl, [0, 0, 0], "nearest", [False, True, False])[1])
-    return out
-
-
 def check_int64_key_case(device, shape, dtype):
     """The grid gradients of both orders, deterministic and atomic, window
     by window against the CPU kernel in float64 on a window-sized grid with
@@ -477,36 +459,35 @@ def check_int64_key_case(device, shape, dtype):
     # (pytest keeps the failing frame, and with it GiBs of GPU memory).
     big = {"grid": torch.zeros(shape, device=device, dtype=dtype)}
     try:
+        zero = (0, 0, 0)
         with deterministic(True):
-            big["det"] = int64_key_gradients(big["grid"], hkl, g, v)
-            big["again"] = int64_key_gradients(big["grid"], hkl, g, v, orders=(1,))
-        assert torch.equal(big["det"][0], big["again"][0]), "deterministic path not bitwise repeatable"
+            big["det"] = grid_gradients(big["grid"], hkl, g, v, index_min=zero)
+            big["again"] = first_order_grid_gradient(big["grid"], hkl, g, index_min=zero)
+        assert torch.equal(big["det"][0], big["again"]), "deterministic path not bitwise repeatable"
         del big["again"]
         with deterministic(False):
-            big["atomic"] = int64_key_gradients(big["grid"], hkl, g, v)
+            big["atomic"] = grid_gradients(big["grid"], hkl, g, v, index_min=zero)
         del big["grid"]
         det, atomic = big["det"], big["atomic"]
         tol = 1e-4 if dtype == torch.float32 else 1e-12
         w = KEY_WINDOW
-        for order in range(2):
-            inside = 0
-            for lo, rows in windows:
-                # the values the device got, in float64
-                args = [x[rows].to("cpu", F64) for x in (hkl, g, v)]
-                window = torch.zeros((w, w, w), dtype=F64)
-                first, _ = TRICUBIC_BACKWARD(args[1], window, args[0], list(lo), "nearest", [True, False])
-                _, second, _ = TRICUBIC_DOUBLE_BACKWARD(
-                    None, args[2], args[1], window, args[0], list(lo), "nearest", [False, True, False]
-                )
-                reference = (first, second)[order]
-                box = tuple(slice(a, a + w) for a in lo)
+        inside = [0, 0]  # nonzero nodes of each order inside the windows
+        for lo, rows in windows:
+            # the values the device got, in float64
+            args = [x[rows].to("cpu", F64) for x in (hkl, g, v)]
+            references = grid_gradients(torch.zeros((w, w, w), dtype=F64), *args, index_min=lo)
+            box = tuple(slice(a, a + w) for a in lo)
+            for order, reference in enumerate(references):
                 what = f"order {order + 1}, window at {lo}"
                 assert_close_rel(det[order][box], reference, rtol=tol, floor_frac=1.0, what=what + " det vs CPU")
                 assert_close_rel(atomic[order][box], reference, rtol=tol, floor_frac=1.0, what=what + " atomic vs CPU")
                 assert reference.abs().sum() > 1.0, what + ": the window gets no gradient"
-                inside += torch.count_nonzero(det[order][box]).item()
+                inside[order] += torch.count_nonzero(det[order][box]).item()
+        for order in range(2):
             nonzero = torch.count_nonzero(det[order]).item()
-            assert nonzero == inside, f"order {order + 1}: {nonzero - inside} nodes outside the windows have a gradient"
+            assert nonzero == inside[order], (
+                f"order {order + 1}: {nonzero - inside[order]} nodes outside the windows have a gradient"
+            )
     finally:
         det = atomic = None  # noqa: F841 (the frame pytest keeps holds no GiBs)
         big.clear()

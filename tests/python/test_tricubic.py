@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import nanobragg_ops
+from conftest import deterministic as deterministic_algorithms
 
 # torch 2.11 deprecates TorchScript (the design card still supports it); its
 # tests expect the warning instead of hiding it.
@@ -120,14 +121,9 @@ def test_torchscript_values_and_gradients(device, deterministic):
     out_script = scripted(g2, h2)
     torch.testing.assert_close(out_script, out_eager, rtol=0, atol=0)
     weights = torch.linspace(-1, 1, out_eager.numel(), dtype=grid.dtype, device=device)
-    saved = torch.are_deterministic_algorithms_enabled()
-    saved_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(deterministic)
-    try:
+    with deterministic_algorithms(deterministic):
         (out_eager * weights).sum().backward()
         (out_script * weights).sum().backward()
-    finally:
-        torch.use_deterministic_algorithms(saved, warn_only=saved_warn_only)
     if device == "cuda" and not deterministic:
         # CUDA's default grid gradient scatters with atomicAdd, whose order of
         # addition varies from run to run: equal up to rounding only.
