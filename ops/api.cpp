@@ -1,6 +1,11 @@
 // The public C++ API (csrc/include/nanobragg_ops/ops.h): dispatcher calls.
 #include "nanobragg_ops/ops.h"
 
+#include <ATen/ops/full.h>
+#include <ATen/ops/scalar_tensor.h>
+
+#include <cmath>
+
 #include "common/cpu_capability.h"
 #include "dispatch.h"
 
@@ -19,6 +24,34 @@ at::Tensor detector_absorption(const at::Tensor& intensity, const at::Tensor& pi
   return nanobragg::dispatch::detector_absorption().call(intensity, pixel_coords, odet, thickness,
                                                          attenuation_length, thicksteps,
                                                          oversample_thick, per_layer);
+}
+
+namespace {
+
+// A number as the operator's 0-dim float64 scalar: on intensity's device
+// when valid, so that no copy from host memory waits for a GPU; else on the
+// CPU, where the operator reads it and raises its argument error (on a GPU
+// it could only give NaN). As the Python package's _scalar_like.
+at::Tensor length_scalar(double value, bool valid, const at::Tensor& intensity) {
+  if (valid && intensity.defined()) {
+    return at::full({}, value, at::TensorOptions().dtype(at::kDouble).device(intensity.device()));
+  }
+  return at::scalar_tensor(value, at::kDouble);
+}
+
+}  // namespace
+
+at::Tensor detector_absorption(const at::Tensor& intensity, const at::Tensor& pixel_coords,
+                               const at::Tensor& odet, double thickness, double attenuation_length,
+                               int64_t thicksteps, bool oversample_thick, bool per_layer) {
+  // The contract's ranges: thickness finite and >= 0, attenuation length > 0
+  // (infinity included); NaN fails both.
+  const bool thickness_valid = thickness >= 0.0 && std::isfinite(thickness);
+  const bool attenuation_valid = attenuation_length > 0.0;
+  return detector_absorption(intensity, pixel_coords, odet,
+                             length_scalar(thickness, thickness_valid, intensity),
+                             length_scalar(attenuation_length, attenuation_valid, intensity),
+                             thicksteps, oversample_thick, per_layer);
 }
 
 std::string cpu_capability() {

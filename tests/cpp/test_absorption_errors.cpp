@@ -2,6 +2,7 @@
 // naming the operator and the argument.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
+#include <torch/autograd.h>
 
 #include <array>
 #include <functional>
@@ -242,6 +243,76 @@ TEST_P(AbsorptionErrors, BackwardChecksItsGradient) {
         backward(at::ones({3, 4}, at::kInt));
       },
       {"nanobragg::detector_absorption_backward", "'grad_output'", "float32 or float64"});
+}
+
+// The overload that takes thickness and attenuation_length as numbers: the
+// result of 0-dim float64 tensors with those values, bitwise (on the data's
+// device, and as CPU tensors), gradients included; the numbers are not
+// rounded to intensity's dtype (with float32 data, 1e-50 is no float32).
+TEST_P(AbsorptionErrors, NumbersAreTakenAsFloat64Values) {
+  const Args base = args();
+  auto on = [&](const at::Tensor& t) { return t.to(base.device); };
+  struct Lengths {
+    double thickness, attenuation;
+  };
+  for (const auto dtype : {at::kDouble, at::kFloat}) {
+    for (const Lengths lengths : {Lengths{3e-4, 2e-4}, Lengths{3e-51, 1e-50}}) {
+      SCOPED_TRACE(::testing::Message() << dtype << " thickness " << lengths.thickness);
+      const at::Tensor I = on(base.I.to(dtype)).requires_grad_(true);
+      const at::Tensor P = on(base.P.to(dtype)).requires_grad_(true);
+      const at::Tensor o = on(base.o);
+      const at::Tensor from_numbers = nanobragg_ops::detector_absorption(
+          I, P, o, lengths.thickness, lengths.attenuation, base.L, base.oversample, base.per_layer);
+      const auto grads_of_numbers = torch::autograd::grad({from_numbers.sum()}, {I, P});
+      ASSERT_EQ(from_numbers.device(), I.device());
+      for (bool scalars_on_device : {true, false}) {
+        at::Tensor T = at::scalar_tensor(lengths.thickness, at::kDouble);
+        at::Tensor A = at::scalar_tensor(lengths.attenuation, at::kDouble);
+        if (scalars_on_device) {
+          T = on(T);
+          A = on(A);
+        }
+        const at::Tensor from_tensors = nanobragg_ops::detector_absorption(
+            I, P, o, T, A, base.L, base.oversample, base.per_layer);
+        const auto grads_of_tensors = torch::autograd::grad({from_tensors.sum()}, {I, P});
+        EXPECT_TRUE(bitwise_equal(from_numbers, from_tensors))
+            << "scalars on device " << scalars_on_device;
+        EXPECT_TRUE(bitwise_equal(grads_of_numbers[0], grads_of_tensors[0]));
+        EXPECT_TRUE(bitwise_equal(grads_of_numbers[1], grads_of_tensors[1]));
+      }
+      // A capture fraction of a sensor 0.3 attenuation lengths deep at most:
+      // a value float32 lengths (0 and 0) would not give.
+      EXPECT_GT(from_numbers.detach().abs().max().item<double>(), 0.0);
+      EXPECT_TRUE(at::isfinite(from_numbers.detach()).all().item<bool>());
+    }
+  }
+}
+
+// Numbers outside the contract's ranges are the tensors' errors, on either
+// device (read on the host); an infinite attenuation length is valid.
+TEST_P(AbsorptionErrors, NumbersOutOfRangeAreTheTensorsErrors) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double inf = std::numeric_limits<double>::infinity();
+  const Args a = args();
+  auto on = [&](const at::Tensor& t) { return t.to(a.device); };
+  auto call = [&](double thickness, double attenuation) {
+    return nanobragg_ops::detector_absorption(on(a.I), on(a.P), on(a.o), thickness, attenuation,
+                                              a.L, a.oversample, a.per_layer);
+  };
+  for (double thickness : {-1e-4, nan, inf}) {
+    expect_error([&] { call(thickness, 2e-4); }, {"'thickness'", "must be finite and >= 0"});
+  }
+  for (double att : {0.0, -2.0, nan}) {
+    expect_error([&] { call(3e-4, att); }, {"'attenuation_length'", "> 0"});
+  }
+  const at::Tensor nothing_absorbed = call(3e-4, inf);
+  EXPECT_TRUE(bitwise_equal(nothing_absorbed, at::zeros_like(nothing_absorbed)));
+  expect_error(
+      [&] {
+        nanobragg_ops::detector_absorption(at::Tensor(), on(a.P), on(a.o), 3e-4, 2e-4, a.L,
+                                           a.oversample, a.per_layer);
+      },
+      {"'intensity'", "defined tensor"});
 }
 
 INSTANTIATE_TEST_SUITE_P(Devices, AbsorptionErrors, ::testing::ValuesIn(test_devices()),

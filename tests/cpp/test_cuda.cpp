@@ -898,6 +898,36 @@ TEST(CudaScalars, CpuZeroDimScalarsWithCudaData) {
   }
 }
 
+// The C++ overload with numbers for thickness and attenuation length puts
+// them on the device with a fill: no copy from host memory that would wait
+// for the GPU (sync debug mode "error" throws on one).
+TEST(CudaScalars, NumbersForTheLengthsDoNotSynchronise) {
+  NANOBRAGG_SKIP_UNLESS_CUDA();
+#ifdef NANOBRAGG_WITH_CUDA
+  at::manual_seed(41);
+  const Absorption cu = absorption_base(9, 10, 4, true, false).to(kCuda);
+  const double thickness = cu.thickness.item<double>(), att = cu.att.item<double>();
+  const at::Tensor want = cu.forward();
+  c10::cuda::device_synchronize();
+  struct SyncDebugError {
+    SyncDebugError() {
+      c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_ERROR);
+    }
+    ~SyncDebugError() {
+      c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
+    }
+  };
+  at::Tensor got;
+  {
+    SyncDebugError mode;
+    got = nanobragg_ops::detector_absorption(cu.intensity, cu.coords, cu.odet, thickness, att,
+                                             cu.layers, cu.oversample, cu.per_layer);
+  }
+  ASSERT_TRUE(got.is_cuda());
+  EXPECT_TRUE(bitwise_equal(got, want));
+#endif
+}
+
 TEST(CudaStream, NonDefaultStreamMatchesDefaultStream) {
   NANOBRAGG_SKIP_UNLESS_CUDA();
 #ifdef NANOBRAGG_WITH_CUDA

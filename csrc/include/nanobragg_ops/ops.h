@@ -62,6 +62,16 @@ at::Tensor detector_absorption(const at::Tensor& intensity, const at::Tensor& pi
                                const at::Tensor& attenuation_length, int64_t thicksteps,
                                bool oversample_thick, bool per_layer = false);
 
+// The same with thickness and attenuation_length as numbers, as Python
+// numbers are taken: float64 values (not rounded to intensity's dtype), not
+// differentiable, put on intensity's device without waiting for it (a fill,
+// which a CUDA graph can capture). A value outside the ranges above is the
+// same error as for a tensor. For one number and one tensor, pass the
+// number as at::scalar_tensor(value, at::kDouble).
+at::Tensor detector_absorption(const at::Tensor& intensity, const at::Tensor& pixel_coords,
+                               const at::Tensor& odet, double thickness, double attenuation_length,
+                               int64_t thicksteps, bool oversample_thick, bool per_layer = false);
+
 // The build of the CPU kernels that runs in this process: "default", "avx2"
 // or "avx512", the best this CPU and build support unless the environment
 // variable ATEN_CPU_CAPABILITY names a lower one (as for ATen's own
