@@ -41,9 +41,11 @@ at::Tensor length_scalar(double value, bool valid, const at::Tensor& intensity) 
 
 }  // namespace
 
-at::Tensor detector_absorption(const at::Tensor& intensity, const at::Tensor& pixel_coords,
-                               const at::Tensor& odet, double thickness, double attenuation_length,
-                               int64_t thicksteps, bool oversample_thick, bool per_layer) {
+at::Tensor detector_absorption_with_lengths(const at::Tensor& intensity,
+                                            const at::Tensor& pixel_coords, const at::Tensor& odet,
+                                            double thickness, double attenuation_length,
+                                            int64_t thicksteps, bool oversample_thick,
+                                            bool per_layer) {
   // The contract's ranges: thickness finite and >= 0, attenuation length > 0
   // (infinity included); NaN fails both.
   const bool thickness_valid = thickness >= 0.0 && std::isfinite(thickness);

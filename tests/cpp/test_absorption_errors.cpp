@@ -258,8 +258,9 @@ TEST_P(AbsorptionErrors, NumbersAreTakenAsFloat64Values) {
   for (const auto dtype : {at::kDouble, at::kFloat}) {
     for (const Lengths lengths : {Lengths{3e-4, 2e-4}, Lengths{3e-51, 1e-50}}) {
       SCOPED_TRACE(::testing::Message() << dtype << " thickness " << lengths.thickness);
-      const at::Tensor I = on(base.I.to(dtype)).requires_grad_(true);
-      const at::Tensor P = on(base.P.to(dtype)).requires_grad_(true);
+      // (copies: base's tensors stay leaves without gradients)
+      const at::Tensor I = on(base.I.to(dtype)).clone().requires_grad_(true);
+      const at::Tensor P = on(base.P.to(dtype)).clone().requires_grad_(true);
       const at::Tensor o = on(base.o);
       const at::Tensor from_numbers = nanobragg_ops::detector_absorption(
           I, P, o, lengths.thickness, lengths.attenuation, base.L, base.oversample, base.per_layer);
@@ -280,10 +281,11 @@ TEST_P(AbsorptionErrors, NumbersAreTakenAsFloat64Values) {
         EXPECT_TRUE(bitwise_equal(grads_of_numbers[0], grads_of_tensors[0]));
         EXPECT_TRUE(bitwise_equal(grads_of_numbers[1], grads_of_tensors[1]));
       }
-      // A capture fraction of a sensor 0.3 attenuation lengths deep at most:
-      // a value float32 lengths (0 and 0) would not give.
-      EXPECT_GT(from_numbers.detach().abs().max().item<double>(), 0.0);
+      // Finite, and not the intensity itself (what a thickness lost to 0
+      // gives): lengths rounded to float32 (0 and 0) raise on the CPU and give
+      // NaN on a GPU.
       EXPECT_TRUE(at::isfinite(from_numbers.detach()).all().item<bool>());
+      EXPECT_FALSE(at::allclose(from_numbers.detach(), I.detach(), 0.01, 0.0));
     }
   }
 }
@@ -306,6 +308,17 @@ TEST_P(AbsorptionErrors, NumbersOutOfRangeAreTheTensorsErrors) {
     expect_error([&] { call(3e-4, att); }, {"'attenuation_length'", "> 0"});
   }
   const at::Tensor nothing_absorbed = call(3e-4, inf);
+  // Integers are numbers too (thickness 0: the layers' mean intensity, here
+  // the intensity); `{}` is still an undefined tensor, not the number 0.
+  const at::Tensor no_thickness = nanobragg_ops::detector_absorption(
+      on(a.I), on(a.P), on(a.o), 0, 1, a.L, a.oversample, a.per_layer);
+  EXPECT_TRUE(at::allclose(no_thickness.cpu(), a.I, 1e-15, 0.0));
+  expect_error(
+      [&] {
+        nanobragg_ops::detector_absorption(on(a.I), on(a.P), on(a.o), {}, {}, a.L, a.oversample,
+                                           a.per_layer);
+      },
+      {"'thickness'", "defined tensor"});
   EXPECT_TRUE(bitwise_equal(nothing_absorbed, at::zeros_like(nothing_absorbed)));
   expect_error(
       [&] {
@@ -313,6 +326,18 @@ TEST_P(AbsorptionErrors, NumbersOutOfRangeAreTheTensorsErrors) {
                                            a.oversample, a.per_layer);
       },
       {"'intensity'", "defined tensor"});
+}
+
+// With meta data (shapes only), numbers become meta scalars: a meta result
+// of the pixels' shape, as for 0-dim meta tensors.
+TEST(AbsorptionNumbers, MetaDataGivesAMetaResult) {
+  const Args a;
+  auto meta = [](const at::Tensor& t) { return t.to(at::kMeta); };
+  const at::Tensor out = nanobragg_ops::detector_absorption(meta(a.I), meta(a.P), meta(a.o), 3e-4,
+                                                            2e-4, a.L, a.oversample, a.per_layer);
+  EXPECT_TRUE(out.is_meta());
+  EXPECT_EQ(out.sizes(), a.I.sizes());
+  EXPECT_EQ(out.scalar_type(), at::kDouble);
 }
 
 INSTANTIATE_TEST_SUITE_P(Devices, AbsorptionErrors, ::testing::ValuesIn(test_devices()),

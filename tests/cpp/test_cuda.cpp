@@ -909,13 +909,12 @@ TEST(CudaScalars, NumbersForTheLengthsDoNotSynchronise) {
   const double thickness = cu.thickness.item<double>(), att = cu.att.item<double>();
   const at::Tensor want = cu.forward();
   c10::cuda::device_synchronize();
-  struct SyncDebugError {
+  struct SyncDebugError {  // sets the mode for a scope, restores it even on a throw
+    c10::cuda::SyncDebugMode saved = c10::cuda::warning_state().get_sync_debug_mode();
     SyncDebugError() {
       c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_ERROR);
     }
-    ~SyncDebugError() {
-      c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
-    }
+    ~SyncDebugError() { c10::cuda::warning_state().set_sync_debug_mode(saved); }
   };
   at::Tensor got;
   {

@@ -14,6 +14,7 @@
 #include <c10/util/string_view.h>
 
 #include <string>
+#include <type_traits>
 
 namespace nanobragg_ops {
 
@@ -62,15 +63,32 @@ at::Tensor detector_absorption(const at::Tensor& intensity, const at::Tensor& pi
                                const at::Tensor& attenuation_length, int64_t thicksteps,
                                bool oversample_thick, bool per_layer = false);
 
-// The same with thickness and attenuation_length as numbers, as Python
-// numbers are taken: float64 values (not rounded to intensity's dtype), not
-// differentiable, put on intensity's device without waiting for it (a fill,
-// which a CUDA graph can capture). A value outside the ranges above is the
-// same error as for a tensor. For one number and one tensor, pass the
-// number as at::scalar_tensor(value, at::kDouble).
+// The same with thickness and attenuation_length as numbers (any integer or
+// floating type but bool), as Python numbers are taken: float64 values (not
+// rounded to intensity's dtype), not differentiable, made on intensity's
+// device by a fill kernel (no copy from host memory that would wait for the
+// GPU). A value outside the ranges above is the error a 0-dim CPU tensor
+// gives. A template, so that `{}` (an undefined tensor) still means the
+// tensor overload. For one number and one tensor, pass the number as
+// at::scalar_tensor(value, at::kDouble).
+at::Tensor detector_absorption_with_lengths(const at::Tensor& intensity,
+                                            const at::Tensor& pixel_coords, const at::Tensor& odet,
+                                            double thickness, double attenuation_length,
+                                            int64_t thicksteps, bool oversample_thick,
+                                            bool per_layer);
+
+template <typename Thickness, typename AttenuationLength,
+          typename = std::enable_if_t<
+              std::is_arithmetic_v<Thickness> && !std::is_same_v<Thickness, bool> &&
+              std::is_arithmetic_v<AttenuationLength> && !std::is_same_v<AttenuationLength, bool>>>
 at::Tensor detector_absorption(const at::Tensor& intensity, const at::Tensor& pixel_coords,
-                               const at::Tensor& odet, double thickness, double attenuation_length,
-                               int64_t thicksteps, bool oversample_thick, bool per_layer = false);
+                               const at::Tensor& odet, Thickness thickness,
+                               AttenuationLength attenuation_length, int64_t thicksteps,
+                               bool oversample_thick, bool per_layer = false) {
+  return detector_absorption_with_lengths(
+      intensity, pixel_coords, odet, static_cast<double>(thickness),
+      static_cast<double>(attenuation_length), thicksteps, oversample_thick, per_layer);
+}
 
 // The build of the CPU kernels that runs in this process: "default", "avx2"
 // or "avx512", the best this CPU and build support unless the environment
