@@ -28,31 +28,41 @@ at::Tensor detector_absorption(const at::Tensor& intensity, const at::Tensor& pi
 
 namespace {
 
-// A number as the operator's 0-dim float64 scalar: on intensity's device
-// when valid, so that no copy from host memory waits for a GPU; else on the
-// CPU, where the operator reads it and raises its argument error (on a GPU
-// it could only give NaN). As the Python package's _scalar_like.
-at::Tensor length_scalar(double value, bool valid, const at::Tensor& intensity) {
-  if (valid && intensity.defined()) {
+// A length for the operator: a tensor as given; a number as a 0-dim float64
+// scalar, on intensity's device when valid, so that no copy from host memory
+// waits for a GPU, else on the CPU, where the operator reads it and raises
+// its argument error (on a GPU it could only give NaN). As the Python
+// package's _scalar_like.
+at::Tensor length_tensor(const Length& length, bool (*valid)(double), const at::Tensor& intensity) {
+  if (const auto* tensor = std::get_if<at::Tensor>(&length)) {
+    return *tensor;
+  }
+  const double value = std::get<double>(length);
+  if (valid(value) && intensity.defined()) {
     return at::full({}, value, at::TensorOptions().dtype(at::kDouble).device(intensity.device()));
   }
   return at::scalar_tensor(value, at::kDouble);
+}
+
+// The contract's ranges: thickness finite and >= 0, attenuation length > 0
+// (infinity included); NaN fails both.
+bool valid_thickness(double t) {
+  return t >= 0.0 && std::isfinite(t);
+}
+bool valid_attenuation_length(double a) {
+  return a > 0.0;
 }
 
 }  // namespace
 
 at::Tensor detector_absorption_with_lengths(const at::Tensor& intensity,
                                             const at::Tensor& pixel_coords, const at::Tensor& odet,
-                                            double thickness, double attenuation_length,
-                                            int64_t thicksteps, bool oversample_thick,
-                                            bool per_layer) {
-  // The contract's ranges: thickness finite and >= 0, attenuation length > 0
-  // (infinity included); NaN fails both.
-  const bool thickness_valid = thickness >= 0.0 && std::isfinite(thickness);
-  const bool attenuation_valid = attenuation_length > 0.0;
+                                            const Length& thickness,
+                                            const Length& attenuation_length, int64_t thicksteps,
+                                            bool oversample_thick, bool per_layer) {
   return detector_absorption(intensity, pixel_coords, odet,
-                             length_scalar(thickness, thickness_valid, intensity),
-                             length_scalar(attenuation_length, attenuation_valid, intensity),
+                             length_tensor(thickness, valid_thickness, intensity),
+                             length_tensor(attenuation_length, valid_attenuation_length, intensity),
                              thicksteps, oversample_thick, per_layer);
 }
 

@@ -37,12 +37,12 @@ int main() {
   // Miller indices of each pixel: a 6 A cubic cell, 1 A X-rays along +z.
   const auto beam = torch::tensor({0.0, 0.0, 1.0}, f64);
   const auto hkl = 6.0 * (pixels / pixels.norm(2, -1, true) - beam);
-  const auto attenuation_length = torch::tensor(234e-6, f64);
 
   auto image = [&](const torch::Tensor& scale, const torch::Tensor& thickness_um) {
     const auto F_pixel = nanobragg_ops::tricubic_interp(scale * F, hkl, {-8, -8, -8});
+    // thickness (m) a tensor, refined; the attenuation length (m) a known number
     return nanobragg_ops::detector_absorption(F_pixel * F_pixel, pixels, odet, thickness_um * 1e-6,
-                                              attenuation_length, /*thicksteps=*/4,
+                                              /*attenuation_length=*/234e-6, /*thicksteps=*/4,
                                               /*oversample_thick=*/true);
   };
   const double true_scale = 2.0, true_thickness_um = 100.0;

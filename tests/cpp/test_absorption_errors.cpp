@@ -290,6 +290,43 @@ TEST_P(AbsorptionErrors, NumbersAreTakenAsFloat64Values) {
   }
 }
 
+// One length a number, the other a tensor (what a refinement of the thickness
+// at a known attenuation length passes): the all-tensor result and the
+// tensor's gradient, bitwise.
+TEST_P(AbsorptionErrors, OneNumberAndOneTensor) {
+  const Args base = args();
+  auto on = [&](const at::Tensor& t) { return t.to(base.device); };
+  const at::Tensor I = on(base.I), P = on(base.P), o = on(base.o);
+  const double thickness = 3e-4, attenuation = 2e-4;
+  auto tensor_of = [&](double v) { return on(at::scalar_tensor(v, at::kDouble)).requires_grad_(); };
+  const at::Tensor T = tensor_of(thickness), A = tensor_of(attenuation);
+  const at::Tensor want =
+      nanobragg_ops::detector_absorption(I, P, o, T, A, base.L, base.oversample, base.per_layer);
+  const auto want_grads = torch::autograd::grad({want.sum()}, {T, A});
+
+  const at::Tensor T1 = tensor_of(thickness);
+  const at::Tensor got_t = nanobragg_ops::detector_absorption(I, P, o, T1, attenuation, base.L,
+                                                              base.oversample, base.per_layer);
+  EXPECT_TRUE(bitwise_equal(got_t, want));
+  EXPECT_TRUE(bitwise_equal(torch::autograd::grad({got_t.sum()}, {T1})[0], want_grads[0]));
+
+  const at::Tensor A1 = tensor_of(attenuation);
+  const at::Tensor got_a = nanobragg_ops::detector_absorption(I, P, o, thickness, A1, base.L,
+                                                              base.oversample, base.per_layer);
+  EXPECT_TRUE(bitwise_equal(got_a, want));
+  EXPECT_TRUE(bitwise_equal(torch::autograd::grad({got_a.sum()}, {A1})[0], want_grads[1]));
+  EXPECT_NE(want_grads[0].item<double>(), 0.0);
+  EXPECT_NE(want_grads[1].item<double>(), 0.0);
+
+  // An invalid number beside a tensor is still the number's error.
+  expect_error(
+      [&] {
+        nanobragg_ops::detector_absorption(I, P, o, T1, -1.0, base.L, base.oversample,
+                                           base.per_layer);
+      },
+      {"'attenuation_length'", "> 0"});
+}
+
 // Numbers outside the contract's ranges are the tensors' errors, on either
 // device (read on the host); an infinite attenuation length is valid.
 TEST_P(AbsorptionErrors, NumbersOutOfRangeAreTheTensorsErrors) {

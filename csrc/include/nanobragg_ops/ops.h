@@ -15,6 +15,7 @@
 
 #include <string>
 #include <type_traits>
+#include <variant>
 
 namespace nanobragg_ops {
 
@@ -63,31 +64,47 @@ at::Tensor detector_absorption(const at::Tensor& intensity, const at::Tensor& pi
                                const at::Tensor& attenuation_length, int64_t thicksteps,
                                bool oversample_thick, bool per_layer = false);
 
-// The same with thickness and attenuation_length as numbers (any integer or
-// floating type but bool), as Python numbers are taken: float64 values (not
-// rounded to intensity's dtype), not differentiable, made on intensity's
-// device by a fill kernel (no copy from host memory that would wait for the
-// GPU). A value outside the ranges above is the error a 0-dim CPU tensor
-// gives. A template, so that `{}` (an undefined tensor) still means the
-// tensor overload. For one number and one tensor, pass the number as
-// at::scalar_tensor(value, at::kDouble).
+// The same with thickness and/or attenuation_length as numbers (any integer
+// or floating type but bool; the other may stay a tensor), as Python numbers
+// are taken: float64 values (not rounded to intensity's dtype), not
+// differentiable, made on intensity's device by a fill kernel (no copy from
+// host memory that would wait for the GPU). A value outside the ranges above
+// is the error a 0-dim CPU tensor gives. A template, so that `{}` (an
+// undefined tensor) still means the tensor overload.
+using Length = std::variant<at::Tensor, double>;
 at::Tensor detector_absorption_with_lengths(const at::Tensor& intensity,
                                             const at::Tensor& pixel_coords, const at::Tensor& odet,
-                                            double thickness, double attenuation_length,
-                                            int64_t thicksteps, bool oversample_thick,
-                                            bool per_layer);
+                                            const Length& thickness,
+                                            const Length& attenuation_length, int64_t thicksteps,
+                                            bool oversample_thick, bool per_layer);
 
-template <typename Thickness, typename AttenuationLength,
-          typename = std::enable_if_t<
-              std::is_arithmetic_v<Thickness> && !std::is_same_v<Thickness, bool> &&
-              std::is_arithmetic_v<AttenuationLength> && !std::is_same_v<AttenuationLength, bool>>>
+namespace detail {
+template <typename T>
+constexpr bool is_length_number_v = std::is_arithmetic_v<T> && !std::is_same_v<T, bool>;
+template <typename T>
+constexpr bool is_length_v = is_length_number_v<T> || std::is_same_v<T, at::Tensor>;
+template <typename T>
+Length to_length(const T& value) {
+  if constexpr (is_length_number_v<T>) {
+    return Length(static_cast<double>(value));
+  } else {
+    return Length(value);
+  }
+}
+}  // namespace detail
+
+template <
+    typename Thickness, typename AttenuationLength,
+    typename = std::enable_if_t<
+        detail::is_length_v<Thickness> && detail::is_length_v<AttenuationLength> &&
+        (detail::is_length_number_v<Thickness> || detail::is_length_number_v<AttenuationLength>)>>
 at::Tensor detector_absorption(const at::Tensor& intensity, const at::Tensor& pixel_coords,
-                               const at::Tensor& odet, Thickness thickness,
-                               AttenuationLength attenuation_length, int64_t thicksteps,
+                               const at::Tensor& odet, const Thickness& thickness,
+                               const AttenuationLength& attenuation_length, int64_t thicksteps,
                                bool oversample_thick, bool per_layer = false) {
   return detector_absorption_with_lengths(
-      intensity, pixel_coords, odet, static_cast<double>(thickness),
-      static_cast<double>(attenuation_length), thicksteps, oversample_thick, per_layer);
+      intensity, pixel_coords, odet, detail::to_length(thickness),
+      detail::to_length(attenuation_length), thicksteps, oversample_thick, per_layer);
 }
 
 // The build of the CPU kernels that runs in this process: "default", "avx2"
