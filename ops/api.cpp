@@ -33,7 +33,8 @@ namespace {
 // waits for a GPU, else on the CPU, where the operator reads it and raises
 // its argument error (on a GPU it could only give NaN). As the Python
 // package's _scalar_like.
-at::Tensor length_tensor(const Length& length, bool (*valid)(double), const at::Tensor& intensity) {
+at::Tensor length_tensor(const detail::Length& length, bool (*valid)(double),
+                         const at::Tensor& intensity) {
   if (const auto* tensor = std::get_if<at::Tensor>(&length)) {
     return *tensor;
   }
@@ -55,11 +56,12 @@ bool valid_attenuation_length(double a) {
 
 }  // namespace
 
-at::Tensor detector_absorption_with_lengths(const at::Tensor& intensity,
-                                            const at::Tensor& pixel_coords, const at::Tensor& odet,
-                                            const Length& thickness,
-                                            const Length& attenuation_length, int64_t thicksteps,
-                                            bool oversample_thick, bool per_layer) {
+at::Tensor detail::detector_absorption_with_lengths(const at::Tensor& intensity,
+                                                    const at::Tensor& pixel_coords,
+                                                    const at::Tensor& odet, const Length& thickness,
+                                                    const Length& attenuation_length,
+                                                    int64_t thicksteps, bool oversample_thick,
+                                                    bool per_layer) {
   return detector_absorption(intensity, pixel_coords, odet,
                              length_tensor(thickness, valid_thickness, intensity),
                              length_tensor(attenuation_length, valid_attenuation_length, intensity),

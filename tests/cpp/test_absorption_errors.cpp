@@ -290,6 +290,19 @@ TEST_P(AbsorptionErrors, NumbersAreTakenAsFloat64Values) {
   }
 }
 
+// Which types the number overload takes (checked when this file compiles).
+static_assert(nanobragg_ops::detail::is_length_number_v<double> &&
+              nanobragg_ops::detail::is_length_number_v<float> &&
+              nanobragg_ops::detail::is_length_number_v<const int64_t> &&
+              nanobragg_ops::detail::is_length_number_v<long double>);
+static_assert(!nanobragg_ops::detail::is_length_number_v<bool> &&
+              !nanobragg_ops::detail::is_length_number_v<const volatile bool> &&
+              !nanobragg_ops::detail::is_length_number_v<char> &&
+              !nanobragg_ops::detail::is_length_number_v<at::Tensor>);
+static_assert(nanobragg_ops::detail::is_length_v<at::Tensor> &&
+              nanobragg_ops::detail::is_length_v<const at::Tensor> &&
+              !nanobragg_ops::detail::is_length_v<c10::Scalar>);
+
 // One length a number, the other a tensor (what a refinement of the thickness
 // at a known attenuation length passes): the all-tensor result and the
 // tensor's gradient, bitwise.
@@ -318,13 +331,29 @@ TEST_P(AbsorptionErrors, OneNumberAndOneTensor) {
   EXPECT_NE(want_grads[0].item<double>(), 0.0);
   EXPECT_NE(want_grads[1].item<double>(), 0.0);
 
-  // An invalid number beside a tensor is still the number's error.
+  // An invalid number beside a tensor is still the number's error (on a GPU
+  // only if the number stays on the host to be checked); an undefined tensor
+  // beside a number is the tensor's.
   expect_error(
       [&] {
         nanobragg_ops::detector_absorption(I, P, o, T1, -1.0, base.L, base.oversample,
                                            base.per_layer);
       },
       {"'attenuation_length'", "> 0"});
+  for (double bad_thickness : {-1e-4, std::numeric_limits<double>::infinity()}) {
+    expect_error(
+        [&] {
+          nanobragg_ops::detector_absorption(I, P, o, bad_thickness, A1, base.L, base.oversample,
+                                             base.per_layer);
+        },
+        {"'thickness'", "must be finite and >= 0"});
+  }
+  expect_error(
+      [&] {
+        nanobragg_ops::detector_absorption(I, P, o, at::Tensor(), attenuation, base.L,
+                                           base.oversample, base.per_layer);
+      },
+      {"'thickness'", "defined tensor"});
 }
 
 // Numbers outside the contract's ranges are the tensors' errors, on either

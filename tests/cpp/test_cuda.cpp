@@ -916,14 +916,18 @@ TEST(CudaScalars, NumbersForTheLengthsDoNotSynchronise) {
     }
     ~SyncDebugError() { c10::cuda::warning_state().set_sync_debug_mode(saved); }
   };
-  at::Tensor got;
+  at::Tensor got, got_mixed;
   {
     SyncDebugError mode;
     got = nanobragg_ops::detector_absorption(cu.intensity, cu.coords, cu.odet, thickness, att,
                                              cu.layers, cu.oversample, cu.per_layer);
+    // one number beside a CUDA tensor
+    got_mixed = nanobragg_ops::detector_absorption(cu.intensity, cu.coords, cu.odet, cu.thickness,
+                                                   att, cu.layers, cu.oversample, cu.per_layer);
   }
-  ASSERT_TRUE(got.is_cuda());
+  ASSERT_TRUE(got.is_cuda() && got_mixed.is_cuda());
   EXPECT_TRUE(bitwise_equal(got, want));
+  EXPECT_TRUE(bitwise_equal(got_mixed, want));
 #endif
 }
 

@@ -64,13 +64,9 @@ at::Tensor detector_absorption(const at::Tensor& intensity, const at::Tensor& pi
                                const at::Tensor& attenuation_length, int64_t thicksteps,
                                bool oversample_thick, bool per_layer = false);
 
-// The same with thickness and/or attenuation_length as numbers (any integer
-// or floating type but bool; the other may stay a tensor), as Python numbers
-// are taken: float64 values (not rounded to intensity's dtype), not
-// differentiable, made on intensity's device by a fill kernel (no copy from
-// host memory that would wait for the GPU). A value outside the ranges above
-// is the error a 0-dim CPU tensor gives. A template, so that `{}` (an
-// undefined tensor) still means the tensor overload.
+// The number overload's implementation (below).
+namespace detail {
+// A length as the library receives it: a tensor as given, or a number.
 using Length = std::variant<at::Tensor, double>;
 at::Tensor detector_absorption_with_lengths(const at::Tensor& intensity,
                                             const at::Tensor& pixel_coords, const at::Tensor& odet,
@@ -78,11 +74,15 @@ at::Tensor detector_absorption_with_lengths(const at::Tensor& intensity,
                                             const Length& attenuation_length, int64_t thicksteps,
                                             bool oversample_thick, bool per_layer);
 
-namespace detail {
+template <typename T, typename U = std::remove_cv_t<T>>
+inline constexpr bool is_length_number_v =
+    std::is_floating_point_v<U> ||
+    (std::is_integral_v<U> && !std::is_same_v<U, bool> && !std::is_same_v<U, char> &&
+     !std::is_same_v<U, signed char> && !std::is_same_v<U, unsigned char> &&
+     !std::is_same_v<U, wchar_t> && !std::is_same_v<U, char16_t> && !std::is_same_v<U, char32_t>);
 template <typename T>
-constexpr bool is_length_number_v = std::is_arithmetic_v<T> && !std::is_same_v<T, bool>;
-template <typename T>
-constexpr bool is_length_v = is_length_number_v<T> || std::is_same_v<T, at::Tensor>;
+inline constexpr bool is_length_v =
+    is_length_number_v<T> || std::is_same_v<std::remove_cv_t<T>, at::Tensor>;
 template <typename T>
 Length to_length(const T& value) {
   if constexpr (is_length_number_v<T>) {
@@ -93,6 +93,14 @@ Length to_length(const T& value) {
 }
 }  // namespace detail
 
+// The same with thickness and/or attenuation_length as numbers (any integer
+// or floating type but bool and the character types; the other may stay a
+// tensor), as Python numbers are taken: float64 values (not rounded to
+// intensity's dtype), not differentiable, made on intensity's device by a
+// fill kernel (no copy from host memory that would wait for the GPU). A
+// value outside the ranges above is the error a 0-dim CPU tensor gives. A
+// template, so that `{}` (an undefined tensor) still means the tensor
+// overload.
 template <
     typename Thickness, typename AttenuationLength,
     typename = std::enable_if_t<
@@ -102,7 +110,7 @@ at::Tensor detector_absorption(const at::Tensor& intensity, const at::Tensor& pi
                                const at::Tensor& odet, const Thickness& thickness,
                                const AttenuationLength& attenuation_length, int64_t thicksteps,
                                bool oversample_thick, bool per_layer = false) {
-  return detector_absorption_with_lengths(
+  return detail::detector_absorption_with_lengths(
       intensity, pixel_coords, odet, detail::to_length(thickness),
       detail::to_length(attenuation_length), thicksteps, oversample_thick, per_layer);
 }
