@@ -4,8 +4,7 @@
 #include <ATen/ops/full.h>
 #include <ATen/ops/scalar_tensor.h>
 
-#include <cmath>
-
+#include "absorption/absorption_scalars.h"
 #include "common/cpu_capability.h"
 #include "dispatch.h"
 
@@ -45,15 +44,6 @@ at::Tensor length_tensor(const detail::Length& length, bool (*valid)(double),
   return at::scalar_tensor(value, at::kDouble);
 }
 
-// The contract's ranges: thickness finite and >= 0, attenuation length > 0
-// (infinity included); NaN fails both.
-bool valid_thickness(double t) {
-  return t >= 0.0 && std::isfinite(t);
-}
-bool valid_attenuation_length(double a) {
-  return a > 0.0;
-}
-
 }  // namespace
 
 at::Tensor detail::detector_absorption_with_lengths(const at::Tensor& intensity,
@@ -62,10 +52,13 @@ at::Tensor detail::detector_absorption_with_lengths(const at::Tensor& intensity,
                                                     const Length& attenuation_length,
                                                     int64_t thicksteps, bool oversample_thick,
                                                     bool per_layer) {
-  return detector_absorption(intensity, pixel_coords, odet,
-                             length_tensor(thickness, valid_thickness, intensity),
-                             length_tensor(attenuation_length, valid_attenuation_length, intensity),
-                             thicksteps, oversample_thick, per_layer);
+  // The contract's ranges, as the kernels test them (absorption_scalars.h).
+  return detector_absorption(
+      intensity, pixel_coords, odet,
+      length_tensor(thickness, &nanobragg::absorption::thickness_valid, intensity),
+      length_tensor(attenuation_length, &nanobragg::absorption::attenuation_length_valid,
+                    intensity),
+      thicksteps, oversample_thick, per_layer);
 }
 
 std::string cpu_capability() {

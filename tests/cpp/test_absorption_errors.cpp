@@ -68,20 +68,25 @@ TEST_P(AbsorptionErrors, Thicksteps) {
   }
 }
 
+// Values outside the contract's ranges (thickness finite and >= 0,
+// attenuation length > 0), for every form the lengths can take.
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr std::array<double, 3> kBadThicknesses = {-1e-4, kNaN, kInf};
+constexpr std::array<double, 3> kBadAttenuationLengths = {0.0, -2.0, kNaN};
+
 // The scalars as 0-dim CPU tensors, the form whose value is checked with
 // data on either device (so the CUDA kernels' host side raises too).
 TEST_P(AbsorptionErrors, ThicknessAndAttenuationValues) {
-  const double nan = std::numeric_limits<double>::quiet_NaN();
-  const double inf = std::numeric_limits<double>::infinity();
   Args a = args();
   a.scalars_on_device = false;
-  for (double thickness : {-1e-4, nan, inf}) {
+  for (double thickness : kBadThicknesses) {
     a.T = at::scalar_tensor(thickness, at::kDouble);
     expect_error([&] { a.call(); }, {"'thickness'", "must be finite and >= 0"});
   }
   Args b = args();
   b.scalars_on_device = false;
-  for (double att : {0.0, -2.0, nan}) {
+  for (double att : kBadAttenuationLengths) {
     b.A = at::scalar_tensor(att, at::kDouble);
     expect_error([&] { b.call(); }, {"'attenuation_length'", "> 0"});
   }
@@ -340,7 +345,7 @@ TEST_P(AbsorptionErrors, OneNumberAndOneTensor) {
                                            base.per_layer);
       },
       {"'attenuation_length'", "> 0"});
-  for (double bad_thickness : {-1e-4, std::numeric_limits<double>::infinity()}) {
+  for (double bad_thickness : kBadThicknesses) {
     expect_error(
         [&] {
           nanobragg_ops::detector_absorption(I, P, o, bad_thickness, A1, base.L, base.oversample,
@@ -359,21 +364,20 @@ TEST_P(AbsorptionErrors, OneNumberAndOneTensor) {
 // Numbers outside the contract's ranges are the tensors' errors, on either
 // device (read on the host); an infinite attenuation length is valid.
 TEST_P(AbsorptionErrors, NumbersOutOfRangeAreTheTensorsErrors) {
-  const double nan = std::numeric_limits<double>::quiet_NaN();
-  const double inf = std::numeric_limits<double>::infinity();
   const Args a = args();
   auto on = [&](const at::Tensor& t) { return t.to(a.device); };
   auto call = [&](double thickness, double attenuation) {
     return nanobragg_ops::detector_absorption(on(a.I), on(a.P), on(a.o), thickness, attenuation,
                                               a.L, a.oversample, a.per_layer);
   };
-  for (double thickness : {-1e-4, nan, inf}) {
+  for (double thickness : kBadThicknesses) {
     expect_error([&] { call(thickness, 2e-4); }, {"'thickness'", "must be finite and >= 0"});
   }
-  for (double att : {0.0, -2.0, nan}) {
+  for (double att : kBadAttenuationLengths) {
     expect_error([&] { call(3e-4, att); }, {"'attenuation_length'", "> 0"});
   }
-  const at::Tensor nothing_absorbed = call(3e-4, inf);
+  const at::Tensor nothing_absorbed = call(3e-4, kInf);
+  EXPECT_TRUE(bitwise_equal(nothing_absorbed, at::zeros_like(nothing_absorbed)));
   // Integers are numbers too (thickness 0: the layers' mean intensity, here
   // the intensity); `{}` is still an undefined tensor, not the number 0.
   const at::Tensor no_thickness = nanobragg_ops::detector_absorption(
@@ -385,7 +389,6 @@ TEST_P(AbsorptionErrors, NumbersOutOfRangeAreTheTensorsErrors) {
                                            a.per_layer);
       },
       {"'thickness'", "defined tensor"});
-  EXPECT_TRUE(bitwise_equal(nothing_absorbed, at::zeros_like(nothing_absorbed)));
   expect_error(
       [&] {
         nanobragg_ops::detector_absorption(at::Tensor(), on(a.P), on(a.o), 3e-4, 2e-4, a.L,
