@@ -3,7 +3,6 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <cmath>
 #include <sstream>
 #include <string>
 
@@ -205,15 +204,6 @@ AbsorptionLayout check_absorption_args(const char* op, const at::Tensor& intensi
   layout.pixel_shape =
       broadcast_shapes(op, intensity_pixels, "'intensity'", coords_pixels, "'pixel_coords'");
   return layout;
-}
-
-void check_absorption_values(const char* op, double thickness, double attenuation_length) {
-  TORCH_CHECK(thickness >= 0.0 && !std::isinf(thickness), op,
-              ": argument 'thickness' must be finite and >= 0, got ", thickness);
-  TORCH_CHECK(attenuation_length > 0.0, op,
-              ": argument 'attenuation_length' must be > 0 (inf allowed: no "
-              "absorption), got ",
-              attenuation_length);
 }
 
 void check_absorption_grad_output(const char* op, const at::Tensor& grad_output,

@@ -61,14 +61,13 @@ struct AbsorptionLayout {
 
 // Every check of docs/CONTRACT.md §2 that needs no tensor data (dtypes, devices,
 // shapes, broadcasting, thicksteps); the values of thickness and
-// attenuation_length are checked by check_absorption_values.
+// attenuation_length are checked where they are read
+// (absorption/absorption_layout.cpp, with the kernels' own range predicates).
 AbsorptionLayout check_absorption_args(const char* op, const at::Tensor& intensity,
                                        const at::Tensor& pixel_coords, const at::Tensor& odet,
                                        const at::Tensor& thickness,
                                        const at::Tensor& attenuation_length, int64_t thicksteps,
                                        bool per_layer);
-
-void check_absorption_values(const char* op, double thickness, double attenuation_length);
 
 void check_absorption_grad_output(const char* op, const at::Tensor& grad_output,
                                   const at::Tensor& intensity, const AbsorptionLayout& layout);
