@@ -163,13 +163,21 @@ FILTER="*"
 CAPABILITIES="${MUTANTS_CPU_CAPABILITIES:-native default}"
 # Runs the suite; prints the failing tests' names; status 1 when one failed.
 run_tests() {
-  local log="$WORK/test.log" failed=0 cap
+  local log="$WORK/test.log" failed=0 cap status
   for cap in $CAPABILITIES; do
+    status=0
     if [[ $cap == native ]]; then
-      "$TESTS" --gtest_brief=1 "--gtest_filter=$FILTER" >"$log" 2>&1 || failed=1
+      "$TESTS" --gtest_brief=1 "--gtest_filter=$FILTER" >"$log" 2>&1 || status=$?
     else
       ATEN_CPU_CAPABILITY=$cap "$TESTS" --gtest_brief=1 "--gtest_filter=$FILTER" >"$log" 2>&1 ||
-        failed=1
+        status=$?
+    fi
+    [[ $status -eq 0 ]] || failed=1
+    # A run that stopped without GoogleTest's summary crashed (a signal, an
+    # abort): no test names to list, so it is reported as CRASH.
+    if [[ $status -ne 0 ]] && ! grep -q -E '^\[==========\] [0-9]+ tests? from .* ran' "$log"; then
+      echo "CRASH(status $status)@$cap"
+      continue
     fi
     grep -E '^\[  FAILED  \] [^ ]+' "$log" | grep -v ' listed below' | awk '{print $4}' |
       sort -u | tr -d ',' | sed "s/\$/@$cap/" || true
@@ -189,6 +197,11 @@ run_tests() {
 echo "mutants.sh: building the unmutated tree in $BUILD"
 build || { tail -30 "$WORK/build.log"; echo "mutants.sh: the unmutated tree does not build" >&2; exit 2; }
 if ! baseline_failures=$(run_tests); then
+  if grep -q CRASH <<<"$baseline_failures"; then
+    # Every mutant would "fail" by the same crash and count as caught.
+    echo "mutants.sh: the unmutated suite crashes (${baseline_failures//$'\n'/ }); see $WORK/test.log" >&2
+    exit 2
+  fi
   echo "mutants.sh: WARNING: these tests fail without any mutant and are left out:" >&2
   printf '  %s\n' $baseline_failures >&2
   if [[ -n "${MUTANTS_PYTEST:-}" ]] && grep -q -E '^FAILED|error' "$WORK/pytest.log"; then
