@@ -7,8 +7,10 @@
 // derivative with respect to them is again made of the backward and the
 // double backward (the Hessian is symmetric), so that part is exact too;
 // this is what torch.autograd.functional.hvp's double-backward trick needs.
-// Its derivatives with respect to grad_output and the operator's inputs
-// (third derivatives) raise NotImplementedError.
+// Its derivatives with respect to grad_output and the operator's inputs are
+// second derivatives for its first output (the forward's tangent, so reverse
+// mode over forward mode works) and third derivatives for the others, which
+// raise NotImplementedError, as does forward mode over forward mode.
 //
 // The kernels are written the way PyTorch's generated VariableType kernels
 // are (a Node per op holding SavedVariables, a redispatch below autograd),
@@ -165,11 +167,12 @@ class SavingNode : public torch::autograd::TraceableFunction {
     for (size_t i = 0; i < N; ++i) mask[i] = task_should_compute_output(first + i);
     return mask;
   }
-  // Call under mutex_.
-  std::vector<at::Tensor> unpack() {
+  // The first `count` saved tensors (all by default). Call under mutex_.
+  std::vector<at::Tensor> unpack(size_t count = static_cast<size_t>(-1)) {
+    count = std::min(count, saved_.size());
     std::vector<at::Tensor> out;
-    out.reserve(saved_.size());
-    for (auto& s : saved_) out.push_back(s.unpack(shared_from_this()));
+    out.reserve(count);
+    for (size_t i = 0; i < count; ++i) out.push_back(saved_[i].unpack(shared_from_this()));
     return out;
   }
   // The cotangent of computed output i, if given.
@@ -277,31 +280,50 @@ struct Autograd<Op, std::index_sequence<I...>, op_traits::Params<F...>, op_trait
     std::string name() const override { return node_name("BackwardBackward"); }
   };
 
-  // Of the double backward: d/d(its N cotangent inputs). With cotangents
-  // (w_g, w_<input>...) of its outputs this is backward(w_g) +
-  // double_backward(w_<input>...).d. Its derivatives in grad_output and the
-  // inputs (edges N .. 2N) are third derivatives.
+  // Of the double backward, whose outputs are (J d, g H d...) for
+  // cotangents d: with cotangents (w_g, w_<input>...) of those outputs,
+  //  * d/d(its N cotangent inputs d) is backward(w_g) + double_backward(w).g
+  //    (edges 0 .. N-1);
+  //  * d/d(grad_output) of J d is 0 (edge N), and d/d(inputs) of <w_g, J d>
+  //    is the double backward's input gradients for cotangents d at
+  //    grad_output w_g (edges N+1 .. 2N): second derivatives, which reverse
+  //    mode over forward mode needs (the forward's tangent is J d);
+  //  * the derivatives of g H d in grad_output and the inputs are third
+  //    derivatives.
+  // Saves (grad_output, inputs..., d...).
   class TripleBackwardNode : public SavingNode<Params, N + 1> {
    public:
     using SavingNode<Params, N + 1>::SavingNode;
     variable_list apply(variable_list&& grads) override {
       std::lock_guard<std::mutex> lock(this->mutex_);
+      const at::Tensor w_g = this->computed_[0] ? grads[0] : at::Tensor();
+      const Cotangents w{this->cotangent(grads, I + 1)...};
       for (size_t i = N; i < 2 * N + 1; ++i) {
         TORCH_CHECK_NOT_IMPLEMENTED(
-            !this->task_should_compute_output(i),
+            !any_present(w) || !this->task_should_compute_output(i),
             dispatch::qualified_name<Op>(dispatch::Level::kDoubleBackward),
             ": third derivatives are not implemented (first and second derivatives are exact)");
       }
-      const auto in = this->unpack();
+      const auto want_inputs = this->template needed<N>(N + 1);
+      const bool of_inputs = w_g.defined() && any_of(want_inputs);
+      const auto saved = this->unpack(of_inputs ? 2 * N + 1 : N + 1);
+      const Primals in{saved[0], saved[I + 1]...};
       variable_list out(2 * N + 1);
       const auto want = this->template needed<N>();
-      if (!any_of(want)) {
-        return out;
+      if (any_of(want)) {
+        const auto d = backward_along(w_g, w, in, this->params_, want);
+        std::copy(d.begin(), d.end(), out.begin());
       }
-      const Cotangents w{this->cotangent(grads, I + 1)...};
-      const auto d = backward_along(this->computed_[0] ? grads[0] : at::Tensor(), w,
-                                    {in[0], in[I + 1]...}, this->params_, want);
-      std::copy(d.begin(), d.end(), out.begin());
+      if (of_inputs) {
+        const Cotangents d{maybe(saved[N + 1 + I])...};
+        if (any_present(d)) {
+          const auto dd = call_double_backward(d, {w_g, in[I + 1]...}, this->params_,
+                                               prepend(false, want_inputs));
+          for (size_t i = 0; i < N; ++i) {
+            if (want_inputs[i]) out[N + 1 + i] = dd[i + 1];
+          }
+        }
+      }
       return out;
     }
     std::string name() const override { return node_name("BackwardBackwardBackward"); }
@@ -375,10 +397,14 @@ struct Autograd<Op, std::index_sequence<I...>, op_traits::Params<F...>, op_trait
     TORCH_CHECK_NOT_IMPLEMENTED(
         !any_forward_grad(gg..., grad_output, in...),
         dispatch::qualified_name<Op>(dispatch::Level::kDoubleBackward),
-        ": forward-mode AD of the double backward (a third derivative) is not implemented");
+        ": forward-mode AD of the double backward is not implemented: forward mode over "
+        "forward mode (jacfwd(jacfwd(f))) needs second directional derivatives of the output, "
+        "and anything above is a third derivative; torch.func.hessian, jacfwd(jacrev(f)) and "
+        "jacrev(jacfwd(f)) give exact second derivatives");
     std::shared_ptr<TripleBackwardNode> node;
     if (torch::autograd::compute_requires_grad(gg..., grad_output, in...)) {
-      node = adopt(new TripleBackwardNode({grad_output, in...}, Params{own(b)...}, output_mask));
+      node = adopt(new TripleBackwardNode({grad_output, in..., gg.value_or(at::Tensor())...},
+                                          Params{own(b)...}, output_mask));
       node->set_next_edges(torch::autograd::collect_next_edges(gg..., grad_output, in...));
     }
     typename Sigs::DoubleBackwardResult out;

@@ -47,13 +47,13 @@ csrc/tricubic/tricubic_math.h|if (mode == OutOfRange::Nearest) {|if (mode != Out
 csrc/tricubic/tricubic_math.h|j.hess[4] = dot(acc[1], wl.dw);|j.hess[4] = dot(acc[2], wl.dw);|a wrong Hessian entry (hl for kl)
 csrc/tricubic/tricubic_math.h|return (grad * pick(wh, a)) * (pick(wk, b) * pick(wl, c));|return (grad * pick(wh, a)) * (pick(wk, c) * pick(wl, b));|the deterministic gather's tap (k and l taps swapped)
 csrc/tricubic/tricubic_cpu.cpp|const scalar_t fill = static_cast<scalar_t>(default_value);|const scalar_t fill = static_cast<scalar_t>(0);|the CPU kernel ignores default_value
-csrc/absorption/absorption_math.h|for (int64_t t = 0; t < L; ++t) {\n    const T a = prm.step / pixel_parallax(prm.odet, px, t);|for (int64_t t = 0; t < L - 1; ++t) {\n    const T a = prm.step / pixel_parallax(prm.odet, px, t);|a dropped absorption layer (per-layer pixel positions)
+csrc/absorption/absorption_math.h|for (int64_t t = 0; t < L; ++t) {\n    const T a = layer_exponent(prm.step, pixel_parallax(prm.odet, px, t));|for (int64_t t = 0; t < L - 1; ++t) {\n    const T a = layer_exponent(prm.step, pixel_parallax(prm.odet, px, t));|a dropped absorption layer (per-layer pixel positions)
 csrc/absorption/absorption_math.h|expm1_(T(-static_cast<double>(layers)) * a)|expm1_(T(-static_cast<double>(layers - 1)) * a)|the telescoped sum's exponent
 csrc/absorption/absorption_math.h|grad_p[0] = g * (ox - r * px);|grad_p[0] = g * ox;|a missing gradient term (pixel x)
 csrc/absorption/absorption_math.h|const T clamped = select_(rho < T(0), T(-kMinParallax), T(kMinParallax));|const T clamped = select_(rho < T(0), T(kMinParallax), T(-kMinParallax));|the parallax clamp's sign
 csrc/absorption/absorption_math.h|step * select_(dot < T(0), T(-1.0 / kMinParallax), T(1.0 / kMinParallax));|step * select_(dot < T(0), T(1.0 / kMinParallax), T(-1.0 / kMinParallax));|the shared-position parallax clamp's sign
-csrc/absorption/absorption_scalars.h|out[3] = total[0] / (L * att);|out[3] = total[0] / L;|the thickness chain rule (d step / d thickness)
-csrc/absorption/absorption_scalars.h|out[3] = (dD * mu + D * dmu) / L;|out[3] = (dD * mu) / L;|a missing term of the thickness second derivative
+csrc/absorption/absorption_scalars.h|out[3] = D / (L * att);|out[3] = D / L;|the thickness chain rule (d step / d thickness)
+csrc/absorption/absorption_scalars.h|out[3] = (dD - zero_stays_zero(D, att_ratio)) / (L * att);|out[3] = dD / (L * att);|a missing term of the thickness second derivative
 csrc/absorption/absorption_cpu.cpp|shared_pixel_value(prm.odet[0], prm.odet[1], prm.odet[2],|shared_pixel_value(prm.odet[1], prm.odet[0], prm.odet[2],|odet x/y swapped in the CPU kernel (baseline ISA)
 csrc/absorption/absorption_cpu_vec.h|const V ox(prm.odet[0]), oy(prm.odet[1]), oz(prm.odet[2]), step(prm.step);\n  V acc[4]|const V ox(prm.odet[1]), oy(prm.odet[0]), oz(prm.odet[2]), step(prm.step);\n  V acc[4]|odet x/y swapped in the vector backward kernel
 csrc/tricubic/tricubic_cpu.cpp|s += load_points(w1) * tap<1>(v);|s += load_points(w1) * tap<2>(v);|the 4-point register's dot takes the wrong tap
@@ -79,6 +79,8 @@ csrc/tricubic/tricubic_math.h|return piece_from(k == 0 ? begin : (begin / kPiece
 csrc/tricubic/tricubic_math.h|for (int l = 0; l < 32; ++l) next[l] = v[l] + v[l ^ offset];|for (int l = 0; l < 32; ++l) next[l] = v[l] + v[l ^ (offset / 2)];|the host's lane tree pairs the wrong lanes
 csrc/tricubic/tricubic_cpu.cpp|const unsigned keep = static_cast<unsigned>(b.inside >> j) & kGroupMask;|const unsigned keep = static_cast<unsigned>(b.inside >> (j + 1)) & kGroupMask;|a window of lanes stores the results of the lanes one along from those inside
 csrc/tricubic/tricubic_math.h|return last < n && last / kPieceSpan == i / kPieceSpan && sorted_keys[last] == key;|return last < n && sorted_keys[last] == key;|the deterministic gather marks a piece long by its run alone, though the span cuts it short
+csrc/absorption/absorption_math.h|  return capped_exponent(step / rho);|  return step / rho;|the layers' optical depth uncapped (an infinite one gives NaN)
+csrc/absorption/absorption_scalars.h|  return gradient == 0.0 ? 0.0 : gradient * factor;|  return gradient * factor;|a zero gradient times an overflowed chain-rule factor (NaN)
 EOF
 )
 

@@ -26,6 +26,13 @@ namespace absorption {
 // Smallest |p| and |rho| the references allow (both clamp at 1e-10).
 constexpr double kMinLength = 1e-10;
 constexpr double kMinParallax = 1e-10;
+// Largest |a| (a = step / rho, the layer's optical depth along the ray) the
+// capture terms see. Past it exp(-a) is 0 and exp(a) inf in float and double
+// alike, so every capture, derivative and product below takes the value it
+// has at the cap: capping changes no result, but turns an infinite a (a
+// float32 step beyond 3.4e38, or a huge step over a grazing parallax) from
+// NaN (exp(-0 a), dL/da * a as 0 * inf) into that limit.
+constexpr double kMaxExponent = 1e4;
 
 // ---------------------------------------------------------------------------
 // exp and expm1. The device uses CUDA's. On the host, libm's are out-of-line
@@ -118,9 +125,9 @@ NANOBRAGG_INLINE T expm1_(T x) {
 }
 
 // Elementwise primitives of the formulas below. T is a scalar here; the
-// AVX2 CPU path (absorption_cpu_avx2.cpp) specialises them for
-// at::vec::Vectorized, so that the same formulas run 8 (float) or 4 (double)
-// pixels at a time. Hence the style: no branches, comparisons only as
+// CPU's vector path (absorption_cpu_vec.h) overloads them for
+// at::vec::Vectorized, so that the same formulas run a register of pixels
+// at a time. Hence the style: no branches, comparisons only as
 // select_ conditions, constants as T(...).
 template <typename T>
 NANOBRAGG_INLINE T sqrt_(T x) {
@@ -199,6 +206,19 @@ NANOBRAGG_INLINE void parallax_grad(T ox, T oy, T oz, T px, T py, T pz, T g_rho,
   grad_p[2] = g * (oz - r * pz);
 }
 
+// a capped at +-kMaxExponent; NaN stays NaN.
+template <typename T>
+NANOBRAGG_INLINE T capped_exponent(T a) {
+  const T capped = select_(a > T(kMaxExponent), T(kMaxExponent), a);
+  return select_(capped < T(-kMaxExponent), T(-kMaxExponent), capped);
+}
+
+// a = step / rho of one layer's position.
+template <typename T>
+NANOBRAGG_INLINE T layer_exponent(T step, T rho) {
+  return capped_exponent(step / rho);
+}
+
 // c_t(a) = exp(-t a) (1 - exp(-a)), without the cancellation of the plain
 // difference when a is small.
 template <typename T>
@@ -245,7 +265,8 @@ NANOBRAGG_INLINE T shared_pixel_value(T ox, T oy, T oz, T step, int64_t layers, 
   const T norm = max_(sqrt_(px * px + py * py + pz * pz), T(kMinLength));
   const T dot = ox * px + oy * py + oz * pz;
   const T clamped_a = step * select_(dot < T(0), T(-1.0 / kMinParallax), T(1.0 / kMinParallax));
-  const T a = select_(abs_(dot) < T(kMinParallax) * norm, clamped_a, step * norm / dot);
+  const T a =
+      capped_exponent(select_(abs_(dot) < T(kMinParallax) * norm, clamped_a, step * norm / dot));
   return I * shared_position_capture(a, layers, oversample);
 }
 
@@ -255,7 +276,7 @@ NANOBRAGG_INLINE void shared_pixel_grad(T ox, T oy, T oz, T step, int64_t layers
                                         T I, T px, T py, T pz, T g, T& grad_I, T grad_p[3],
                                         T& d_step, T grad_odet[3]) {
   const T rho = parallax(ox, oy, oz, px, py, pz);
-  const T a = step / rho;
+  const T a = layer_exponent(step, rho);
   grad_I = g * shared_position_capture(a, layers, oversample);
   const T d_a = g * I * shared_position_capture_da(a, layers, oversample);
   d_step = d_a / rho;
@@ -359,10 +380,10 @@ NANOBRAGG_INLINE T absorbed_pixel(const AbsorptionParams<T>& prm, const Pixel& p
   }
   if (!prm.oversample) {
     const T rho = pixel_parallax(prm.odet, px, px.coords_layers == 1 ? 0 : L - 1);
-    return layer_capture(prm.step / rho, L - 1) * mean_intensity<T>(px);
+    return layer_capture(layer_exponent(prm.step, rho), L - 1) * mean_intensity<T>(px);
   }
   if (px.coords_layers == 1) {
-    const T a = prm.step / pixel_parallax(prm.odet, px, 0);
+    const T a = layer_exponent(prm.step, pixel_parallax(prm.odet, px, 0));
     if (px.intensity_layers == 1) {
       return px.intensity_at(0) * total_capture(a, L);  // one exp per pixel
     }
@@ -374,7 +395,7 @@ NANOBRAGG_INLINE T absorbed_pixel(const AbsorptionParams<T>& prm, const Pixel& p
   }
   T sum = T(0);
   for (int64_t t = 0; t < L; ++t) {
-    const T a = prm.step / pixel_parallax(prm.odet, px, t);
+    const T a = layer_exponent(prm.step, pixel_parallax(prm.odet, px, t));
     sum += layer_capture(a, t) * px.intensity_at(px.intensity_layers == 1 ? 0 : t);
   }
   return sum;
@@ -476,7 +497,7 @@ NANOBRAGG_INLINE void absorbed_pixel_backward(const AbsorptionParams<T>& prm, co
   if (!prm.oversample) {
     const int64_t pl = px.coords_layers == 1 ? 0 : L - 1;
     const T rho = pixel_parallax(prm.odet, px, pl);
-    const T a = prm.step / rho;
+    const T a = layer_exponent(prm.step, rho);
     const T c = layer_capture(a, L - 1);
     for (int64_t t = 0; t < LI; ++t) {
       add_intensity(t, g * c / T(LI));
@@ -488,7 +509,7 @@ NANOBRAGG_INLINE void absorbed_pixel_backward(const AbsorptionParams<T>& prm, co
   }
   if (px.coords_layers == 1) {
     const T rho = pixel_parallax(prm.odet, px, 0);
-    const T a = prm.step / rho;
+    const T a = layer_exponent(prm.step, rho);
     T d_a = T(0);
     if (LI == 1) {
       add_intensity(0, g * total_capture(a, L));
@@ -505,7 +526,7 @@ NANOBRAGG_INLINE void absorbed_pixel_backward(const AbsorptionParams<T>& prm, co
   }
   for (int64_t t = 0; t < L; ++t) {
     const T rho = pixel_parallax(prm.odet, px, t);
-    const T a = prm.step / rho;
+    const T a = layer_exponent(prm.step, rho);
     const T I = px.intensity_at(LI == 1 ? 0 : t);
     add_intensity(t, g * layer_capture(a, t));
     const T d_a = g * I * layer_capture_da(a, t);

@@ -56,23 +56,32 @@ NANOBRAGG_INLINE AbsorptionParams<T> params_from(const ScalarValues& s, int64_t 
   return prm;
 }
 
+// The scalar chain rule below is written with ratios (thickness / (L att),
+// datt / att) rather than mu = 1 / att and its square, which overflows for
+// att < 1e-154 where the ratios do not; and a gradient sum that is exactly 0
+// contributes 0, not 0 * inf = NaN, where a ratio does overflow (a huge
+// thickness over a tiny attenuation length: every capture saturated).
+NANOBRAGG_INLINE double zero_stays_zero(double gradient, double factor) {
+  return gradient == 0.0 ? 0.0 : gradient * factor;
+}
+
 // The same on duals whose derivative part is the direction `dir` (the
-// double backward's cotangents of the scalar gradients). With mu = 1 / att,
-// s = thickness mu / L and ds = (dthickness mu + thickness dmu) / L,
-// dmu = -datt mu^2 (0 for att = inf).
+// double backward's cotangents of the scalar gradients). s = thickness /
+// (L att), so ds = (dthickness - thickness datt / att) / (L att) (0 for
+// att = inf).
 template <typename T>
 NANOBRAGG_INLINE AbsorptionParams<Dual<T>> dual_params_from(const ScalarValues& s,
                                                             const ScalarValues& dir, int64_t layers,
                                                             bool oversample) {
   const AbsorptionParams<T> v = params_from<T>(s, layers, oversample);
   const double L = static_cast<double>(layers);
-  const double mu = 1.0 / s.attenuation_length;
-  const double dmu = -dir.attenuation_length * mu * mu;
+  const double att = s.attenuation_length;
+  const double ds = (dir.thickness - s.thickness * (dir.attenuation_length / att)) / (L * att);
   AbsorptionParams<Dual<T>> prm;
   for (int d = 0; d < 3; ++d) {
     prm.odet[d] = Dual<T>(v.odet[d], static_cast<T>(dir.odet[d]));
   }
-  prm.step = Dual<T>(v.step, static_cast<T>((dir.thickness * mu + s.thickness * dmu) / L));
+  prm.step = Dual<T>(v.step, static_cast<T>(ds));
   prm.layers = v.layers;
   prm.thick = v.thick;
   prm.oversample = v.oversample;
@@ -86,36 +95,39 @@ constexpr int kDoubleBackwardTotals = 5;
 
 // The backward's gradients of (odet x, y, z, thickness, att) from its pixel
 // sums: s = thickness / (L att), so ds/dT = 1 / (L att) and
-// ds/datt = -T / (L att^2), both 0 for att = inf.
+// ds/datt = -s / att, both 0 for att = inf.
 NANOBRAGG_INLINE void backward_scalar_grads(const double (&total)[kBackwardTotals],
                                             const ScalarValues& s, int64_t layers,
                                             double (&out)[5]) {
   const double L = static_cast<double>(layers);
   const double att = s.attenuation_length;
+  const double D = total[0];  // dL/ds
   out[0] = total[1];
   out[1] = total[2];
   out[2] = total[3];
-  out[3] = total[0] / (L * att);
-  out[4] = -total[0] * s.thickness / (L * att * att);
+  out[3] = D / (L * att);
+  out[4] = -zero_stays_zero(D, s.thickness / (L * att)) / att;
 }
 
 // The double backward's: the chain rule above differentiated too. With
-// D = dL/ds, grad_thickness = D mu / L and grad_att = -D thickness mu^2 / L,
-// so their derivatives are (dD mu + D dmu) / L and
-// -(dD thickness mu^2 + D dthickness mu^2 + 2 D thickness mu dmu) / L.
+// D = dL/ds, grad_thickness = D / (L att) and grad_att = -D s / att, their
+// derivatives along dir are (dD - D datt / att) / (L att) and
+// -(dD s + D dthickness / (L att) - 2 D s datt / att) / att.
 NANOBRAGG_INLINE void double_backward_scalar_grads(const double (&total)[kDoubleBackwardTotals],
                                                    const ScalarValues& s, const ScalarValues& dir,
                                                    int64_t layers, double (&out)[5]) {
   const double L = static_cast<double>(layers);
-  const double mu = 1.0 / s.attenuation_length;
-  const double dmu = -dir.attenuation_length * mu * mu;
+  const double att = s.attenuation_length;
+  const double step = s.thickness / (L * att);
+  const double att_ratio = dir.attenuation_length / att;
   const double D = total[0], dD = total[1];
-  const double T = s.thickness;
   out[0] = total[2];
   out[1] = total[3];
   out[2] = total[4];
-  out[3] = (dD * mu + D * dmu) / L;
-  out[4] = -(dD * T * mu * mu + D * dir.thickness * mu * mu + 2.0 * D * T * mu * dmu) / L;
+  out[3] = (dD - zero_stays_zero(D, att_ratio)) / (L * att);
+  out[4] = -(zero_stays_zero(dD, step) + zero_stays_zero(D, dir.thickness / (L * att)) -
+             2.0 * zero_stays_zero(D, step * att_ratio)) /
+           att;
 }
 
 // The dtypes a scalar argument may have in device memory (odet, thickness

@@ -333,6 +333,59 @@ TEST_P(Absorption, GradientAtZeroThicknessAndInfiniteAttenuation) {
   }
 }
 
+// Valid lengths whose optical depth per layer is beyond any floating number
+// (a float32 step past 3.4e38, a float64 one past 1.8e308, or 1 / att^2
+// overflowing): layer 0 captures everything, so out = I_0 when oversampled,
+// and mean_t I_t (one layer) or 0 (more) when not; every gradient but the
+// intensity's is exactly 0. They were NaN (exp(-0 a), dL/da * a at a = inf,
+// 0 * inf in the chain rule to the lengths).
+TEST_P(Absorption, SaturatedAbsorptionIsItsLimit) {
+  struct Lengths {
+    at::ScalarType dtype;
+    double thickness, attenuation_length;
+  };
+  for (const Lengths s : {Lengths{at::kFloat, 450e-6, 1e-50}, Lengths{at::kDouble, 1e300, 1e-10},
+                          Lengths{at::kDouble, 450e-6, 1e-305}}) {
+    for (const bool per_layer : {false, true}) {
+      for (const auto& [L, oversample] :
+           {std::pair<int64_t, bool>{1, false}, {3, false}, {3, true}}) {
+        const std::string what =
+            std::string(c10::toString(s.dtype)) + " thickness " + std::to_string(s.thickness) +
+            " att " + std::to_string(s.attenuation_length) + (per_layer ? " per layer" : "") +
+            " L " + std::to_string(L) + (oversample ? " oversampled" : "");
+        at::Tensor I =
+            at::rand(per_layer ? std::vector<int64_t>{L, 3, 4} : std::vector<int64_t>{3, 4},
+                     at::kDouble) +
+            0.5;
+        AbsorptionCase c =
+            make(I, per_layer ? plane(3, 4).unsqueeze(0) : plane(3, 4), unit({0.2, -0.1, 1.0}), L,
+                 oversample, per_layer, 1.0, 1.0, s.dtype);
+        c.thickness = at::scalar_tensor(s.thickness, opts(at::kDouble));
+        c.attenuation_length = at::scalar_tensor(s.attenuation_length, opts(at::kDouble));
+        for (auto* t : inputs_of(c)) t->requires_grad_(true);
+        const at::Tensor layers = per_layer ? I : I.unsqueeze(0);
+        at::Tensor capture = at::zeros({layers.size(0), 1, 1}, at::kDouble);
+        if (oversample) {
+          capture[0] = 1.0;
+        } else if (L == 1) {
+          capture.fill_(1.0 / static_cast<double>(layers.size(0)));
+        }
+        const at::Tensor out = run(c);
+        EXPECT_LE(max_rel_error(to_vector(out), to_vector((capture * layers).sum(0)), 1e-300),
+                  s.dtype == at::kFloat ? 1e-7 : 1e-16)
+            << what;
+        auto g = torch::autograd::grad(
+            {out.sum()}, {c.intensity, c.coords, c.odet, c.thickness, c.attenuation_length});
+        const at::Tensor want_I = per_layer ? capture.expand_as(I) : capture[0].expand_as(I);
+        EXPECT_EQ(max_rel_error(to_vector(g[0]), to_vector(want_I), 1e-300), 0.0) << what;
+        for (size_t i = 1; i < g.size(); ++i) {
+          EXPECT_EQ(g[i].ne(0).sum().item<int64_t>(), 0) << what << ", input " << i << ": " << g[i];
+        }
+      }
+    }
+  }
+}
+
 // The incoming gradient as `.backward(g)` hands it over in any layout: the
 // same values, so the same gradients. On the CPU each layout takes another
 // route to the same arithmetic (one stride, or gathered block by block,

@@ -357,6 +357,70 @@ def test_infinite_attenuation_length_gives_zero(absorption_device, per_layer, ov
     assert (out == 0).all()
 
 
+@pytest.mark.parametrize(
+    "dtype, thickness, attenuation_length",
+    [
+        # float32 data: the step, 1.5e46, is an infinite float32.
+        (torch.float32, 450e-6, 1e-50),
+        # float64 data: the step overflows in float64 too.
+        (torch.float64, 1e300, 1e-10),
+        # a finite step (1.5e301), but 1 / attenuation_length squared overflows.
+        (torch.float64, 450e-6, 1e-305),
+    ],
+    ids=["float32-step-inf", "float64-step-inf", "float64-tiny-attenuation"],
+)
+@pytest.mark.parametrize(
+    "layout", ["shared", "per_layer", "per_layer_shared_intensity", "per_layer_shared_pixels"]
+)
+@pytest.mark.parametrize("thicksteps, oversample_thick", [(1, False), (3, False), (3, True), (1, True)])
+def test_saturated_absorption_is_its_limit(
+    absorption_device, dtype, thickness, attenuation_length, layout, thicksteps, oversample_thick
+):
+    """Valid lengths whose optical depth per layer is beyond any floating
+    number: layer 0 captures everything, so with oversampling out = I_0, and
+    without it out = mean_t I_t when there is one layer and 0 otherwise;
+    every gradient but intensity's is 0, and every second derivative is 0
+    (out is linear in the intensity, with constant captures). They were NaN
+    (exp(-0 a) and dL/da * a at a = inf, and 0 * inf in the chain rule to
+    the lengths)."""
+    per_layer = layout != "shared"
+    inputs = make_inputs(
+        absorption_device, dtype, odet="tilted", thicksteps=thicksteps, per_layer=per_layer,
+        intensity_layers=1 if layout == "per_layer_shared_intensity" else None,
+        pixel_layers=1 if layout == "per_layer_shared_pixels" else None,
+    )
+    intensity = inputs[0]
+    lengths = [torch.tensor(v, dtype=torch.float64, device=absorption_device) for v in (thickness, attenuation_length)]
+    leaves = [x.clone().requires_grad_(True) for x in (*inputs[:3], *lengths)]
+    out = nanobragg_ops.detector_absorption(*leaves, thicksteps, oversample_thick, per_layer)
+    layers = intensity if per_layer else intensity[None]
+    first_layer_capture = torch.zeros(layers.shape[0], dtype=dtype, device=absorption_device)
+    if oversample_thick:
+        first_layer_capture[0] = 1.0  # I_0, of layer 0 (or of every layer when shared)
+    elif thicksteps == 1:
+        first_layer_capture[:] = 1.0 / layers.shape[0]  # the mean of the intensity layers
+    expected = (first_layer_capture[:, None, None] * layers).sum(0)
+    assert torch.equal(out.detach(), expected.expand_as(out)), (out, expected)
+
+    cotangent = torch.rand(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    cotangent = cotangent.to(absorption_device, dtype)
+    grads = torch.autograd.grad(out, leaves, cotangent, create_graph=True)
+    if per_layer:
+        want_intensity = first_layer_capture[:, None, None] * cotangent
+    else:
+        want_intensity = first_layer_capture[0] * cotangent
+    torch.testing.assert_close(grads[0], want_intensity.expand_as(intensity).contiguous(), rtol=0, atol=0)
+    for name, g in zip(("pixel_coords", "odet", "thickness", "attenuation_length"), grads[1:]):
+        assert (g == 0).all(), f"d out / d {name} is {g}, not 0"
+    directions = [torch.ones_like(g) for g in grads]
+    second = torch.autograd.grad(
+        [g for g in grads if g.requires_grad], leaves,
+        [d for g, d in zip(grads, directions) if g.requires_grad], allow_unused=True,
+    )
+    for name, h in zip(("intensity", "pixel_coords", "odet", "thickness", "attenuation_length"), second):
+        assert h is None or (h == 0).all(), f"second derivative in {name} is {h}, not 0"
+
+
 def test_wrapper_matches_torch_ops(absorption_device):
     assert hasattr(nanobragg_ops, "detector_absorption"), "nanobragg_ops.detector_absorption is missing"
     intensity, pixels, odet, thickness, attenuation = make_inputs(absorption_device, odet="tilted", per_layer=True)

@@ -725,6 +725,50 @@ def test_cuda_invalid_scalar_on_cuda_gives_nan_on_cpu_raises(bad):
             torch.cuda.synchronize()
 
 
+def test_cuda_arguments_on_the_other_device_are_clear_errors():
+    """Real CPU/CUDA mixes, which the kernels' own checks see (the CPU suites
+    can only pair the CPU with the Meta device). PyTorch's scalar rule lets
+    0-dim CPU lengths join CUDA data, and nothing else."""
+    grid, hkl = tricubic_grid(80), tricubic_points(20, 81)
+    for g, h in ((grid.cuda(), hkl), (grid, hkl.cuda())):
+        with pytest.raises(RuntimeError, match=r"nanobragg::tricubic_interp: argument 'hkl' must be on the device of 'grid'"):
+            nanobragg_ops.tricubic_interp(g, h, INDEX_MIN)
+    g_out = torch.ones(20, dtype=F64)
+    with pytest.raises(RuntimeError, match=r"nanobragg::tricubic_interp_backward: argument 'grad_output' must be on the device of 'grid'"):
+        TRICUBIC_BACKWARD(g_out, grid.cuda(), hkl.cuda(), list(INDEX_MIN), "default", [True, True])
+    with pytest.raises(RuntimeError, match=r"nanobragg::tricubic_interp_double_backward: argument 'grad_grad_hkl' must be on the device of 'hkl'"):
+        TRICUBIC_DOUBLE_BACKWARD(None, hkl, g_out.cuda(), grid.cuda(), hkl.cuda(), list(INDEX_MIN), "default",
+                                 [True, True, True])
+
+    intensity, pixels = absorption_base((5, 6), 82)
+    odet = torch.tensor([0.0, 0.0, 1.0], dtype=F64)
+    data = dict(intensity=intensity.cuda(), pixel_coords=pixels.cuda(), odet=odet.cuda(),
+                thickness=torch.tensor(THICKNESS, dtype=F64, device="cuda"),
+                attenuation_length=torch.tensor(ATTENUATION, dtype=F64, device="cuda"))
+    op = torch.ops.nanobragg.detector_absorption
+    wrong = [
+        ("pixel_coords", pixels, r"argument 'pixel_coords' must be on the device of 'intensity'"),
+        ("odet", odet, r"argument 'odet' must be on the device of 'intensity'"),
+        # a [1]-shaped CPU length is not a 0-dim scalar
+        ("thickness", torch.tensor([THICKNESS], dtype=F64),
+         r"argument 'thickness' must be on the device of 'intensity' \(cuda:0\) or a 0-dim CPU tensor"),
+    ]
+    for name, value, message in wrong:
+        with pytest.raises(RuntimeError, match=rf"nanobragg::detector_absorption: {message}"):
+            op(**dict(data, **{name: value}), thicksteps=3, oversample_thick=True)
+    # CUDA scalars with CPU data
+    cpu = dict(intensity=intensity, pixel_coords=pixels, odet=odet,
+               thickness=torch.tensor(THICKNESS, dtype=F64), attenuation_length=torch.tensor(ATTENUATION, dtype=F64))
+    with pytest.raises(RuntimeError, match=r"argument 'attenuation_length' must be on the device of 'intensity' \(cpu\)"):
+        op(**dict(cpu, attenuation_length=data["attenuation_length"]), thicksteps=3, oversample_thick=True)
+    inputs = [data[k] for k in ("intensity", "pixel_coords", "odet", "thickness", "attenuation_length")]
+    with pytest.raises(RuntimeError, match=r"nanobragg::detector_absorption_backward: argument 'grad_output' must be on the device of 'intensity'"):
+        torch.ops.nanobragg.detector_absorption_backward(torch.ones(5, 6, dtype=F64), *inputs, 3, True, False, [True] * 5)
+    with pytest.raises(RuntimeError, match=r"nanobragg::detector_absorption_double_backward: argument 'grad_grad_pixel_coords' must be on the device of 'pixel_coords'"):
+        torch.ops.nanobragg.detector_absorption_double_backward(
+            None, pixels, None, None, None, torch.ones(5, 6, dtype=F64, device="cuda"), *inputs, 3, True, False, [True] * 6)
+
+
 # --------------------------------------------------------------------------
 # no host synchronisation
 
@@ -842,7 +886,9 @@ def test_cuda_torch_compile_reduce_overhead_uses_cudagraphs_and_matches_eager():
     torch._dynamo.reset()
     counters.clear()
     odet, att = constants()
-    compiled = torch.compile(training_step, mode="reduce-overhead")
+    # fullgraph: a graph break would leave the ops running eagerly, outside any
+    # CUDA graph, and this test would still pass.
+    compiled = torch.compile(training_step, mode="reduce-overhead", fullgraph=True)
     grid, thickness = initial_params()
     e_grid = grid.detach().clone().requires_grad_(True)
     e_thickness = thickness.detach().clone().requires_grad_(True)

@@ -40,14 +40,25 @@ def test_gradgradcheck_tricubic_broadcast_points(device):
 
 @pytest.mark.parametrize("oversample_thick", [True, False])
 @pytest.mark.parametrize(
-    "layout", ["shared", "broadcast_intensity", "per_layer", "per_layer_shared_pixels"]
+    "layout,odet",
+    [
+        ("shared", "tilted"),
+        ("broadcast_intensity", "tilted"),
+        ("per_layer", "tilted"),
+        ("per_layer_shared_pixels", "tilted"),
+        ("per_layer_shared_intensity", "tilted"),
+        # The sensor facing away: negative parallax, negative fractions.
+        ("shared", "flipped"),
+        ("per_layer", "flipped"),
+    ],
 )
-def test_gradgradcheck_absorption(absorption_device, oversample_thick, layout):
+def test_gradgradcheck_absorption(absorption_device, oversample_thick, layout, odet):
     per_layer = layout.startswith("per_layer")
     inputs = list(
         absorption_inputs(
-            absorption_device, odet="tilted", thicksteps=3, per_layer=per_layer,
+            absorption_device, odet=odet, thicksteps=3, per_layer=per_layer,
             pixel_layers=1 if layout == "per_layer_shared_pixels" else None,
+            intensity_layers=1 if layout == "per_layer_shared_intensity" else None,
         )
     )
     if layout == "broadcast_intensity":
@@ -125,6 +136,45 @@ def test_opcheck_absorption_double_backward(absorption_device, per_layer):
     torch.library.opcheck(ABSORPTION_DD, (*cotangents, grad, *inputs, 3, False, per_layer, [True] * 6))
 
 
+def assert_masked_outputs(op, args, n_outputs, masks):
+    """Each mask's requested outputs equal the all-true call's (to rounding:
+    a kernel may take a shorter route when less is asked), and each output
+    not asked for is a shape-[0] tensor on the inputs' device."""
+    full = op(*args, [True] * n_outputs)
+    for mask in masks:
+        got = op(*args, mask)
+        for i, (wanted, g, f) in enumerate(zip(mask, got, full)):
+            if wanted:
+                assert g.shape == f.shape and g.dtype == f.dtype and g.device == f.device, i
+                torch.testing.assert_close(g, f, rtol=1e-12, atol=1e-12 * f.abs().max().item())
+            else:
+                assert g.shape == (0,) and g.device == f.device, (mask, i, g.shape)
+
+
+def single_and_mixed_masks(n):
+    masks = [[j == i for j in range(n)] for i in range(n)]
+    return masks + [[i % 2 == 0 for i in range(n)], [i % 2 == 1 for i in range(n)], [False] * n]
+
+
+def test_tricubic_double_backward_output_mask(device):
+    grid, hkl = tricubic_inputs(device, n=24, outside=6)
+    grad = torch.randn(hkl.shape[:-1], dtype=grid.dtype, device=device)
+    gg_grid, gg_hkl = torch.randn_like(grid), torch.randn_like(hkl)
+    for mode in ("default", "nearest"):
+        args = (gg_grid, gg_hkl, grad, grid, hkl, list(INDEX_MIN), mode)
+        assert_masked_outputs(TRICUBIC_DD, args, 3, single_and_mixed_masks(3))
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_absorption_double_backward_output_mask(absorption_device, per_layer):
+    inputs = absorption_inputs(absorption_device, odet="tilted", thicksteps=3, per_layer=per_layer)
+    grad = torch.randn(inputs[0].shape[-2:], dtype=torch.float64, device=absorption_device)
+    cotangents = [torch.randn_like(x) for x in inputs]
+    for oversample_thick in (True, False):
+        args = (*cotangents, grad, *inputs, 3, oversample_thick, per_layer)
+        assert_masked_outputs(ABSORPTION_DD, args, 6, single_and_mixed_masks(6))
+
+
 def third_derivative(f, x):
     (g,) = torch.autograd.grad(f(x).sum(), x, create_graph=True)
     (h,) = torch.autograd.grad(g.sum(), x, create_graph=True)  # second: exact
@@ -141,6 +191,70 @@ def test_third_derivative_is_a_clear_error(device):
         lambda p: nanobragg_ops.detector_absorption(intensity, p, odet, thickness, attenuation, 3, True),
         pixels.requires_grad_(True),
     )
+
+
+def reverse_over_forward(f, xs, ts, w):
+    """d/dx <w, J(x) t>: the forward's tangent J t (forward mode), then its
+    reverse-mode gradient in every input."""
+    import torch.autograd.forward_ad as fwAD
+
+    leaves = [x.detach().clone().requires_grad_(True) for x in xs]
+    with fwAD.dual_level():
+        out = f(*[fwAD.make_dual(x, t) for x, t in zip(leaves, ts)])
+        tangent = fwAD.unpack_dual(out).tangent
+    return torch.autograd.grad((tangent * w).sum(), leaves)
+
+
+def directional_jvp(f, xs, ts, w):
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        out = f(*[fwAD.make_dual(x, t) for x, t in zip(xs, ts)])
+        return (fwAD.unpack_dual(out).tangent * w).sum()
+
+
+def check_reverse_over_forward(f, xs, seed):
+    """The gradient of <w, J t> against central differences of the tangent
+    along a direction v scaled to each input (its second derivatives)."""
+    gen = torch.Generator().manual_seed(seed)
+    draw = lambda x: torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)  # noqa: E731
+    ts = [draw(x) * x.abs().mean() for x in xs]
+    vs = [draw(x) * x.abs().mean() for x in xs]
+    out = f(*xs)
+    w = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
+    grads = reverse_over_forward(f, xs, ts, w)
+    eps = 1e-6
+    plus = directional_jvp(f, [x + eps * v for x, v in zip(xs, vs)], ts, w)
+    minus = directional_jvp(f, [x - eps * v for x, v in zip(xs, vs)], ts, w)
+    fd = (plus - minus) / (2 * eps)
+    along_v = sum((g * v).sum() for g, v in zip(grads, vs))
+    torch.testing.assert_close(along_v, fd, rtol=1e-6, atol=1e-9 * fd.abs().item())
+    assert fd.abs() > 1e-3  # a real curvature, not zeros
+    return grads
+
+
+def test_reverse_mode_over_forward_mode_is_exact(device):
+    """Second derivatives through forward mode then reverse mode (what
+    torch.func.jacrev(jacfwd(f)) does): the forward's tangent is the double
+    backward's first output, whose input gradients are second derivatives."""
+    grid, hkl = tricubic_inputs(device, n=24)
+    check_reverse_over_forward(lambda g, h: nanobragg_ops.tricubic_interp(g, h, INDEX_MIN), [grid, hkl], 61)
+    inputs = absorption_inputs(device, odet="tilted", thicksteps=3)
+    check_reverse_over_forward(lambda *a: nanobragg_ops.detector_absorption(*a, 3, True), list(inputs), 62)
+    per_layer = absorption_inputs(device, odet="tilted", thicksteps=3, per_layer=True)
+    check_reverse_over_forward(lambda *a: nanobragg_ops.detector_absorption(*a, 3, False, True), list(per_layer), 63)
+    # torch.func's reverse over forward and forward over reverse: one Hessian.
+    loss = lambda h: nanobragg_ops.tricubic_interp(grid, h, INDEX_MIN).pow(2).sum()  # noqa: E731
+    h = hkl[:6]
+    torch.testing.assert_close(torch.func.jacrev(torch.func.jacfwd(loss))(h), torch.func.hessian(loss)(h),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_forward_mode_over_forward_mode_is_a_clear_error(device):
+    grid, hkl = tricubic_inputs(device, n=6)
+    loss = lambda h: nanobragg_ops.tricubic_interp(grid, h, INDEX_MIN).sum()  # noqa: E731
+    with pytest.raises(NotImplementedError, match=r"forward mode over forward mode \(jacfwd\(jacfwd"):
+        torch.func.jacfwd(torch.func.jacfwd(loss))(hkl)
 
 
 def test_forward_mode_third_derivative_is_a_clear_error(device):
