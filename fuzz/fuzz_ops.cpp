@@ -3,8 +3,9 @@
 // int64 limits, special coordinates (NaN, +-Inf, +-1e308, denormals),
 // thicksteps up to 1e5, empty and one-element tensors, forward, backward and
 // double backward.
-// Every call must return or throw the c10::Error of an argument check (its
-// message starts "nanobragg::<op>: argument ..."); a crash, a sanitizer
+// Every call must return or throw the c10::Error of one of the operators'
+// checks (its message starts "nanobragg::<op>:", as only they write it, and
+// is no internal assertion); a crash, a sanitizer
 // report, a hang, any other error, or a non-finite tricubic value from finite
 // inputs is a failure.
 #include <ATen/ATen.h>
