@@ -80,7 +80,9 @@ csrc/tricubic/tricubic_math.h|for (int l = 0; l < 32; ++l) next[l] = v[l] + v[l 
 csrc/tricubic/tricubic_cpu.cpp|const unsigned keep = static_cast<unsigned>(b.inside >> j) & kGroupMask;|const unsigned keep = static_cast<unsigned>(b.inside >> (j + 1)) & kGroupMask;|a window of lanes stores the results of the lanes one along from those inside
 csrc/tricubic/tricubic_math.h|return last < n && last / kPieceSpan == i / kPieceSpan && sorted_keys[last] == key;|return last < n && sorted_keys[last] == key;|the deterministic gather marks a piece long by its run alone, though the span cuts it short
 csrc/absorption/absorption_math.h|  return capped_exponent(step / rho);|  return step / rho;|the layers' optical depth uncapped (an infinite one gives NaN)
-csrc/absorption/absorption_scalars.h|  return gradient == 0.0 ? 0.0 : gradient * factor;|  return gradient * factor;|a zero gradient times an overflowed chain-rule factor (NaN)
+csrc/absorption/absorption_scalars.h|  return gradient == 0.0 && factor == factor ? 0.0 : gradient * factor;|  return gradient * factor;|a zero gradient times an overflowed chain-rule factor (NaN)
+csrc/absorption/absorption_math.h|  const T capped = select_(a > T(kMaxExponent), T(kMaxExponent), a);|  const T capped = select_(a < T(kMaxExponent), a, T(kMaxExponent));|the optical depth's cap sends NaN to 1e4
+csrc/absorption/absorption_math.h|  return select_(capped < T(-kMaxExponent), T(-kMaxExponent), capped);|  return capped;|the optical depth capped above only (facing away, an infinite one gives NaN)
 EOF
 )
 

@@ -60,9 +60,21 @@ NANOBRAGG_INLINE AbsorptionParams<T> params_from(const ScalarValues& s, int64_t 
 // datt / att) rather than mu = 1 / att and its square, which overflows for
 // att < 1e-154 where the ratios do not; and a gradient sum that is exactly 0
 // contributes 0, not 0 * inf = NaN, where a ratio does overflow (a huge
-// thickness over a tiny attenuation length: every capture saturated).
+// thickness over a tiny attenuation length: every capture saturated). A NaN
+// factor stays NaN.
 NANOBRAGG_INLINE double zero_stays_zero(double gradient, double factor) {
-  return gradient == 0.0 ? 0.0 : gradient * factor;
+  return gradient == 0.0 && factor == factor ? 0.0 : gradient * factor;
+}
+
+// Invalid lengths reach the kernels only from the GPU (params_from): then the
+// scalars' gradients are NaN too, whatever the pixel sums (an empty image's
+// are 0).
+NANOBRAGG_INLINE bool nan_if_invalid(const ScalarValues& s, double (&out)[5]) {
+  if (thickness_valid(s.thickness) && attenuation_length_valid(s.attenuation_length)) {
+    return false;
+  }
+  for (double& v : out) v = NAN;
+  return true;
 }
 
 // The same on duals whose derivative part is the direction `dir` (the
@@ -102,6 +114,7 @@ NANOBRAGG_INLINE void backward_scalar_grads(const double (&total)[kBackwardTotal
   const double L = static_cast<double>(layers);
   const double att = s.attenuation_length;
   const double D = total[0];  // dL/ds
+  if (nan_if_invalid(s, out)) return;
   out[0] = total[1];
   out[1] = total[2];
   out[2] = total[3];
@@ -121,12 +134,13 @@ NANOBRAGG_INLINE void double_backward_scalar_grads(const double (&total)[kDouble
   const double step = s.thickness / (L * att);
   const double att_ratio = dir.attenuation_length / att;
   const double D = total[0], dD = total[1];
+  if (nan_if_invalid(s, out)) return;
   out[0] = total[2];
   out[1] = total[3];
   out[2] = total[4];
   out[3] = (dD - zero_stays_zero(D, att_ratio)) / (L * att);
   out[4] = -(zero_stays_zero(dD, step) + zero_stays_zero(D, dir.thickness / (L * att)) -
-             2.0 * zero_stays_zero(D, step * att_ratio)) /
+             2.0 * zero_stays_zero(zero_stays_zero(D, step), att_ratio)) /
            att;
 }
 

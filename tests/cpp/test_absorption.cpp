@@ -386,6 +386,42 @@ TEST_P(Absorption, SaturatedAbsorptionIsItsLimit) {
   }
 }
 
+// The sensor facing away with a step beyond the floating range: every
+// fraction's limit is -inf, and so is the output (not NaN: exp(-0 a) at
+// a = -inf). And NaN stays NaN through the capped optical depth: a NaN
+// coordinate makes its own pixel NaN and no other.
+TEST_P(Absorption, SaturatedFacingAwayAndNanCoordinates) {
+  for (const at::ScalarType dtype : {at::kFloat, at::kDouble}) {
+    for (const bool per_layer : {false, true}) {
+      for (const auto& [L, oversample] :
+           {std::pair<int64_t, bool>{1, false}, {3, false}, {3, true}}) {
+        const std::string what = std::string(c10::toString(dtype)) +
+                                 (per_layer ? " per layer" : "") + " L " + std::to_string(L) +
+                                 (oversample ? " oversampled" : "");
+        at::Tensor I =
+            at::rand(per_layer ? std::vector<int64_t>{L, 3, 4} : std::vector<int64_t>{3, 4},
+                     at::kDouble) +
+            0.5;
+        at::Tensor P = per_layer ? plane(3, 4).unsqueeze(0) : plane(3, 4);
+        AbsorptionCase away =
+            make(I, P, unit({0.05, 0.02, -1.0}), L, oversample, per_layer, 1.0, 1.0, dtype);
+        away.thickness = at::scalar_tensor(1e300, opts(at::kDouble));
+        away.attenuation_length = at::scalar_tensor(1e-10, opts(at::kDouble));
+        const at::Tensor out = run(away);
+        EXPECT_TRUE(out.eq(-std::numeric_limits<double>::infinity()).all().item<bool>())
+            << what << ": " << out;
+
+        AbsorptionCase nan =
+            make(I, P.clone(), unit({0.2, -0.1, 1.0}), L, oversample, per_layer, 3e-4, 2e-4, dtype);
+        nan.coords.select(-1, 0).select(-1, 2).select(-1, 1).fill_(std::nan(""));
+        const at::Tensor isnan = run(nan).isnan();
+        EXPECT_EQ(isnan.sum().item<int64_t>(), 1) << what;
+        EXPECT_TRUE(isnan[1][2].item<bool>()) << what;
+      }
+    }
+  }
+}
+
 // The incoming gradient as `.backward(g)` hands it over in any layout: the
 // same values, so the same gradients. On the CPU each layout takes another
 // route to the same arithmetic (one stride, or gathered block by block,

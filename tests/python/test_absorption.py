@@ -421,6 +421,42 @@ def test_saturated_absorption_is_its_limit(
         assert h is None or (h == 0).all(), f"second derivative in {name} is {h}, not 0"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("thicksteps, oversample_thick", [(1, False), (3, False), (3, True)])
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_saturated_absorption_facing_away_is_minus_infinity(absorption_device, dtype, thicksteps, oversample_thick, per_layer):
+    """The sensor facing away (negative parallax, negative fractions) with a
+    step beyond the floating range: every fraction's limit is -inf, and so
+    is the output, not NaN (exp(-0 a) at a = -inf)."""
+    inputs = list(make_inputs(absorption_device, dtype, odet="flipped", thicksteps=thicksteps, per_layer=per_layer))
+    out = nanobragg_ops.detector_absorption(*inputs[:3], 1e300, 1e-10, thicksteps, oversample_thick, per_layer)
+    assert (out == -math.inf).all(), out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["shared", "per_layer"])
+def test_a_nan_coordinate_gives_nan_for_its_pixel_only(absorption_device, dtype, layout):
+    """NaN stays NaN through the parallax and the capped optical depth, in its
+    pixel's value and gradients (and the scalars' sums), and nowhere else."""
+    per_layer = layout == "per_layer"
+    inputs = [x.clone() for x in make_inputs(absorption_device, dtype, odet="tilted", thicksteps=3, per_layer=per_layer)]
+    inputs[1][..., 1, 2, 0] = math.nan  # pixel (1, 2), every layer
+    for oversample_thick in (True, False):
+        leaves = [x.clone().requires_grad_(True) for x in inputs]
+        out = nanobragg_ops.detector_absorption(*leaves, 3, oversample_thick, per_layer)
+        bad = torch.zeros(S, F, dtype=torch.bool, device=absorption_device)
+        bad[1, 2] = True
+        assert torch.isnan(out[bad]).all() and torch.isfinite(out[~bad]).all(), out
+        g_intensity, g_coords, g_odet, g_thickness, g_att = torch.autograd.grad(out.sum(), leaves)
+        assert torch.isnan(g_intensity[..., 1, 2]).all() and torch.isfinite(g_intensity[..., ~bad]).all()
+        assert torch.isfinite(g_coords[..., ~bad, :]).all()
+        if per_layer and not oversample_thick:  # only the last layer's position counts
+            assert torch.isnan(g_coords[-1, 1, 2]).all() and (g_coords[:-1, 1, 2] == 0).all()
+        else:
+            assert torch.isnan(g_coords[..., 1, 2, :]).all()
+        assert torch.isnan(g_odet).all() and torch.isnan(g_thickness) and torch.isnan(g_att)
+
+
 def test_wrapper_matches_torch_ops(absorption_device):
     assert hasattr(nanobragg_ops, "detector_absorption"), "nanobragg_ops.detector_absorption is missing"
     intensity, pixels, odet, thickness, attenuation = make_inputs(absorption_device, odet="tilted", per_layer=True)
