@@ -47,7 +47,7 @@ csrc/tricubic/tricubic_math.h|if (mode == OutOfRange::Nearest) {|if (mode != Out
 csrc/tricubic/tricubic_math.h|j.hess[4] = dot(acc[1], wl.dw);|j.hess[4] = dot(acc[2], wl.dw);|a wrong Hessian entry (hl for kl)
 csrc/tricubic/tricubic_math.h|return (grad * pick(wh, a)) * (pick(wk, b) * pick(wl, c));|return (grad * pick(wh, a)) * (pick(wk, c) * pick(wl, b));|the deterministic gather's tap (k and l taps swapped)
 csrc/tricubic/tricubic_cpu.cpp|const scalar_t fill = static_cast<scalar_t>(default_value);|const scalar_t fill = static_cast<scalar_t>(0);|the CPU kernel ignores default_value
-csrc/absorption/absorption_math.h|for (int64_t t = 0; t < L; ++t) {\n    const T a = layer_exponent(prm.step, pixel_parallax(prm.odet, px, t));|for (int64_t t = 0; t < L - 1; ++t) {\n    const T a = layer_exponent(prm.step, pixel_parallax(prm.odet, px, t));|a dropped absorption layer (per-layer pixel positions)
+csrc/absorption/absorption_math.h|for (int64_t t = 0; t < L; ++t) {\n    const T a = value_exponent(prm.step / pixel_parallax(prm.odet, px, t));|for (int64_t t = 0; t < L - 1; ++t) {\n    const T a = value_exponent(prm.step / pixel_parallax(prm.odet, px, t));|a dropped absorption layer (per-layer pixel positions)
 csrc/absorption/absorption_math.h|expm1_(T(-static_cast<double>(layers)) * a)|expm1_(T(-static_cast<double>(layers - 1)) * a)|the telescoped sum's exponent
 csrc/absorption/absorption_math.h|grad_p[0] = g * (ox - r * px);|grad_p[0] = g * ox;|a missing gradient term (pixel x)
 csrc/absorption/absorption_math.h|const T clamped = select_(rho < T(0), T(-kMinParallax), T(kMinParallax));|const T clamped = select_(rho < T(0), T(kMinParallax), T(-kMinParallax));|the parallax clamp's sign
@@ -81,8 +81,8 @@ csrc/tricubic/tricubic_cpu.cpp|const unsigned keep = static_cast<unsigned>(b.ins
 csrc/tricubic/tricubic_math.h|return last < n && last / kPieceSpan == i / kPieceSpan && sorted_keys[last] == key;|return last < n && sorted_keys[last] == key;|the deterministic gather marks a piece long by its run alone, though the span cuts it short
 csrc/absorption/absorption_math.h|  return capped_exponent(step / rho);|  return step / rho;|the layers' optical depth uncapped (an infinite one gives NaN)
 csrc/absorption/absorption_scalars.h|  return gradient == 0.0 && factor == factor ? 0.0 : gradient * factor;|  return gradient * factor;|a zero gradient times an overflowed chain-rule factor (NaN)
-csrc/absorption/absorption_math.h|  const T capped = select_(a > T(kMaxExponent), T(kMaxExponent), a);|  const T capped = select_(a < T(kMaxExponent), a, T(kMaxExponent));|the optical depth's cap sends NaN to 1e4
-csrc/absorption/absorption_math.h|  return select_(capped < T(-kMaxExponent), T(-kMaxExponent), capped);|  return capped;|the optical depth capped above only (facing away, an infinite one gives NaN)
+csrc/absorption/absorption_math.h|  return select_(a > T(kMaxExponent), T(kMaxExponent), a);|  return select_(a < T(kMaxExponent), a, T(kMaxExponent));|the optical depth's cap sends NaN to 1e4
+csrc/absorption/absorption_math.h|  if (t == 0) return T(0) - expm1_(T(0) - a);|  if (t < 0) return T(0) - expm1_(T(0) - a);|layer 0's capture without its own branch (exp(-0 a) is NaN at an infinite a)
 EOF
 )
 

@@ -26,12 +26,13 @@ namespace absorption {
 // Smallest |p| and |rho| the references allow (both clamp at 1e-10).
 constexpr double kMinLength = 1e-10;
 constexpr double kMinParallax = 1e-10;
-// Largest |a| (a = step / rho, the layer's optical depth along the ray) the
-// capture terms see. Past it exp(-a) is 0 and exp(a) inf in float and double
-// alike, so every capture, derivative and product below takes the value it
-// has at the cap: capping changes no result, but turns an infinite a (a
-// float32 step beyond 3.4e38, or a huge step over a grazing parallax) from
-// NaN (exp(-0 a), dL/da * a as 0 * inf) into that limit.
+// Largest a (a = step / rho, the layer's optical depth along the ray) the
+// derivatives see. Past it exp(-a) is 0 in float and double alike, so every
+// capture derivative, and dL/da * a, takes the value it has at the cap:
+// capping changes no result, but turns an infinite a (a float32 step beyond
+// 3.4e38, or a huge step over a grazing parallax) from NaN (0 * inf) into
+// that limit. The values need no cap: each capture formula gives its limit
+// at a = +-inf (layer 0's by its own branch).
 constexpr double kMaxExponent = 1e4;
 
 // ---------------------------------------------------------------------------
@@ -206,29 +207,43 @@ NANOBRAGG_INLINE void parallax_grad(T ox, T oy, T oz, T px, T py, T pz, T g_rho,
   grad_p[2] = g * (oz - r * pz);
 }
 
-// a capped at +-kMaxExponent; NaN stays NaN.
+// a capped above at kMaxExponent, for the derivatives; NaN stays NaN.
 template <typename T>
 NANOBRAGG_INLINE T capped_exponent(T a) {
-  const T capped = select_(a > T(kMaxExponent), T(kMaxExponent), a);
-  return select_(capped < T(-kMaxExponent), T(-kMaxExponent), capped);
+  return select_(a > T(kMaxExponent), T(kMaxExponent), a);
 }
 
-// a = step / rho of one layer's position.
+// a = step / rho of one layer's position, as the derivatives take it.
 template <typename T>
 NANOBRAGG_INLINE T layer_exponent(T step, T rho) {
   return capped_exponent(step / rho);
 }
 
+// a as the value formulas take it: as it is (no cost in the forward's
+// vector loop), but capped on dual numbers, whose derivative parts multiply
+// a and its derivative by zeros.
+template <typename T>
+NANOBRAGG_INLINE T value_exponent(T a) {
+  return a;
+}
+template <typename T>
+NANOBRAGG_INLINE Dual<T> value_exponent(Dual<T> a) {
+  return capped_exponent(a);
+}
+
 // c_t(a) = exp(-t a) (1 - exp(-a)), without the cancellation of the plain
-// difference when a is small.
+// difference when a is small. Layer 0 skips its factor exp(-0 a) = 1, which
+// is NaN at a = +-inf.
 template <typename T>
 NANOBRAGG_INLINE T layer_capture(T a, int64_t t) {
+  if (t == 0) return T(0) - expm1_(T(0) - a);
   return exp_(T(-static_cast<double>(t)) * a) * (T(0) - expm1_(T(0) - a));
 }
 
 // dc_t/da = -t exp(-t a) + (t+1) exp(-(t+1) a) = exp(-t a) (1 + (t+1) expm1(-a)).
 template <typename T>
 NANOBRAGG_INLINE T layer_capture_da(T a, int64_t t) {
+  if (t == 0) return T(1) + expm1_(T(0) - a);
   return exp_(T(-static_cast<double>(t)) * a) *
          (T(1) + T(static_cast<double>(t + 1)) * expm1_(T(0) - a));
 }
@@ -266,7 +281,7 @@ NANOBRAGG_INLINE T shared_pixel_value(T ox, T oy, T oz, T step, int64_t layers, 
   const T dot = ox * px + oy * py + oz * pz;
   const T clamped_a = step * select_(dot < T(0), T(-1.0 / kMinParallax), T(1.0 / kMinParallax));
   const T a =
-      capped_exponent(select_(abs_(dot) < T(kMinParallax) * norm, clamped_a, step * norm / dot));
+      value_exponent(select_(abs_(dot) < T(kMinParallax) * norm, clamped_a, step * norm / dot));
   return I * shared_position_capture(a, layers, oversample);
 }
 
@@ -380,10 +395,10 @@ NANOBRAGG_INLINE T absorbed_pixel(const AbsorptionParams<T>& prm, const Pixel& p
   }
   if (!prm.oversample) {
     const T rho = pixel_parallax(prm.odet, px, px.coords_layers == 1 ? 0 : L - 1);
-    return layer_capture(layer_exponent(prm.step, rho), L - 1) * mean_intensity<T>(px);
+    return layer_capture(value_exponent(prm.step / rho), L - 1) * mean_intensity<T>(px);
   }
   if (px.coords_layers == 1) {
-    const T a = layer_exponent(prm.step, pixel_parallax(prm.odet, px, 0));
+    const T a = value_exponent(prm.step / pixel_parallax(prm.odet, px, 0));
     if (px.intensity_layers == 1) {
       return px.intensity_at(0) * total_capture(a, L);  // one exp per pixel
     }
@@ -395,7 +410,7 @@ NANOBRAGG_INLINE T absorbed_pixel(const AbsorptionParams<T>& prm, const Pixel& p
   }
   T sum = T(0);
   for (int64_t t = 0; t < L; ++t) {
-    const T a = layer_exponent(prm.step, pixel_parallax(prm.odet, px, t));
+    const T a = value_exponent(prm.step / pixel_parallax(prm.odet, px, t));
     sum += layer_capture(a, t) * px.intensity_at(px.intensity_layers == 1 ? 0 : t);
   }
   return sum;

@@ -414,9 +414,16 @@ TEST_P(Absorption, SaturatedFacingAwayAndNanCoordinates) {
         AbsorptionCase nan =
             make(I, P.clone(), unit({0.2, -0.1, 1.0}), L, oversample, per_layer, 3e-4, 2e-4, dtype);
         nan.coords.select(-1, 0).select(-1, 2).select(-1, 1).fill_(std::nan(""));
-        const at::Tensor isnan = run(nan).isnan();
+        nan.intensity.requires_grad_(true);
+        const at::Tensor nan_out = run(nan);
+        const at::Tensor isnan = nan_out.isnan();
         EXPECT_EQ(isnan.sum().item<int64_t>(), 1) << what;
         EXPECT_TRUE(isnan[1][2].item<bool>()) << what;
+        // The intensity's gradient (the backward's capped optical depth) too.
+        const at::Tensor g = torch::autograd::grad({nan_out.sum()}, {nan.intensity})[0];
+        const at::Tensor g_nan = per_layer ? g.isnan().any(0) : g.isnan();
+        EXPECT_EQ(g_nan.sum().item<int64_t>(), 1) << what << ": " << g;
+        EXPECT_TRUE(g_nan[1][2].item<bool>()) << what;
       }
     }
   }
