@@ -315,14 +315,10 @@ struct Autograd<Op, std::index_sequence<I...>, op_traits::Params<F...>, op_trait
         std::copy(d.begin(), d.end(), out.begin());
       }
       if (of_inputs) {
-        const Cotangents d{maybe(saved[N + 1 + I])...};
-        if (any_present(d)) {
-          const auto dd = call_double_backward(d, {w_g, in[I + 1]...}, this->params_,
-                                               prepend(false, want_inputs));
-          for (size_t i = 0; i < N; ++i) {
-            if (want_inputs[i]) out[N + 1 + i] = dd[i + 1];
-          }
-        }
+        // The backward's derivative along d at grad_output w_g (w_g H d).
+        const auto dd = backward_along(at::Tensor(), {maybe(saved[N + 1 + I])...},
+                                       {w_g, in[I + 1]...}, this->params_, want_inputs);
+        std::copy(dd.begin(), dd.end(), out.begin() + N + 1);
       }
       return out;
     }

@@ -35,6 +35,9 @@ NANOBRAGG_INLINE bool thickness_valid(double thickness) {
 NANOBRAGG_INLINE bool attenuation_length_valid(double attenuation_length) {
   return attenuation_length > 0.0;
 }
+NANOBRAGG_INLINE bool lengths_valid(const ScalarValues& s) {
+  return thickness_valid(s.thickness) && attenuation_length_valid(s.attenuation_length);
+}
 
 // Per-pixel parameters. Invalid scalars only get here when they live on the
 // GPU, where reading them for an error would stall the stream: then every
@@ -46,7 +49,7 @@ NANOBRAGG_INLINE AbsorptionParams<T> params_from(const ScalarValues& s, int64_t 
   for (int d = 0; d < 3; ++d) {
     prm.odet[d] = static_cast<T>(s.odet[d]);
   }
-  const bool valid = thickness_valid(s.thickness) && attenuation_length_valid(s.attenuation_length);
+  const bool valid = lengths_valid(s);
   prm.step =
       valid ? static_cast<T>(s.thickness / (static_cast<double>(layers) * s.attenuation_length))
             : static_cast<T>(NAN);
@@ -70,7 +73,7 @@ NANOBRAGG_INLINE double zero_stays_zero(double gradient, double factor) {
 // scalars' gradients are NaN too, whatever the pixel sums (an empty image's
 // are 0).
 NANOBRAGG_INLINE bool nan_if_invalid(const ScalarValues& s, double (&out)[5]) {
-  if (thickness_valid(s.thickness) && attenuation_length_valid(s.attenuation_length)) {
+  if (lengths_valid(s)) {
     return false;
   }
   for (double& v : out) v = NAN;
