@@ -376,12 +376,13 @@ void write_report(const std::string& dir, const std::vector<Row>& rows, const En
      << "Warm time is the median of `repeats` calls after one cold (first) call, each "
         "followed by a device synchronise; speedup = the other implementation's warm time / "
         "this one's, from the same run. Peak is the peak extra memory of one call, the output "
-        "and the gradients included, measured in a child process of its own for each row: it "
+        "and the gradients included. A CPU row's is measured in a child process of its own: it "
         "builds the inputs, makes one call on a tiny problem (so that what a process does once, "
         "such as paging code in or starting threads, is not charged), then one call of the "
-        "case; on CPU the growth of the resident set's high-water mark (VmHWM, reset just "
-        "before the call) above the resident set before the call, on CUDA the caching "
-        "allocator's peak above its level before the call.\n";
+        "case, and reports the growth of the resident set's high-water mark (VmHWM, reset just "
+        "before the call) above the resident set before the call. A CUDA row's is measured in "
+        "the bench's own process after the row's timed calls: the caching allocator's peak "
+        "over one more call above its level before the call.\n";
   std::string failures;
   for (const Row& r : rows) {
     const std::string what = r.op + " " + r.pass + " " + r.impl + " size " + std::to_string(r.size);

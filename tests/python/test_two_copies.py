@@ -103,3 +103,18 @@ def test_a_copy_loaded_after_import_registers_nothing(tmp_path):
     assert out.stdout.split() == ["None", "True"]
     assert WARNING in out.stderr and str(copy) in out.stderr
     assert OVERRIDE not in out.stderr
+
+
+@pytest.mark.parametrize("what", ["missing", "directory"])
+def test_a_library_variable_that_names_no_file_fails_the_import(tmp_path, what):
+    # Not a silent fallback to the package's own copy, which would run a
+    # build the user did not ask for.
+    named = tmp_path / "libnanobragg_ops.so"
+    if what == "directory":
+        named.mkdir()
+    env = dict(os.environ, NANOBRAGG_OPS_LIBRARY=str(named))
+    out = subprocess.run(
+        [sys.executable, "-c", "import nanobragg_ops"], capture_output=True, text=True, env=env
+    )
+    assert out.returncode != 0
+    assert f"ImportError: nanobragg_ops: NANOBRAGG_OPS_LIBRARY={named} is not a file" in out.stderr

@@ -28,10 +28,17 @@ _LIBRARY_NAME = "libnanobragg_ops.so"
 
 def _candidate_paths() -> list[Path]:
     here = Path(__file__).resolve().parent
-    candidates = []
     env = os.environ.get("NANOBRAGG_OPS_LIBRARY")
     if env:
-        candidates.append(Path(env))
+        # What the user named, or nothing: a silent fallback to another copy
+        # would run a build they did not ask for.
+        if not Path(env).is_file():
+            raise ImportError(
+                f"nanobragg_ops: NANOBRAGG_OPS_LIBRARY={env} is not a file; point it at a "
+                f"built {_LIBRARY_NAME}, or unset it to use the package's own"
+            )
+        return [Path(env)]
+    candidates = []
     candidates.append(here / "lib" / _LIBRARY_NAME)  # an installed wheel
     # An editable install inside the source tree: the CMake build directory.
     candidates.append(here.parent.parent / "build" / "lib" / _LIBRARY_NAME)
