@@ -74,6 +74,50 @@ def test_gradgradcheck_absorption(absorption_device, oversample_thick, layout, o
     assert gradgradcheck(f, tuple(inputs), eps=1e-8, atol=1e-4, check_fwd_over_rev=True)
 
 
+def test_tricubic_second_derivatives_on_nodes_are_the_ones_from_above(device):
+    # On an integer coordinate the stencil of floor(x) is the one
+    # differentiated (docs/CONTRACT.md §1), for second derivatives as for
+    # first: the Hessian-vector product in hkl is the forward difference of
+    # the hkl gradient along v from above (error ~ step times the third
+    # derivative), and the mixed grid term the exact change of c.grad_hkl.v
+    # under a change E of the grid (linear in the grid). Points on nodes in
+    # every axis, in one, and off nodes; each interpolates.
+    grid, _ = tricubic_inputs(device, n=1, outside=0)
+    hkl = torch.tensor(
+        [[0.0, 3.0, 5.0], [1.4, 4.0, 6.7], [-1.0, 5.3, 4.0], [0.6, 3.2, 7.5], [1.0, 6.0, 8.0]],
+        dtype=torch.float64, device=device,
+    )
+    gen = torch.Generator().manual_seed(3)
+    c = (torch.rand(len(hkl), generator=gen, dtype=torch.float64) + 0.5).to(device)
+    # Positive: a step along v leaves every node upwards.
+    v = (torch.rand(hkl.shape, generator=gen, dtype=torch.float64) + 0.5).to(device)
+    E = (torch.rand(grid.shape, generator=gen, dtype=torch.float64) - 0.5).to(device)
+
+    def hkl_grad(g, h, create_graph=False):
+        out = nanobragg_ops.tricubic_interp(g, h, INDEX_MIN, -100.0)
+        assert (out != -100.0).all(), "every point interpolates"
+        return torch.autograd.grad(out, h, c, create_graph=create_graph)[0]
+
+    g = grid.clone().requires_grad_(True)
+    h = hkl.clone().requires_grad_(True)
+    gh = hkl_grad(g, h, create_graph=True)
+    hv, grid_term = torch.autograd.grad(gh, (h, g), v)
+
+    step = 1e-7
+    fd = (hkl_grad(grid, (hkl + step * v).requires_grad_(True))
+          - hkl_grad(grid, hkl.clone().requires_grad_(True))) / step
+    assert torch.allclose(hv, fd, rtol=1e-5, atol=1e-5 * fd.abs().max().item())
+    # Only the stencil of floor(x) gives this: the one from below (the same
+    # difference a step below the nodes) differs.
+    below = (hkl_grad(grid, (hkl - step * v).requires_grad_(True))
+             - hkl_grad(grid, (hkl - 2 * step * v).requires_grad_(True))) / step
+    assert not torch.allclose(hv, below, rtol=1e-3, atol=1e-3 * fd.abs().max().item())
+
+    change = (hkl_grad(grid + E, hkl.clone().requires_grad_(True))
+              - hkl_grad(grid, hkl.clone().requires_grad_(True))) * v
+    assert torch.allclose((grid_term * E).sum(), change.sum(), rtol=1e-12, atol=0)
+
+
 def refinement_loss(params, grid, hkl, pixels, target, mode="default"):
     """A miniature refinement: the structure-factor grid scaled, the Miller
     indices shifted, F^2 absorbed by a sensor whose thickness, attenuation
