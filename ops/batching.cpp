@@ -117,9 +117,28 @@ at::Device device_of_return(const Unwrapped& u, size_t k, at::Device first) {
   return u.args[static_cast<size_t>(*i)].toTensor().device();
 }
 
+// A host scalar of either operator (op_traits kHostScalars), or the
+// double backward's cotangent of one ("grad_grad_<name>").
+bool is_host_scalar(const std::string& name) {
+  const std::string prefix = "grad_grad_";
+  const std::string input =
+      name.compare(0, prefix.size(), prefix) == 0 ? name.substr(prefix.size()) : name;
+  for (const char* s : op_traits::TricubicInterp::kHostScalars) {
+    if (input == s) return true;
+  }
+  for (const char* s : op_traits::DetectorAbsorption::kHostScalars) {
+    if (input == s) return true;
+  }
+  return false;
+}
+
 // An empty batch: the shapes and dtypes of one entry's results come from
-// the Meta kernels (which check the arguments as the backends do, without
-// reading any value), and each result is [0, ...] of them.
+// the Meta kernels (which check the arguments as the backends do, reading
+// no value but a host scalar's), and each result is [0, ...] of them. A
+// host scalar held on the CPU (and its cotangent) stays a CPU tensor, so
+// that its device is checked as in any call: unbatched, as it is, so that
+// an invalid value is rejected here too; batched (no entry, no value to
+// check), as a stand-in 1, which is valid for every host scalar.
 std::vector<at::Tensor> empty_batch(const c10::OperatorHandle& op, const Unwrapped& u) {
   std::optional<at::Device> device;
   std::vector<c10::IValue> args = u.args;
@@ -127,6 +146,11 @@ std::vector<at::Tensor> empty_batch(const c10::OperatorHandle& op, const Unwrapp
     if (!args[i].isTensor()) continue;
     const at::Tensor& t = u.args[i].toTensor();
     if (!device) device = t.device();
+    const int64_t entry_dim = t.dim() - (u.batched[i] ? 1 : 0);
+    if (t.is_cpu() && entry_dim == 0 && is_host_scalar(u.schema->arguments()[i].name())) {
+      if (u.batched[i]) args[i] = at::ones({}, t.options());
+      continue;
+    }
     args[i] = u.batched[i]
                   ? at::empty(t.sizes().slice(1), t.options().device(at::kMeta))
                   : at::empty_strided(t.sizes(), t.strides(), t.options().device(at::kMeta));

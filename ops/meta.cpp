@@ -61,6 +61,8 @@ at::Tensor detector_absorption_meta(const at::Tensor& intensity, const at::Tenso
   const auto layout =
       checks::check_absorption_args("nanobragg::detector_absorption", intensity, pixel_coords, odet,
                                     thickness, attenuation_length, thicksteps, per_layer);
+  checks::check_host_absorption_lengths("nanobragg::detector_absorption", thickness,
+                                        attenuation_length);
   return at::empty_symint(layout.pixel_shape, intensity.options());
 }
 
@@ -73,6 +75,7 @@ detector_absorption_backward_meta(const at::Tensor& grad_output, const at::Tenso
   constexpr const char* op = "nanobragg::detector_absorption_backward";
   const auto layout = checks::check_absorption_args(op, intensity, pixel_coords, odet, thickness,
                                                     attenuation_length, thicksteps, per_layer);
+  checks::check_host_absorption_lengths(op, thickness, attenuation_length);
   checks::check_absorption_grad_output(op, grad_output, intensity, layout);
   // Each gradient has its input's shape, contiguous, as the kernels return.
   const at::Tensor* inputs[5] = {&intensity, &pixel_coords, &odet, &thickness, &attenuation_length};
@@ -95,6 +98,7 @@ detector_absorption_double_backward_meta(
   constexpr const char* op = "nanobragg::detector_absorption_double_backward";
   const auto layout = checks::check_absorption_args(op, intensity, pixel_coords, odet, thickness,
                                                     attenuation_length, thicksteps, per_layer);
+  checks::check_host_absorption_lengths(op, thickness, attenuation_length);
   checks::check_absorption_grad_output(op, grad_output, intensity, layout);
   checks::check_absorption_cotangents(
       op, {gg_intensity, gg_coords, gg_odet, gg_thickness, gg_att},

@@ -41,6 +41,8 @@ struct TricubicInterp {
   using ForwardParams = Params<c10::IntArrayRef, double, c10::string_view>;
   static constexpr std::array<const char*, 3> kForwardParams{"index_min", "default_value",
                                                              "out_of_range"};
+  // 0-dim inputs that may be CPU tensors with data elsewhere, read on the host.
+  static constexpr std::array<const char*, 0> kHostScalars{};
   // The default value does not change any derivative.
   using BackwardParams = Params<c10::IntArrayRef, c10::string_view>;
   static constexpr std::array<const char*, 2> kBackwardParams{"index_min", "out_of_range"};
@@ -58,6 +60,7 @@ struct DetectorAbsorption {
   using ForwardParams = Params<int64_t, bool, bool>;
   static constexpr std::array<const char*, 3> kForwardParams{"thicksteps", "oversample_thick",
                                                              "per_layer"};
+  static constexpr std::array<const char*, 2> kHostScalars{"thickness", "attenuation_length"};
   using BackwardParams = ForwardParams;
   static constexpr std::array<const char*, 3> kBackwardParams = kForwardParams;
   static std::tuple<int64_t, bool, bool> backward_params(int64_t thicksteps, bool oversample_thick,

@@ -14,20 +14,6 @@
 
 namespace nanobragg {
 namespace absorption {
-namespace {
-
-// The values read on the host, against the predicates the kernels apply on
-// the device (absorption_scalars.h), so both sides accept the same lengths.
-void check_absorption_values(const char* op, double thickness, double attenuation_length) {
-  TORCH_CHECK(thickness_valid(thickness), op,
-              ": argument 'thickness' must be finite and >= 0, got ", thickness);
-  TORCH_CHECK(attenuation_length_valid(attenuation_length), op,
-              ": argument 'attenuation_length' must be > 0 (inf allowed: no "
-              "absorption), got ",
-              attenuation_length);
-}
-
-}  // namespace
 
 PointOffsets<3> ExpandedInputs::pixel_offsets(at::Tensor& third) {
   return offsets_or_contiguous<3>(pixel_shape, {&intensity, &coords, &third}, {1, 1, 0});
@@ -86,7 +72,7 @@ ScalarValues read_host_scalars(const char* op, const at::Tensor& odet, const at:
           .contiguous();
   const double* v = all.const_data_ptr<double>();
   ScalarValues s{{v[0], v[1], v[2]}, v[3], v[4]};
-  check_absorption_values(op, s.thickness, s.attenuation_length);
+  checks::check_absorption_lengths(op, s.thickness, s.attenuation_length);
   return s;
 }
 
@@ -130,8 +116,8 @@ ScalarArgs device_scalars(const char* op, const at::Tensor& odet, const at::Tens
   device_scalar_args(attenuation_length, 1, a.arg + 4);
   // What was read on the host is checked now; what stays on the GPU is
   // checked there (params_from: NaN results).
-  check_absorption_values(op, thickness.is_cpu() ? a.arg[3].host : 0.0,
-                          attenuation_length.is_cpu() ? a.arg[4].host : 1.0);
+  checks::check_absorption_lengths(op, thickness.is_cpu() ? a.arg[3].host : 0.0,
+                                   attenuation_length.is_cpu() ? a.arg[4].host : 1.0);
   return a;
 }
 

@@ -1,5 +1,7 @@
 #include "common/checks.h"
 
+#include "absorption/absorption_scalars.h"
+
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -148,6 +150,31 @@ c10::SymDimVector broadcast_shapes(const char* op, c10::SymIntArrayRef a, const 
 }
 
 }  // namespace
+
+void check_absorption_lengths(const char* op, double thickness, double attenuation_length) {
+  TORCH_CHECK(absorption::thickness_valid(thickness), op,
+              ": argument 'thickness' must be finite and >= 0, got ", thickness);
+  TORCH_CHECK(absorption::attenuation_length_valid(attenuation_length), op,
+              ": argument 'attenuation_length' must be > 0 (inf allowed: no "
+              "absorption), got ",
+              attenuation_length);
+}
+
+namespace {
+// A tensor whose one value the host can read: CPU memory, not a meta
+// tensor or a FakeTensor standing for a CPU one (its storage is meta).
+bool host_readable(const at::Tensor& t) {
+  return t.is_cpu() && t.has_storage() && t.storage().device().is_cpu() && t.numel() == 1;
+}
+}  // namespace
+
+void check_host_absorption_lengths(const char* op, const at::Tensor& thickness,
+                                   const at::Tensor& attenuation_length) {
+  const double ok_thickness = 0.0, ok_attenuation_length = 1.0;  // (not held on the host)
+  check_absorption_lengths(op, host_readable(thickness) ? thickness.item<double>() : ok_thickness,
+                           host_readable(attenuation_length) ? attenuation_length.item<double>()
+                                                             : ok_attenuation_length);
+}
 
 AbsorptionLayout check_absorption_args(const char* op, const at::Tensor& intensity,
                                        const at::Tensor& pixel_coords, const at::Tensor& odet,

@@ -62,12 +62,24 @@ struct AbsorptionLayout {
 // Every check of docs/CONTRACT.md §2 that needs no tensor data (dtypes, devices,
 // shapes, broadcasting, thicksteps); the values of thickness and
 // attenuation_length are checked where they are read
-// (absorption/absorption_layout.cpp, with the kernels' own range predicates).
+// (absorption/absorption_layout.cpp, check_absorption_lengths below).
 AbsorptionLayout check_absorption_args(const char* op, const at::Tensor& intensity,
                                        const at::Tensor& pixel_coords, const at::Tensor& odet,
                                        const at::Tensor& thickness,
                                        const at::Tensor& attenuation_length, int64_t thicksteps,
                                        bool per_layer);
+
+// The values of thickness and attenuation_length against the predicates the
+// kernels apply on the device (absorption_scalars.h), so that both sides
+// accept the same lengths.
+void check_absorption_lengths(const char* op, double thickness, double attenuation_length);
+
+// The same for the lengths held in host memory (CPU tensors with data; not
+// meta or fake ones), read without touching any device: the Meta kernels
+// use it, so that a shape-only call (an empty vmap batch, meta data) rejects
+// what the backends would.
+void check_host_absorption_lengths(const char* op, const at::Tensor& thickness,
+                                   const at::Tensor& attenuation_length);
 
 void check_absorption_grad_output(const char* op, const at::Tensor& grad_output,
                                   const at::Tensor& intensity, const AbsorptionLayout& layout);

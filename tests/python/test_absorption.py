@@ -607,13 +607,27 @@ def test_errors_name_the_operator_and_argument(absorption_device, case):
         dict(thicksteps=2.7),
         dict(thicksteps="3"),
         dict(oversample_thick="False"),
+        # What PyTorch's argument parser would convert silently: a one-element
+        # float tensor or array for an int (2.9 layers truncated to 2), None or
+        # a float for a bool.
+        dict(thicksteps=torch.tensor(2.9)),
+        dict(thicksteps=torch.tensor([2.9])),
+        dict(thicksteps="numpy 2.9"),
+        dict(oversample_thick=None),
+        dict(oversample_thick=0.3),
+        dict(oversample_thick=float("nan")),
+        dict(oversample_thick=torch.tensor([True])),
+        dict(per_layer=None),
     ],
     ids=lambda b: "-".join(f"{k}={v!r}" for k, v in b.items()),
 )
-def test_wrapper_leaves_non_numbers_to_the_schema(bad):
-    # What the wrapper does not convert reaches the schema, whose message
-    # names the operator and the argument: no bare TypeError for a complex
-    # thickness, no 2.7 layers turned into 2.
+def test_wrapper_rejects_wrong_kinds_with_the_schema_message(bad):
+    # What the wrapper does not convert reaches the schema, or gets the
+    # schema's message from the wrapper, which names the operator and the
+    # argument: no bare TypeError for a complex thickness, no 2.7 layers
+    # turned into 2.
+    if bad.get("thicksteps") == "numpy 2.9":
+        bad = dict(thicksteps=pytest.importorskip("numpy").array(2.9))
     intensity, pixels, odet, _, _ = make_inputs()
     args = dict(thickness=THICKNESS, attenuation_length=ATTENUATION, thicksteps=3, oversample_thick=True)
     args.update(bad)
@@ -634,5 +648,5 @@ def test_wrapper_takes_numpy_numbers():
         got = nanobragg_ops.detector_absorption(intensity, pixels, odet, t, a, steps, flag)
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
     exact = nanobragg_ops.detector_absorption(intensity, pixels, odet, np.array(THICKNESS), np.array(ATTENUATION),
-                                              np.array(3), np.bool_(True))
+                                              np.array(3), np.bool_(True), np.array(False))
     assert torch.equal(exact, expected)

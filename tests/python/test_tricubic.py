@@ -240,6 +240,23 @@ def test_wrapper_takes_one_int_index_min_and_numpy_numbers(device):
     assert torch.equal(nanobragg_ops.tricubic_interp(grid, hkl, torch.tensor(2), -1), expected)
 
 
+@pytest.mark.parametrize("index_min", ["tensor", "tensor entry", "array", "array entry"])
+def test_wrapper_rejects_a_fractional_index_min(index_min):
+    # PyTorch's argument parser truncates a float tensor's entries given for
+    # int[3] (0.7 -> 0, -0.9 -> 0: the grid moved by a node, no error); the
+    # wrapper rejects every float tensor or array with the schema's message.
+    np = pytest.importorskip("numpy")
+    grid, hkl = make_inputs("cpu")
+    value = {
+        "tensor": torch.tensor([-2.9, 1.0, 2.0]),
+        "tensor entry": [torch.tensor(-2.9), 1, 2],
+        "array": np.array([-2.9, 1.0, 2.0]),
+        "array entry": [np.float64(-2.9), 1, 2],
+    }[index_min]
+    with pytest.raises(RuntimeError, match=r"nanobragg::tricubic_interp\(\) .* argument 'index_min'"):
+        nanobragg_ops.tricubic_interp(grid, hkl, value)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mode", ["default", "nearest"])
 def test_a_point_does_not_depend_on_its_neighbours(mode, dtype):

@@ -99,3 +99,40 @@ def test_absorption_gradients_of_cpu_scalars_stay_on_cpu():
     assert [g.device.type for g in one] == ["meta", "meta", "meta", "cpu", "cpu"]
     for b, g in zip(batched, one):
         assert_empty_like(b, g)
+
+
+@pytest.mark.parametrize("level", ["forward", "backward", "double_backward"])
+@pytest.mark.parametrize(
+    "bad", [dict(thickness=-1.0), dict(thickness=float("inf")), dict(attenuation_length=0.0),
+            dict(attenuation_length=float("nan"))], ids=lambda b: "-".join(f"{k}={v}" for k, v in b.items())
+)
+def test_absorption_rejects_invalid_host_lengths_with_no_batch(level, bad):
+    # An empty batch runs no backend kernel, but a thickness or attenuation
+    # length held on the host is still read and rejected, as in any other
+    # call (docs/CONTRACT.md §3), at every level of derivative.
+    intensity, pixels, odet, thickness, attenuation = absorption_inputs("cpu", odet="tilted")
+    lengths = dict(thickness=thickness, attenuation_length=attenuation)
+    lengths.update({k: torch.tensor(v, dtype=torch.float64) for k, v in bad.items()})
+
+    def f(i):
+        return nanobragg_ops.detector_absorption(i, pixels, odet, *lengths.values(), 3, True)
+
+    loss = lambda i: f(i).pow(2).sum()  # noqa: E731
+    run = {"forward": f, "backward": grad(loss), "double_backward": grad(lambda i: grad(loss)(i).pow(2).sum())}[level]
+    (name,) = bad
+    with pytest.raises(RuntimeError, match=rf"nanobragg::detector_absorption\w*: argument '{name}'"):
+        vmap(run)(empty_batch_of(intensity))
+    # Valid lengths: the same call gives its empty result.
+    lengths.update(thickness=thickness, attenuation_length=attenuation)
+    assert vmap(run)(empty_batch_of(intensity)).shape == (0, *intensity.shape)
+
+
+def test_meta_data_with_an_invalid_host_length_is_an_error():
+    # Meta data computes no value, but a 0-dim CPU length with it is read.
+    f64 = torch.float64
+    meta = dict(dtype=f64, device="meta")
+    args = (torch.empty(4, 5, **meta), torch.empty(4, 5, 3, **meta), torch.empty(3, **meta))
+    with pytest.raises(RuntimeError, match="argument 'thickness' must be finite and >= 0, got -1"):
+        torch.ops.nanobragg.detector_absorption(*args, torch.tensor(-1.0, dtype=f64), torch.tensor(1.0, dtype=f64), 3, True)
+    out = torch.ops.nanobragg.detector_absorption(*args, torch.tensor(1.0, dtype=f64), torch.tensor(1.0, dtype=f64), 3, True)
+    assert out.shape == (4, 5) and out.device.type == "meta"

@@ -171,7 +171,7 @@ def tricubic_interp(
     return torch.ops.nanobragg.tricubic_interp.default(
         grid,
         hkl,
-        _index_triple(index_min),
+        _index_triple(index_min, "tricubic_interp"),
         _number(default_value),
         out_of_range,
     )
@@ -194,29 +194,47 @@ def _number(value):
         return value
 
 
-def _integer(value):
+def _wrong_kind(op: str, name: str, expected: str, value: Any) -> RuntimeError:
+    """The schema's own message, for a value its parser would convert
+    (PyTorch's parser truncates a float tensor given for an int, and takes
+    None or a float for a bool)."""
+    return RuntimeError(
+        f"nanobragg::{op}() Expected a value of type '{expected}' for argument '{name}' but "
+        f"instead found type '{type(value).__name__}'.\nValue: {value!r}"
+    )
+
+
+def _integer(value, op: str, name: str):
     """An integer as an int: Python's, NumPy's scalars, integer 0-dim arrays
-    and tensors; anything else (2.7, "3") as given."""
+    and tensors; a float tensor or array is an error here; anything else
+    (2.7, "3") as given."""
     if isinstance(value, (str, bytes)):
         return value
     try:
         return operator.index(value)
     except TypeError:
+        if isinstance(value, torch.Tensor) or hasattr(value, "dtype"):
+            raise _wrong_kind(op, name, "int", value) from None
         return value
 
 
-def _flag(value):
-    """A bool: Python's or NumPy's, or an integer; anything else ("False") as given."""
-    if isinstance(value, numbers.Integral) or type(value).__name__ == "bool_":
+def _flag(value, op: str, name: str):
+    """A bool: Python's, NumPy's (a scalar or 0-dim array), or an integer; a
+    string or bytes as given; anything else (None, 0.3, a tensor) is an error
+    here."""
+    numpy_bool = not isinstance(value, torch.Tensor) and getattr(getattr(value, "dtype", None), "kind", None) == "b"
+    if isinstance(value, numbers.Integral) or (numpy_bool and getattr(value, "ndim", 0) == 0):
         return bool(value)
-    return value
+    if isinstance(value, (str, bytes)):
+        return value
+    raise _wrong_kind(op, name, "bool", value)
 
 
-def _index_triple(value):
+def _index_triple(value, op: str):
     """index_min as a list of ints, or one integer for all three."""
     if isinstance(value, Iterable) and getattr(value, "ndim", 1) != 0:
-        return [_integer(v) for v in value]
-    return _integer(value)
+        return [_integer(v, op, "index_min") for v in value]
+    return _integer(value, op, "index_min")
 
 
 def _scalar_like(
@@ -308,7 +326,7 @@ def detector_absorption(
         odet,
         _scalar_like(thickness, intensity, lambda t: 0 <= t < math.inf),
         _scalar_like(attenuation_length, intensity, lambda a: a > 0),
-        _integer(thicksteps),
-        _flag(oversample_thick),
-        _flag(per_layer),
+        _integer(thicksteps, "detector_absorption", "thicksteps"),
+        _flag(oversample_thick, "detector_absorption", "oversample_thick"),
+        _flag(per_layer, "detector_absorption", "per_layer"),
     )
