@@ -22,10 +22,30 @@ struct Autocast {
     return at::autocast::cached_cast(at::kFloat, t, kDevice);
   }
 
+  // The dtype f32(t) has, without casting (cached_cast's rule).
+  static at::ScalarType cast_type(const at::Tensor& t) {
+    const bool eligible =
+        t.is_floating_point() && t.device().type() == kDevice && t.scalar_type() != at::kDouble;
+    return eligible ? at::kFloat : t.scalar_type();
+  }
+
+  // The data pair must agree once cast (half precision and float32 both run
+  // in float32; float64 stays); a pair that does not is named by the dtypes
+  // the caller gave, not by the cast ones the kernels' check would see.
+  static void check_cast_pair(const char* op, const char* arg, const at::Tensor& t,
+                              const char* ref_arg, const at::Tensor& ref) {
+    TORCH_CHECK(cast_type(t) == cast_type(ref), op, ": argument '", arg,
+                "' must have the dtype of '", ref_arg, "' (", ref.scalar_type(), "), got ",
+                t.scalar_type(),
+                " (under autocast, float16 and bfloat16 run in float32 and "
+                "match float32; float64 stays float64)");
+  }
+
   static at::Tensor tricubic_interp(const at::Tensor& grid, const at::Tensor& hkl,
                                     c10::IntArrayRef index_min, double default_value,
                                     c10::string_view out_of_range) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(kKey);
+    check_cast_pair("nanobragg::tricubic_interp", "hkl", hkl, "grid", grid);
     return dispatch::tricubic_interp()
         .call(f32(grid), f32(hkl), index_min, default_value, out_of_range)
         .to(grid.scalar_type());
@@ -36,6 +56,8 @@ struct Autocast {
                                         const at::Tensor& attenuation_length, int64_t thicksteps,
                                         bool oversample_thick, bool per_layer) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(kKey);
+    check_cast_pair("nanobragg::detector_absorption", "pixel_coords", pixel_coords, "intensity",
+                    intensity);
     return dispatch::detector_absorption()
         .call(f32(intensity), f32(pixel_coords), f32(odet), f32(thickness), f32(attenuation_length),
               thicksteps, oversample_thick, per_layer)

@@ -96,3 +96,18 @@ def test_half_precision_outside_autocast_is_a_clear_error(device, half):
     intensity, pixels, odet = absorption_inputs(device)
     with pytest.raises(RuntimeError, match=r"argument 'intensity' must be a float32 or float64.*torch.autocast"):
         nanobragg_ops.detector_absorption(intensity.to(half), pixels.to(half), odet.to(half), 3e-4, 2e-4, 3, True)
+
+
+def test_a_mismatched_pair_under_autocast_names_the_dtypes_given(device):
+    # float16 with float64 does not run (the half one becomes float32, the
+    # float64 one stays): the message names what the caller passed, not the
+    # cast dtype.
+    grid, hkl = tricubic_inputs(device)
+    intensity, pixels, odet = absorption_inputs(device)
+    with torch.autocast(device):
+        with pytest.raises(RuntimeError, match=r"argument 'hkl' must have the dtype of 'grid' \(Half\), got Double"):
+            nanobragg_ops.tricubic_interp(grid.half(), hkl.double(), (0, 0, 0))
+        with pytest.raises(RuntimeError, match=r"argument 'pixel_coords' must have the dtype of 'intensity' \(BFloat16\), got Double"):
+            nanobragg_ops.detector_absorption(intensity.bfloat16(), pixels.double(), odet, 3e-4, 2e-4, 3, True)
+        # float16 with float32 runs in float32
+        assert nanobragg_ops.tricubic_interp(grid.half(), hkl.float(), (0, 0, 0)).dtype == torch.float16
