@@ -34,7 +34,10 @@ struct Autocast {
   // the caller gave, not by the cast ones the kernels' check would see.
   static void check_cast_pair(const char* op, const char* arg, const at::Tensor& t,
                               const char* ref_arg, const at::Tensor& ref) {
-    TORCH_CHECK(cast_type(t) == cast_type(ref), op, ": argument '", arg,
+    // Other dtypes and devices: the kernels' own checks say what is wrong.
+    const bool castable = t.is_floating_point() && ref.is_floating_point() &&
+                          t.device().type() == kDevice && ref.device().type() == kDevice;
+    TORCH_CHECK(!castable || cast_type(t) == cast_type(ref), op, ": argument '", arg,
                 "' must have the dtype of '", ref_arg, "' (", ref.scalar_type(), "), got ",
                 t.scalar_type(),
                 " (under autocast, float16 and bfloat16 run in float32 and "

@@ -613,6 +613,7 @@ def test_errors_name_the_operator_and_argument(absorption_device, case):
         dict(thicksteps=torch.tensor(2.9)),
         dict(thicksteps=torch.tensor([2.9])),
         dict(thicksteps="numpy 2.9"),
+        dict(thicksteps=__import__("decimal").Decimal("2.9")),
         dict(oversample_thick=None),
         dict(oversample_thick=0.3),
         dict(oversample_thick=float("nan")),
@@ -634,6 +635,18 @@ def test_wrapper_rejects_wrong_kinds_with_the_schema_message(bad):
     (name,) = bad
     with pytest.raises(RuntimeError, match=rf"nanobragg::detector_absorption\(\) .* argument '{name}'"):
         nanobragg_ops.detector_absorption(intensity, pixels, odet, **args)
+
+
+def test_wrapper_takes_integer_flags():
+    # Flags, as PyTorch's own ops take them: Python's and NumPy's bools and
+    # integers, 0-dim integer arrays and 0-dim bool or integer tensors.
+    np = pytest.importorskip("numpy")
+    intensity, pixels, odet, thickness, attenuation = make_inputs()
+    for flag, value in [(True, True), (np.array(1), True), (np.array(0), False), (torch.tensor(True), True),
+                        (torch.tensor(0), False), (np.int8(1), True)]:
+        expected = OP(intensity, pixels, odet, thickness, attenuation, 3, value, False)
+        got = nanobragg_ops.detector_absorption(intensity, pixels, odet, thickness, attenuation, 3, flag)
+        assert torch.equal(got, expected), flag
 
 
 def test_wrapper_takes_numpy_numbers():

@@ -250,8 +250,10 @@ def test_wrapper_rejects_a_fractional_index_min(index_min):
     value = {
         "tensor": torch.tensor([-2.9, 1.0, 2.0]),
         "tensor entry": [torch.tensor(-2.9), 1, 2],
-        "array": np.array([-2.9, 1.0, 2.0]),
-        "array entry": [np.float64(-2.9), 1, 2],
+        # float32: np.float64 is a Python float, which the schema rejects
+        # itself; np.float32 it would truncate.
+        "array": np.array([-2.9, 1.0, 2.0], dtype=np.float32),
+        "array entry": [np.float32(-2.9), 1, 2],
     }[index_min]
     with pytest.raises(RuntimeError, match=r"nanobragg::tricubic_interp\(\) .* argument 'index_min'"):
         nanobragg_ops.tricubic_interp(grid, hkl, value)

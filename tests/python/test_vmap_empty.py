@@ -127,6 +127,22 @@ def test_absorption_rejects_invalid_host_lengths_with_no_batch(level, bad):
     assert vmap(run)(empty_batch_of(intensity)).shape == (0, *intensity.shape)
 
 
+@pytest.mark.parametrize("op", ["backward", "double_backward"])
+def test_backward_ops_reject_invalid_host_lengths_with_no_batch(op):
+    # The backward ops' own Meta kernels (vmap over grad_output alone: no
+    # forward runs first).
+    intensity, pixels, odet, thickness, _ = absorption_inputs("cpu", odet="tilted")
+    bad = torch.tensor(float("nan"), dtype=torch.float64)
+    inputs = (intensity, pixels, odet, thickness, bad, 3, True, False)
+    if op == "backward":
+        run = lambda g: torch.ops.nanobragg.detector_absorption_backward(g, *inputs, [True] * 5)  # noqa: E731
+    else:
+        run = lambda g: torch.ops.nanobragg.detector_absorption_double_backward(  # noqa: E731
+            torch.ones_like(intensity), None, None, None, None, g, *inputs, [True] * 6)
+    with pytest.raises(RuntimeError, match=rf"nanobragg::detector_absorption_{op}: argument 'attenuation_length'"):
+        vmap(run)(empty_batch_of(intensity))
+
+
 def test_meta_data_with_an_invalid_host_length_is_an_error():
     # Meta data computes no value, but a 0-dim CPU length with it is read.
     f64 = torch.float64

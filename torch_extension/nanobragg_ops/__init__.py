@@ -206,27 +206,34 @@ def _wrong_kind(op: str, name: str, expected: str, value: Any) -> RuntimeError:
 
 def _integer(value, op: str, name: str):
     """An integer as an int: Python's, NumPy's scalars, integer 0-dim arrays
-    and tensors; a float tensor or array is an error here; anything else
-    (2.7, "3") as given."""
+    and tensors, SymInts; a string as given (the schema rejects it); any
+    other number or tensor that is no integer (2.7, Decimal, a float tensor,
+    which PyTorch's parser would truncate) is an error here."""
     if isinstance(value, (str, bytes)):
         return value
     try:
         return operator.index(value)
     except TypeError:
-        if isinstance(value, torch.Tensor) or hasattr(value, "dtype"):
+        if isinstance(value, (numbers.Number, torch.Tensor)) or hasattr(value, "dtype") or hasattr(value, "__float__"):
             raise _wrong_kind(op, name, "int", value) from None
         return value
 
 
 def _flag(value, op: str, name: str):
-    """A bool: Python's, NumPy's (a scalar or 0-dim array), or an integer; a
-    string or bytes as given; anything else (None, 0.3, a tensor) is an error
-    here."""
-    numpy_bool = not isinstance(value, torch.Tensor) and getattr(getattr(value, "dtype", None), "kind", None) == "b"
-    if isinstance(value, numbers.Integral) or (numpy_bool and getattr(value, "ndim", 0) == 0):
-        return bool(value)
-    if isinstance(value, (str, bytes)):
+    """A bool: Python's, NumPy's, an integer (Python's, NumPy's scalars and
+    0-dim arrays, 0-dim integer or bool tensors), a SymBool as given; a
+    string as given (the schema rejects it); anything else (None, 0.3, a
+    one-element tensor of another shape) is an error here, which PyTorch's
+    parser would take as a bool."""
+    if isinstance(value, (str, bytes, torch.SymBool)):
         return value
+    if getattr(value, "ndim", 0) == 0:
+        if not isinstance(value, torch.Tensor) and getattr(getattr(value, "dtype", None), "kind", None) == "b":
+            return bool(value)  # NumPy's bools, which have no __index__
+        try:
+            return bool(operator.index(value))
+        except TypeError:
+            pass
     raise _wrong_kind(op, name, "bool", value)
 
 
