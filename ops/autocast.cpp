@@ -22,24 +22,18 @@ struct Autocast {
     return at::autocast::cached_cast(at::kFloat, t, kDevice);
   }
 
-  // The dtype f32(t) has, without casting (cached_cast's rule).
-  static at::ScalarType cast_type(const at::Tensor& t) {
-    const bool eligible =
-        t.is_floating_point() && t.device().type() == kDevice && t.scalar_type() != at::kDouble;
-    return eligible ? at::kFloat : t.scalar_type();
-  }
-
   // The data pair must agree once cast (half precision and float32 both run
   // in float32; float64 stays); a pair that does not is named by the dtypes
   // the caller gave, not by the cast ones the kernels' check would see.
   static void check_cast_pair(const char* op, const char* arg, const at::Tensor& t,
                               const char* ref_arg, const at::Tensor& ref) {
-    // Other dtypes and devices: the kernels' own checks say what is wrong.
-    const bool castable = t.is_floating_point() && ref.is_floating_point() &&
-                          t.device().type() == kDevice && ref.device().type() == kDevice;
-    TORCH_CHECK(!castable || cast_type(t) == cast_type(ref), op, ": argument '", arg,
-                "' must have the dtype of '", ref_arg, "' (", ref.scalar_type(), "), got ",
-                t.scalar_type(),
+    // Only tensors f32 casts (cached_cast's rule); other dtypes and devices:
+    // the kernels' own checks say what is wrong.
+    const bool castable = at::autocast::is_autocast_eligible(t, kDevice) &&
+                          at::autocast::is_autocast_eligible(ref, kDevice);
+    const bool agree = (t.scalar_type() == at::kDouble) == (ref.scalar_type() == at::kDouble);
+    TORCH_CHECK(!castable || agree, op, ": argument '", arg, "' must have the dtype of '", ref_arg,
+                "' (", ref.scalar_type(), "), got ", t.scalar_type(),
                 " (under autocast, float16 and bfloat16 run in float32 and "
                 "match float32; float64 stays float64)");
   }

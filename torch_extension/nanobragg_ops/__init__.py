@@ -38,11 +38,11 @@ def _candidate_paths() -> list[Path]:
                 f"built {_LIBRARY_NAME}, or unset it to use the package's own"
             )
         return [Path(env)]
-    candidates = []
-    candidates.append(here / "lib" / _LIBRARY_NAME)  # an installed wheel
-    # An editable install inside the source tree: the CMake build directory.
-    candidates.append(here.parent.parent / "build" / "lib" / _LIBRARY_NAME)
-    return candidates
+    return [
+        here / "lib" / _LIBRARY_NAME,  # an installed wheel
+        # An editable install inside the source tree: the CMake build directory.
+        here.parent.parent / "build" / "lib" / _LIBRARY_NAME,
+    ]
 
 
 def _check_torch_version(path: Path) -> None:
@@ -214,7 +214,7 @@ def _integer(value, op: str, name: str):
     try:
         return operator.index(value)
     except TypeError:
-        if isinstance(value, (numbers.Number, torch.Tensor)) or hasattr(value, "dtype") or hasattr(value, "__float__"):
+        if isinstance(value, numbers.Number) or hasattr(value, "__float__"):  # tensors, arrays too
             raise _wrong_kind(op, name, "int", value) from None
         return value
 
